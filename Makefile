@@ -1,0 +1,28 @@
+# One place for the commands the README names. Every target installs what it needs into $(VENV).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# This machine keeps a CPU build of torch 2.13.0 on disk; elsewhere pip fetches it from PyPI.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test lint proto proto-check models demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check sidecar trainer tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

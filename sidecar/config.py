@@ -1,0 +1,193 @@
+"""Typed, frozen configuration, validated once at start-up (and on reload).
+
+Unknown keys are errors, and every error names the dotted key that caused it, e.g.
+``routing.confidence_threshold: Input should be less than or equal to 1``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sidecar.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    listen: str = "0.0.0.0:50051"
+    """gRPC address for ext_proc, the Classify API, health checking and reflection."""
+    metrics_listen: str | None = "0.0.0.0:9090"
+    """HTTP address for Prometheus metrics; null turns the endpoint off."""
+    max_message_bytes: Annotated[int, Field(ge=64 * 1024)] = 8 * 1024 * 1024
+    """gRPC receive/send limit; keep it above Envoy's per-request buffer limit."""
+    grace_period_s: Annotated[float, Field(ge=0)] = 10.0
+    """How long in-flight streams get to finish on shutdown."""
+    reflection: bool = True
+    watch_config: bool = True
+    """Reload when the config file changes (SIGHUP always reloads)."""
+
+
+class ModelConfig(_Section):
+    path: str
+    """A model directory made by `trainer`, or a Hugging Face Hub id."""
+    runtime: Literal["auto", "onnx", "onnx-int8", "torch"] = "auto"
+    """auto: model.int8.onnx on CPU, model.onnx on GPU, PyTorch weights when no ONNX file exists."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_length: Annotated[int, Field(ge=16, le=8192)] = 512
+    """Tokens per window, special tokens included."""
+    stride: Annotated[int, Field(ge=0)] = 64
+    """PII windows overlap by this many tokens so entities on a window edge are seen whole."""
+    threads: Annotated[int, Field(ge=0)] = 0
+    """Intra-op threads for the runtime; 0 lets it choose."""
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> ModelConfig:
+        if self.stride >= self.max_length - 2:
+            raise ValueError("stride must be smaller than max_length - 2")
+        return self
+
+
+class ModelsConfig(_Section):
+    category: ModelConfig | None = None
+    """Subject classifier; without it every request goes to routing.default_model."""
+    pii: ModelConfig | None = None
+    """PII token classifier; without it only checksum recognizers find PII."""
+
+
+class BatchingConfig(_Section):
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
+    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
+    """How long the first request in a batch waits for company."""
+    max_batch_tokens: Annotated[int, Field(ge=16)] = 16384
+    """Padded tokens per forward pass; bounds memory and keeps long inputs from stalling short ones."""
+    max_queue: Annotated[int, Field(ge=1)] = 1024
+    """Windows waiting per model; beyond it requests are refused at once (overloaded)."""
+
+
+class RoutingConfig(_Section):
+    virtual_model: str = "auto"
+    """Clients that ask for this model name get the router's choice written into the body."""
+    default_model: str
+    """Backend for low confidence, unknown categories, degraded mode, and when no model is loaded."""
+    confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    category_input: Literal["latest_user", "all_user"] = "latest_user"
+    categories: dict[str, str] = Field(default_factory=dict)
+    """Category label -> backend model name."""
+
+    @field_validator("categories")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        for label, model in v.items():
+            if not model.strip():
+                raise ValueError(f"category '{label}' maps to an empty model name")
+        return v
+
+
+class OperatorConfig(_Section):
+    """How one entity is masked, after Presidio's anonymizer operators."""
+
+    type: Literal["replace", "redact", "mask", "hash"] = "replace"
+    new_value: str | None = None
+    """replace: the text to put in; default ``[ENTITY_TYPE]``."""
+    masking_char: Annotated[str, Field(min_length=1, max_length=1)] = "*"
+    chars_to_mask: Annotated[int, Field(ge=0)] | None = None
+    """mask: how many characters to mask; default all."""
+    from_end: bool = False
+    hash_type: Literal["sha256", "sha512", "md5"] = "sha256"
+    salt: str = ""
+
+
+class PiiPolicyConfig(_Section):
+    action: Literal["mask", "block", "allow"] = "mask"
+    score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    allow_entities: list[str] = Field(default_factory=list)
+    """Entity types this policy lets through untouched."""
+    default_operator: OperatorConfig = OperatorConfig()
+    operators: dict[str, OperatorConfig] = Field(default_factory=dict)
+    """Entity type -> operator, overriding default_operator."""
+
+
+class PiiConfig(_Section):
+    roles: list[Literal["system", "developer", "user", "assistant", "tool"]] = ["system", "developer", "user"]
+    """Chat roles whose text is scanned (completions prompts are always scanned)."""
+    default_policy: PiiPolicyConfig = PiiPolicyConfig()
+    policies: dict[str, PiiPolicyConfig] = Field(default_factory=dict)
+    """Selected backend model name -> policy, overriding default_policy."""
+    checksums: bool = True
+    """Confirm credit-card (Luhn) and IBAN (mod 97) spans, and catch well-formed numbers the model missed."""
+
+    def policy_for(self, model: str) -> PiiPolicyConfig:
+        return self.policies.get(model, self.default_policy)
+
+
+class FailureConfig(_Section):
+    inference: Literal["fail_open", "fail_closed"] = "fail_open"
+    """fail_open: route to routing.default_model, x-router-action: degraded. fail_closed: 503."""
+    timeout_ms: Annotated[float, Field(gt=0)] = 250.0
+    """Deadline for all inference of one request; keep it below Envoy's message_timeout."""
+    bad_body: Literal["pass", "reject"] = "pass"
+    """Bodies that are not JSON objects with text: pass unchanged (x-router-action: skipped) or 400."""
+
+
+class PathsConfig(_Section):
+    chat: list[str] = ["/v1/chat/completions"]
+    completions: list[str] = ["/v1/completions"]
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    models: ModelsConfig = ModelsConfig()
+    batching: BatchingConfig = BatchingConfig()
+    routing: RoutingConfig
+    pii: PiiConfig = PiiConfig()
+    failure: FailureConfig = FailureConfig()
+    paths: PathsConfig = PathsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    source: Path | None = Field(default=None, exclude=True)
+    """The file this config came from (not a YAML key)."""
+
+
+def parse_config(data: object, base_dir: Path | None = None, source: Path | None = None) -> Config:
+    """Validate a mapping; relative model paths resolve against `base_dir` when they exist there."""
+    if not isinstance(data, dict):
+        raise ConfigError("", "the config must be a YAML mapping")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(key, err["msg"] + more) from None
+    models = {}
+    for name in ("category", "pii"):
+        m: ModelConfig | None = getattr(config.models, name)
+        if m is not None and base_dir is not None and not Path(m.path).is_absolute():
+            candidate = base_dir / m.path
+            if candidate.exists():
+                m = m.model_copy(update={"path": str(candidate.resolve())})
+        models[name] = m
+    return config.model_copy(update={"models": ModelsConfig(**models), "source": source})
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("", f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{path}: not valid YAML ({e})") from None
+    return parse_config(data, base_dir=path.parent.resolve(), source=path.resolve())

@@ -1,0 +1,77 @@
+"""The sidecar's one exception tree. Third-party errors are mapped into it at one boundary each.
+
+- ``ConfigError``: bad configuration at start-up or reload; the message names the key.
+- ``RequestError``: the client's body cannot be read (user-facing; 400 when config says reject).
+- ``InferenceError``: the models could not answer (``Overloaded`` when admission refuses work,
+  ``InferenceTimeout`` when the deadline passes); the failure policy decides the answer.
+- ``ModelLoadError``: a model directory could not be loaded.
+"""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar raises on purpose."""
+
+
+class ConfigError(SidecarError):
+    """Invalid configuration; ``key`` is the dotted path of the offending setting."""
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+class RequestError(SidecarError):
+    """A request body the sidecar cannot analyse. ``reason`` is a stable code for headers and metrics."""
+
+    reason = "bad_request"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class EmptyBody(RequestError):
+    reason = "empty_body"
+
+
+class NotUtf8(RequestError):
+    reason = "not_utf8"
+
+
+class NotJson(RequestError):
+    reason = "not_json"
+
+
+class NotObject(RequestError):
+    reason = "not_object"
+
+
+class NoText(RequestError):
+    reason = "no_text"
+
+
+class BodyTooLarge(RequestError):
+    reason = "too_large"
+
+
+class InferenceError(SidecarError):
+    """The models could not produce an answer for this request."""
+
+    reason = "inference_error"
+
+
+class Overloaded(InferenceError):
+    """Admission refused: the queue is full. An answer, not a wait."""
+
+    reason = "overloaded"
+
+
+class InferenceTimeout(InferenceError):
+    reason = "timeout"
+
+
+class ModelLoadError(SidecarError):
+    """A model directory could not be turned into a working backend."""

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny ModernBERT models built offline, the way `trainer base` builds them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.factories import corpus_file
+
+PII_LABELS = ["O", "B-EMAIL_ADDRESS", "I-EMAIL_ADDRESS", "B-PERSON", "I-PERSON", "B-PHONE_NUMBER", "I-PHONE_NUMBER"]
+CATEGORY_LABELS = ["biology", "law", "math"]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """An untrained tiny ModernBERT with its own byte-level BPE tokenizer (no Hub access)."""
+    from trainer.base import build_base
+
+    root = tmp_path_factory.mktemp("tiny_base")
+    return build_base("tiny", [corpus_file(root / "corpus.txt")], root / "model")
+
+
+def make_untrained_model_dir(base: Path, out: Path, task: str, labels: list[str]) -> Path:
+    """A valid but untrained model directory for `task` (weights only; no ONNX)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    cls = AutoModelForSequenceClassification if task == "category" else AutoModelForTokenClassification
+    model = cls.from_pretrained(
+        base, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}
+    )
+    model.config.sidecar_task = task
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_category_dir(tiny_base, tmp_path_factory) -> Path:
+    return make_untrained_model_dir(tiny_base, tmp_path_factory.mktemp("category"), "category", CATEGORY_LABELS)
+
+
+@pytest.fixture(scope="session")
+def tiny_pii_dir(tiny_base, tmp_path_factory) -> Path:
+    return make_untrained_model_dir(tiny_base, tmp_path_factory.mktemp("pii"), "pii", PII_LABELS)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
