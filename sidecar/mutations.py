@@ -1,0 +1,150 @@
+"""Decisions → Envoy ext_proc protos. Every rule Envoy enforces silently lives here, once:
+
+- header values go in ``raw_value`` (a response that also sets ``value`` makes Envoy answer 500);
+- ``clear_route_cache`` only counts when the same response carries a header mutation;
+- a replaced body needs ``content-length`` set to its new length, or Envoy rejects the request;
+- the headers the sidecar owns are removed when a client sent them, so routes never see a spoofed choice.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyMutation,
+    BodyResponse,
+    CommonResponse,
+    HeaderMutation,
+    HeadersResponse,
+    ImmediateResponse,
+    ProcessingResponse,
+    TrailersResponse,
+)
+from envoy.type.v3.http_status_pb2 import HttpStatus
+
+if TYPE_CHECKING:
+    from sidecar.router import Decision
+
+SELECTED_MODEL = "x-selected-model"
+CATEGORY = "x-router-category"
+CONFIDENCE = "x-router-confidence"
+PII = "x-router-pii"
+ACTION = "x-router-action"
+REASON = "x-router-reason"
+"""Why: the route reason of a decision, or the reason code of a skipped or degraded request."""
+
+OWNED_HEADERS = (SELECTED_MODEL, CATEGORY, CONFIDENCE, PII, ACTION, REASON)
+
+REQUEST_HEADERS = "request_headers"
+REQUEST_BODY = "request_body"
+REQUEST_TRAILERS = "request_trailers"
+RESPONSE_HEADERS = "response_headers"
+RESPONSE_BODY = "response_body"
+RESPONSE_TRAILERS = "response_trailers"
+PHASES = (REQUEST_HEADERS, REQUEST_BODY, REQUEST_TRAILERS, RESPONSE_HEADERS, RESPONSE_BODY, RESPONSE_TRAILERS)
+
+_OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def header(key: str, value: str) -> HeaderValueOption:
+    """One header to set, replacing any copy; the value travels as ``raw_value`` bytes only."""
+    return HeaderValueOption(header=HeaderValue(key=key, raw_value=value.encode("utf-8")), append_action=_OVERWRITE)
+
+
+def owned_headers_mutation(values: dict[str, str] | None = None) -> HeaderMutation:
+    """Set `values` (owned headers and content-length) and remove every owned header not among them."""
+    values = {k: v for k, v in (values or {}).items() if v != ""}
+    return HeaderMutation(
+        set_headers=[header(k, v) for k, v in values.items()],
+        remove_headers=[h for h in OWNED_HEADERS if h not in values],
+    )
+
+
+def decision_headers(decision: Decision) -> dict[str, str]:
+    """The owned headers for a decision; PII is named by entity type only, never by value."""
+    values = {SELECTED_MODEL: decision.model, ACTION: decision.action, REASON: decision.error or decision.route_reason}
+    if decision.category is not None:
+        values[CATEGORY] = decision.category
+    if decision.confidence is not None:
+        values[CONFIDENCE] = f"{decision.confidence:.4f}"
+    if decision.entity_types:
+        values[PII] = ",".join(decision.entity_types)
+    return values
+
+
+def continue_response(phase: str, mutation: HeaderMutation | None = None, *, clear_route_cache: bool = False,
+                      body: bytes | None = None) -> ProcessingResponse:
+    """A correctly typed answer for `phase` that lets the request go on, optionally changed."""
+    if phase in (REQUEST_TRAILERS, RESPONSE_TRAILERS):
+        return ProcessingResponse(**{phase: TrailersResponse(header_mutation=mutation)})
+    common = CommonResponse(
+        status=CommonResponse.CONTINUE,
+        header_mutation=mutation,
+        body_mutation=BodyMutation(body=body) if body is not None else None,
+        clear_route_cache=clear_route_cache and mutation is not None and len(mutation.set_headers) > 0,
+    )
+    wrapper = HeadersResponse if phase in (REQUEST_HEADERS, RESPONSE_HEADERS) else BodyResponse
+    return ProcessingResponse(**{phase: wrapper(response=common)})
+
+
+def strip_owned_headers(phase: str = REQUEST_HEADERS) -> ProcessingResponse:
+    """Request headers pass on without any client copy of the sidecar's headers."""
+    return continue_response(phase, owned_headers_mutation())
+
+
+def decision_response(decision: Decision, phase: str = REQUEST_BODY) -> ProcessingResponse:
+    """allow/mask/degraded: routing headers (+ new body and content-length), route cache cleared; block: 403."""
+    if decision.action == "block":
+        return blocked_response(decision.entity_types)
+    values = decision_headers(decision)
+    if decision.body is not None:
+        values["content-length"] = str(len(decision.body))
+    return continue_response(phase, owned_headers_mutation(values), clear_route_cache=True, body=decision.body)
+
+
+def skipped_response(reason: str, phase: str = REQUEST_BODY) -> ProcessingResponse:
+    """The request goes on unchanged and unrouted; the headers say it was skipped and why (a code)."""
+    return continue_response(phase, owned_headers_mutation({ACTION: "skipped", REASON: reason}), clear_route_cache=True)
+
+
+def degraded_response(default_model: str, reason: str, phase: str = REQUEST_BODY) -> ProcessingResponse:
+    """fail_open without a decision: route to the default model, headers say degraded and why."""
+    values = {SELECTED_MODEL: default_model, ACTION: "degraded", REASON: reason}
+    return continue_response(phase, owned_headers_mutation(values), clear_route_cache=True)
+
+
+def openai_error(message: str, type_: str, code: str) -> bytes:
+    """The body OpenAI-compatible clients already know how to read."""
+    return json.dumps({"error": {"message": message, "type": type_, "code": code, "param": None}}).encode("utf-8")
+
+
+def immediate_response(status: int, message: str, type_: str, code: str, action: str) -> ProcessingResponse:
+    """Envoy answers the client directly with `status` and an OpenAI-style JSON error; nothing goes upstream."""
+    headers = HeaderMutation(set_headers=[header("content-type", "application/json"), header(ACTION, action),
+                                          header(REASON, code)])
+    return ProcessingResponse(immediate_response=ImmediateResponse(
+        status=HttpStatus(code=status),
+        headers=headers,
+        body=openai_error(message, type_, code),
+        details=f"semantic_sidecar_{code}",
+    ))
+
+
+def blocked_response(entity_types: tuple[str, ...] | list[str]) -> ProcessingResponse:
+    """403 naming the entity types found; the values themselves are never echoed."""
+    types = ", ".join(sorted(set(entity_types))) or "personal data"
+    message = f"The request was blocked because it contains personal data ({types}). Remove it and try again."
+    return immediate_response(403, message, "invalid_request_error", "pii_detected", "block")
+
+
+def bad_request_response(reason: str, message: str) -> ProcessingResponse:
+    """400 for a body the sidecar cannot read, under ``failure.bad_body: reject``."""
+    return immediate_response(400, message, "invalid_request_error", reason, "rejected")
+
+
+def unavailable_response(reason: str) -> ProcessingResponse:
+    """503 under ``failure.inference: fail_closed``: the models could not decide in time."""
+    message = "The request router is temporarily unable to process requests. Retry later."
+    return immediate_response(503, message, "server_error", reason, "rejected")
