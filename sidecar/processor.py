@@ -1,0 +1,255 @@
+"""The ext_proc stream: a thin loop, one Processor per stream, one method per Envoy phase.
+
+Envoy opens one gRPC stream per HTTP request and sends one ProcessingRequest per phase it is configured
+to send (request headers, body, trailers; response headers, body, trailers). Every phase gets a correctly
+typed answer whatever the processing mode, so a config change on the Envoy side never hangs a stream;
+``observability_mode`` messages get none (Envoy does not wait for one).
+
+The Processor is chosen from the request's ``:path``: the configured chat and completions paths get the
+routing processor, anything else passes through with only the sidecar's own headers stripped. This module
+is the single place where errors become responses, and an error on one stream is answered on that
+stream only.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import grpc
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    HttpBody,
+    HttpHeaders,
+    ProcessingRequest,
+    ProcessingResponse,
+)
+
+from sidecar import mutations
+from sidecar.app import KIND_CHAT, KIND_COMPLETIONS, App, AppHolder
+from sidecar.errors import EmptyBody, InferenceError, RequestError
+from sidecar.logs import exception_fields, get_logger
+from sidecar.metrics import Metrics
+
+log = get_logger("sidecar.processor")
+
+REQUEST_ID_HEADER = "x-request-id"
+PATH_HEADER = ":path"
+PATH_ATTRIBUTE = "request.path"
+
+
+def header_value(headers: HttpHeaders, key: str) -> str | None:
+    """A request header's value; Envoy sends ``raw_value`` (bytes), older versions ``value``."""
+    for h in headers.headers.headers:
+        if h.key.lower() == key:
+            return h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return None
+
+
+def attribute_path(request: ProcessingRequest) -> str | None:
+    """``request.path`` from the attributes Envoy sends when configured to (used when headers are skipped)."""
+    for struct in request.attributes.values():
+        value = struct.fields.get(PATH_ATTRIBUTE)
+        if value is not None and value.WhichOneof("kind") == "string_value":
+            return value.string_value
+    return None
+
+
+class Processor:
+    """One HTTP request's processing. The base class passes every phase through unchanged."""
+
+    kind: ClassVar[str | None] = None
+
+    def __init__(self, app: App, metrics: Metrics, *, body_mode: int = ProcessingMode.BUFFERED):
+        self.app = app
+        self.metrics = metrics
+        self.body_mode = body_mode
+        self.path: str | None = None
+        self.request_id: str = uuid.uuid4().hex
+        """Envoy's ``x-request-id`` once headers arrive; a fresh id until then (or without one)."""
+        self.started = time.perf_counter()
+        self.finished = False
+        """An outcome (decision, skip, error answer) has been recorded; later phases just continue."""
+
+    def see_headers(self, headers: HttpHeaders) -> None:
+        self.path = header_value(headers, PATH_HEADER) or self.path
+        self.request_id = header_value(headers, REQUEST_ID_HEADER) or self.request_id
+
+    async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
+        self.see_headers(msg)
+        return mutations.strip_owned_headers()
+
+    async def request_body(self, msg: HttpBody) -> ProcessingResponse:
+        return mutations.continue_response(mutations.REQUEST_BODY)
+
+    async def request_trailers(self, msg: Any) -> ProcessingResponse:
+        return mutations.continue_response(mutations.REQUEST_TRAILERS)
+
+    async def response_headers(self, msg: HttpHeaders) -> ProcessingResponse:
+        return mutations.continue_response(mutations.RESPONSE_HEADERS)
+
+    async def response_body(self, msg: HttpBody) -> ProcessingResponse:
+        return mutations.continue_response(mutations.RESPONSE_BODY)
+
+    async def response_trailers(self, msg: Any) -> ProcessingResponse:
+        return mutations.continue_response(mutations.RESPONSE_TRAILERS)
+
+    def on_unexpected(self, phase: str, exc: Exception) -> ProcessingResponse:
+        """A bug or an unforeseen failure in one phase: log it (no content) and answer per the failure policy."""
+        log.error("processor_error", request_id=self.request_id, path=self.path, phase=phase,
+                  **exception_fields(exc))
+        if phase not in (mutations.REQUEST_HEADERS, mutations.REQUEST_BODY) or self.finished:
+            return mutations.continue_response(phase)
+        return self.fail("internal_error", phase)
+
+    def fail(self, reason: str, phase: str) -> ProcessingResponse:
+        """No decision could be made: fail_open routes to the default model (degraded), fail_closed is a 503."""
+        policy = self.app.config.failure.inference
+        action = "degraded" if policy == "fail_open" else "rejected"
+        self.record(action=action, reason=reason)
+        if policy == "fail_open":
+            return mutations.degraded_response(self.app.config.routing.default_model, reason, phase)
+        return mutations.unavailable_response(reason)
+
+    def record(self, *, action: str, reason: str, **fields: Any) -> None:
+        """The request's outcome when there is no Decision: one log event and the metrics."""
+        self.finished = True
+        elapsed = time.perf_counter() - self.started
+        self.metrics.observe_outcome(action, reason, elapsed)
+        log.info("request", request_id=self.request_id, path=self.path, kind=self.kind, action=action,
+                 reason=reason, total_ms=round(elapsed * 1000, 3), generation=self.app.generation, **fields)
+
+    def close(self) -> None:
+        """The stream ended."""
+
+
+class PassThroughProcessor(Processor):
+    """Paths the sidecar does not analyse: only client copies of the owned headers are removed."""
+
+
+class RoutingProcessor(Processor):
+    """Chat and completions requests: buffer → decide → headers, body, route cache; or an error answer."""
+
+    async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
+        self.see_headers(msg)
+        if msg.end_of_stream:
+            return self.bad_body(EmptyBody("the request has no body"), mutations.REQUEST_HEADERS)
+        return mutations.strip_owned_headers()
+
+    async def request_body(self, msg: HttpBody) -> ProcessingResponse:
+        if self.finished:
+            return mutations.continue_response(mutations.REQUEST_BODY)
+        if not msg.end_of_stream:
+            # A chunk, not the whole body (STREAMED, or BUFFERED_PARTIAL over its limit): the request goes
+            # on unrouted; answering each chunk at once is what keeps the stream moving.
+            reason = "too_large" if self.body_mode == ProcessingMode.BUFFERED_PARTIAL else "streamed"
+            self.record(action="skipped", reason=reason, body_bytes=len(msg.body))
+            return mutations.continue_response(mutations.REQUEST_BODY)
+        try:
+            decision = await self.app.router.decide(msg.body, self.kind)
+        except RequestError as e:
+            return self.bad_body(e, mutations.REQUEST_BODY, body_bytes=len(msg.body))
+        except InferenceError as e:
+            return self.fail(e.reason, mutations.REQUEST_BODY)
+        self.finished = True
+        elapsed = time.perf_counter() - self.started
+        self.metrics.observe_decision(decision, elapsed)
+        log.info(
+            "request", request_id=self.request_id, path=self.path, kind=self.kind, action=decision.action,
+            model=decision.model, rewrite_model=decision.rewrite_model, route_reason=decision.route_reason,
+            category=decision.category, confidence=decision.confidence, pii_types=list(decision.entity_types),
+            pii_counts=dict(decision.entity_counts), body_bytes=len(msg.body),
+            new_body_bytes=len(decision.body) if decision.body is not None else None, reason=decision.error,
+            timings=decision.timings, total_ms=round(elapsed * 1000, 3), generation=self.app.generation,
+        )
+        return mutations.decision_response(decision)
+
+    def bad_body(self, error: RequestError, phase: str, **fields: Any) -> ProcessingResponse:
+        """failure.bad_body: pass → unchanged and marked skipped; reject → 400 with the problem in one line."""
+        if self.app.config.failure.bad_body == "reject":
+            self.record(action="rejected", reason=error.reason, **fields)
+            return mutations.bad_request_response(error.reason, error.message)
+        self.record(action="skipped", reason=error.reason, **fields)
+        return mutations.skipped_response(error.reason, phase)
+
+    def close(self) -> None:
+        if not self.finished and self.path is not None:
+            # Headers came but no complete body (request_body_mode NONE, or the client went away).
+            self.record(action="skipped", reason="no_body")
+
+
+class ChatProcessor(RoutingProcessor):
+    kind = KIND_CHAT
+
+
+class CompletionsProcessor(RoutingProcessor):
+    kind = KIND_COMPLETIONS
+
+
+PROCESSORS: dict[str | None, type[Processor]] = {
+    KIND_CHAT: ChatProcessor,
+    KIND_COMPLETIONS: CompletionsProcessor,
+}
+"""Processor by kind; paths map to kinds through ``config.paths``; unknown paths pass through."""
+
+
+def processor_for(path: str | None, app: App, metrics: Metrics, body_mode: int) -> Processor:
+    cls = PROCESSORS.get(app.kind_for(path), PassThroughProcessor)
+    processor = cls(app, metrics, body_mode=body_mode)
+    processor.path = path
+    return processor
+
+
+class Stream:
+    """One ext_proc stream: picks its Processor on the first message and dispatches each phase to it."""
+
+    def __init__(self, app: App, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+        self.processor: Processor | None = None
+        self.body_mode: int = ProcessingMode.BUFFERED
+
+    async def handle(self, request: ProcessingRequest) -> ProcessingResponse | None:
+        phase = request.WhichOneof("request")
+        if request.HasField("protocol_config"):
+            self.body_mode = request.protocol_config.request_body_mode or self.body_mode
+        if phase is None:
+            log.warning("unknown_message", request_id=self.processor.request_id if self.processor else None)
+            return None
+        if self.processor is None:
+            path = header_value(request.request_headers, PATH_HEADER) if phase == mutations.REQUEST_HEADERS \
+                else attribute_path(request)
+            self.processor = processor_for(path, self.app, self.metrics, self.body_mode)
+        try:
+            response = await getattr(self.processor, phase)(getattr(request, phase))
+        except Exception as e:  # one stream's failure is answered on that stream, never raised to grpc
+            response = self.processor.on_unexpected(phase, e)
+        return None if request.observability_mode else response
+
+    def close(self) -> None:
+        if self.processor is not None:
+            self.processor.close()
+
+
+class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
+    """Envoy's ``envoy.service.ext_proc.v3.ExternalProcessor``; each stream uses the App current at its start."""
+
+    def __init__(self, apps: AppHolder, metrics: Metrics):
+        self.apps = apps
+        self.metrics = metrics
+
+    async def Process(self, request_iterator: AsyncIterator[ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[ProcessingResponse]:
+        stream = Stream(self.apps.current, self.metrics)
+        self.metrics.active_streams.inc()
+        try:
+            async for request in request_iterator:
+                response = await stream.handle(request)
+                if response is not None:
+                    yield response
+        finally:
+            self.metrics.active_streams.dec()
+            stream.close()

@@ -1,0 +1,387 @@
+"""The ext_proc processor over a real grpc.aio channel, driven like Envoy drives it, with the real Router over
+FakeEngine (deterministic answers) so each test can predict the decision from its input."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import grpc
+import pytest
+
+from sidecar.config import LoggingConfig
+from sidecar.errors import InferenceTimeout, Overloaded
+from sidecar.logs import configure_logging
+from sidecar.metrics import Metrics
+from tests.fakes import FakeEngine
+from tests.grpc_helpers import (
+    BUFFERED_PARTIAL,
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    STREAMED,
+    Exchange,
+    body_msg,
+    chat_body,
+    chat_request,
+    common,
+    headers_msg,
+    immediate,
+    make_config,
+    new_body,
+    other_phase_msgs,
+    removed_headers,
+    run_stream,
+    set_headers,
+    start_server,
+    stop_server,
+)
+
+OWNED = {"x-selected-model", "x-router-category", "x-router-confidence", "x-router-pii", "x-router-action",
+         "x-router-reason"}
+
+
+@pytest.fixture
+async def start():
+    """Start a sidecar (config, engine) on a loopback port; every one started is stopped afterwards."""
+    running = []
+
+    async def _start(config=None, engine=None, metrics=None):
+        engine = engine if engine is not None else FakeEngine()
+        r = await start_server(config or make_config(), lambda _c, _m: engine, metrics=metrics)
+        running.append(r)
+        return r
+
+    yield _start
+    for r in running:
+        await stop_server(r)
+
+
+def messages(body: bytes) -> list[dict]:
+    return json.loads(body)["messages"]
+
+
+# --- routing -----------------------------------------------------------------------------------------------
+
+
+async def test_routes_by_category_and_rewrites_the_virtual_model(start):
+    sc = await start()
+    head, resp = await chat_request(sc.ext_proc, chat_body("Solve the equation and find the derivative."))
+    headers = set_headers(resp)
+    assert headers["x-selected-model"] == "math-expert"
+    assert headers["x-router-category"] == "math"
+    assert headers["x-router-action"] == "allow"
+    assert float(headers["x-router-confidence"]) >= 0.5
+    assert common(resp).clear_route_cache
+    body = new_body(resp)
+    assert json.loads(body)["model"] == "math-expert"
+    assert headers["content-length"] == str(len(body))
+
+
+async def test_low_confidence_falls_back_to_the_default_model(start):
+    sc = await start()
+    _, resp = await chat_request(sc.ext_proc, chat_body("Tell me something nice about the weather."))
+    headers = set_headers(resp)
+    assert headers["x-selected-model"] == "general"
+    assert headers["x-router-reason"] == "low_confidence"
+    assert json.loads(new_body(resp))["model"] == "general"
+
+
+async def test_threshold_is_the_configured_one(start):
+    sc = await start(make_config(routing={"confidence_threshold": 0.1}))
+    _, resp = await chat_request(sc.ext_proc, chat_body("Tell me something nice about the weather."))
+    # 'other' at 0.2 clears a 0.1 threshold but has no backend: unknown category, default model.
+    assert set_headers(resp)["x-router-reason"] == "unknown_category"
+    assert set_headers(resp)["x-router-category"] == "other"
+
+
+async def test_client_chosen_model_is_kept_and_body_untouched(start):
+    sc = await start()
+    _, resp = await chat_request(sc.ext_proc, chat_body("Solve the integral.", model="gpt-4o"))
+    headers = set_headers(resp)
+    assert headers["x-selected-model"] == "gpt-4o"
+    assert headers["x-router-reason"] == "client_model"
+    assert new_body(resp) is None
+    assert "content-length" not in headers
+
+
+async def test_completions_path_routes_and_masks_the_prompt(start):
+    sc = await start()
+    body = json.dumps({"model": "auto", "prompt": "Solve for x, then email jane@example.org"}).encode()
+    _, resp = await chat_request(sc.ext_proc, body, path=COMPLETIONS_PATH)
+    out = json.loads(new_body(resp))
+    assert out["prompt"] == "Solve for x, then email [EMAIL_ADDRESS]"
+    assert out["model"] == "math-expert"
+
+
+async def test_query_string_does_not_hide_a_routed_path(start):
+    sc = await start()
+    _, resp = await chat_request(sc.ext_proc, chat_body("Solve it."), path=CHAT_PATH + "?api-version=2024")
+    assert set_headers(resp)["x-selected-model"] == "math-expert"
+
+
+# --- PII ---------------------------------------------------------------------------------------------------
+
+
+async def test_masking_replaces_exact_spans_in_multibyte_text(start):
+    sc = await start()
+    text = "我的名字是张伟，邮件 zhang.wei@example.com，谢谢 — é"
+    _, resp = await chat_request(sc.ext_proc, chat_body(text))
+    headers = set_headers(resp)
+    body = new_body(resp)
+    assert messages(body)[0]["content"] == "我的名字是[PERSON]，邮件 [EMAIL_ADDRESS]，谢谢 — é"
+    assert headers["x-router-action"] == "mask"
+    assert headers["x-router-pii"] == "EMAIL_ADDRESS,PERSON"
+    assert headers["content-length"] == str(len(body))
+    assert "zhang.wei@example.com" not in body.decode("utf-8")
+
+
+async def test_block_answers_403_without_echoing_any_value(start):
+    sc = await start(make_config(pii={"policies": {"humanities-expert": {"action": "block"}}}))
+    email, phone = "john.smith@example.com", "+1 415 555 0100"
+    _, resp = await chat_request(sc.ext_proc, chat_body(f"The court asked John Smith ({email}, {phone}) to appear."))
+    status, body = immediate(resp)
+    assert status == 403
+    assert body["error"]["code"] == "pii_detected"
+    for value in (email, phone, "John Smith"):
+        assert value.encode() not in resp.SerializeToString()
+    assert "EMAIL_ADDRESS" in body["error"]["message"] and "PERSON" in body["error"]["message"]
+
+
+async def test_client_spoofed_router_headers_are_removed_on_every_path(start):
+    sc = await start()
+    spoofed = {h: "spoofed" for h in OWNED}
+    for path in (CHAT_PATH, COMPLETIONS_PATH, "/v1/models", "/healthz"):
+        ex = Exchange(sc.ext_proc)
+        resp = await ex.send(headers_msg(path, spoofed, end_of_stream=path not in (CHAT_PATH, COMPLETIONS_PATH)))
+        removed = set(removed_headers(resp))
+        assert removed | set(set_headers(resp)) >= OWNED, path
+        assert "spoofed" not in set(set_headers(resp).values())
+        ex.call.cancel()
+
+
+# --- bad bodies --------------------------------------------------------------------------------------------
+
+BAD_BODIES = [
+    (b"this is not json", "not_json"),
+    (b"\xff\xfe{}", "not_utf8"),
+    (b'["a", "list"]', "not_object"),
+    (b'{"model": "auto", "messages": []}', "no_text"),
+    (b"   ", "empty_body"),
+]
+
+
+@pytest.mark.parametrize("body, reason", BAD_BODIES)
+async def test_bad_body_passes_unchanged_marked_skipped(start, body, reason):
+    sc = await start()
+    _, resp = await chat_request(sc.ext_proc, body)
+    assert resp.WhichOneof("response") == "request_body"
+    assert set_headers(resp) == {"x-router-action": "skipped", "x-router-reason": reason}
+    assert new_body(resp) is None
+
+
+@pytest.mark.parametrize("body, reason", BAD_BODIES)
+async def test_bad_body_is_rejected_with_400_when_configured(start, body, reason):
+    sc = await start(make_config(failure={"bad_body": "reject"}))
+    _, resp = await chat_request(sc.ext_proc, body)
+    status, error = immediate(resp)
+    assert status == 400
+    assert error["error"]["code"] == reason
+    assert error["error"]["message"]
+
+
+async def test_headers_only_request_is_an_empty_body(start):
+    sc = await start()
+    [resp] = await run_stream(sc.ext_proc, [headers_msg(end_of_stream=True)])
+    assert resp.WhichOneof("response") == "request_headers"
+    assert set_headers(resp)["x-router-reason"] == "empty_body"
+    sc2 = await start(make_config(failure={"bad_body": "reject"}))
+    [resp] = await run_stream(sc2.ext_proc, [headers_msg(end_of_stream=True)])
+    assert immediate(resp)[0] == 400
+
+
+@pytest.mark.parametrize("mode, reason", [(STREAMED, "streamed"), (BUFFERED_PARTIAL, "too_large")])
+async def test_partial_bodies_are_answered_chunk_by_chunk_and_skipped(start, mode, reason):
+    metrics = Metrics()
+    sc = await start(metrics=metrics)
+    body = chat_body("Email me at john@example.com")
+    chunks = [body_msg(body[:10], end_of_stream=False), body_msg(body[10:20], end_of_stream=False),
+              body_msg(body[20:], end_of_stream=True)]
+    answers = await run_stream(sc.ext_proc, [headers_msg(body_mode=mode), *chunks])
+    assert [a.WhichOneof("response") for a in answers] == ["request_headers"] + ["request_body"] * 3
+    for a in answers[1:]:
+        assert new_body(a) is None and not set_headers(a)
+    assert metrics.registry.get_sample_value("sidecar_request_errors_total", {"reason": reason}) == 1
+    assert sc.engine.calls["detect_pii"] == 0
+
+
+# --- failure policy ----------------------------------------------------------------------------------------
+
+
+async def test_fail_open_routes_to_default_model_marked_degraded(start):
+    sc = await start(engine=FakeEngine(error=InferenceTimeout("slow")))
+    _, resp = await chat_request(sc.ext_proc, chat_body("Solve the integral."))
+    headers = set_headers(resp)
+    assert headers["x-router-action"] == "degraded"
+    assert headers["x-selected-model"] == "general"
+    assert headers["x-router-reason"] == "timeout"
+    assert json.loads(new_body(resp))["model"] == "general"
+
+
+async def test_fail_open_on_deadline(start):
+    sc = await start(make_config(failure={"timeout_ms": 20}), engine=FakeEngine(delay_s=2))
+    _, resp = await chat_request(sc.ext_proc, chat_body("Solve the integral."))
+    assert set_headers(resp)["x-router-action"] == "degraded"
+
+
+@pytest.mark.parametrize("error, code", [(InferenceTimeout("slow"), "timeout"), (Overloaded("full"), "overloaded")])
+async def test_fail_closed_answers_503(start, error, code):
+    sc = await start(make_config(failure={"inference": "fail_closed"}), engine=FakeEngine(error=error))
+    _, resp = await chat_request(sc.ext_proc, chat_body("Solve the integral."))
+    status, body = immediate(resp)
+    assert status == 503
+    assert body["error"]["code"] == code
+
+
+class ExplodingEngine(FakeEngine):
+    """A bug in the inference path for texts containing 'explode'; normal answers otherwise."""
+
+    async def detect_pii(self, text):
+        if "explode" in text:
+            raise RuntimeError(f"unexpected failure on {text}")
+        return await super().detect_pii(text)
+
+
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+async def test_unexpected_error_is_answered_on_its_stream_only(start, policy):
+    sc = await start(make_config(failure={"inference": policy}), engine=ExplodingEngine(delay_s=0.05))
+    broken, healthy = await asyncio.gather(
+        chat_request(sc.ext_proc, chat_body("please explode"), request_id="broken"),
+        chat_request(sc.ext_proc, chat_body("Solve the integral, mail bob@example.com"), request_id="ok"),
+    )
+    if policy == "fail_open":
+        assert set_headers(broken[1])["x-router-action"] == "degraded"
+        assert set_headers(broken[1])["x-router-reason"] == "internal_error"
+    else:
+        assert immediate(broken[1])[0] == 503
+    assert set_headers(healthy[1])["x-selected-model"] == "math-expert"
+    assert set_headers(healthy[1])["x-router-action"] == "mask"
+
+
+async def test_a_cancelled_stream_does_not_disturb_a_concurrent_one(start):
+    sc = await start(engine=FakeEngine(delay_s=0.1))
+    doomed = Exchange(sc.ext_proc)
+    await doomed.send(headers_msg(request_id="doomed"))
+    await doomed.call.write(body_msg(chat_body("Solve the integral.")))
+    healthy = asyncio.ensure_future(chat_request(sc.ext_proc, chat_body("The court ruled."), request_id="ok"))
+    await asyncio.sleep(0.02)
+    doomed.call.cancel()
+    _, resp = await healthy
+    assert set_headers(resp)["x-selected-model"] == "humanities-expert"
+    _, again = await chat_request(sc.ext_proc, chat_body("Which gene encodes it?"))
+    assert set_headers(again)["x-selected-model"] == "science-expert"
+
+
+# --- every phase, every mode -------------------------------------------------------------------------------
+
+
+async def test_trailers_and_response_phases_get_typed_answers(start):
+    sc = await start()
+    answers = await run_stream(sc.ext_proc, [headers_msg(), body_msg(chat_body("Solve it.")), *other_phase_msgs()])
+    assert [a.WhichOneof("response") for a in answers] == [
+        "request_headers", "request_body", "request_trailers", "response_headers", "response_body",
+        "response_trailers"]
+    for a in answers[2:]:
+        assert not set_headers(a)
+
+
+async def test_pass_through_path_answers_every_phase_unchanged(start):
+    sc = await start()
+    answers = await run_stream(sc.ext_proc, [headers_msg("/v1/embeddings"), body_msg(b"\x00 not json"),
+                                             *other_phase_msgs()])
+    assert len(answers) == 6
+    assert new_body(answers[1]) is None and not set_headers(answers[1])
+    assert sc.engine.calls.total() == 0
+
+
+async def test_observability_mode_messages_get_no_answer(start):
+    sc = await start()
+    ex = Exchange(sc.ext_proc)
+    assert await ex.send(headers_msg(observability=True)) is None
+    assert await ex.send(body_msg(chat_body("Solve it."), observability=True)) is None
+    assert await ex.close() is None
+
+
+async def test_body_without_headers_uses_the_path_attribute(start):
+    sc = await start()
+    msg = body_msg(chat_body("Solve it."))
+    msg.attributes["envoy.filters.http.ext_proc"].fields["request.path"].string_value = CHAT_PATH
+    [resp] = await run_stream(sc.ext_proc, [msg])
+    assert set_headers(resp)["x-selected-model"] == "math-expert"
+    [resp] = await run_stream(sc.ext_proc, [body_msg(chat_body("Solve it."))])
+    assert not set_headers(resp)
+
+
+# --- concurrency -------------------------------------------------------------------------------------------
+
+
+async def test_32_concurrent_streams_each_get_their_own_answer(start):
+    sc = await start(engine=FakeEngine(delay_s=0.01))
+    topics = [("Solve the equation", "math-expert"), ("The court and the contract", "humanities-expert"),
+              ("The enzyme in the cell", "science-expert")]
+    cases = []
+    for i in range(32):
+        topic, model = topics[i % 3]
+        text = f"{topic} number {i}; write to user{i}@example.com"
+        cases.append((i, text, model))
+    results = await asyncio.gather(*(chat_request(sc.ext_proc, chat_body(t), request_id=f"r{i}")
+                                     for i, t, _ in cases))
+    for (i, _, model), (_, resp) in zip(cases, results, strict=True):
+        body = new_body(resp)
+        assert set_headers(resp)["x-selected-model"] == model
+        assert messages(body)[0]["content"] == f"{topics[i % 3][0]} number {i}; write to [EMAIL_ADDRESS]"
+        assert set_headers(resp)["content-length"] == str(len(body))
+
+
+# --- observability -----------------------------------------------------------------------------------------
+
+
+async def test_one_log_event_per_request_with_fields_and_no_text(start):
+    stream = io.StringIO()
+    configure_logging(LoggingConfig(level="info"), stream)
+    sc = await start()
+    await chat_request(sc.ext_proc, chat_body("Solve it and mail jane@example.org"), request_id="req-42")
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    requests = [e for e in events if e["event"] == "request"]
+    assert len(requests) == 1
+    event = requests[0]
+    assert event["request_id"] == "req-42"
+    assert event["path"] == CHAT_PATH
+    assert event["category"] == "math" and event["model"] == "math-expert" and event["action"] == "mask"
+    assert event["pii_types"] == ["EMAIL_ADDRESS"] and event["pii_counts"] == {"EMAIL_ADDRESS": 1}
+    assert event["body_bytes"] > 0 and "total" in event["timings"]
+    assert "jane@example.org" not in stream.getvalue()
+    assert "Solve it" not in stream.getvalue()
+
+
+async def test_requests_are_counted_by_action_category_and_model(start):
+    metrics = Metrics()
+    sc = await start(metrics=metrics)
+    await chat_request(sc.ext_proc, chat_body("Solve it, I am John Smith"))
+    await chat_request(sc.ext_proc, b"not json")
+    get = metrics.registry.get_sample_value
+    assert get("sidecar_requests_total", {"action": "mask", "category": "math", "model": "math-expert"}) == 1
+    assert get("sidecar_pii_entities_total", {"type": "PERSON"}) == 1
+    assert get("sidecar_requests_total", {"action": "skipped", "category": "none", "model": "none"}) == 1
+    assert get("sidecar_active_streams") == 0
+
+
+async def test_stream_errors_are_not_grpc_errors(start):
+    """Envoy turns a failed stream into a 500 (or skips the sidecar): every answer must be a message."""
+    sc = await start(engine=ExplodingEngine())
+    ex = Exchange(sc.ext_proc)
+    await ex.send(headers_msg())
+    resp = await ex.send(body_msg(chat_body("explode")))
+    assert resp.WhichOneof("response") == "request_body"
+    assert await ex.close() is None
+    assert await ex.call.code() == grpc.StatusCode.OK
