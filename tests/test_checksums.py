@@ -1,0 +1,168 @@
+import pytest
+
+from sidecar.checksums import (
+    CREDIT_CARD,
+    IBAN_CODE,
+    card_brand,
+    find_checksum_spans,
+    is_valid_card,
+    is_valid_iban,
+    luhn_valid,
+    merge_overlapping,
+    reconcile,
+)
+from sidecar.results import Span
+
+# Public test numbers published by the card networks and payment processors.
+VALID_CARDS = {
+    "4111111111111111": "visa",
+    "4012888888881881": "visa",
+    "4222222222222": "visa",
+    "5555555555554444": "mastercard",
+    "5105105105105100": "mastercard",
+    "2223000048400011": "mastercard",
+    "378282246310005": "amex",
+    "371449635398431": "amex",
+    "6011111111111117": "discover",
+    "6011000990139424": "discover",
+    "3530111333300000": "jcb",
+    "3566002020360505": "jcb",
+    "30569309025904": "diners",
+    "38520000023237": "diners",
+    "6200000000000005": "unionpay",
+}
+
+# Example IBANs from the SWIFT registry and national banks, compact.
+VALID_IBANS = [
+    "GB82WEST12345698765432",
+    "DE89370400440532013000",
+    "FR1420041010050500013M02606",
+    "NL91ABNA0417164300",
+    "BE68539007547034",
+    "CH9300762011623852957",
+    "ES9121000418450200051332",
+    "IT60X0542811101000000123456",
+    "NO9386011117947",
+]
+
+
+def spaced(value: str, sep: str = " ", group: int = 4) -> str:
+    return sep.join(value[i : i + group] for i in range(0, len(value), group))
+
+
+@pytest.mark.parametrize(("number", "brand"), VALID_CARDS.items())
+def test_published_test_cards_are_valid_with_their_brand(number, brand):
+    assert luhn_valid(number)
+    assert card_brand(number) == brand
+    assert is_valid_card(number)
+    assert is_valid_card(spaced(number)) and is_valid_card(spaced(number, "-"))
+
+
+@pytest.mark.parametrize("number", VALID_CARDS)
+def test_changing_the_last_digit_breaks_each_card(number):
+    broken = number[:-1] + str((int(number[-1]) + 1) % 10)
+    assert not luhn_valid(broken)
+    assert not is_valid_card(broken)
+
+
+def test_luhn_valid_number_without_a_known_brand_is_not_a_card():
+    assert luhn_valid("9999999999999995")
+    assert card_brand("9999999999999995") is None
+    assert not is_valid_card("9999999999999995")
+
+
+def test_brand_lengths_are_enforced():
+    assert card_brand("4111111111111111111") == "visa"  # 19 digits
+    assert card_brand("41111111111111") is None  # Visa never issues 14 digits
+
+
+@pytest.mark.parametrize("iban", VALID_IBANS)
+def test_registry_example_ibans_are_valid_compact_spaced_and_lowercase(iban):
+    assert is_valid_iban(iban)
+    assert is_valid_iban(spaced(iban))
+    assert is_valid_iban(iban.lower())
+
+
+@pytest.mark.parametrize("iban", VALID_IBANS)
+def test_a_changed_check_digit_fails_mod_97(iban):
+    broken = iban[:2] + f"{(int(iban[2:4]) + 1) % 100:02d}" + iban[4:]
+    assert not is_valid_iban(broken)
+
+
+def test_iban_of_the_wrong_length_for_its_country_fails():
+    assert not is_valid_iban("GB82WEST1234569876543")  # one short
+    assert not is_valid_iban("ZZ82WEST12345698765432")  # no such country
+
+
+def test_finds_cards_and_ibans_with_exact_offsets():
+    text = (
+        "Pay with 4111 1111 1111 1111 or 5555-5555-5555-4444, compact 378282246310005; "
+        "IBAN GB82 WEST 1234 5698 7654 32 and DE89370400440532013000."
+    )
+    spans = find_checksum_spans(text)
+    found = [(s.label, text[s.start : s.end]) for s in spans]
+    assert found == [
+        (CREDIT_CARD, "4111 1111 1111 1111"),
+        (CREDIT_CARD, "5555-5555-5555-4444"),
+        (CREDIT_CARD, "378282246310005"),
+        (IBAN_CODE, "GB82 WEST 1234 5698 7654 32"),
+        (IBAN_CODE, "DE89370400440532013000"),
+    ]
+    assert all(s.score == 1.0 and s.source == "checksum" for s in spans)
+
+
+def test_invalid_numbers_and_digits_glued_to_words_are_not_found():
+    text = "order 4111 1111 1111 1112, ref A4111111111111111, id 4111111111111111X, GB82 WEST 1234 5698 7654 33"
+    assert find_checksum_spans(text) == []
+
+
+def test_card_is_found_after_an_unrelated_leading_number_group():
+    text = "qty 12 4111 1111 1111 1111 thanks"
+    [span] = find_checksum_spans(text)
+    assert text[span.start : span.end] == "4111 1111 1111 1111"
+
+
+def test_iban_stops_at_its_country_length_before_a_following_word():
+    text = "to GB82 WEST 1234 5698 7654 32 TODAY"
+    [span] = find_checksum_spans(text)
+    assert text[span.start : span.end] == "GB82 WEST 1234 5698 7654 32"
+
+
+def test_iban_is_found_after_a_lookalike_word():
+    text = "AB12 GB82WEST12345698765432"
+    [span] = find_checksum_spans(text)
+    assert text[span.start : span.end] == "GB82WEST12345698765432"
+
+
+def test_reconcile_confirms_a_valid_model_span_and_keeps_a_failing_one():
+    text = "cards 4111 1111 1111 1111 and 4111 1111 1111 1112"
+    good = Span(CREDIT_CARD, 6, 25, 0.6)
+    bad = Span(CREDIT_CARD, 30, 49, 0.7)
+    out = reconcile(text, [good, bad])
+    assert out == [Span(CREDIT_CARD, 6, 25, 1.0, "model"), bad]
+
+
+def test_reconcile_adds_a_number_the_model_missed():
+    text = "John paid with 5105 1051 0510 5100"
+    person = Span("PERSON", 0, 4, 0.9)
+    out = reconcile(text, [person])
+    assert out == [person, Span(CREDIT_CARD, 15, 34, 1.0, "checksum")]
+
+
+def test_reconcile_merges_a_partial_model_span_with_the_whole_number():
+    text = "card 4111 1111 1111 1111 ok"
+    partial = Span(CREDIT_CARD, 5, 14, 0.55)
+    [span] = reconcile(text, [partial])
+    assert (span.start, span.end, span.score) == (5, 24, 1.0)
+
+
+def test_reconcile_keeps_overlapping_spans_of_different_labels_for_masking_to_resolve():
+    text = "call 4111 1111 1111 1111"
+    phone = Span("PHONE_NUMBER", 5, 24, 0.8)
+    out = reconcile(text, [phone])
+    assert sorted(s.label for s in out) == [CREDIT_CARD, "PHONE_NUMBER"]
+
+
+def test_merge_overlapping_keeps_touching_spans_apart():
+    a, b = Span("PERSON", 0, 4, 0.9), Span("PERSON", 4, 9, 0.8)
+    assert merge_overlapping([b, a]) == [a, b]
