@@ -1,0 +1,73 @@
+"""Pure decision rules: which backend a request goes to, and what the PII policy does with the spans found.
+
+No I/O and no models here, so every rule is testable from plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from sidecar.config import PiiPolicyConfig, RoutingConfig
+from sidecar.results import CategoryResult, Span
+
+RouteReason = Literal[
+    "category", "low_confidence", "unknown_category", "client_model", "no_category_model", "no_user_text", "degraded"
+]
+PiiAction = Literal["allow", "mask", "block"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: str
+    rewrite: bool
+    """Write `model` into the body: the client asked for the virtual model (or named none)."""
+    reason: RouteReason
+    category: str | None = None
+    confidence: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PiiVerdict:
+    action: PiiAction
+    kept_spans: tuple[Span, ...]
+    types: tuple[str, ...]
+    """Sorted unique entity types among `kept_spans`."""
+
+
+def needs_category(requested_model: str | None, routing: RoutingConfig) -> bool:
+    """Only requests for the virtual model (or for none) are routed; others skip the classifier."""
+    return requested_model is None or requested_model == routing.virtual_model
+
+
+def choose_route(category: CategoryResult | None, requested_model: str | None, routing: RoutingConfig) -> Route:
+    """The backend for a request. `category` None means no category model is loaded."""
+    if not needs_category(requested_model, routing):
+        return Route(requested_model, rewrite=False, reason="client_model")
+    if category is None:
+        return default_route(routing, "no_category_model")
+    label, confidence = category.label, category.confidence
+    if confidence < routing.confidence_threshold:
+        return Route(routing.default_model, True, "low_confidence", label, confidence)
+    if label not in routing.categories:
+        return Route(routing.default_model, True, "unknown_category", label, confidence)
+    return Route(routing.categories[label], True, "category", label, confidence)
+
+
+def default_route(routing: RoutingConfig, reason: RouteReason) -> Route:
+    """The default model for a routed request that has no usable category (no model, no text, degraded)."""
+    return Route(routing.default_model, rewrite=True, reason=reason)
+
+
+def kept_spans(spans: Iterable[Span], policy: PiiPolicyConfig) -> list[Span]:
+    """Spans at or above the policy's score threshold whose type the policy does not allow through."""
+    allowed = set(policy.allow_entities)
+    return [s for s in spans if s.score >= policy.score_threshold and s.label not in allowed]
+
+
+def pii_verdict(spans: Iterable[Span], policy: PiiPolicyConfig) -> PiiVerdict:
+    """allow when nothing is kept; otherwise the policy's action (an ``allow`` policy still reports types)."""
+    kept = tuple(kept_spans(spans, policy))
+    types = tuple(sorted({s.label for s in kept}))
+    return PiiVerdict("allow" if not kept else policy.action, kept, types)

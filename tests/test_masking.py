@@ -1,0 +1,115 @@
+"""Span conflicts, operators, and exact offsets when masking."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+
+from sidecar.config import OperatorConfig, PiiPolicyConfig
+from sidecar.masking import OPERATORS, MaskedItem, anonymize, resolve_conflicts
+from sidecar.results import Span
+
+REPLACE = PiiPolicyConfig()
+
+
+def find(text: str, value: str, label: str, score: float = 0.9) -> Span:
+    start = text.index(value)
+    return Span(label, start, start + len(value), score)
+
+
+def test_replace_puts_the_entity_type_in_place():
+    text = "Write to jane@example.com or call 555-0100 today."
+    masked = anonymize(text, [find(text, "jane@example.com", "EMAIL_ADDRESS"), find(text, "555-0100", "PHONE_NUMBER")],
+                       REPLACE)
+    assert masked.text == "Write to [EMAIL_ADDRESS] or call [PHONE_NUMBER] today."
+    assert masked.items == (MaskedItem("EMAIL_ADDRESS", 9, 25, "replace"), MaskedItem("PHONE_NUMBER", 34, 42, "replace"))
+
+
+def test_items_carry_no_values():
+    assert [f.name for f in dataclasses.fields(MaskedItem)] == ["entity_type", "start", "end", "operator"]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("我叫张伟，邮箱 zw@例子.中国，谢谢", "zw@例子.中国"), ("😀😀 mail a@b.co 👍🏽 then", "a@b.co"),
+     ("e\u0301mile a@b.co ok", "a@b.co")],
+)
+def test_offsets_are_characters_not_utf8_bytes(text, value):
+    span = find(text, value, "EMAIL_ADDRESS")
+    masked = anonymize(text, [span], REPLACE)
+    assert masked.text == text.replace(value, "[EMAIL_ADDRESS]")
+    assert masked.items[0].start == span.start and len(text.encode()) != len(text)
+
+
+def test_names_in_chinese_text_are_masked_exactly():
+    text = "你好，张伟！请联系李娜。"
+    masked = anonymize(text, [find(text, "张伟", "PERSON"), find(text, "李娜", "PERSON")], REPLACE)
+    assert masked.text == "你好，[PERSON]！请联系[PERSON]。"
+
+
+def test_operator_per_entity_type_overrides_the_default():
+    policy = PiiPolicyConfig(
+        default_operator=OperatorConfig(type="redact"),
+        operators={"CREDIT_CARD": OperatorConfig(type="mask", chars_to_mask=12, masking_char="#"),
+                   "PERSON": OperatorConfig(type="replace", new_value="<name>")},
+    )
+    text = "Bob paid with 4111111111111111 from bob@x.io."
+    masked = anonymize(text, [find(text, "Bob", "PERSON"), find(text, "4111111111111111", "CREDIT_CARD"),
+                              find(text, "bob@x.io", "EMAIL_ADDRESS")], policy)
+    assert masked.text == "<name> paid with ############1111 from ."
+    assert [i.operator for i in masked.items] == ["replace", "mask", "redact"]
+
+
+def test_mask_from_end_and_over_length():
+    config = OperatorConfig(type="mask", chars_to_mask=4, from_end=True)
+    assert OPERATORS["mask"]("555-0100", "PHONE_NUMBER", config) == "555-****"
+    assert OPERATORS["mask"]("ab", "X", OperatorConfig(type="mask", chars_to_mask=9)) == "**"
+    assert OPERATORS["mask"]("abc", "X", OperatorConfig(type="mask")) == "***"
+
+
+def test_hash_is_a_salted_hex_digest():
+    config = OperatorConfig(type="hash", hash_type="sha256", salt="pepper")
+    assert OPERATORS["hash"]("a@b.co", "EMAIL_ADDRESS", config) == hashlib.sha256(b"peppera@b.co").hexdigest()
+    assert OPERATORS["hash"]("a@b.co", "X", OperatorConfig(type="hash", hash_type="md5")) == \
+        hashlib.md5(b"a@b.co").hexdigest()
+
+
+def test_every_configurable_operator_is_registered():
+    assert set(OPERATORS) == {"replace", "redact", "mask", "hash"}
+
+
+def test_overlapping_same_type_spans_become_their_union():
+    resolved = resolve_conflicts([Span("PERSON", 5, 12, 0.7), Span("PERSON", 0, 8, 0.9)])
+    assert resolved == [Span("PERSON", 0, 12, 0.9)]
+
+
+def test_touching_same_type_spans_merge_but_different_types_stay_apart():
+    resolved = resolve_conflicts([Span("PERSON", 0, 4, 0.8), Span("PERSON", 4, 9, 0.6), Span("EMAIL_ADDRESS", 9, 20, 0.9)])
+    assert resolved == [Span("PERSON", 0, 9, 0.8), Span("EMAIL_ADDRESS", 9, 20, 0.9)]
+
+
+def test_overlapping_types_keep_the_union_under_the_higher_score():
+    resolved = resolve_conflicts([Span("PHONE_NUMBER", 10, 26, 0.6), Span("CREDIT_CARD", 6, 25, 0.95)])
+    assert resolved == [Span("CREDIT_CARD", 6, 26, 0.95)]
+
+
+def test_contained_span_is_absorbed():
+    resolved = resolve_conflicts([Span("EMAIL_ADDRESS", 0, 20, 0.99), Span("PERSON", 0, 4, 0.8)])
+    assert resolved == [Span("EMAIL_ADDRESS", 0, 20, 0.99)]
+
+
+def test_conflicting_spans_leave_no_part_of_either_value_visible():
+    text = "card 4111 1111 1111 1111 ok"
+    spans = [Span("PHONE_NUMBER", 5, 19, 0.7), Span("CREDIT_CARD", 10, 24, 0.95)]
+    assert anonymize(text, spans, REPLACE).text == "card [CREDIT_CARD] ok"
+
+
+def test_span_beyond_the_text_is_an_error():
+    with pytest.raises(ValueError, match="outside a text of 3 characters"):
+        anonymize("abc", [Span("PERSON", 1, 4, 0.9)], REPLACE)
+
+
+def test_no_spans_leaves_text_unchanged():
+    assert anonymize("nothing here", [], REPLACE).text == "nothing here"
