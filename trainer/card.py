@@ -1,0 +1,127 @@
+"""The model card (``README.md``), written from ``eval_results.json`` so it never disagrees with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CARD_FILE = "README.md"
+_HARDWARE_SETTINGS = ("mixed_precision", "gradient_checkpointing")  # requests; the card shows what ran
+
+_PURPOSE = {
+    "category": (
+        "Subject classifier for the semantic-sidecar router: it reads the latest user message of a chat "
+        "request and names its subject, which the router maps to a backend model."
+    ),
+    "pii": (
+        "PII token classifier for the semantic-sidecar: it tags personal data in request text with BIO "
+        "tags (Presidio entity names) so the sidecar can mask the spans or block the request."
+    ),
+}
+
+_LIMITS = {
+    "category": [
+        "It knows only the labels listed above; anything else is forced into the nearest of them, so keep "
+        "the router's confidence threshold and default model.",
+        "Texts longer than the training max length are truncated; the subject must show early.",
+        "Scores reflect the validation data's distribution; measure on your own traffic before relying on it.",
+    ],
+    "pii": [
+        "It finds only the entity types listed above, and misses formats unlike its training data. Keep the "
+        "sidecar's checksum recognizers on for card numbers and IBANs.",
+        "Synthetic training text is cleaner than real traffic; expect lower recall on real messages.",
+        "Not a guarantee of anonymisation: treat it as one layer of defence.",
+    ],
+}
+
+
+def render_card(results: dict[str, Any]) -> str:
+    task = results.get("task", "category")
+    data = results.get("data", {})
+    settings = results.get("settings", {})
+    training = results.get("training", {})
+    metrics = results.get("metrics", {})
+    hardware = results.get("hardware", {})
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"pipeline_tag: {'text-classification' if task == 'category' else 'token-classification'}",
+        f"base_model: {results.get('base_model', 'unknown')}",
+        "tags: [modernbert, semantic-sidecar]",
+        "---",
+        "",
+        f"# semantic-sidecar {task} model",
+        "",
+        _PURPOSE.get(task, ""),
+        "",
+        "## Data",
+        "",
+        f"- Training data: {', '.join(data.get('train', [])) or 'unknown'} "
+        f"({data.get('train_examples', '?')} examples"
+        + (f", {data['train_windows']} windows" if "train_windows" in data else "")
+        + ")",
+        f"- Validation data: {_validation(data)} ({data.get('validation_examples', '?')} examples)",
+        f"- Labels ({len(results.get('labels', []))}): {', '.join(results.get('labels', []))}",
+        "",
+        "## Training",
+        "",
+        f"Fine-tuned from `{results.get('base_model', 'unknown')}` with the Hugging Face Trainer on "
+        f"{hardware.get('name', 'unknown device')}; the best checkpoint by validation "
+        f"weighted F1 was kept (early stopping).",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in settings.items() if k not in _HARDWARE_SETTINGS),
+        f"| fp16 | {hardware.get('fp16', '?')} |",
+        f"| gradient checkpointing | {hardware.get('gradient_checkpointing', '?')} |",
+        f"| steps run | {training.get('steps', '?')} (stopped early: {training.get('stopped_early', '?')}) |",
+        f"| time | {results.get('time', {}).get('total_seconds', '?')} s |",
+        "",
+        "## Validation metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {k} | {v:.4f} |" for k, v in metrics.items()),
+        "",
+    ]
+    if task == "pii":
+        lines.append("Token metrics are weighted over entity tags (`O` excluded); `entity_*` are seqeval "
+                     "entity-level scores (a span counts only when type and boundaries both match).")
+        lines.append("")
+    table = results.get("per_class") or results.get("per_type")
+    if table:
+        lines += [
+            f"| {'class' if task == 'category' else 'entity type'} | precision | recall | f1 | support |",
+            "|---|---|---|---|---|",
+            *(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
+              for name, r in table.items()),
+            "",
+        ]
+    if "export" in results:
+        lines += ["## Export", "", "ONNX parity with PyTorch (max absolute logit difference):", ""]
+        lines += [f"- {k}: {v}" for k, v in results["export"].items() if not isinstance(v, dict | list)]
+        lines.append("")
+    lines += [
+        "## Intended use",
+        "",
+        "Serving inside semantic-sidecar from this directory (`config.json` carries the labels and "
+        "`sidecar_task`; `model.onnx`/`model.int8.onnx` when exported). Not for decisions about people.",
+        "",
+        "## Limits",
+        "",
+        *(f"- {item}" for item in _LIMITS.get(task, [])),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _validation(data: dict[str, Any]) -> str:
+    if data.get("validation"):
+        return ", ".join(data["validation"])
+    return f"a {data.get('validation_from', 'held-out split')} of the training data"
+
+
+def write_card(model_dir: str | Path, results: dict[str, Any]) -> Path:
+    path = Path(model_dir) / CARD_FILE
+    path.write_text(render_card(results), encoding="utf-8")
+    return path

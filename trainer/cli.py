@@ -1,0 +1,361 @@
+"""`trainer`: build, pretrain, fine-tune, evaluate and export the sidecar's ModernBERT classifiers.
+
+    trainer base --size tiny --corpus texts.txt --output base/
+    trainer pretrain --base-model base/ --corpus texts.txt --output pretrained/
+    trainer category --train train.jsonl --base-model pretrained/ --output category/ --int8
+    trainer pii --train synth.jsonl presidio.json --base-model pretrained/ --output pii/ --int8
+    trainer synth-pii --count 5000 --output synth.jsonl
+    trainer evaluate category/ --data test.jsonl --output report.json
+    trainer export category/ --int8
+
+Each subcommand's flags come from argument dataclasses (field help is the flag help). Bad input ends
+with one line, ``error: <file>:<row>: <problem>``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from trainer.pretrain import PretrainSettings
+from trainer.settings import TrainingOverrides
+
+EXIT_BAD_INPUT = 2
+DEFAULT_BASE_MODEL = "answerdotai/ModernBERT-base"
+
+
+def _arg(help: str, **extra: Any) -> dict:
+    return {"help": help, **extra}
+
+
+# --- argument dataclasses --------------------------------------------------------------------------
+
+
+@dataclass
+class BaseArguments:
+    """The model to build."""
+
+    size: Literal["tiny", "small"] = field(metadata=_arg("model size: tiny trains in seconds (tests); small is shippable"))
+    corpus: list[str] = field(metadata=_arg("text files (a line each) or JSON/JSONL with text/full_text fields"))
+    output: str = field(metadata=_arg("directory for the untrained model and its tokenizer"))
+    seed: int = field(default=42, metadata=_arg("seed for the initial weights"))
+
+
+@dataclass
+class PretrainArguments:
+    """Model and corpus."""
+
+    base_model: str = field(metadata=_arg("masked-LM model directory (e.g. from `trainer base`) or Hub id"))
+    corpus: list[str] = field(metadata=_arg("text files (a line each) or JSON/JSONL with text/full_text fields"))
+    output: str = field(metadata=_arg("directory for the pretrained model"))
+    keep_checkpoints: bool = field(default=False, metadata=_arg("keep <output>/checkpoints after training"))
+
+
+@dataclass
+class ModelArguments:
+    """Model: base, output directory and export."""
+
+    output: str = field(metadata=_arg("model directory to write (weights, tokenizer, config, eval_results.json, card)"))
+    base_model: str = field(default=DEFAULT_BASE_MODEL, metadata=_arg("ModernBERT to fine-tune: local directory or Hub id"))
+    keep_checkpoints: bool = field(default=False, metadata=_arg("keep <output>/checkpoints after training"))
+    logging_dir: str | None = field(default=None, metadata=_arg("TensorBoard log directory (default <output>/runs)"))
+    export: bool = field(default=False, metadata=_arg("export model.onnx right after training"))
+    int8: bool = field(default=False, metadata=_arg("also export model.int8.onnx (implies --export)"))
+    export_tolerance: float | None = field(default=None, metadata=_arg("largest allowed ONNX-vs-PyTorch logit difference"))
+
+
+@dataclass
+class DataArguments:
+    """Data: sources, columns, validation split and lengths."""
+
+    train: list[str] = field(metadata=_arg("training data: JSONL/JSON/CSV/Parquet files, a datasets directory or a Hub dataset id"))
+    validation: list[str] | None = field(default=None, metadata=_arg("validation data; without it a split of --train is held out"))
+    dataset_split: str = field(default="train", metadata=_arg("split of --train to use for datasets directories and Hub ids"))
+    validation_split: str = field(default="validation", metadata=_arg("split of --validation for datasets directories and Hub ids"))
+    validation_fraction: float = field(default=0.1, metadata=_arg("share of --train held out when no --validation is given"))
+    max_train_samples: int | None = field(default=None, metadata=_arg("train on a seeded random sample of this many rows"))
+    max_validation_samples: int | None = field(default=None, metadata=_arg("validate on a seeded random sample of this many rows"))
+    max_length: int = field(default=512, metadata=_arg("tokens per input, special tokens included"))
+
+
+@dataclass
+class CategoryDataArguments(DataArguments):
+    """Data: sources, columns, validation split and lengths."""
+
+    text_column: str = field(default="text", metadata=_arg("column with the text (MMLU-Pro: question)"))
+    label_column: str = field(default="label", metadata=_arg("column with the label (MMLU-Pro: category)"))
+
+
+@dataclass
+class PiiDataArguments(DataArguments):
+    """Data: sources, validation split, lengths and windows."""
+
+    stride: int = field(default=64, metadata=_arg("tokens shared by consecutive windows of a text longer than --max-length"))
+
+
+@dataclass
+class SynthArguments:
+    """Synthetic data."""
+
+    output: str = field(metadata=_arg("JSONL file to write (span format)"))
+    count: int = field(default=1000, metadata=_arg("number of rows"))
+    seed: int = field(default=42, metadata=_arg("the same seed gives the same rows"))
+
+
+@dataclass
+class EvaluateArguments:
+    """Model, data and report."""
+
+    model_dir: str = field(metadata=_arg("model directory made by `trainer category` or `trainer pii`", positional=True))
+    data: list[str] = field(metadata=_arg("labelled data in any format `trainer category`/`trainer pii` accept"))
+    output: str | None = field(default=None, metadata=_arg("write the report as JSON here"))
+    confusion_matrix: str | None = field(default=None, metadata=_arg(
+        "category models: confusion-matrix PNG path (default confusion_matrix.png next to --output, else in the current directory)"))
+    text_column: str = field(default="text", metadata=_arg("column with the text (category data)"))
+    label_column: str = field(default="label", metadata=_arg("column with the label (category data)"))
+    dataset_split: str = field(default="train", metadata=_arg("split for datasets directories and Hub ids"))
+    max_length: int | None = field(default=None, metadata=_arg("tokens per input (default: 512 or the model's limit)"))
+    stride: int = field(default=64, metadata=_arg("pii: tokens shared by consecutive windows"))
+    batch_size: int = field(default=32, metadata=_arg("inputs per forward pass"))
+    drop_unknown_labels: bool = field(default=False, metadata=_arg(
+        "skip rows (category) or spans (pii) whose label the model does not have, instead of failing"))
+
+
+@dataclass
+class ExportArguments:
+    """Model and export options."""
+
+    model_dir: str = field(metadata=_arg("model directory to export into", positional=True))
+    int8: bool = field(default=False, metadata=_arg("also write model.int8.onnx (dynamic INT8 quantization)"))
+    tolerance: float | None = field(default=None, metadata=_arg("largest allowed ONNX-vs-PyTorch logit difference"))
+
+
+# --- dataclass → argparse --------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field: ``--snake-name``, typed, with the field's help; positional when asked."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help")}
+        if _is_optional(kind):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(kind) is Literal:
+            kwargs["choices"] = list(typing.get_args(kind))
+            kwargs["type"] = type(kwargs["choices"][0])
+        elif typing.get_origin(kind) is list:
+            kwargs["nargs"] = "+"
+            kwargs["type"] = typing.get_args(kind)[0]
+            kwargs["metavar"] = "FILE" if f.name in ("corpus", "train", "validation", "data") else None
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+        has_default = f.default is not dataclasses.MISSING
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, **kwargs)
+            continue
+        if has_default:
+            kwargs["default"] = f.default
+            if f.default not in (None, False) and kwargs["help"]:
+                kwargs["help"] += " (default: %(default)s)"
+        else:
+            kwargs["required"] = True
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+
+
+def _is_optional(kind: Any) -> bool:
+    return typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
+
+
+def build(cls: type, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+# --- subcommands -----------------------------------------------------------------------------------
+
+
+def run_base(ns: argparse.Namespace) -> int:
+    from trainer.base import build_base
+
+    args = build(BaseArguments, ns)
+    out = build_base(args.size, args.corpus, args.output, seed=args.seed)
+    print(f"wrote untrained {args.size} ModernBERT to {out}")
+    return 0
+
+
+def run_pretrain(ns: argparse.Namespace) -> int:
+    from trainer.pretrain import pretrain
+
+    args, settings = build(PretrainArguments, ns), build(PretrainSettings, ns)
+    results = pretrain(args.base_model, args.corpus, args.output, settings, keep_checkpoints=args.keep_checkpoints)
+    print(f"wrote {args.output}: {json.dumps(results['metrics'])}")
+    return 0
+
+
+def run_training(task: Literal["category", "pii"], ns: argparse.Namespace) -> int:
+    from trainer.data import load_task_data
+    from trainer.settings import apply_overrides, settings_for
+    from trainer.train import RunOptions, train
+
+    model_args = build(ModelArguments, ns)
+    data_args = build(CategoryDataArguments if task == "category" else PiiDataArguments, ns)
+    overrides = build(TrainingOverrides, ns)
+    seed = overrides.seed if overrides.seed is not None else 42
+    data = load_task_data(
+        task,
+        data_args.train,
+        data_args.validation,
+        text_column=getattr(data_args, "text_column", "text"),
+        label_column=getattr(data_args, "label_column", "label"),
+        split=data_args.dataset_split,
+        validation_split=data_args.validation_split,
+        validation_fraction=data_args.validation_fraction,
+        max_train_samples=data_args.max_train_samples,
+        max_validation_samples=data_args.max_validation_samples,
+        seed=seed,
+    )
+    settings = apply_overrides(settings_for(len(data.train)), overrides)
+    options = RunOptions(
+        base_model=model_args.base_model,
+        output=Path(model_args.output),
+        max_length=data_args.max_length,
+        stride=getattr(data_args, "stride", 64),
+        keep_checkpoints=model_args.keep_checkpoints,
+        logging_dir=Path(model_args.logging_dir) if model_args.logging_dir else None,
+    )
+    results = train(data, settings, options)
+    _print_metrics(results)
+    if model_args.export or model_args.int8:
+        _export(model_args.output, model_args.int8, model_args.export_tolerance)
+    return 0
+
+
+def run_synth(ns: argparse.Namespace) -> int:
+    from trainer import synth
+
+    args = build(SynthArguments, ns)
+    if args.count < 1:
+        from trainer.settings import UsageError
+
+        raise UsageError(f"--count must be at least 1, got {args.count}")
+    path = synth.write_jsonl(synth.generate(args.count, args.seed), args.output)
+    print(f"wrote {args.count} rows to {path}")
+    return 0
+
+
+def run_evaluate(ns: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_dir, format_table
+
+    args = build(EvaluateArguments, ns)
+    figure = args.confusion_matrix or (
+        Path(args.output).with_name("confusion_matrix.png") if args.output else Path("confusion_matrix.png")
+    )
+    report = evaluate_dir(
+        args.model_dir,
+        args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        split=args.dataset_split,
+        max_length=args.max_length,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        drop_unknown_labels=args.drop_unknown_labels,
+        figure=figure,
+    )
+    _print_metrics(report)
+    table = report.get("per_class") or report.get("per_type")
+    if table:
+        print(format_table(table, "class" if report["task"] == "category" else "entity type"))
+    if "confusion_matrix_png" in report:
+        print(f"confusion matrix: {report['confusion_matrix_png']}")
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"report: {out}")
+    return 0
+
+
+def run_export(ns: argparse.Namespace) -> int:
+    args = build(ExportArguments, ns)
+    _export(args.model_dir, args.int8, args.tolerance)
+    return 0
+
+
+def _export(model_dir: str, int8: bool, tolerance: float | None) -> None:
+    from trainer.export import export_model_dir
+
+    report = export_model_dir(model_dir, int8=int8, tolerance=tolerance)
+    print(f"exported {model_dir}: {json.dumps(report, default=str)}")
+
+
+def _print_metrics(results: dict[str, Any]) -> None:
+    metrics = results.get("metrics", {})
+    print("  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, tuple[str, list[type], Callable[[argparse.Namespace], int]]] = {
+    "base": ("an untrained ModernBERT with a byte-level BPE tokenizer trained on your text", [BaseArguments], run_base),
+    "pretrain": ("continued masked-LM pretraining on your text (masking probability 0.3)",
+                 [PretrainArguments, PretrainSettings], run_pretrain),
+    "category": ("fine-tune a sequence classifier (text + label)",
+                 [ModelArguments, CategoryDataArguments, TrainingOverrides], lambda ns: run_training("category", ns)),
+    "pii": ("fine-tune a BIO token classifier (text + character spans, or Presidio's format)",
+            [ModelArguments, PiiDataArguments, TrainingOverrides], lambda ns: run_training("pii", ns)),
+    "synth-pii": ("write synthetic PII text with exact spans (JSONL)", [SynthArguments], run_synth),
+    "evaluate": ("metrics of a model directory on a labelled file", [EvaluateArguments], run_evaluate),
+    "export": ("write model.onnx (+ model.int8.onnx) and check parity with PyTorch", [ExportArguments], run_export),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainer", description="Build, pretrain, fine-tune, evaluate and export the sidecar's ModernBERT classifiers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, classes, handler) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        for cls in classes:
+            add_arguments(p.add_argument_group((cls.__doc__ or cls.__name__).splitlines()[0].rstrip(".")), cls)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or flags: one line for the user, not a traceback."""
+    from sidecar.inference.model_dir import ModelDirError
+    from trainer.base import CorpusError
+    from trainer.data import DataError
+    from trainer.settings import UsageError
+    from trainer.train import BaseModelError
+
+    errors: list[type[BaseException]] = [DataError, CorpusError, UsageError, BaseModelError, ModelDirError]
+    try:
+        from trainer.export import ExportError
+
+        errors.append(ExportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    errors = _input_errors()
+    try:
+        return ns.handler(ns)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -1,0 +1,280 @@
+"""Fine-tuning: set_seed → tokenizer and model → Trainer with early stopping → best model → model directory.
+
+The output is the model directory the sidecar reads (see ARCHITECTURE.md): weights, tokenizer,
+``config.json`` with the labels and ``sidecar_task``, ``eval_results.json`` and a ``README.md`` card.
+Checkpoints live in ``<output>/checkpoints`` while training and are removed at the end unless kept;
+TensorBoard logs go to ``<output>/runs`` unless another directory is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from trainer.data import TaskData
+from trainer.evaluate import category_metrics, evaluate_category, evaluate_pii, pii_metrics, tags_from_ids
+from trainer.preprocess import encode_category, encode_pii
+from trainer.settings import TrainingSettings
+
+log = structlog.get_logger(__name__)
+
+EVAL_FILE = "eval_results.json"
+CHECKPOINTS = "checkpoints"
+BEST_METRIC = "f1"
+
+
+class BaseModelError(ValueError):
+    """The base model cannot be loaded; the message names it."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where a run reads its base model and writes its model directory."""
+
+    base_model: str
+    output: Path
+    max_length: int = 512
+    """Tokens per input, special tokens included (capped by the model's position embeddings)."""
+    stride: int = 64
+    """PII only: tokens shared by consecutive windows of a long text."""
+    keep_checkpoints: bool = False
+    logging_dir: Path | None = None
+    """TensorBoard event files; default ``<output>/runs``."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str
+    name: str
+    fp16: bool
+    gradient_checkpointing: bool
+
+
+def hardware(settings: TrainingSettings) -> Hardware:
+    """fp16 and gradient checkpointing only where CUDA is present; CPU trains in fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return Hardware("cuda", torch.cuda.get_device_name(0), settings.mixed_precision, settings.gradient_checkpointing)
+    return Hardware("cpu", "cpu", False, False)
+
+
+def load_base(base_model: str, task: str, labels: list[str]):
+    """Tokenizer and a fresh classification head on ``base_model`` (a local directory or Hub id)."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
+
+    model_cls = AutoModelForSequenceClassification if task == "category" else AutoModelForTokenClassification
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        model = model_cls.from_pretrained(
+            base_model,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BaseModelError(f"{base_model}: cannot load the base model ({first})") from e
+    if not tokenizer.is_fast:
+        raise BaseModelError(f"{base_model}: needs a fast tokenizer (tokenizer.json) for offset mappings")
+    model.config.sidecar_task = task
+    return tokenizer, model
+
+
+def training_arguments(settings: TrainingSettings, output_dir: Path, hw: Hardware):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size * 2,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a fraction of the total steps
+        lr_scheduler_type="linear",
+        eval_strategy=settings.eval_strategy,
+        eval_steps=settings.eval_steps,
+        save_strategy=settings.eval_strategy,
+        save_steps=settings.eval_steps,
+        save_total_limit=2,
+        save_only_model=True,
+        load_best_model_at_end=True,
+        metric_for_best_model=BEST_METRIC,
+        greater_is_better=True,
+        logging_strategy="steps",
+        logging_steps=settings.logging_steps,
+        report_to=["tensorboard"],
+        fp16=hw.fp16,
+        activation_checkpointing=hw.gradient_checkpointing,
+        dataloader_pin_memory=hw.device == "cuda",
+        seed=settings.seed,
+    )
+
+
+@contextlib.contextmanager
+def tensorboard_logs(path: Path) -> Iterator[None]:
+    """Point TensorBoard at ``path``: transformers 5 reads the log directory from the environment only."""
+    name = "TENSORBOARD_LOGGING_DIR"
+    old = os.environ.get(name)
+    os.environ[name] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def train(data: TaskData, settings: TrainingSettings, options: RunOptions) -> dict[str, Any]:
+    """Train, keep the best model by weighted F1, write the model directory; return eval_results."""
+    import datasets
+    import torch
+    import transformers
+    from transformers import (
+        DataCollatorForTokenClassification,
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        Trainer,
+        set_seed,
+    )
+
+    started = time.perf_counter()
+    set_seed(settings.seed)
+    hw = hardware(settings)
+    tokenizer, model = load_base(options.base_model, data.task, data.labels)
+    max_length = min(options.max_length, model.config.max_position_embeddings)
+    label2id = {label: i for i, label in enumerate(data.labels)}
+    id2label = dict(enumerate(data.labels))
+    pad_multiple = 8 if hw.fp16 else None
+
+    sizes: dict[str, int] = {"train_examples": len(data.train), "validation_examples": len(data.validation)}
+    if data.task == "category":
+        train_ds = datasets.Dataset.from_dict(encode_category(tokenizer, data.train, label2id, max_length))
+        val_ds = datasets.Dataset.from_dict(encode_category(tokenizer, data.validation, label2id, max_length))
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple)
+
+        def compute_metrics(p) -> dict[str, float]:
+            return category_metrics(p.label_ids, p.predictions)
+    else:
+        train_windows = encode_pii(tokenizer, data.train, label2id, max_length, options.stride)
+        val_windows = encode_pii(tokenizer, data.validation, label2id, max_length, options.stride)
+        sizes |= {"train_windows": len(train_windows), "validation_windows": len(val_windows)}
+        train_ds = datasets.Dataset.from_dict(train_windows.features())
+        val_ds = datasets.Dataset.from_dict(val_windows.features())
+        collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_multiple)
+
+        def compute_metrics(p) -> dict[str, float]:
+            return pii_metrics(*tags_from_ids(p.label_ids, p.predictions, id2label))
+
+    output = Path(options.output)
+    output.mkdir(parents=True, exist_ok=True)
+    checkpoints = output / CHECKPOINTS
+    logging_dir = Path(options.logging_dir or output / "runs")
+    with tensorboard_logs(logging_dir):  # the callback reads it when the Trainer is built
+        trainer = Trainer(
+            model=model,
+            args=training_arguments(settings, checkpoints, hw),
+            data_collator=collator,
+            train_dataset=train_ds,
+            eval_dataset=val_ds,
+            processing_class=tokenizer,
+            compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
+            callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.patience)],
+        )
+    log.info(
+        "training_start", task=data.task, base_model=options.base_model, labels=len(data.labels),
+        device=hw.device, max_length=max_length, logging_dir=str(logging_dir), **sizes,
+    )
+    result = trainer.train()
+    train_seconds = time.perf_counter() - started
+    state = trainer.state
+
+    best = trainer.model
+    best.config.sidecar_task = data.task
+    best.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    if data.task == "category":
+        report = evaluate_category(best, tokenizer, data.validation, max_length, settings.batch_size * 2)
+    else:
+        report = evaluate_pii(best, tokenizer, data.validation, max_length, options.stride, settings.batch_size * 2)
+    report.pop("examples", None)
+    report.pop("windows", None)
+
+    results = {
+        "task": data.task,
+        "base_model": options.base_model,
+        "labels": data.labels,
+        "data": {
+            "train": data.train_sources,
+            "validation": data.validation_sources,
+            "validation_from": data.validation_from,
+            **sizes,
+        },
+        "settings": {
+            **dataclasses.asdict(settings),
+            "max_length": max_length,
+            **({"stride": options.stride} if data.task == "pii" else {}),
+            "best_model_metric": BEST_METRIC,
+        },
+        "hardware": dataclasses.asdict(hw),
+        "training": {
+            "steps": state.global_step,
+            "max_steps": state.max_steps,
+            "epochs": round(float(state.epoch or 0), 3),
+            "train_loss": float(result.training_loss),
+            "best_step": _step_of(state.best_model_checkpoint),
+            "best_validation_f1": state.best_metric,
+            "stopped_early": state.global_step < state.max_steps,
+        },
+        **report,
+        "time": {"train_seconds": round(train_seconds, 2), "total_seconds": round(time.perf_counter() - started, 2)},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+    }
+    write_results(output, results)
+    from trainer.card import write_card
+
+    write_card(output, results)
+    if not options.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    log.info("training_done", task=data.task, output=str(output), seconds=results["time"]["total_seconds"],
+             steps=state.global_step, **{k: round(v, 4) for k, v in results["metrics"].items()})
+    return results
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    if not checkpoint:
+        return None
+    tail = Path(checkpoint).name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def write_results(output: Path, results: dict[str, Any]) -> Path:
+    path = Path(output) / EVAL_FILE
+    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_results(output: Path) -> dict[str, Any]:
+    path = Path(output) / EVAL_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
