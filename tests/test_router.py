@@ -1,0 +1,286 @@
+"""Router: bodies in, Decisions out, against the deterministic FakeEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from sidecar.config import Config, parse_config
+from sidecar.errors import InferenceError, InferenceTimeout, NoText, NotJson, Overloaded
+from sidecar.router import Router, TextDecision
+from tests.fakes import FakeEngine
+
+CARD = "4111 1111 1111 1111"  # Luhn-valid Visa test number
+
+
+def make_config(**sections) -> Config:
+    data = {"routing": {"default_model": "small", "confidence_threshold": 0.5,
+                        "categories": {"math": "math-llm", "law": "law-llm"}}}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return parse_config(data)
+
+
+def chat(*messages: tuple[str, str], model: str | None = "auto", **extra) -> bytes:
+    body = {"messages": [{"role": r, "content": c} for r, c in messages], **extra}
+    if model is not None:
+        body = {"model": model, **body}
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+def router(engine: FakeEngine | None = None, **sections) -> Router:
+    return Router(make_config(**sections), engine or FakeEngine())
+
+
+async def test_routes_by_category_and_masks_every_scanned_role():
+    body = chat(("system", "Assistant for John Smith."), ("user", "Solve the integral; reply to js@example.com"),
+                stream=True, tools=[{"type": "function", "function": {"name": "f"}}])
+    d = await router().decide(body, "chat")
+    assert (d.action, d.model, d.rewrite_model, d.route_reason) == ("mask", "math-llm", True, "category")
+    assert (d.category, d.confidence) == ("math", pytest.approx(0.95))
+    assert d.entity_types == ("EMAIL_ADDRESS", "PERSON")
+    assert d.entity_counts == {"PERSON": 1, "EMAIL_ADDRESS": 1}
+    out = json.loads(d.body)
+    assert out["model"] == "math-llm" and out["stream"] is True and out["tools"] == json.loads(body)["tools"]
+    assert [m["content"] for m in out["messages"]] == ["Assistant for [PERSON].",
+                                                       "Solve the integral; reply to [EMAIL_ADDRESS]"]
+    assert set(d.timings) == {"parse", "classify", "pii", "total"} and d.error is None
+
+
+async def test_low_confidence_falls_back_to_default_model():
+    d = await router().decide(chat(("user", "Tell me a story")), "chat")
+    assert (d.model, d.route_reason, d.category) == ("small", "low_confidence", "other")
+    assert json.loads(d.body)["model"] == "small" and d.action == "allow"
+
+
+async def test_unknown_category_falls_back_to_default_model():
+    d = await router().decide(chat(("user", "Which organelle makes ATP in a cell?")), "chat")
+    assert (d.model, d.route_reason, d.category) == ("small", "unknown_category", "biology")
+
+
+async def test_client_model_is_kept_but_pii_still_masked_and_classifier_skipped():
+    engine = FakeEngine()
+    body = chat(("user", "Solve this for Jane Doe"), model="gpt-4o")
+    d = await router(engine).decide(body, "chat")
+    assert (d.model, d.rewrite_model, d.route_reason, d.category) == ("gpt-4o", False, "client_model", None)
+    assert engine.calls["classify"] == 0 and engine.calls["detect_pii"] == 1
+    assert d.action == "mask"
+    assert d.body == body.replace(b"Jane Doe", b"[PERSON]")
+
+
+async def test_client_model_without_pii_leaves_the_body_alone():
+    d = await router().decide(chat(("user", "Solve 2x = 4"), model="gpt-4o"), "chat")
+    assert (d.action, d.body, d.entity_types) == ("allow", None, ())
+
+
+async def test_missing_model_is_routed_and_inserted():
+    d = await router().decide(chat(("user", "The court held the contract void"), model=None), "chat")
+    assert d.model == "law-llm" and json.loads(d.body)["model"] == "law-llm"
+
+
+async def test_block_names_entity_types_never_values():
+    r = router(pii={"default_policy": {"action": "block"}})
+    d = await r.decide(chat(("user", "Solve it, I am John Smith, john@corp.example")), "chat")
+    assert d.action == "block" and d.body is None and not d.rewrite_model
+    assert d.entity_types == ("EMAIL_ADDRESS", "PERSON")
+    assert "John Smith" not in repr(d) and "john@corp.example" not in repr(d)
+
+
+async def test_allow_list_and_score_threshold_filter_spans():
+    # FakeEngine scores: EMAIL 0.99, PHONE 0.9, PERSON 0.85.
+    r = router(pii={"default_policy": {"action": "block", "score_threshold": 0.86, "allow_entities": ["EMAIL_ADDRESS"]}})
+    d = await r.decide(chat(("user", "John Smith at js@x.org")), "chat")
+    assert (d.action, d.entity_types) == ("allow", ())
+    d = await r.decide(chat(("user", "John Smith at +1 415 555 0100")), "chat")
+    assert (d.action, d.entity_types) == ("block", ("PHONE_NUMBER",))
+
+
+async def test_policy_follows_the_selected_model():
+    r = router(pii={"policies": {"law-llm": {"action": "block"}, "gpt-4o": {"action": "allow"}}})
+    law = await r.decide(chat(("user", "Can the tenant Jane Doe sue in court?")), "chat")
+    math = await r.decide(chat(("user", "Solve the equation Jane Doe wrote")), "chat")
+    client = await r.decide(chat(("user", "Jane Doe"), model="gpt-4o"), "chat")
+    assert (law.action, math.action, client.action) == ("block", "mask", "allow")
+    assert client.body is None and client.entity_types == ("PERSON",)
+
+
+async def test_operators_from_config_are_applied():
+    r = router(pii={"default_policy": {"operators": {"EMAIL_ADDRESS": {"type": "mask", "chars_to_mask": 3}}}})
+    d = await r.decide(chat(("user", "abc@d.io")), "chat")
+    assert json.loads(d.body)["messages"][0]["content"] == "***@d.io"
+
+
+async def test_multibyte_text_is_masked_at_exact_offsets():
+    text = "😀 我是张伟, 邮箱 zw@mail.cn 👍🏽 谢谢"
+    d = await router().decide(chat(("user", text)), "chat")
+    assert json.loads(d.body)["messages"][0]["content"] == "😀 我是[PERSON], 邮箱 [EMAIL_ADDRESS] 👍🏽 谢谢"
+
+
+async def test_assistant_text_is_not_scanned_by_default():
+    d = await router().decide(chat(("assistant", "Hi John Smith"), ("user", "hello"), model="gpt-4o"), "chat")
+    assert (d.action, d.body) == ("allow", None)
+
+
+async def test_category_input_all_user_classifies_every_user_message():
+    engine = FakeEngine()
+    r = router(engine, routing={"category_input": "all_user"})
+    d = await r.decide(chat(("user", "about the court"), ("assistant", "ok"), ("user", "and the contract")), "chat")
+    assert d.category == "law"
+    assert "about the court\nand the contract" in engine.texts
+
+
+async def test_latest_user_message_is_what_gets_classified():
+    engine = FakeEngine()
+    d = await router(engine).decide(chat(("user", "about the court"), ("user", "solve this")), "chat")
+    assert d.category == "math" and "about the court" not in engine.texts[:1]
+
+
+async def test_without_a_category_model_requests_go_to_default():
+    engine = FakeEngine(has_category_model=False)
+    d = await router(engine).decide(chat(("user", "Solve the integral")), "chat")
+    assert (d.model, d.route_reason, d.category) == ("small", "no_category_model", None)
+    assert engine.calls["classify"] == 0
+
+
+async def test_without_user_text_the_classifier_is_skipped():
+    engine = FakeEngine()
+    d = await router(engine).decide(chat(("system", "You are terse, Bob.")), "chat")
+    assert (d.model, d.route_reason) == ("small", "no_user_text")
+    assert engine.calls["classify"] == 0 and d.entity_types == ("PERSON",)
+
+
+async def test_completions_prompts_are_routed_and_masked():
+    body = b'{"model": "auto", "prompt": ["Solve for Bob", 5, "sum of primes"], "max_tokens": 7}'
+    d = await router().decide(body, "completions")
+    assert d.model == "math-llm"
+    assert d.body == b'{"model": "math-llm", "prompt": ["Solve for [PERSON]", 5, "sum of primes"], "max_tokens": 7}'
+
+
+async def test_unreadable_body_raises_request_error():
+    with pytest.raises(NotJson):
+        await router().decide(b"{not json", "chat")
+
+
+async def test_fail_open_degrades_to_default_and_masks_only_checksummed_numbers():
+    engine = FakeEngine(error=InferenceError("model crashed"))
+    body = chat(("user", f"Solve it. Card {CARD}, mail js@x.org, I'm John Smith"))
+    d = await router(engine).decide(body, "chat")
+    assert (d.action, d.model, d.rewrite_model, d.route_reason, d.error) == (
+        "degraded", "small", True, "degraded", "inference_error")
+    assert (d.category, d.confidence) == (None, None)
+    assert d.entity_types == ("CREDIT_CARD",)
+    content = json.loads(d.body)["messages"][0]["content"]
+    assert content == "Solve it. Card [CREDIT_CARD], mail js@x.org, I'm John Smith"
+
+
+async def test_fail_open_keeps_the_client_model():
+    engine = FakeEngine(error=Overloaded("queue full"))
+    d = await router(engine).decide(chat(("user", "nothing sensitive"), model="gpt-4o"), "chat")
+    assert (d.action, d.model, d.rewrite_model, d.error, d.body) == ("degraded", "gpt-4o", False, "overloaded", None)
+
+
+async def test_fail_open_still_blocks_checksummed_numbers_under_block_policy():
+    engine = FakeEngine(error=InferenceError("down"))
+    d = await router(engine, pii={"default_policy": {"action": "block"}}).decide(chat(("user", f"card {CARD}")), "chat")
+    assert (d.action, d.error, d.entity_types, d.body) == ("block", "inference_error", ("CREDIT_CARD",), None)
+
+
+async def test_fail_open_without_checksums_masks_nothing():
+    engine = FakeEngine(error=InferenceError("down"))
+    d = await router(engine, pii={"checksums": False}).decide(chat(("user", f"card {CARD}")), "chat")
+    assert d.entity_types == () and json.loads(d.body)["messages"][0]["content"] == f"card {CARD}"
+
+
+@pytest.mark.parametrize("error", [InferenceError("down"), Overloaded("full")])
+async def test_fail_closed_reraises_inference_errors(error):
+    r = router(FakeEngine(pii_error=error), failure={"inference": "fail_closed"})
+    with pytest.raises(type(error)):
+        await r.decide(chat(("user", "Solve it")), "chat")
+
+
+async def test_deadline_fails_closed_and_cancels_the_calls_in_flight():
+    engine = FakeEngine(delay_s=60)
+    r = router(engine, failure={"inference": "fail_closed", "timeout_ms": 20})
+    with pytest.raises(InferenceTimeout, match="20 ms"):
+        await r.decide(chat(("system", "a"), ("user", "Solve it")), "chat")
+    assert engine.calls["cancelled:classify"] == 1 and engine.calls["cancelled:detect_pii"] == 2
+
+
+async def test_deadline_under_fail_open_gives_a_timeout_degraded_decision():
+    engine = FakeEngine(pii_delay_s=60)
+    d = await router(engine, failure={"timeout_ms": 20}).decide(chat(("user", "Solve it")), "chat")
+    assert (d.action, d.error, d.model) == ("degraded", "timeout", "small")
+    assert engine.calls["cancelled:detect_pii"] == 1
+
+
+async def test_one_failed_call_cancels_the_others():
+    engine = FakeEngine(classify_error=Overloaded("full"), pii_delay_s=60)
+    d = await router(engine, failure={"timeout_ms": 60_000}).decide(chat(("user", "Solve it")), "chat")
+    assert d.error == "overloaded"
+    assert engine.calls["cancelled:detect_pii"] == 1
+
+
+async def test_decide_text_matches_the_chat_decision():
+    r = router()
+    t = await r.decide_text("Solve for Jane Doe")
+    assert isinstance(t, TextDecision)
+    assert (t.category, t.model, t.action, t.route_reason) == ("math", "math-llm", "mask", "category")
+    assert t.pii == [{"start": 10, "end": 18, "label": "PERSON", "score": 0.85}]
+    assert t.masked_text == "Solve for [PERSON]"
+
+
+async def test_decide_text_with_client_model_and_empty_model():
+    r = router()
+    assert (await r.decide_text("Solve it", "gpt-4o")).route_reason == "client_model"
+    assert (await r.decide_text("Solve it", "")).model == "math-llm"
+    with pytest.raises(NoText):
+        await r.decide_text("")
+
+
+async def test_decide_text_follows_the_failure_policy():
+    engine = FakeEngine(error=InferenceError("down"))
+    t = await router(engine).decide_text(f"card {CARD}")
+    assert (t.action, t.model, t.category, t.error, t.masked_text) == (
+        "degraded", "small", None, "inference_error", "card [CREDIT_CARD]")
+    with pytest.raises(InferenceError):
+        await router(engine, failure={"inference": "fail_closed"}).decide_text("x")
+
+
+def test_decide_texts_offline_output_shape():
+    engine = FakeEngine()
+    r = router(engine, pii={"policies": {"law-llm": {"action": "block"}}})
+    texts = ["Solve the integral for Bob", "The court and Jane Doe", "", "héllo 😀 mail a@b.io"]
+    decisions = r.decide_texts(texts)
+    assert engine.calls["classify_many"] == 1 and engine.calls["detect_pii_many"] == 1
+    assert engine.calls["classify"] == engine.calls["detect_pii"] == 0
+    rows = [json.loads(d.to_json()) for d in decisions]
+    assert all(list(row) == ["text", "category", "confidence", "model", "pii", "action", "masked_text"] for row in rows)
+    assert rows[0] == {"text": texts[0], "category": "math", "confidence": 0.95, "model": "math-llm",
+                       "pii": [{"start": 23, "end": 26, "label": "PERSON", "score": 0.85}],
+                       "action": "mask", "masked_text": "Solve the integral for [PERSON]"}
+    assert (rows[1]["action"], rows[1]["masked_text"], rows[1]["model"]) == ("block", None, "law-llm")
+    assert (rows[2]["model"], rows[2]["pii"], rows[2]["action"]) == ("small", [], "allow")
+    email = rows[3]["pii"][0]
+    assert texts[3][email["start"]:email["end"]] == "a@b.io"
+    assert rows[3]["masked_text"] == "héllo 😀 mail [EMAIL_ADDRESS]"
+    assert "😀" in decisions[3].to_json()
+
+
+def test_decide_texts_with_client_model_skips_classification():
+    engine = FakeEngine()
+    [d] = router(engine).decide_texts(["Solve it"], requested_model="gpt-4o")
+    assert (d.model, d.category, d.route_reason) == ("gpt-4o", None, "client_model")
+    assert engine.calls["classify_many"] == 0
+
+
+async def test_a_cancelled_request_cancels_its_inference():
+    engine = FakeEngine(delay_s=60)
+    task = asyncio.ensure_future(router(engine, failure={"timeout_ms": 60_000}).decide(chat(("user", "Solve")), "chat"))
+    while engine.calls["detect_pii"] == 0:
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.calls["cancelled:classify"] == 1 and engine.calls["cancelled:detect_pii"] == 1
