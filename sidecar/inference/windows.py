@@ -1,0 +1,164 @@
+"""Tokenization and windowing: text -> token ids with character offsets -> model-sized windows.
+
+Texts are encoded once without special tokens, so offsets index the caller's string (code points).
+Category models see one truncated window; PII models see every token, in windows of ``max_length - 2``
+tokens that overlap by ``stride``, each wrapped in CLS/SEP. Window logits are merged back so that each
+token takes the prediction from the window where it had the most context on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidecar.errors import ModelLoadError
+from sidecar.inference.model_dir import ModelDir
+
+_FAR = np.iinfo(np.int64).max
+# Generous: subword tokens average 3-5 characters of English; a prefix this long almost always holds a
+# full window, and the fallback covers the rest.
+_CHARS_PER_TOKEN = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A text's tokens without special tokens: ids ``[n]`` and character offsets ``[n, 2]`` (int64)."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Tokens ``[start, start + length)`` of a text, as model input ``[CLS] ... [SEP]``."""
+
+    start: int
+    ids: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return len(self.ids) - 2
+
+
+class TextEncoder:
+    """One model's tokenizer and window geometry; built once per model, shared by all requests."""
+
+    def __init__(self, tokenizer, cls_id: int, sep_id: int, max_length: int, stride: int):
+        if stride >= max_length - 2:
+            raise ModelLoadError(f"stride {stride} must be smaller than max_length - 2 = {max_length - 2}")
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._tokenizer = tokenizer
+        self._cls = np.array([cls_id], dtype=np.int64)
+        self._sep = np.array([sep_id], dtype=np.int64)
+        self.max_length = max_length
+        self.stride = stride
+
+    @classmethod
+    def for_model(cls, model_dir: ModelDir, max_length: int, stride: int) -> TextEncoder:
+        """Windows no longer than the model's position embeddings, whatever the config asks."""
+        length = min(max_length, model_dir.max_position_embeddings)
+        return cls(model_dir.load_tokenizer(), model_dir.cls_token_id, model_dir.sep_token_id, length, stride)
+
+    @property
+    def body(self) -> int:
+        """Text tokens per window (the rest is CLS and SEP)."""
+        return self.max_length - 2
+
+    def encode(self, text: str) -> Encoded:
+        return _encoded(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_many(self, texts: Sequence[str]) -> list[Encoded]:
+        return [_encoded(e) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def head(self, encoded: Encoded) -> np.ndarray:
+        """The first window only: what a category model reads of a long text."""
+        return self._wrap(encoded.ids[: self.body])
+
+    def head_of(self, text: str) -> np.ndarray:
+        """The first window of `text`, tokenizing only a prefix when the text is long.
+
+        The prefix is cut at a space, so every token before the cut is the one the whole text gives;
+        if the prefix turns out to hold less than a window, the whole text is tokenized.
+        """
+        prefix = _prefix(text, self.body)
+        if prefix is not None:
+            encoded = self.encode(prefix)
+            if len(encoded) >= self.body:
+                return self.head(encoded)
+        return self.head(self.encode(text))
+
+    def heads_of(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """:meth:`head_of` for many texts, tokenized together."""
+        prefixes = [_prefix(t, self.body) or t for t in texts]
+        heads = []
+        for text, prefix, encoded in zip(texts, prefixes, self.encode_many(prefixes), strict=True):
+            if prefix is not text and len(encoded) < self.body:
+                encoded = self.encode(text)
+            heads.append(self.head(encoded))
+        return heads
+
+    def windows(self, encoded: Encoded) -> list[Window]:
+        """Overlapping windows covering every token; none for an empty text."""
+        return [
+            Window(start, self._wrap(encoded.ids[start : start + self.body]))
+            for start in window_starts(len(encoded), self.body, self.stride)
+        ]
+
+    def _wrap(self, ids: np.ndarray) -> np.ndarray:
+        return np.concatenate((self._cls, ids, self._sep))
+
+
+def window_starts(n_tokens: int, body: int, stride: int) -> list[int]:
+    """Starts of windows of `body` tokens stepping by ``body - stride``; the last one ends at the text's end
+    so that no window is short of context."""
+    if n_tokens <= body:
+        return [0] if n_tokens else []
+    last = n_tokens - body
+    starts = list(range(0, last, body - stride))
+    starts.append(last)
+    return starts
+
+
+def merge_windows(n_tokens: int, windows: Sequence[Window], logits: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-token logits ``[n_tokens, labels]`` from per-window logits ``[length + 2, labels]``.
+
+    Each token takes the row from the window where it sits furthest from a cut edge (an edge that is the
+    text's own start or end cuts no context), so an entity crossing a window edge is decoded from the
+    window that saw it whole.
+    """
+    if len(windows) == 1:
+        return logits[0][1 : 1 + windows[0].length]
+    out = np.empty((n_tokens, logits[0].shape[-1]), dtype=logits[0].dtype)
+    best = np.full(n_tokens, -1, dtype=np.int64)
+    for window, rows in zip(windows, logits, strict=True):
+        start, end = window.start, window.start + window.length
+        pos = np.arange(start, end, dtype=np.int64)
+        left = pos - start if start > 0 else np.full(len(pos), _FAR)
+        right = (end - 1) - pos if end < n_tokens else np.full(len(pos), _FAR)
+        distance = np.minimum(left, right)
+        take = distance > best[start:end]
+        out[start:end][take] = rows[1 : 1 + window.length][take]
+        best[start:end][take] = distance[take]
+    return out
+
+
+def _prefix(text: str, tokens: int) -> str | None:
+    """A prefix likely to hold `tokens` tokens, ending just before a space; None if the text is short
+    or has no space to cut at."""
+    limit = tokens * _CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return None
+    cut = text.rfind(" ", 0, limit)
+    return text[:cut] if cut > 0 else None
+
+
+def _encoded(encoding) -> Encoded:
+    ids = np.asarray(encoding.ids, dtype=np.int64)
+    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(len(ids), 2)
+    return Encoded(ids, offsets)
