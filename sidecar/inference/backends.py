@@ -1,0 +1,195 @@
+"""Backends turn padded token ids into logits: ONNX Runtime (CUDA, else CPU) or PyTorch.
+
+Which one runs is decided once at load time by :func:`open_backend` from ``ModelConfig.runtime`` and
+``ModelConfig.device`` and the files the model directory holds, and is logged and shown by
+``Engine.describe()``. Torch is imported only when the PyTorch backend is chosen.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import structlog
+
+from sidecar.config import ModelConfig
+from sidecar.errors import ModelLoadError
+from sidecar.inference.model_dir import ONNX_FILE, ONNX_INT8_FILE, TASK_CATEGORY, WEIGHTS_FILE, ModelDir
+
+log = structlog.get_logger(__name__)
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One loaded model. ``run`` may be called from any single thread at a time."""
+
+    name: str
+    """``onnx``, ``onnx-int8`` or ``torch``."""
+    file: str
+    """The weights file in use."""
+    providers: list[str]
+    """Execution providers actually in use (``cuda``/``cpu`` for torch)."""
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """int64 ``[batch, seq]`` inputs -> float32 logits ``[batch, labels]`` or ``[batch, seq, labels]``."""
+        ...
+
+
+@functools.cache
+def cuda_device_count() -> int:
+    """CUDA devices the driver sees, without importing torch; 0 when there is no driver or device."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def ort_cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return cuda_device_count() > 0 and CUDA_PROVIDER in ort.get_available_providers()
+
+
+class OnnxBackend:
+    """An ONNX Runtime session with full graph optimisation, on CUDA when asked and possible."""
+
+    def __init__(self, path: Path, name: str, cuda: bool, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        requested = [CUDA_PROVIDER, CPU_PROVIDER] if cuda else [CPU_PROVIDER]
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
+        except Exception as e:  # ORT raises its own pybind exception types
+            raise ModelLoadError(f"{path}: ONNX Runtime could not load it ({_one_line(e)})") from e
+        inputs = {i.name for i in self._session.get_inputs()}
+        if "input_ids" not in inputs:
+            raise ModelLoadError(f"{path}: the graph has no 'input_ids' input (has {', '.join(sorted(inputs))})")
+        self._feeds_mask = "attention_mask" in inputs
+        outputs = [o.name for o in self._session.get_outputs()]
+        self._output = "logits" if "logits" in outputs else outputs[0]
+        self.name = name
+        self.file = str(path)
+        self.providers = list(self._session.get_providers())
+        if cuda and CUDA_PROVIDER not in self.providers:
+            log.warning("cuda_provider_unavailable", file=self.file, providers=self.providers)
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": input_ids}
+        if self._feeds_mask:
+            feeds["attention_mask"] = attention_mask
+        (logits,) = self._session.run([self._output], feeds)
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+
+class TorchBackend:
+    """The PyTorch weights through transformers; fp16 on CUDA, fp32 on CPU."""
+
+    def __init__(self, model_dir: ModelDir, cuda: bool, threads: int = 0):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+        if threads > 0:
+            torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
+        auto = AutoModelForSequenceClassification if model_dir.task == TASK_CATEGORY else AutoModelForTokenClassification
+        cuda = cuda and torch.cuda.is_available()
+        self._device = torch.device("cuda" if cuda else "cpu")
+        try:
+            model = auto.from_pretrained(model_dir.path, dtype=torch.float16 if cuda else torch.float32)
+        except Exception as e:  # transformers raises OSError, ValueError, RuntimeError, ...
+            raise ModelLoadError(f"{model_dir.path}: PyTorch could not load the model ({_one_line(e)})") from e
+        self._model = model.to(self._device).eval()
+        self._torch = torch
+        self.name = "torch"
+        weights = model_dir.path / WEIGHTS_FILE
+        self.file = str(weights if weights.is_file() else model_dir.path / "pytorch_model.bin")
+        self.providers = [self._device.type]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            ids = torch.from_numpy(input_ids).to(self._device, non_blocking=True)
+            mask = torch.from_numpy(attention_mask).to(self._device, non_blocking=True)
+            logits = self._model(input_ids=ids, attention_mask=mask).logits
+            return logits.float().cpu().numpy()
+
+
+def open_backend(model_dir: ModelDir, model_config: ModelConfig) -> Backend:
+    """Choose and load the backend that ``runtime``/``device`` ask for.
+
+    ``auto`` takes ``model.int8.onnx`` on CPU (``model.onnx`` if there is no INT8 file), ``model.onnx`` on
+    CUDA (ONNX Runtime's dynamic INT8 kernels are CPU-only), and PyTorch when the directory has no ONNX file. An
+    explicit choice that the directory or machine cannot honour is a ModelLoadError naming what is missing.
+    """
+    gpu = _gpu_present(model_config, model_dir)
+    ort_gpu = gpu and ort_cuda_available()
+    runtime = model_config.runtime
+    threads = model_config.threads
+    onnx, int8 = model_dir.onnx_path, model_dir.onnx_int8_path
+
+    if runtime != "auto":
+        choice = runtime
+    elif onnx is None and int8 is None:
+        choice = "torch"
+    elif ort_gpu:
+        choice = "onnx" if onnx else "torch" if model_dir.has_torch_weights else "onnx-int8"
+    else:
+        choice = "onnx-int8" if int8 else "onnx"
+
+    if choice == "onnx-int8":
+        if int8 is None:
+            raise ModelLoadError(f"{model_dir.path / ONNX_INT8_FILE}: runtime 'onnx-int8' needs this file")
+        backend: Backend = OnnxBackend(int8, "onnx-int8", ort_gpu, threads)
+    elif choice == "onnx":
+        if onnx is None:
+            raise ModelLoadError(f"{model_dir.path / ONNX_FILE}: runtime 'onnx' needs this file")
+        backend = OnnxBackend(onnx, "onnx", ort_gpu, threads)
+    else:
+        if not model_dir.has_torch_weights:
+            raise ModelLoadError(f"{model_dir.path / WEIGHTS_FILE}: runtime 'torch' needs PyTorch weights")
+        backend = TorchBackend(model_dir, gpu, threads)
+
+    if model_config.device == "cuda" and not _on_cuda(backend):
+        raise ModelLoadError(f"{backend.file}: device 'cuda' was asked for but the runtime fell back to CPU")
+    log.info(
+        "backend_loaded",
+        task=model_dir.task,
+        runtime=backend.name,
+        file=backend.file,
+        providers=backend.providers,
+        requested_runtime=runtime,
+        requested_device=model_config.device,
+    )
+    return backend
+
+
+def _gpu_present(model_config: ModelConfig, model_dir: ModelDir) -> bool:
+    if model_config.device == "cpu":
+        return False
+    available = cuda_device_count() > 0
+    if model_config.device == "cuda" and not available:
+        raise ModelLoadError(f"{model_dir.path}: device 'cuda' was asked for but no CUDA device was found")
+    return available
+
+
+def _on_cuda(backend: Backend) -> bool:
+    return CUDA_PROVIDER in backend.providers or "cuda" in backend.providers
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
