@@ -1,0 +1,207 @@
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from sidecar.config import BatchingConfig
+from sidecar.errors import InferenceError, Overloaded
+from sidecar.inference.batcher import Batcher, WindowResult, pad, plan_batches, summarize
+from tests.inference_fakes import Fingerprint, fingerprint_logits
+
+LABELS = 3
+
+
+def row(*ids: int) -> np.ndarray:
+    return np.array(ids, dtype=np.int64)
+
+
+def expected(ids: np.ndarray) -> np.ndarray:
+    return fingerprint_logits(ids[None, :], np.ones((1, len(ids)), dtype=np.int64), LABELS)[0]
+
+
+@pytest.fixture
+def make():
+    made: list[Batcher] = []
+
+    def build(backend, **config) -> Batcher:
+        settings = {"max_wait_ms": 5.0, **config}
+        batcher = Batcher("category", backend, BatchingConfig(**settings), pad_id=0)
+        made.append(batcher)
+        return batcher
+
+    yield build
+    for b in made:
+        if b._backend.gate is not None:
+            b._backend.gate.set()
+        b.close()
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    """Wait for another thread to reach a state (never a timing assertion: the condition is exact)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition never became true"
+        await asyncio.sleep(0.001)
+
+
+async def hold_worker(batcher: Batcher, backend: Fingerprint) -> asyncio.Task:
+    """Start a request and wait until the worker is inside the backend, blocked on the gate."""
+    task = asyncio.create_task(batcher.infer([row(99, 99, 99)]))
+    await asyncio.to_thread(backend.entered.wait, 10)
+    return task
+
+
+def test_plan_sorts_by_length_and_bounds_rows_and_padded_tokens():
+    lengths = [5, 2, 9, 2, 5, 9]
+    assert [g.tolist() for g in plan_batches(lengths, max_rows=2, max_tokens=100)] == [[1, 3], [0, 4], [2, 5]]
+    groups = plan_batches(lengths, max_rows=32, max_tokens=12)
+    assert [[lengths[i] for i in g] for g in groups] == [[2, 2], [5, 5], [9], [9]]
+    assert sorted(i for g in groups for i in g.tolist()) == list(range(6))
+
+
+def test_a_row_longer_than_the_token_budget_runs_alone():
+    assert [g.tolist() for g in plan_batches([40, 3], max_rows=8, max_tokens=16)] == [[1], [0]]
+
+
+def test_pad_right_pads_to_the_longest_row_with_a_mask():
+    ids, mask = pad([row(5, 6), row(7, 8, 9)], pad_id=3)
+    assert ids.tolist() == [[5, 6, 3], [7, 8, 9]]
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert ids.dtype == mask.dtype == np.int64
+
+
+async def test_requests_that_arrive_while_the_model_is_busy_share_one_forward_pass(make):
+    backend = Fingerprint(LABELS, gate=threading.Event())
+    batcher = make(backend)
+    first = await hold_worker(batcher, backend)
+    inputs = [row(i, i + 1) for i in range(1, 6)]
+    tasks = [asyncio.create_task(batcher.infer([ids])) for ids in inputs]
+    await until(lambda: batcher.queued == 5)
+    backend.gate.set()
+    results = await asyncio.gather(*tasks)
+    await first
+    assert [len(c) for c in backend.calls] == [1, 5]
+    for ids, [result] in zip(inputs, results, strict=True):
+        assert np.allclose(result.logits, expected(ids))
+        assert result.batch_size == 5
+
+
+async def test_sub_batches_are_padded_only_to_their_own_longest_row(make):
+    backend = Fingerprint(LABELS, gate=threading.Event())
+    batcher = make(backend, max_batch_tokens=16)
+    first = await hold_worker(batcher, backend)
+    inputs = [row(1, 2), row(*range(1, 9)), row(3, 4), row(*range(2, 10))]
+    task = asyncio.create_task(batcher.infer(inputs))
+    await until(lambda: batcher.queued == 4)
+    backend.gate.set()
+    results = await task
+    await first
+    assert [c.shape for c in backend.calls[1:]] == [(2, 2), (2, 8)]
+    for ids, result in zip(inputs, results, strict=True):
+        assert np.allclose(result.logits, expected(ids))
+
+
+async def test_a_full_queue_refuses_at_once_with_overloaded(make):
+    backend = Fingerprint(LABELS, gate=threading.Event())
+    batcher = make(backend, max_queue=2)
+    first = await hold_worker(batcher, backend)
+    queued = [asyncio.create_task(batcher.infer([row(i)])) for i in (1, 2)]
+    await until(lambda: batcher.queued == 2)
+    with pytest.raises(Overloaded, match="queue is full"):
+        await batcher.infer([row(3)])
+    backend.gate.set()
+    await asyncio.gather(first, *queued)
+    assert len(await batcher.infer([row(4)])) == 1  # admitted again once the queue drained
+
+
+async def test_a_request_with_more_windows_than_the_queue_holds_is_refused_with_the_reason(make):
+    batcher = make(Fingerprint(LABELS), max_queue=2)
+    with pytest.raises(Overloaded, match="needs 3 windows, more than batching.max_queue"):
+        await batcher.infer([row(1), row(2), row(3)])
+
+
+async def test_a_cancelled_request_is_not_run(make):
+    backend = Fingerprint(LABELS, gate=threading.Event())
+    batcher = make(backend)
+    first = await hold_worker(batcher, backend)
+    doomed = asyncio.create_task(batcher.infer([row(7, 7, 7, 7)]))
+    await until(lambda: batcher.queued == 1)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    backend.gate.set()
+    await first
+    await batcher.infer([row(8)])
+    assert (7, 7, 7, 7) not in backend.rows_seen()
+    assert (8,) in backend.rows_seen()
+
+
+async def test_a_backend_failure_fails_that_batch_with_inference_error_and_the_worker_keeps_serving(make):
+    backend = Fingerprint(LABELS)
+    batcher = make(backend)
+    backend.fail_next = 1
+    with pytest.raises(InferenceError, match="simulated device failure"):
+        await batcher.infer([row(1, 2)])
+    [result] = await batcher.infer([row(3, 4)])
+    assert np.allclose(result.logits, expected(row(3, 4)))
+
+
+async def test_close_fails_queued_requests_and_refuses_new_ones(make):
+    backend = Fingerprint(LABELS, gate=threading.Event())
+    batcher = make(backend)
+    running = await hold_worker(batcher, backend)
+    queued = asyncio.create_task(batcher.infer([row(5)]))
+    await until(lambda: batcher.queued == 1)
+    closing = asyncio.create_task(asyncio.to_thread(batcher.close))
+    await until(lambda: batcher.queued == 0)
+    backend.gate.set()
+    await closing
+    assert len(await running) == 1  # the pass already under way finishes
+    with pytest.raises(InferenceError, match="closed before this request ran"):
+        await queued
+    with pytest.raises(InferenceError, match="closed"):
+        await batcher.infer([row(6)])
+
+
+async def test_on_batch_sees_every_forward_pass_with_real_token_counts():
+    seen = []
+    batcher = Batcher(
+        "pii", Fingerprint(LABELS), BatchingConfig(max_wait_ms=0), pad_id=0, on_batch=lambda *a: seen.append(a)
+    )
+    try:
+        await batcher.infer([row(1, 2, 3)])
+    finally:
+        batcher.close()
+    [(name, size, tokens, infer_ms)] = seen
+    assert (name, size, tokens) == ("pii", 1, 3) and infer_ms >= 0
+
+
+async def test_a_failing_on_batch_callback_does_not_fail_inference():
+    def broken(*_):
+        raise ValueError("metrics backend down")
+
+    batcher = Batcher("pii", Fingerprint(LABELS), BatchingConfig(max_wait_ms=0), pad_id=0, on_batch=broken)
+    try:
+        [result] = await batcher.infer([row(1, 2)])
+    finally:
+        batcher.close()
+    assert np.allclose(result.logits, expected(row(1, 2)))
+
+
+def test_synchronous_path_packs_by_length_and_answers_in_input_order(make):
+    backend = Fingerprint(LABELS)
+    batcher = make(backend, max_batch_size=2)
+    inputs = [row(1, 2, 3), row(4), row(5, 6), row(7)]
+    out = batcher.infer_sync(inputs)
+    assert [c.shape for c in backend.calls] == [(2, 1), (2, 3)]
+    for ids, logits in zip(inputs, out, strict=True):
+        assert np.allclose(logits, expected(ids))
+
+
+def test_summary_counts_each_shared_pass_once_and_the_rest_as_queueing():
+    results = [WindowResult(np.zeros(1), 0.0, 4.0, 8, pass_id=1), WindowResult(np.zeros(1), 0.0, 4.0, 8, pass_id=1),
+               WindowResult(np.zeros(1), 0.0, 3.0, 2, pass_id=2)]
+    queue_ms, infer_ms, batch_size = summarize(results, waited_ms=10.0)
+    assert (queue_ms, infer_ms, batch_size) == (3.0, 7.0, 8)
