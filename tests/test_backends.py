@@ -1,0 +1,113 @@
+import shutil
+
+import numpy as np
+import pytest
+
+from sidecar.config import ModelConfig
+from sidecar.errors import ModelLoadError
+from sidecar.inference.backends import Backend, OnnxBackend, TorchBackend, cuda_device_count, open_backend
+from sidecar.inference.model_dir import ModelDir
+from tests.conftest import CATEGORY_LABELS, PII_LABELS
+from tests.inference_fakes import onnx_copy
+
+
+@pytest.fixture(scope="module")
+def onnx_pii_dir(tiny_pii_dir, tmp_path_factory):
+    return onnx_copy(tiny_pii_dir, tmp_path_factory.getbasetemp())
+
+
+def cpu(path, runtime="auto") -> ModelConfig:
+    return ModelConfig(path=str(path), runtime=runtime, device="cpu")
+
+
+def batch(*rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), 3, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    return ids, mask
+
+
+def test_auto_uses_pytorch_when_the_directory_has_no_onnx_file(tiny_pii_dir):
+    backend = open_backend(ModelDir.read(tiny_pii_dir), cpu(tiny_pii_dir))
+    assert isinstance(backend, TorchBackend) and isinstance(backend, Backend)
+    assert backend.name == "torch" and backend.providers == ["cpu"]
+    assert backend.file.endswith("model.safetensors")
+
+
+def test_pytorch_backend_returns_float32_logits_per_token_and_per_text(tiny_pii_dir, tiny_category_dir):
+    ids, mask = batch([1, 40, 41, 2], [1, 50, 2])
+    pii = open_backend(ModelDir.read(tiny_pii_dir), cpu(tiny_pii_dir)).run(ids, mask)
+    category = open_backend(ModelDir.read(tiny_category_dir), cpu(tiny_category_dir)).run(ids, mask)
+    assert pii.dtype == category.dtype == np.float32
+    assert pii.shape == (2, 4, len(PII_LABELS)) and category.shape == (2, len(CATEGORY_LABELS))
+
+
+def test_auto_on_cpu_prefers_int8_onnx_when_present(onnx_pii_dir, tmp_path):
+    copy = shutil.copytree(onnx_pii_dir, tmp_path / "m")
+    shutil.copy(copy / "model.onnx", copy / "model.int8.onnx")  # any valid graph: this checks the choice
+    backend = open_backend(ModelDir.read(copy), cpu(copy))
+    assert isinstance(backend, OnnxBackend)
+    assert backend.name == "onnx-int8" and backend.file.endswith("model.int8.onnx")
+    assert backend.providers == ["CPUExecutionProvider"]
+
+
+def test_auto_on_cpu_takes_fp32_onnx_without_an_int8_file(onnx_pii_dir):
+    backend = open_backend(ModelDir.read(onnx_pii_dir), cpu(onnx_pii_dir))
+    assert backend.name == "onnx" and backend.file.endswith("model.onnx")
+
+
+def test_explicit_torch_is_honoured_next_to_onnx_files(onnx_pii_dir):
+    assert open_backend(ModelDir.read(onnx_pii_dir), cpu(onnx_pii_dir, "torch")).name == "torch"
+
+
+def test_onnx_backend_matches_pytorch_logits(onnx_pii_dir):
+    model_dir = ModelDir.read(onnx_pii_dir)
+    ids, mask = batch([1, 40, 41, 42, 2], [1, 50, 2])
+    onnx = open_backend(model_dir, cpu(onnx_pii_dir, "onnx")).run(ids, mask)
+    torch = open_backend(model_dir, cpu(onnx_pii_dir, "torch")).run(ids, mask)
+    real = mask.astype(bool)
+    assert onnx.dtype == np.float32
+    assert np.allclose(onnx[real], torch[real], atol=1e-4)
+
+
+@pytest.mark.parametrize(("runtime", "missing"), [("onnx", "model.onnx"), ("onnx-int8", "model.int8.onnx")])
+def test_explicit_onnx_runtime_without_its_file_names_the_file(tiny_pii_dir, runtime, missing):
+    with pytest.raises(ModelLoadError, match=f"{missing}: runtime '{runtime}' needs this file"):
+        open_backend(ModelDir.read(tiny_pii_dir), cpu(tiny_pii_dir, runtime))
+
+
+def test_explicit_torch_without_weights_names_the_weights_file(onnx_pii_dir, tmp_path):
+    copy = shutil.copytree(onnx_pii_dir, tmp_path / "m")
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="model.safetensors: runtime 'torch' needs PyTorch weights"):
+        open_backend(ModelDir.read(copy), cpu(copy, "torch"))
+
+
+def test_a_corrupt_onnx_file_is_a_model_load_error(onnx_pii_dir, tmp_path):
+    copy = shutil.copytree(onnx_pii_dir, tmp_path / "m")
+    (copy / "model.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(ModelLoadError, match="model.onnx: ONNX Runtime could not load it"):
+        open_backend(ModelDir.read(copy), cpu(copy, "onnx"))
+
+
+def test_corrupt_pytorch_weights_are_a_model_load_error(tiny_pii_dir, tmp_path):
+    copy = shutil.copytree(tiny_pii_dir, tmp_path / "m")
+    (copy / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelLoadError, match="PyTorch could not load the model"):
+        open_backend(ModelDir.read(copy), cpu(copy, "torch"))
+
+
+@pytest.mark.skipif(cuda_device_count() > 0, reason="this machine has a CUDA device")
+def test_device_cuda_without_a_gpu_is_a_model_load_error(tiny_pii_dir):
+    config = ModelConfig(path=str(tiny_pii_dir), device="cuda")
+    with pytest.raises(ModelLoadError, match="device 'cuda' was asked for but no CUDA device was found"):
+        open_backend(ModelDir.read(tiny_pii_dir), config)
+
+
+@pytest.mark.skipif(cuda_device_count() == 0, reason="needs a CUDA device")
+def test_auto_on_a_gpu_runs_fp32_onnx_on_the_cuda_provider(onnx_pii_dir):
+    config = ModelConfig(path=str(onnx_pii_dir))
+    backend = open_backend(ModelDir.read(onnx_pii_dir), config)
+    assert backend.name == "onnx" and backend.providers[0] == "CUDAExecutionProvider"
