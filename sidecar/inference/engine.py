@@ -1,0 +1,243 @@
+"""The inference engine: text -> tokens -> windows -> micro-batched backend -> heads (+ checksums).
+
+One Engine holds up to two models (category, PII), each with its own tokenizer, backend and batcher.
+Async calls are what the server uses: they never block the event loop (long texts are tokenized and
+decoded on a worker thread, inference runs on the batcher's thread). The ``*_many`` calls are the
+synchronous, batched path for the offline CLI and evaluation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from sidecar.checksums import find_checksum_spans, reconcile
+from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
+from sidecar.errors import ModelLoadError
+from sidecar.inference.backends import Backend, open_backend
+from sidecar.inference.batcher import Batcher, OnBatch, WindowResult, summarize
+from sidecar.inference.heads import BioScheme, category_results, decode_bio
+from sidecar.inference.model_dir import TASK_CATEGORY, TASK_PII, ModelDir, ModelDirError
+from sidecar.inference.windows import Encoded, TextEncoder, Window, merge_windows
+from sidecar.results import CategoryResult, PiiResult, Span, StageTimings
+
+log = structlog.get_logger(__name__)
+
+# Texts longer than this are tokenized and decoded on a worker thread rather than on the event loop.
+_INLINE_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model directory, its config section and the backend opened for it."""
+
+    model_dir: ModelDir
+    config: ModelConfig
+    backend: Backend
+
+
+class _Model:
+    """Everything one model needs at request time, built once."""
+
+    def __init__(self, name: str, loaded: LoadedModel, batching: BatchingConfig, on_batch: OnBatch | None):
+        self.name = name
+        self.model_dir = loaded.model_dir
+        self.config = loaded.config
+        self.backend = loaded.backend
+        self.labels = loaded.model_dir.labels
+        self.scheme = BioScheme.from_labels(self.labels) if loaded.model_dir.task == TASK_PII else None
+        self.encoder = TextEncoder.for_model(loaded.model_dir, loaded.config.max_length, loaded.config.stride)
+        self.batcher = Batcher(name, loaded.backend, batching, loaded.model_dir.pad_token_id, on_batch)
+
+    def describe(self) -> dict:
+        info = {
+            "path": str(self.model_dir.path),
+            "runtime": self.backend.name,
+            "file": self.backend.file,
+            "providers": list(self.backend.providers),
+            "max_length": self.encoder.max_length,
+            "labels": list(self.labels),
+        }
+        if self.scheme is not None:
+            info.update(stride=self.encoder.stride, entities=list(self.scheme.entity_types))
+        return info
+
+
+class Engine:
+    """Category and PII inference behind one object; see ARCHITECTURE.md ("Engine API")."""
+
+    def __init__(
+        self,
+        category: LoadedModel | None = None,
+        pii: LoadedModel | None = None,
+        batching: BatchingConfig | None = None,
+        checksums: bool = True,
+        on_batch: OnBatch | None = None,
+    ):
+        batching = batching or BatchingConfig()
+        self.checksums = checksums
+        self._category = _Model("category", category, batching, on_batch) if category else None
+        self._pii: _Model | None = None
+        try:
+            self._pii = _Model("pii", pii, batching, on_batch) if pii else None
+        except Exception:
+            self.close()
+            raise
+
+    @classmethod
+    def load(
+        cls,
+        models: ModelsConfig,
+        batching: BatchingConfig,
+        checksums: bool = True,
+        on_batch: OnBatch | None = None,
+    ) -> Engine:
+        """Read the configured model directories and open a backend for each (see ``open_backend``)."""
+        loaded = {}
+        for name, task in (("category", TASK_CATEGORY), ("pii", TASK_PII)):
+            config: ModelConfig | None = getattr(models, name)
+            if config is None:
+                loaded[name] = None
+                continue
+            try:
+                model_dir = ModelDir.read(config.path, expect_task=task)
+            except ModelDirError as e:
+                raise ModelLoadError(f"models.{name}: {e}") from e
+            loaded[name] = LoadedModel(model_dir, config, open_backend(model_dir, config))
+        engine = cls(loaded["category"], loaded["pii"], batching, checksums, on_batch)
+        log.info("engine_loaded", **{k: v["runtime"] for k, v in engine.describe().items() if v}, checksums=checksums)
+        return engine
+
+    @property
+    def has_category(self) -> bool:
+        return self._category is not None
+
+    @property
+    def has_pii(self) -> bool:
+        return self._pii is not None
+
+    @property
+    def category_labels(self) -> list[str] | None:
+        return list(self._category.labels) if self._category else None
+
+    @property
+    def pii_labels(self) -> list[str] | None:
+        """Entity types the PII model tags (``PERSON``, not ``B-PERSON``), in label order."""
+        return list(self._pii.scheme.entity_types) if self._pii and self._pii.scheme else None
+
+    def describe(self) -> dict:
+        """Runtime, file and execution providers per model, for logs, the CLI and the health API."""
+        return {
+            "category": self._category.describe() if self._category else None,
+            "pii": self._pii.describe() if self._pii else None,
+        }
+
+    async def classify(self, text: str) -> CategoryResult:
+        """The category of `text`, read from its first window. Raises InferenceError (Overloaded when the
+        queue is full); RuntimeError when no category model is configured."""
+        model = self._category
+        if model is None:
+            raise RuntimeError("no category model is configured")
+        started = time.perf_counter()
+        if len(text) > _INLINE_CHARS:
+            ids = await asyncio.to_thread(model.encoder.head_of, text)
+        else:
+            ids = model.encoder.head_of(text)
+        tokenized = time.perf_counter()
+        results = await model.batcher.infer([ids])
+        inferred = time.perf_counter()
+        [result] = category_results(results[0].logits, model.labels)
+        decoded = time.perf_counter()
+        return CategoryResult(
+            result.label,
+            result.confidence,
+            result.scores,
+            _timings(results, started, tokenized, inferred, decoded),
+        )
+
+    async def detect_pii(self, text: str) -> PiiResult:
+        """Every entity in `text`, sorted by start, before any policy threshold. The whole text is read in
+        overlapping windows. Without a PII model, only checksum spans (if enabled) are returned."""
+        model = self._pii
+        started = time.perf_counter()
+        if model is None:
+            spans = find_checksum_spans(text) if self.checksums else []
+            return PiiResult(spans, StageTimings(decode_ms=(time.perf_counter() - started) * 1000.0))
+        offload = len(text) > _INLINE_CHARS
+        if offload:
+            encoded, windows = await asyncio.to_thread(_pii_windows, model, text)
+        else:
+            encoded, windows = _pii_windows(model, text)
+        tokenized = time.perf_counter()
+        results = await model.batcher.infer([w.ids for w in windows]) if windows else []
+        inferred = time.perf_counter()
+        logits = [r.logits for r in results]
+        if offload:
+            spans = await asyncio.to_thread(self._pii_spans, model, text, encoded, windows, logits)
+        else:
+            spans = self._pii_spans(model, text, encoded, windows, logits)
+        decoded = time.perf_counter()
+        return PiiResult(spans, _timings(results, started, tokenized, inferred, decoded))
+
+    def classify_many(self, texts: Sequence[str]) -> list[CategoryResult]:
+        """Categories for many texts at once, packed into batches on this thread (offline use)."""
+        model = self._category
+        if model is None:
+            raise RuntimeError("no category model is configured")
+        if not texts:
+            return []
+        logits = model.batcher.infer_sync(model.encoder.heads_of(texts))
+        return category_results(np.stack(logits), model.labels)
+
+    def detect_pii_many(self, texts: Sequence[str]) -> list[PiiResult]:
+        """PII spans for many texts at once; all their windows are sorted and packed together."""
+        model = self._pii
+        if model is None:
+            return [PiiResult(find_checksum_spans(t) if self.checksums else []) for t in texts]
+        encoded = model.encoder.encode_many(texts)
+        windows = [model.encoder.windows(e) for e in encoded]
+        flat = [w.ids for ws in windows for w in ws]
+        logits = model.batcher.infer_sync(flat) if flat else []
+        out, at = [], 0
+        for text, enc, ws in zip(texts, encoded, windows, strict=True):
+            out.append(PiiResult(self._pii_spans(model, text, enc, ws, logits[at : at + len(ws)])))
+            at += len(ws)
+        return out
+
+    def close(self) -> None:
+        """Stop the batcher threads; requests still queued fail with InferenceError. Idempotent."""
+        for model in (self._category, self._pii):
+            if model is not None:
+                model.batcher.close()
+
+    def _pii_spans(
+        self, model: _Model, text: str, encoded: Encoded, windows: Sequence[Window], logits: Sequence[np.ndarray]
+    ) -> list[Span]:
+        spans: list[Span] = []
+        if windows and model.scheme is not None:
+            token_logits = merge_windows(len(encoded), windows, logits)
+            spans = decode_bio(token_logits, encoded.offsets, text, model.scheme)
+        return reconcile(text, spans) if self.checksums else spans
+
+
+def _pii_windows(model: _Model, text: str) -> tuple[Encoded, list[Window]]:
+    encoded = model.encoder.encode(text)
+    return encoded, model.encoder.windows(encoded)
+
+
+def _timings(
+    results: Sequence[WindowResult], started: float, tokenized: float, inferred: float, decoded: float
+) -> StageTimings:
+    queue_ms, infer_ms, batch_size = summarize(results, (inferred - tokenized) * 1000.0)
+    return StageTimings(
+        queue_ms=queue_ms,
+        tokenize_ms=(tokenized - started) * 1000.0,
+        infer_ms=infer_ms,
+        decode_ms=(decoded - inferred) * 1000.0,
+        batch_size=batch_size,
+    )

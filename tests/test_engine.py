@@ -1,0 +1,358 @@
+import asyncio
+import re
+import threading
+
+import numpy as np
+import pytest
+
+from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
+from sidecar.errors import InferenceError, ModelLoadError, Overloaded
+from sidecar.inference.engine import Engine, LoadedModel
+from sidecar.inference.heads import category_results
+from sidecar.inference.model_dir import ModelDir
+from sidecar.inference.windows import TextEncoder, merge_windows, window_starts
+from tests.conftest import CATEGORY_LABELS
+from tests.inference_fakes import DigitTagger, Fingerprint, fingerprint_logits, onnx_copy
+
+# Words the tiny tokenizer knows and that hold no digits: filler around the numbers the fake tags.
+WORDS = ["the", "court", "held", "that", "the", "contract", "was", "void", "for", "lack", "of", "consideration", "and", "the", "tenant"]
+MAX_LENGTH, STRIDE = 16, 4  # 14 text tokens per window, stepping by 10
+
+
+def filler(n_words: int, offset: int = 0) -> str:
+    return " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(n_words))
+
+
+def digit_runs(text: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in re.finditer(r"\d+", text)]
+
+
+def offsets(result) -> list[tuple[str, int, int]]:
+    return [(s.label, s.start, s.end) for s in result.spans]
+
+
+@pytest.fixture
+def engines():
+    made: list[Engine] = []
+    yield made
+    for engine in made:
+        engine.close()
+
+
+@pytest.fixture
+def fake_pii(tiny_pii_dir, engines):
+    """An engine whose PII model is the DigitTagger fake, with small windows."""
+
+    def build(checksums: bool = False, gate: threading.Event | None = None, **batching) -> tuple[Engine, DigitTagger]:
+        model_dir = ModelDir.read(tiny_pii_dir)
+        backend = DigitTagger(model_dir, gate)
+        config = ModelConfig(path=str(tiny_pii_dir), max_length=MAX_LENGTH, stride=STRIDE)
+        engine = Engine(
+            pii=LoadedModel(model_dir, config, backend),
+            batching=BatchingConfig(**batching),
+            checksums=checksums,
+        )
+        engines.append(engine)
+        return engine, backend
+
+    return build
+
+
+@pytest.fixture
+def fake_category(tiny_category_dir, engines):
+    def build(gate: threading.Event | None = None, **batching) -> tuple[Engine, Fingerprint]:
+        model_dir = ModelDir.read(tiny_category_dir)
+        backend = Fingerprint(len(CATEGORY_LABELS), gate)
+        config = ModelConfig(path=str(tiny_category_dir), max_length=MAX_LENGTH, stride=STRIDE)
+        engine = Engine(category=LoadedModel(model_dir, config, backend), batching=BatchingConfig(**batching))
+        engines.append(engine)
+        return engine, backend
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_pii_dir) -> TextEncoder:
+    return TextEncoder.for_model(ModelDir.read(tiny_pii_dir), MAX_LENGTH, STRIDE)
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition never became true"
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.parametrize("n_tokens", [0, 1, 14, 15, 23, 24, 25, 100, 1001])
+def test_windows_cover_every_token_overlap_by_the_stride_and_end_at_the_text_end(n_tokens):
+    body, stride = 14, 4
+    starts = window_starts(n_tokens, body, stride)
+    covered = np.zeros(n_tokens, dtype=bool)
+    for s in starts:
+        covered[s : s + body] = True
+    assert covered.all()
+    if n_tokens:
+        assert min(starts[-1] + body, n_tokens) == n_tokens
+        assert starts[-1] + body <= max(n_tokens, body)
+    for a, b in zip(starts, starts[1:], strict=False):
+        assert a + body - b >= stride
+
+
+def test_category_window_of_a_long_text_is_its_first_tokens(encoder):
+    text = filler(3000)
+    full = encoder.encode(text)
+    head = encoder.head_of(text)
+    assert len(head) == MAX_LENGTH
+    assert head[1:-1].tolist() == full.ids[: MAX_LENGTH - 2].tolist()
+    assert encoder.head_of("x" * 5000)[1:-1].tolist() == encoder.encode("x" * 5000).ids[:14].tolist()
+    assert [h.tolist() for h in encoder.heads_of([text, "short"])] == [head.tolist(), encoder.head_of("short").tolist()]
+
+
+async def test_an_entity_after_the_first_three_windows_is_found_with_exact_offsets(fake_pii, encoder):
+    engine, _ = fake_pii()
+    text = f"{filler(60)} call 4155550100 please {filler(20)}"
+    enc = encoder.encode(text)
+    first_digit = int(np.flatnonzero(enc.offsets[:, 1] > text.index("4155550100"))[0])
+    third_window_end = window_starts(len(enc), 14, STRIDE)[2] + 14
+    assert first_digit > third_window_end  # the number sits past the first three windows
+    result = await engine.detect_pii(text)
+    start = text.index("4155550100")
+    assert offsets(result) == [("PHONE_NUMBER", start, start + 10)]
+
+
+async def test_an_entity_straddling_a_window_edge_comes_out_whole(fake_pii, encoder):
+    engine, _ = fake_pii()
+    number = "41555501004155550100"
+    for n_words in range(5, 40):
+        text = f"{filler(n_words)} {number} {filler(10)}"
+        enc = encoder.encode(text)
+        start = text.index(number)
+        tokens = np.flatnonzero((enc.offsets[:, 0] < start + len(number)) & (enc.offsets[:, 1] > start))
+        first, last = int(tokens[0]), int(tokens[-1])
+        if any(first < w < last for w in window_starts(len(enc), 14, STRIDE)):
+            break
+    else:
+        pytest.fail("no placement put the number across a window edge")
+    result = await engine.detect_pii(text)
+    assert offsets(result) == [("PHONE_NUMBER", start, start + len(number))]
+
+
+def test_merged_window_predictions_equal_whole_text_predictions(tiny_pii_dir, encoder):
+    """The fake sees only its left neighbour, so a token first in its window is mis-tagged there; the
+    merge must take such tokens from the window where they have context."""
+    tagger = DigitTagger(ModelDir.read(tiny_pii_dir))
+    text = " ".join(f"{filler(3, i)} 41555501004155550100" for i in range(8))
+    enc = encoder.encode(text)
+    windows = encoder.windows(enc)
+    assert len(windows) > 3
+    per_window = [tagger.run(w.ids[None, :], np.ones((1, len(w.ids)), dtype=np.int64))[0] for w in windows]
+    merged = merge_windows(len(enc), windows, per_window)
+    whole = tagger.run(enc.ids[None, :], np.ones((1, len(enc)), dtype=np.int64))[0]
+    assert merged.argmax(axis=1).tolist() == whole.argmax(axis=1).tolist()
+
+
+async def test_every_entity_in_a_long_text_is_found_none_is_left_past_the_limit(fake_pii):
+    engine, backend = fake_pii()
+    text = " ".join(f"{filler(7, i)} ref {1000 + 37 * i} ok" for i in range(120))
+    assert len(text) > 4096  # also takes the worker-thread tokenization path
+    result = await engine.detect_pii(text)
+    assert offsets(result) == [("PHONE_NUMBER", s, e) for s, e in digit_runs(text)]
+    assert sum(len(c) for c in backend.calls) > 50  # many windows, all of them run
+
+
+async def test_32_concurrent_pii_calls_each_get_their_own_answer(fake_pii):
+    gate = threading.Event()
+    engine, backend = fake_pii(gate=gate)
+    texts = [f"{filler(i % 9 + 1, i)} call {5550000 + 7919 * i} {filler(i % 5, i)}" for i in range(32)]
+    texts[5] = f"{filler(40)} and {12 * 31} then {filler(30)} {99}"  # several windows, two numbers
+    holder = asyncio.create_task(engine.detect_pii("hold 1"))
+    await asyncio.to_thread(backend.entered.wait, 10)
+    calls = [asyncio.create_task(engine.detect_pii(t)) for t in texts]
+    encoder = engine._pii.encoder
+    windows = sum(len(encoder.windows(encoder.encode(t))) for t in texts)
+    await until(lambda: engine._pii.batcher.queued == windows)
+    gate.set()
+    results = await asyncio.gather(*calls)
+    await holder
+    for text, result in zip(texts, results, strict=True):
+        assert offsets(result) == [("PHONE_NUMBER", s, e) for s, e in digit_runs(text)]
+    assert max(len(c) for c in backend.calls) > 1  # the streams really shared forward passes
+
+
+async def test_32_concurrent_classify_calls_each_get_their_own_answer(fake_category):
+    gate = threading.Event()
+    engine, backend = fake_category(gate=gate)
+    texts = [f"{filler(i % 11 + 1, i)} question {i}" for i in range(32)]
+    holder = asyncio.create_task(engine.classify("hold"))
+    await asyncio.to_thread(backend.entered.wait, 10)
+    calls = [asyncio.create_task(engine.classify(t)) for t in texts]
+    await until(lambda: engine._category.batcher.queued == 32)
+    gate.set()
+    results = await asyncio.gather(*calls)
+    await holder
+    encoder = engine._category.encoder
+    for text, result in zip(texts, results, strict=True):
+        ids = encoder.head_of(text)[None, :]
+        [want] = category_results(fingerprint_logits(ids, np.ones_like(ids), 3), CATEGORY_LABELS)
+        assert (result.label, result.confidence) == pytest.approx((want.label, want.confidence))
+    assert len({round(r.confidence, 6) for r in results}) > 16  # answers differ, so a mix-up would show
+    assert max(len(c) for c in backend.calls) > 1
+
+
+@pytest.fixture(scope="module")
+def real_engines(tiny_category_dir, tiny_pii_dir, tmp_path_factory):
+    """The tiny untrained models through PyTorch, and the PII model through ONNX Runtime."""
+    onnx_pii = onnx_copy(tiny_pii_dir, tmp_path_factory.getbasetemp())
+    batching = BatchingConfig(max_batch_size=8, max_wait_ms=1.0)
+    torch_engine = Engine.load(
+        ModelsConfig(
+            category=ModelConfig(path=str(tiny_category_dir), device="cpu", max_length=32, stride=8),
+            pii=ModelConfig(path=str(tiny_pii_dir), device="cpu", max_length=32, stride=8),
+        ),
+        batching,
+        checksums=False,
+    )
+    onnx_engine = Engine.load(
+        ModelsConfig(pii=ModelConfig(path=str(onnx_pii), runtime="onnx", device="cpu", max_length=32, stride=8)),
+        batching,
+        checksums=False,
+    )
+    yield {"torch": torch_engine, "onnx": onnx_engine}
+    torch_engine.close()
+    onnx_engine.close()
+
+
+REAL_TEXTS = [
+    "Solve for x: 3x + 5 = 11.",
+    "My name is John Smith and my email is john.smith@example.com.",
+    "Which organelle makes ATP?",
+    "The court held that the contract was void for lack of consideration. " * 4,
+    "我的名字是张伟，电话13800138000。",
+    "Hi",
+]
+
+
+def same_spans(a, b) -> bool:
+    return [(s.label, s.start, s.end) for s in a.spans] == [(s.label, s.start, s.end) for s in b.spans] and all(
+        x.score == pytest.approx(y.score, abs=1e-4) for x, y in zip(a.spans, b.spans, strict=True)
+    )
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+async def test_batched_pii_results_equal_one_at_a_time_results(real_engines, runtime):
+    engine = real_engines[runtime]
+    alone = [await engine.detect_pii(t) for t in REAL_TEXTS]
+    together = await asyncio.gather(*(engine.detect_pii(t) for t in REAL_TEXTS))
+    offline = engine.detect_pii_many(REAL_TEXTS)
+    assert any(r.spans for r in alone)  # the untrained model tags something, so equality means something
+    for a, b, c in zip(alone, together, offline, strict=True):
+        assert same_spans(a, b) and same_spans(a, c)
+
+
+async def test_batched_category_results_equal_one_at_a_time_results(real_engines):
+    engine = real_engines["torch"]
+    alone = [await engine.classify(t) for t in REAL_TEXTS]
+    together = await asyncio.gather(*(engine.classify(t) for t in REAL_TEXTS))
+    offline = engine.classify_many(REAL_TEXTS)
+    for a, b, c in zip(alone, together, offline, strict=True):
+        assert a.label == b.label == c.label
+        assert a.confidence == pytest.approx(b.confidence, abs=1e-5) == pytest.approx(c.confidence, abs=1e-5)
+
+
+def test_loaded_engine_describes_its_models(real_engines, tiny_pii_dir):
+    torch_engine = real_engines["torch"]
+    info = torch_engine.describe()
+    assert info["category"]["runtime"] == "torch" and info["category"]["providers"] == ["cpu"]
+    assert info["pii"]["stride"] == 8 and info["pii"]["max_length"] == 32
+    assert torch_engine.category_labels == CATEGORY_LABELS
+    assert torch_engine.pii_labels == ["EMAIL_ADDRESS", "PERSON", "PHONE_NUMBER"]
+    assert torch_engine.has_category and torch_engine.has_pii
+    onnx_engine = real_engines["onnx"]
+    assert onnx_engine.describe()["pii"]["runtime"] == "onnx" and onnx_engine.describe()["category"] is None
+    assert not onnx_engine.has_category and onnx_engine.category_labels is None
+
+
+async def test_results_carry_stage_timings(real_engines):
+    result = await real_engines["torch"].classify("Which court hears appeals?")
+    assert result.timings is not None and result.timings.batch_size >= 1
+    pii = await real_engines["torch"].detect_pii("Call John")
+    assert pii.timings is not None and pii.timings.batch_size >= 1
+
+
+async def test_classify_without_a_category_model_is_a_runtime_error(fake_pii):
+    engine, _ = fake_pii()
+    with pytest.raises(RuntimeError, match="no category model"):
+        await engine.classify("hello")
+    with pytest.raises(RuntimeError, match="no category model"):
+        engine.classify_many(["hello"])
+
+
+async def test_without_a_pii_model_only_checksums_find_pii(fake_category, engines):
+    engine, _ = fake_category()
+    text = "card 4111 1111 1111 1111"
+    assert offsets(await engine.detect_pii(text)) == [("CREDIT_CARD", 5, 24)]
+    assert offsets(engine.detect_pii_many([text])[0]) == [("CREDIT_CARD", 5, 24)]
+    quiet = Engine(checksums=False)
+    engines.append(quiet)
+    assert (await quiet.detect_pii(text)).spans == []
+
+
+async def test_checksums_add_a_card_the_model_tagged_as_something_else(fake_pii):
+    text = "pay 4111 1111 1111 1111 now"
+    with_checks, _ = fake_pii(checksums=True)
+    without, _ = fake_pii(checksums=False)
+    labels = [s.label for s in (await with_checks.detect_pii(text)).spans]
+    assert "CREDIT_CARD" in labels and "PHONE_NUMBER" in labels
+    assert {s.label for s in (await without.detect_pii(text)).spans} == {"PHONE_NUMBER"}
+
+
+async def test_empty_text_has_no_spans_and_runs_no_model(fake_pii):
+    engine, backend = fake_pii()
+    assert (await engine.detect_pii("")).spans == []
+    assert engine.detect_pii_many(["", "x 12"])[0].spans == []
+    assert len(backend.calls) == 1
+
+
+async def test_a_model_failure_is_an_inference_error_and_the_next_call_works(fake_pii):
+    engine, backend = fake_pii()
+    backend.fail_next = 1
+    with pytest.raises(InferenceError, match="pii model failed"):
+        await engine.detect_pii("call 5551234")
+    assert offsets(await engine.detect_pii("call 5551234")) == [("PHONE_NUMBER", 5, 12)]
+
+
+async def test_a_text_with_more_windows_than_the_queue_holds_is_overloaded(fake_pii):
+    engine, _ = fake_pii(max_queue=2)
+    with pytest.raises(Overloaded):
+        await engine.detect_pii(filler(200))
+
+
+async def test_a_closed_engine_refuses_work(fake_pii):
+    engine, _ = fake_pii()
+    engine.close()
+    engine.close()
+    with pytest.raises(InferenceError, match="closed"):
+        await engine.detect_pii("call 5551234")
+
+
+def test_load_names_the_config_key_of_a_bad_model_directory(tmp_path, tiny_pii_dir):
+    with pytest.raises(ModelLoadError, match="models.pii: .*no such model directory"):
+        Engine.load(ModelsConfig(pii=ModelConfig(path=str(tmp_path / "missing"))), BatchingConfig())
+    with pytest.raises(ModelLoadError, match="models.category: .*expected a 'category' model"):
+        Engine.load(ModelsConfig(category=ModelConfig(path=str(tiny_pii_dir))), BatchingConfig())
+
+
+def test_on_batch_receives_every_forward_pass(tiny_pii_dir):
+    seen = []
+    engine = Engine.load(
+        ModelsConfig(pii=ModelConfig(path=str(tiny_pii_dir), device="cpu")),
+        BatchingConfig(),
+        on_batch=lambda *args: seen.append(args),
+    )
+    try:
+        engine.detect_pii_many(["call John", "hello there"])
+    finally:
+        engine.close()
+    [(model, batch_size, tokens, infer_ms)] = seen
+    assert (model, batch_size) == ("pii", 2) and tokens > 4 and infer_ms >= 0
