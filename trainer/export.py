@@ -1,0 +1,357 @@
+"""`trainer export DIR [--int8]`: ``model.onnx`` (and ``model.int8.onnx``) checked against PyTorch.
+
+The graph comes from the ``torch.export``-based exporter (``dynamo=True``) with eager attention. The
+TorchScript exporter is deprecated; SDPA attention exports correctly too but gives a bigger graph that
+ran no faster in ONNX Runtime. Opset 20 has a native ``Gelu`` (ONNX Runtime >= 1.18 on CPU and CUDA),
+where opset 18 leaves an Erf chain that ORT's fusion does not recognise in this exporter's output.
+Inputs are ``input_ids`` and ``attention_mask`` (int64 ``[batch, sequence]``), the output is ``logits``.
+Node metadata (stack traces with build-machine paths) is dropped, and the weights stay inside the file
+unless they are too big for one protobuf.
+
+A file is only put in place after ONNX Runtime reproduces the PyTorch logits on a fixed set of texts
+(short, long up to the window, non-ASCII; one padded batch and every row alone). fp32 must match
+within ``tolerance``; dynamic INT8 changes logits by design, so it is judged by how often its argmax
+agrees with PyTorch's. The numbers go to ``eval_results.json`` under ``"export"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from sidecar.inference.model_dir import EVAL_FILE, ONNX_FILE, ONNX_INT8_FILE, TASK_CATEGORY, ModelDir
+
+log = structlog.get_logger(__name__)
+
+OPSET = 20
+ATTN_IMPLEMENTATION = "eager"
+FP32_TOLERANCE = 1e-3
+# Dynamic INT8 moves logits by a few hundredths; a trained classifier keeps its decision on nearly
+# every input (>0.97 is typical). Below 0.9 the quantized model decides differently on more than one
+# input in ten: a broken quantization, not rounding noise, and not something to serve.
+INT8_MIN_AGREEMENT = 0.9
+# Longest parity sequence: past the sidecar's default 512-token window and ModernBERT's sliding
+# window, yet cheap enough to run in eager PyTorch on a CPU.
+PARITY_MAX_TOKENS = 1024
+# protobuf cannot hold a model over 2 GiB; above this the weights go to `model.onnx.data`.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+PARITY_TEXTS = (
+    "Hi",
+    "What is the derivative of x^3 at x = 2?",
+    "My name is John Smith, my email is john.smith@example.com and my phone is +1 415 555 0100.",
+    "Der Vertrag wurde am 3. März 2021 in München von Jörg Müller unterzeichnet.",
+    "我的名字是张伟，电话13800138000，住在北京市朝阳区。",
+    "こんにちは、佐藤です。明日の会議は午後三時からです。",
+    "Émilie paid €49,90 at the café 🙂 and kept receipt n° 4411.",
+    "Which court hears an appeal when a tenant sues the landlord after thirty days of notice?",
+    "Mitochondria produce ATP through oxidative phosphorylation; chloroplasts capture light. " * 6,
+    " ".join(
+        f"Paragraph {i}: the committee reviewed clause {i * 7} of the supply contract, the shipping "
+        f"schedule for week {i % 52 + 1}, and the open questions about pricing and delivery."
+        for i in range(200)
+    ),
+)
+
+
+class ExportError(RuntimeError):
+    """The export failed or its output does not reproduce PyTorch; the message has the numbers."""
+
+
+@dataclass(frozen=True)
+class ParityInputs:
+    """The parity texts tokenized as the sidecar does: one right-padded batch, and each row alone."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    rows: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs_diff: float
+    argmax_agreement: float
+    compared: int
+    """Texts (category) or real tokens (pii) compared, padded batch and single rows together."""
+
+
+def parity_inputs(model_dir: ModelDir, max_tokens: int = PARITY_MAX_TOKENS) -> ParityInputs:
+    tokenizer = model_dir.load_tokenizer()
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(min(max_tokens, model_dir.max_position_embeddings))
+    rows = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(list(PARITY_TEXTS))]
+    width = max(len(r) for r in rows)
+    input_ids = np.full((len(rows), width), model_dir.pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = row
+        attention_mask[i, : len(row)] = 1
+    return ParityInputs(input_ids, attention_mask, rows)
+
+
+def reference_logits(model, inputs: ParityInputs) -> list[np.ndarray]:
+    """PyTorch logits for the padded batch, then for each row alone (the order `check_parity` expects)."""
+    import torch
+
+    with torch.inference_mode():
+        return [
+            model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.float().numpy()
+            for ids, mask in _runs(inputs)
+        ]
+
+
+def check_parity(onnx_path: str | os.PathLike, inputs: ParityInputs, expected: list[np.ndarray], task: str) -> Parity:
+    """Run the ONNX file in ONNX Runtime (CPU) on `inputs` and compare with PyTorch's `expected` logits."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own pybind exception types
+        raise ExportError(f"{onnx_path}: ONNX Runtime cannot load it ({_one_line(e)})") from e
+
+    max_diff, agree, compared = 0.0, 0, 0
+    for (ids, mask), want in zip(_runs(inputs), expected, strict=True):
+        try:
+            (got,) = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
+        except Exception as e:
+            raise ExportError(f"{onnx_path}: ONNX Runtime failed on a [{ids.shape[0]}, {ids.shape[1]}] batch "
+                              f"({_one_line(e)})") from e
+        if got.shape != want.shape:
+            raise ExportError(f"{onnx_path}: logits have shape {list(got.shape)}, PyTorch gives {list(want.shape)}")
+        if task != TASK_CATEGORY:  # token logits: padding positions are never read
+            real = mask.astype(bool)
+            want, got = want[real], got[real]
+        diff = float(np.abs(want.astype(np.float64) - got).max())
+        max_diff = diff if math.isnan(diff) or math.isnan(max_diff) else max(max_diff, diff)
+        agree += int((want.argmax(-1) == got.argmax(-1)).sum())
+        compared += want.shape[0]
+    return Parity(max_abs_diff=max_diff, argmax_agreement=agree / compared, compared=compared)
+
+
+def _runs(inputs: ParityInputs) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    yield inputs.input_ids, inputs.attention_mask
+    for row in inputs.rows:
+        yield row[None, :], np.ones((1, len(row)), dtype=np.int64)
+
+
+def export_model_dir(
+    path: str | os.PathLike,
+    int8: bool = False,
+    tolerance: float | None = None,
+    *,
+    int8_min_agreement: float = INT8_MIN_AGREEMENT,
+) -> dict:
+    """Write ``model.onnx`` (and ``model.int8.onnx``) into the model directory `path`; return the report.
+
+    Raises ``ModelDirError`` for a missing or invalid directory and ``ExportError`` when the export
+    cannot be made or does not reproduce PyTorch. A file that fails its check is not written; a new
+    ``model.onnx`` replaces any older ``model.int8.onnx``, which no longer matches it.
+    """
+    import onnxruntime
+    import torch
+
+    tolerance = FP32_TOLERANCE if tolerance is None else tolerance
+    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ExportError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    if not 0.0 <= int8_min_agreement <= 1.0:
+        raise ExportError(f"int8_min_agreement must be between 0 and 1, got {int8_min_agreement!r}")
+
+    model_dir = ModelDir.read(path)
+    if not model_dir.has_torch_weights:
+        raise ExportError(f"{model_dir.path}: no PyTorch weights (model.safetensors); export needs the trained model")
+    _read_results(model_dir.path)  # a corrupt file fails now, not after the export
+    started = time.perf_counter()
+    model = _load_model(model_dir)
+    inputs = parity_inputs(model_dir)
+    expected = reference_logits(model, inputs)
+    report: dict = {
+        "exporter": "torch.onnx dynamo",
+        "opset": OPSET,
+        "attn_implementation": ATTN_IMPLEMENTATION,
+        "torch_version": torch.__version__,
+        "onnxruntime_version": onnxruntime.__version__,
+        "parity_texts": len(inputs.rows),
+        "parity_max_tokens": int(inputs.input_ids.shape[1]),
+    }
+
+    with tempfile.TemporaryDirectory(dir=model_dir.path, prefix=".export-") as tmp:
+        staged = Path(tmp) / ONNX_FILE
+        _export_onnx(model, staged, model_dir)
+        fp32 = check_parity(staged, inputs, expected, model_dir.task)
+        report |= {
+            "onnx_file": ONNX_FILE,
+            "onnx_bytes": _size(staged),
+            "onnx_max_abs_diff": fp32.max_abs_diff,
+            "onnx_argmax_agreement": fp32.argmax_agreement,
+            "onnx_tolerance": tolerance,
+        }
+        log.info("export_onnx_checked", model=str(model_dir.path), max_abs_diff=fp32.max_abs_diff,
+                 argmax_agreement=fp32.argmax_agreement, compared=fp32.compared, tolerance=tolerance)
+        if not fp32.max_abs_diff <= tolerance:  # also catches NaN
+            raise ExportError(
+                f"{model_dir.path / ONNX_FILE}: ONNX logits differ from PyTorch by up to {fp32.max_abs_diff:.3g} "
+                f"(tolerance {tolerance:g}, argmax agreement {fp32.argmax_agreement:.3f} over {fp32.compared}); "
+                "nothing was written"
+            )
+        _install(staged, model_dir.path)
+        stale = model_dir.path / ONNX_INT8_FILE
+        if stale.exists():
+            stale.unlink()
+            log.info("export_stale_int8_removed", model=str(model_dir.path))
+
+        if int8:
+            quantized = Path(tmp) / ONNX_INT8_FILE
+            _quantize(model_dir.path / ONNX_FILE, quantized, Path(tmp))
+            q = check_parity(quantized, inputs, expected, model_dir.task)
+            passed = q.argmax_agreement >= int8_min_agreement and math.isfinite(q.max_abs_diff)
+            report |= {
+                "int8_file": ONNX_INT8_FILE,
+                "int8_bytes": _size(quantized),
+                "int8_max_abs_diff": q.max_abs_diff,
+                "int8_argmax_agreement": q.argmax_agreement,
+                "int8_min_agreement": int8_min_agreement,
+                "int8_passed": passed,
+            }
+            log.info("export_int8_checked", model=str(model_dir.path), max_abs_diff=q.max_abs_diff,
+                     argmax_agreement=q.argmax_agreement, compared=q.compared, min_agreement=int8_min_agreement)
+            if not passed:
+                report["seconds"] = round(time.perf_counter() - started, 2)
+                _write_report(model_dir.path, report)
+                raise ExportError(
+                    f"{model_dir.path / ONNX_INT8_FILE}: INT8 argmax agrees with PyTorch on "
+                    f"{q.argmax_agreement:.3f} of {q.compared} (minimum {int8_min_agreement:g}; max abs logit "
+                    f"difference {q.max_abs_diff:.3g}); model.onnx was written, the INT8 file was not"
+                )
+            _install(quantized, model_dir.path)
+
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    _write_report(model_dir.path, report)
+    log.info("export_done", model=str(model_dir.path), int8=int8, seconds=report["seconds"])
+    return report
+
+
+def _load_model(model_dir: ModelDir):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    auto = AutoModelForSequenceClassification if model_dir.task == TASK_CATEGORY else AutoModelForTokenClassification
+    try:
+        model = auto.from_pretrained(model_dir.path, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32)
+    except Exception as e:  # transformers raises OSError, ValueError, RuntimeError, ...
+        raise ExportError(f"{model_dir.path}: PyTorch cannot load the model ({_one_line(e)})") from e
+    return model.eval()
+
+
+def _export_onnx(model, out: Path, model_dir: ModelDir) -> None:
+    """Export with dynamic batch and sequence axes and save one self-contained file where possible."""
+    import onnx
+    import torch
+
+    ids = torch.arange(2 * 16, dtype=torch.int64).reshape(2, 16) % model.config.vocab_size
+    ids[:, 0] = model_dir.cls_token_id
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    axes = {0: "batch", 1: "sequence"}
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                model, (), None,
+                kwargs={"input_ids": ids, "attention_mask": mask},
+                dynamo=True,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["logits"],
+                opset_version=OPSET,
+                dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+                verbose=False,
+            )
+    except Exception as e:  # torch.export and the ONNX translator raise many types
+        raise ExportError(f"{model_dir.path}: torch.onnx.export failed ({_one_line(e)})") from e
+
+    proto = program.model_proto
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, out, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data")
+    else:
+        onnx.save_model(proto, out)
+
+
+def _quantize(src: Path, dst: Path, workdir: Path) -> None:
+    """Dynamic INT8 (QInt8 weights) after ONNX Runtime's pre-processing (shape inference, folding)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = workdir / "model.prepared.onnx"
+    try:
+        with _quiet():
+            quant_pre_process(str(src), str(prepared))
+            quantize_dynamic(prepared, dst, weight_type=QuantType.QInt8)
+    except Exception as e:
+        raise ExportError(f"{src}: INT8 quantization failed ({_one_line(e)})") from e
+
+
+def _install(staged: Path, directory: Path) -> None:
+    """Move a checked file, and its external data file if it has one, into the model directory."""
+    os.replace(staged, directory / staged.name)
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        os.replace(data, directory / data.name)
+    elif (directory / data.name).exists():
+        (directory / data.name).unlink()  # left by an older export that needed external data
+
+
+def _read_results(directory: Path) -> dict:
+    path = directory / EVAL_FILE
+    try:
+        results = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}: not valid JSON ({e}); cannot add the export report") from e
+    if not isinstance(results, dict):
+        raise ExportError(f"{path}: expected a JSON object; cannot add the export report")
+    return results
+
+
+def _write_report(directory: Path, report: dict) -> None:
+    """Merge the report into eval_results.json under "export", keeping every other key."""
+    results = _read_results(directory)
+    results["export"] = report
+    path = directory / EVAL_FILE
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(staged, path)
+
+
+def _size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter and quantizer warn about internals (axis renames, deprecations) users cannot act on."""
+    with warnings.catch_warnings():
+        for category in (UserWarning, FutureWarning, DeprecationWarning):
+            warnings.simplefilter("ignore", category)
+        yield
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
