@@ -399,8 +399,22 @@ def load_task_data(
         return load_spans(source, split_name)
 
     train_rows = sample([e for s in train for e in load(s, split)], max_train_samples, seed)
+    # Labels come from all training rows, before any split: a rare class that lands only in the held-out
+    # part still gets its output, and only a separate validation file can hold an unknown label.
+    if task == "category":
+        labels = category_labels(train_rows)
+        if len(labels) < 2:
+            raise DataError(", ".join(train), None, f"only one label ({labels[0]}); a classifier needs at least two")
+        known, what = labels, "the training labels"
+    else:
+        known, what = entity_types(train_rows), "the training entity types"
+        if not known:
+            raise DataError(", ".join(train), None, "no entity spans in the training data")
+        labels = bio_labels(known)
+
     if validation:
         val_rows = [e for s in validation for e in load(s, validation_split)]
+        check_known_labels(val_rows, known, what)
         validation_from = "file"
     else:
         if not 0 < validation_fraction < 1:
@@ -409,18 +423,6 @@ def load_task_data(
             train_rows, validation_fraction, seed, stratify=task == "category"
         )
     val_rows = sample(val_rows, max_validation_samples, seed, "validation")
-
-    if task == "category":
-        labels = category_labels(train_rows)
-        if len(labels) < 2:
-            raise DataError(", ".join(train), None, f"only one label ({labels[0]}); a classifier needs at least two")
-        check_known_labels(val_rows, labels, "the training labels")
-    else:
-        types = entity_types(train_rows)
-        if not types:
-            raise DataError(", ".join(train), None, "no entity spans in the training data")
-        check_known_labels(val_rows, types, "the training entity types")
-        labels = bio_labels(types)
     return TaskData(
         task=task,
         train=train_rows,
