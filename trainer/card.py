@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 CARD_FILE = "README.md"
+_EXPORT_KEYS = ("onnx_max_abs_diff", "onnx_argmax_agreement", "onnx_bytes",
+                "int8_max_abs_diff", "int8_argmax_agreement", "int8_bytes")
 _HARDWARE_SETTINGS = ("mixed_precision", "gradient_checkpointing")  # requests; the card shows what ran
 
 _PURPOSE = {
@@ -97,10 +99,11 @@ def render_card(results: dict[str, Any]) -> str:
               for name, r in table.items()),
             "",
         ]
-    if "export" in results:
-        lines += ["## Export", "", "ONNX parity with PyTorch (max absolute logit difference):", ""]
-        lines += [f"- {k}: {v}" for k, v in results["export"].items() if not isinstance(v, dict | list)]
-        lines.append("")
+    export = results.get("export") or {}
+    parity = [(k, export[k]) for k in _EXPORT_KEYS if k in export]
+    if parity:
+        lines += ["## Export", "", "ONNX files checked against the PyTorch logits on fixed texts:", "",
+                  "| check | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in parity), ""]
     lines += [
         "## Intended use",
         "",

@@ -293,10 +293,17 @@ def run_export(ns: argparse.Namespace) -> int:
 
 
 def _export(model_dir: str, int8: bool, tolerance: float | None) -> None:
+    from trainer.card import write_card
     from trainer.export import export_model_dir
+    from trainer.train import read_results
 
     report = export_model_dir(model_dir, int8=int8, tolerance=tolerance)
-    print(f"exported {model_dir}: {json.dumps(report, default=str)}")
+    results = read_results(Path(model_dir))
+    if "metrics" in results:  # a directory this trainer made: its card gains the parity numbers
+        write_card(model_dir, results)
+    files = [report[k] for k in ("onnx_file", "int8_file") if k in report]
+    print(f"exported {', '.join(files)} to {model_dir}: "
+          + "  ".join(f"{k}={report[k]}" for k in ("onnx_max_abs_diff", "int8_argmax_agreement") if k in report))
 
 
 def _print_metrics(results: dict[str, Any]) -> None:
