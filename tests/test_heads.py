@@ -137,6 +137,8 @@ def test_snap_to_text_trims_and_widens():
     text = "id: AB12cd34 , ok"
     assert snap_to_text(text, 3, 8) == (4, 12)
     assert snap_to_text(text, 12, 13) is None
+    long_word = "x " + "a" * 200 + " y"
+    assert snap_to_text(long_word, 150, 160) == (2, 202)
 
 
 def test_overlapping_spans_of_one_type_after_widening_merge():

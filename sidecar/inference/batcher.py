@@ -129,6 +129,8 @@ class Batcher:
                 raise Overloaded(f"{self.name} queue is full ({self._config.max_queue} windows)")
             self._queue.extend(_Item(ids, f, loop, now) for ids, f in zip(windows, futures, strict=True))
             self._cond.notify()
+        if len(futures) == 1:  # the common case: skip gather's bookkeeping
+            return [await futures[0]]
         return list(await asyncio.gather(*futures))
 
     def infer_sync(self, windows: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -7,6 +7,7 @@ spans are touched in Python, to snap their edges to the text.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,18 +19,18 @@ from sidecar.results import CategoryResult, Span
 
 OUTSIDE, BEGIN, INSIDE = 0, 1, 2
 
-# Scripts written without spaces between words: a tagged character there says nothing about its
-# neighbours, so span edges are not extended through them.
+# A character that joins a word: a letter or digit, except in scripts written without spaces between
+# words (Thai, Lao, Myanmar, Khmer, kana, CJK ideographs), where a tagged character says nothing about
+# its neighbours, so span edges are never widened through them.
 _UNSPACED = (
-    (0x0E00, 0x0EFF),  # Thai, Lao
-    (0x1000, 0x109F),  # Myanmar
-    (0x1780, 0x17FF),  # Khmer
-    (0x3040, 0x30FF),  # Hiragana, Katakana
-    (0x3400, 0x4DBF),  # CJK extension A
-    (0x4E00, 0x9FFF),  # CJK unified ideographs
-    (0xF900, 0xFAFF),  # CJK compatibility ideographs
-    (0x20000, 0x3FFFF),  # CJK extensions B and later
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    "\U00020000-\U0003ffff"
 )
+_WORD_CHAR = f"[^\\W_{_UNSPACED}]"
+_WORD_RUN = re.compile(f"{_WORD_CHAR}+")
+_IS_WORD = re.compile(_WORD_CHAR)
+# How far back to look for a word's start in one step (longer words take more steps).
+_LOOKBACK = 64
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -91,9 +92,11 @@ def decode_bio(logits: np.ndarray, offsets: np.ndarray, text: str, scheme: BioSc
     n = len(offsets)
     if n == 0:
         return []
-    probs = softmax(logits)
-    tag = probs.argmax(axis=1)
-    conf = probs[np.arange(n), tag]
+    tag = logits.argmax(axis=1)
+    if not scheme.kind[tag].any():  # the common case: nothing tagged, no probabilities needed
+        return []
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    conf = 1.0 / np.exp(shifted, dtype=np.float32).sum(axis=1)  # softmax probability of the argmax
 
     reach = np.maximum.accumulate(offsets[:, 1])
     new_unit = np.ones(n, dtype=bool)
@@ -115,8 +118,6 @@ def decode_bio(logits: np.ndarray, offsets: np.ndarray, text: str, scheme: BioSc
     continues = np.zeros(len(tag), dtype=bool)
     continues[1:] = (kind[1:] == INSIDE) & inside[:-1] & (entity[1:] == entity[:-1])
     begins = inside & ~continues
-    if not begins.any():
-        return []
     members = np.flatnonzero(inside)
     group = (np.cumsum(begins) - 1)[members]
     sizes = np.bincount(group)
@@ -125,11 +126,14 @@ def decode_bio(logits: np.ndarray, offsets: np.ndarray, text: str, scheme: BioSc
     tails = members[np.cumsum(sizes) - 1]
 
     spans = []
-    for h, t, score in zip(heads.tolist(), tails.tolist(), scores.tolist(), strict=True):
-        edges = snap_to_text(text, int(starts[h]), int(ends[t]))
+    types = scheme.entity_types
+    for start, end, label, score in zip(
+        starts[heads].tolist(), ends[tails].tolist(), entity[heads].tolist(), scores.tolist(), strict=True
+    ):
+        edges = snap_to_text(text, start, end)
         if edges is not None:
-            spans.append(Span(scheme.entity_types[entity[h]], edges[0], edges[1], score))
-    return merge_overlapping(spans)
+            spans.append(Span(types[label], edges[0], edges[1], score))
+    return merge_overlapping(spans) if len(spans) > 1 else spans
 
 
 def snap_to_text(text: str, start: int, end: int) -> tuple[int, int] | None:
@@ -141,15 +145,12 @@ def snap_to_text(text: str, start: int, end: int) -> tuple[int, int] | None:
         end -= 1
     if start == end:
         return None
-    while start > 0 and _in_word(text[start - 1]) and _in_word(text[start]):
-        start -= 1
-    while end < len(text) and _in_word(text[end]) and _in_word(text[end - 1]):
-        end += 1
+    while start > 0 and _IS_WORD.match(text, start) and _IS_WORD.match(text, start - 1):
+        back = _WORD_RUN.match(text[max(0, start - _LOOKBACK) : start][::-1])
+        if back is None:
+            break
+        start -= back.end()
+    if end < len(text) and _IS_WORD.match(text, end - 1):
+        run = _WORD_RUN.match(text, end)
+        end = run.end() if run else end
     return start, end
-
-
-def _in_word(ch: str) -> bool:
-    if not ch.isalnum():
-        return False
-    code = ord(ch)
-    return not any(low <= code <= high for low, high in _UNSPACED)
