@@ -356,3 +356,21 @@ def test_on_batch_receives_every_forward_pass(tiny_pii_dir):
         engine.close()
     [(model, batch_size, tokens, infer_ms)] = seen
     assert (model, batch_size) == ("pii", 2) and tokens > 4 and infer_ms >= 0
+
+
+def test_a_stride_that_does_not_fit_the_models_window_names_the_model(tiny_pii_dir):
+    model_dir = ModelDir.read(tiny_pii_dir)
+    config = ModelConfig(path=str(tiny_pii_dir), max_length=1024, stride=600)  # the model has 512 positions
+    with pytest.raises(ModelLoadError, match="models.pii: stride 600 must be smaller than max_length - 2 = 510"):
+        Engine(pii=LoadedModel(model_dir, config, DigitTagger(model_dir)))
+
+
+async def test_a_configured_window_longer_than_the_model_is_clamped_to_its_positions(tiny_pii_dir, engines):
+    model_dir = ModelDir.read(tiny_pii_dir)
+    config = ModelConfig(path=str(tiny_pii_dir), max_length=4096, stride=64)
+    backend = DigitTagger(model_dir)
+    engine = Engine(pii=LoadedModel(model_dir, config, backend))
+    engines.append(engine)
+    await engine.detect_pii(filler(2000))
+    assert engine.describe()["pii"]["max_length"] == 512
+    assert max(c.shape[1] for c in backend.calls) == 512

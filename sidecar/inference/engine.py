@@ -50,8 +50,18 @@ class _Model:
         self.config = loaded.config
         self.backend = loaded.backend
         self.labels = loaded.model_dir.labels
-        self.scheme = BioScheme.from_labels(self.labels) if loaded.model_dir.task == TASK_PII else None
-        self.encoder = TextEncoder.for_model(loaded.model_dir, loaded.config.max_length, loaded.config.stride)
+        try:
+            self.scheme = BioScheme.from_labels(self.labels) if loaded.model_dir.task == TASK_PII else None
+            self.encoder = TextEncoder.for_model(loaded.model_dir, loaded.config.max_length, loaded.config.stride)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"models.{name}: {e}") from None
+        if self.encoder.max_length < loaded.config.max_length:
+            log.warning(
+                "max_length_clamped",
+                model=name,
+                configured=loaded.config.max_length,
+                max_position_embeddings=loaded.model_dir.max_position_embeddings,
+            )
         self.batcher = Batcher(name, loaded.backend, batching, loaded.model_dir.pad_token_id, on_batch)
 
     def describe(self) -> dict:
