@@ -374,3 +374,16 @@ async def test_a_configured_window_longer_than_the_model_is_clamped_to_its_posit
     await engine.detect_pii(filler(2000))
     assert engine.describe()["pii"]["max_length"] == 512
     assert max(c.shape[1] for c in backend.calls) == 512
+
+
+def test_warm_up_runs_each_model_once_and_a_model_that_cannot_run_fails_to_load(tiny_pii_dir, engines):
+    model_dir = ModelDir.read(tiny_pii_dir)
+    config = ModelConfig(path=str(tiny_pii_dir))
+    backend = DigitTagger(model_dir)
+    engine = Engine(pii=LoadedModel(model_dir, config, backend))
+    engines.append(engine)
+    engine.warm_up()
+    assert len(backend.calls) == 1
+    backend.fail_next = 1
+    with pytest.raises(ModelLoadError, match="models.pii: the first forward pass failed"):
+        engine.warm_up()

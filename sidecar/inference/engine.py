@@ -120,6 +120,7 @@ class Engine:
                 raise ModelLoadError(f"models.{name}: {e}") from e
             loaded[name] = LoadedModel(model_dir, config, open_backend(model_dir, config))
         engine = cls(loaded["category"], loaded["pii"], batching, checksums, on_batch)
+        engine.warm_up()
         log.info("engine_loaded", **{k: v["runtime"] for k, v in engine.describe().items() if v}, checksums=checksums)
         return engine
 
@@ -146,6 +147,20 @@ class Engine:
             "category": self._category.describe() if self._category else None,
             "pii": self._pii.describe() if self._pii else None,
         }
+
+    def warm_up(self) -> None:
+        """One forward pass per model, so that lazy runtime set-up (allocators, kernels, CUDA context)
+        happens at load time and not inside the first request's deadline."""
+        for model in (self._category, self._pii):
+            if model is None:
+                continue
+            started = time.perf_counter()
+            ids = model.encoder.head_of("warm up")[None, :]
+            try:
+                model.backend.run(ids, np.ones_like(ids))
+            except Exception as e:  # a model that cannot run at all must not start serving
+                raise ModelLoadError(f"models.{model.name}: the first forward pass failed ({type(e).__name__}: {e})") from e
+            log.info("model_warmed", model=model.name, ms=round((time.perf_counter() - started) * 1000.0, 1))
 
     async def classify(self, text: str) -> CategoryResult:
         """The category of `text`, read from its first window. Raises InferenceError (Overloaded when the
