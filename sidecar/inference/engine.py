@@ -120,7 +120,11 @@ class Engine:
                 raise ModelLoadError(f"models.{name}: {e}") from e
             loaded[name] = LoadedModel(model_dir, config, open_backend(model_dir, config))
         engine = cls(loaded["category"], loaded["pii"], batching, checksums, on_batch)
-        engine.warm_up()
+        try:
+            engine.warm_up()
+        except ModelLoadError:
+            engine.close()
+            raise
         log.info("engine_loaded", **{k: v["runtime"] for k, v in engine.describe().items() if v}, checksums=checksums)
         return engine
 
