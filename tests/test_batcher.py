@@ -205,3 +205,20 @@ def test_summary_counts_each_shared_pass_once_and_the_rest_as_queueing():
                WindowResult(np.zeros(1), 0.0, 3.0, 2, pass_id=2)]
     queue_ms, infer_ms, batch_size = summarize(results, waited_ms=10.0)
     assert (queue_ms, infer_ms, batch_size) == (3.0, 7.0, 8)
+
+
+class Truncating(Fingerprint):
+    """Returns one row fewer than it was given: malformed output, not an exception."""
+
+    def logits(self, input_ids, attention_mask):
+        return super().logits(input_ids, attention_mask)[:-1]
+
+
+async def test_malformed_backend_output_is_an_inference_error_and_the_worker_survives(make):
+    backend = Truncating(LABELS)
+    batcher = make(backend)
+    with pytest.raises(InferenceError, match="returned 0 rows for a batch of 1"):
+        await batcher.infer([row(1, 2)])
+    with pytest.raises(InferenceError, match="returned 0 rows"):
+        await batcher.infer([row(3)])
+    assert batcher._thread.is_alive()

@@ -165,6 +165,32 @@ class Batcher:
             if live:
                 self._run(live)
 
+    def _run(self, items: list[_Item]) -> None:
+        """Run one collected batch as length-sorted sub-batches; a failure fails only its sub-batch."""
+        plan = plan_batches([len(it.ids) for it in items], self._config.max_batch_size, self._config.max_batch_tokens)
+        for group in plan:
+            sub = [it for it in (items[i] for i in group) if not it.future.cancelled()]
+            if not sub:
+                continue
+            try:
+                results = self._run_sub_batch(sub)
+            except Exception as e:  # the worker must outlive any model failure or malformed output
+                log.error("inference_failed", model=self.name, batch_size=len(sub), error=type(e).__name__)
+                _fail(sub, InferenceError(f"{self.name} model failed: {type(e).__name__}: {e}"))
+                continue
+            _resolve(sub, results)
+
+    def _run_sub_batch(self, sub: list[_Item]) -> list[WindowResult]:
+        started = time.perf_counter()
+        logits, infer_ms = self._forward([it.ids for it in sub])
+        if len(logits) != len(sub):
+            raise ValueError(f"backend returned {len(logits)} rows for a batch of {len(sub)}")
+        pass_id = next(self._passes)
+        return [
+            WindowResult(_row(logits, j, len(it.ids)), (started - it.enqueued) * 1000.0, infer_ms, len(sub), pass_id)
+            for j, it in enumerate(sub)
+        ]
+
     def _take(self) -> list[_Item] | None:
         """Block for the first window, then up to max_wait_ms (from its arrival) for up to max_batch_size."""
         with self._cond:
@@ -182,29 +208,6 @@ class Batcher:
                 return None
             n = min(len(self._queue), self._config.max_batch_size)
             return [self._queue.popleft() for _ in range(n)]
-
-    def _run(self, items: list[_Item]) -> None:
-        plan = plan_batches([len(it.ids) for it in items], self._config.max_batch_size, self._config.max_batch_tokens)
-        for group in plan:
-            sub = [items[i] for i in group]
-            sub = [it for it in sub if not it.future.cancelled()]
-            if not sub:
-                continue
-            started = time.perf_counter()
-            try:
-                logits, infer_ms = self._forward([it.ids for it in sub])
-            except Exception as e:  # a model failure fails this pass only; the worker keeps serving
-                log.error("inference_failed", model=self.name, batch_size=len(sub), error=type(e).__name__)
-                _fail(sub, InferenceError(f"{self.name} model failed: {type(e).__name__}: {e}"))
-                continue
-            pass_id = next(self._passes)
-            results = [
-                WindowResult(
-                    _row(logits, j, len(it.ids)), (started - it.enqueued) * 1000.0, infer_ms, len(sub), pass_id
-                )
-                for j, it in enumerate(sub)
-            ]
-            _resolve(sub, results)
 
     def _forward(self, rows: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
         ids, mask = pad(rows, self._pad_id)
