@@ -8,7 +8,8 @@ attribute assignment.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,16 +87,35 @@ def build_app(config: Config, metrics: Metrics | None = None, *, engine_factory:
 
 
 class AppHolder:
-    """The one mutable reference to the current App; streams read it once, reload replaces it."""
+    """The one mutable reference to the current App. Streams take it once (``use``), reload replaces it,
+    and the count of users per generation tells when a replaced App can be closed."""
 
     def __init__(self, app: App):
         self._app = app
+        self._users: dict[int, int] = {}
 
     @property
     def current(self) -> App:
         return self._app
 
+    @contextmanager
+    def use(self) -> Iterator[App]:
+        """The current App, held for the duration of the block (a stream, an RPC)."""
+        app = self._app
+        self._users[app.generation] = self._users.get(app.generation, 0) + 1
+        try:
+            yield app
+        finally:
+            left = self._users[app.generation] - 1
+            if left:
+                self._users[app.generation] = left
+            else:
+                del self._users[app.generation]
+
+    def users(self, app: App) -> int:
+        return self._users.get(app.generation, 0)
+
     def swap(self, app: App) -> App:
-        """Install `app` and return the previous one (the caller closes it after a grace delay)."""
+        """Install `app` and return the previous one (the caller closes it once its users are done)."""
         old, self._app = self._app, app
         return old

@@ -243,13 +243,14 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
 
     async def Process(self, request_iterator: AsyncIterator[ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ProcessingResponse]:
-        stream = Stream(self.apps.current, self.metrics)
-        self.metrics.active_streams.inc()
-        try:
-            async for request in request_iterator:
-                response = await stream.handle(request)
-                if response is not None:
-                    yield response
-        finally:
-            self.metrics.active_streams.dec()
-            stream.close()
+        with self.apps.use() as app:
+            stream = Stream(app, self.metrics)
+            self.metrics.active_streams.inc()
+            try:
+                async for request in request_iterator:
+                    response = await stream.handle(request)
+                    if response is not None:
+                        yield response
+            finally:
+                self.metrics.active_streams.dec()
+                stream.close()

@@ -52,9 +52,10 @@ class RouterApiServicer(router_pb2_grpc.RouterServicer):
                        context: grpc.aio.ServicerContext) -> router_pb2.ClassifyResponse:
         if not request.text.strip():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text is empty")
-        app = self.apps.current
         try:
-            result = await app.router.decide_text(request.text, request.model or app.config.routing.virtual_model)
+            with self.apps.use() as app:
+                requested = request.model or app.config.routing.virtual_model
+                result = await app.router.decide_text(request.text, requested)
         except RequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
         except Overloaded:
@@ -96,7 +97,10 @@ class SidecarServer:
         self._metrics_server: MetricsServer | None = None
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
+        self._retired: list[App] = []
         self._stopped = asyncio.Event()
+        self.signals_ready = asyncio.Event()
+        """Set once ``run`` handles SIGTERM/SIGINT/SIGHUP."""
         self._config_mtime = self._mtime()
 
     @property
@@ -108,10 +112,35 @@ class SidecarServer:
         """Load models, start listening, report SERVING; returns the bound port."""
         app = await asyncio.to_thread(build_app, self.config, self.metrics, engine_factory=self.engine_factory)
         self.apps = AppHolder(app)
+        server = self._grpc_server()
+        try:
+            try:
+                port = server.add_insecure_port(self.listen)
+            except RuntimeError as e:
+                raise ConfigError("server.listen", f"cannot listen on {self.listen} ({e})") from None
+            if self.config.server.metrics_listen:
+                self._metrics_server = start_metrics_server(self.config.server.metrics_listen, self.metrics)
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            if self._metrics_server is not None:
+                self._metrics_server.close()
+            app.close()
+            raise
+        self._server, self.port = server, port
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", listen=self.listen, port=port, metrics_port=self.metrics_port,
+                 models=app.engine.describe(), reflection=self.config.server.reflection)
+        return port
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The server with every service added; message limits raised from gRPC's 4 MiB to Envoy's buffer size."""
         limit = self.config.server.max_message_bytes
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),  # a second sidecar on a busy port must fail, not silently share it
         ])
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
             ExternalProcessorServicer(self.apps, self.metrics), server)
@@ -120,20 +149,7 @@ class SidecarServer:
         if self.config.server.reflection:
             reflection.enable_server_reflection(
                 (EXT_PROC_SERVICE, ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        try:
-            port = server.add_insecure_port(self.listen)
-        except RuntimeError as e:
-            app.close()
-            raise ConfigError("server.listen", f"cannot listen on {self.listen} ({e})") from None
-        await server.start()
-        self._server, self.port = server, port
-        if self.config.server.metrics_listen:
-            self._metrics_server = start_metrics_server(self.config.server.metrics_listen, self.metrics)
-        for name in HEALTH_SERVICES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", listen=self.listen, port=port, metrics_port=self.metrics_port,
-                 models=app.engine.describe(), reflection=self.config.server.reflection)
-        return port
+        return server
 
     @property
     def metrics_port(self) -> int | None:
@@ -166,11 +182,12 @@ class SidecarServer:
             if getattr(config.server, key) != getattr(old.config.server, key):
                 log.warning("restart_required", key=f"server.{key}")
         self.apps.swap(app)
+        self._retired.append(old)
         self.config = config
         configure_logging(config.logging)
         self.metrics.reloads.labels(result="ok").inc()
         log.info("reloaded", generation=app.generation, models=app.engine.describe())
-        self._spawn(self._close_later(old, config.server.grace_period_s))
+        self._spawn(self._close_when_idle(old, config.server.grace_period_s))
         return True
 
     def _reload_failed(self, error: Exception) -> None:
@@ -180,10 +197,15 @@ class SidecarServer:
         log.error("reload_failed", key=key, problem=problem, error_type=type(error).__name__,
                   generation=self.app.generation)
 
-    async def _close_later(self, app: App, delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
+    async def _close_when_idle(self, app: App, grace_s: float) -> None:
+        """Close a replaced App once no stream holds it, or after the grace period at the latest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.apps.users(app) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("closed_previous", generation=app.generation, streams_left=self.apps.users(app))
+        self._retired.remove(app)
         await asyncio.to_thread(app.close)
-        log.info("closed_previous", generation=app.generation)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -222,8 +244,9 @@ class SidecarServer:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._metrics_server is not None:
             self._metrics_server.close()
-        if self.apps is not None:
-            await asyncio.to_thread(self.app.close)
+        for app in [*self._retired, *([self.app] if self.apps else [])]:
+            await asyncio.to_thread(app.close)
+        self._retired.clear()
         log.info("stopped")
 
     async def run(self) -> None:
@@ -235,6 +258,7 @@ class SidecarServer:
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         if self.config.server.watch_config and self.config_path is not None:
             self._spawn(self.watch_config())
+        self.signals_ready.set()
         try:
             await stop.wait()
         finally:

@@ -195,7 +195,9 @@ async def start_server(config: Config, engine_factory, metrics: Metrics | None =
 
     server = SidecarServer(config, metrics=metrics or Metrics(), engine_factory=factory, **kwargs)
     port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    limit = config.server.max_message_bytes  # Envoy's gRPC client has no 4 MiB cap; the test client neither
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
     return Running(server, channel, engines[0])
 
 
