@@ -31,6 +31,8 @@ def pii_model(tiny_base, tmp_path_factory):
     spans = write_jsonl(root / "spans.jsonl", SPAN_ROWS * 6)
     presidio = write_presidio(root / "presidio.json")
     out = root / "model"
+    out.mkdir()
+    (out / "model.int8.onnx").write_bytes(b"an export of some earlier model")
     code = main(["pii", "--train", str(spans), str(presidio), "--base-model", str(tiny_base), "--output", str(out),
                  "--max-length", "16", "--stride", "4", *FAST])
     assert code == 0
@@ -119,6 +121,7 @@ def test_pii_run_on_span_jsonl_plus_presidio_writes_bio_labels_and_entity_metric
     assert results["data"]["train_windows"] > results["data"]["train_examples"]  # 16-token windows
     assert results["settings"]["stride"] == 4 and results["settings"]["max_length"] == 16
     assert not (out / "checkpoints").exists()
+    assert md.onnx_int8_path is None, "an export left from an earlier run would shadow the new weights"
 
 
 @pytest.mark.slow

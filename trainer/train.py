@@ -211,6 +211,7 @@ def train(data: TaskData, settings: TrainingSettings, options: RunOptions) -> di
 
     best = trainer.model
     best.config.sidecar_task = data.task
+    _remove_stale_exports(output)
     best.save_pretrained(output)
     tokenizer.save_pretrained(output)
     if data.task == "category":
@@ -260,6 +261,18 @@ def train(data: TaskData, settings: TrainingSettings, options: RunOptions) -> di
     log.info("training_done", task=data.task, output=str(output), seconds=results["time"]["total_seconds"],
              steps=state.global_step, **{k: round(v, 4) for k, v in results["metrics"].items()})
     return results
+
+
+def _remove_stale_exports(output: Path) -> None:
+    """ONNX files from an earlier run no longer match the new weights, and the sidecar prefers ONNX."""
+    from sidecar.inference.model_dir import ONNX_FILE, ONNX_INT8_FILE
+
+    stale = [output / name for name in (ONNX_FILE, ONNX_FILE + ".data", ONNX_INT8_FILE, ONNX_INT8_FILE + ".data")]
+    removed = [p.name for p in stale if p.is_file()]
+    for name in removed:
+        (output / name).unlink()
+    if removed:
+        log.info("stale_export_removed", output=str(output), files=removed)
 
 
 def _step_of(checkpoint: str | None) -> int | None:
