@@ -10,6 +10,7 @@ import json
 import grpc
 import pytest
 
+from sidecar.api.v1 import router_pb2
 from sidecar.config import LoggingConfig
 from sidecar.errors import InferenceTimeout, Overloaded
 from sidecar.logs import configure_logging
@@ -385,3 +386,89 @@ async def test_stream_errors_are_not_grpc_errors(start):
     assert resp.WhichOneof("response") == "request_body"
     assert await ex.close() is None
     assert await ex.call.code() == grpc.StatusCode.OK
+
+
+# --- the real Engine on the tiny untrained models (structure, not labels) -----------------------------------
+
+
+@pytest.fixture
+def real_config(tiny_category_dir, tiny_pii_dir):
+    """Tiny untrained models with short windows, so a few hundred characters already need many windows."""
+    def _config(**sections):
+        models = {"category": {"path": str(tiny_category_dir), "max_length": 32, "stride": 0},
+                  "pii": {"path": str(tiny_pii_dir), "max_length": 32, "stride": 8}}
+        base = {"models": models, "routing": {"confidence_threshold": 0.0},
+                "failure": {"timeout_ms": 30000}, "batching": {"max_wait_ms": 5}}
+        for key, value in sections.items():
+            base[key] = {**base.get(key, {}), **value}
+        return make_config(**base)
+    return _config
+
+
+async def start_real(config, metrics):
+    from sidecar.app import load_engine
+
+    return await start_server(config, load_engine, metrics=metrics)
+
+
+async def test_real_engine_decides_through_the_stream_with_long_text_windowing(real_config):
+    metrics = Metrics()
+    sc = await start_real(real_config(), metrics)
+    try:
+        text = "Please solve this question about cells and contracts. " * 40
+        _, resp = await chat_request(sc.ext_proc, chat_body(text))
+        headers = set_headers(resp)
+        assert headers["x-router-category"] in ("biology", "law", "math")
+        assert headers["x-selected-model"] == make_config().routing.categories[headers["x-router-category"]]
+        assert 0.0 <= float(headers["x-router-confidence"]) <= 1.0
+        assert headers["x-router-action"] in ("allow", "mask")
+        body = new_body(resp)
+        assert headers["content-length"] == str(len(body))
+        assert json.loads(body)["model"] == headers["x-selected-model"]
+        windows = metrics.registry.get_sample_value("sidecar_batch_size_sum", {"model": "pii"})
+        assert windows > 10, "a 2,000-character text in 32-token windows must be read in many windows"
+        assert metrics.registry.get_sample_value("sidecar_batch_size_sum", {"model": "category"}) == 1, \
+            "the category model reads the first window only"
+    finally:
+        await stop_server(sc)
+
+
+async def test_real_engine_masks_on_exact_code_point_offsets(real_config):
+    # The card number is found by the Luhn recognizer whatever the untrained model says, so masking is certain.
+    sc = await start_real(real_config(), Metrics())
+    try:
+        card = "4111 1111 1111 1111"
+        text = f"我的名字是张伟 😀 café, карта {card}, спасибо. " * 2
+        _, resp = await chat_request(sc.ext_proc, chat_body(text))
+        answer = await sc.router_api.Classify(router_pb2.ClassifyRequest(text=text))
+        assert answer.action == "mask"
+        cards = [e for e in answer.pii if e.label == "CREDIT_CARD"]
+        assert [text[e.start:e.end] for e in cards] == [card, card]
+        body = new_body(resp)
+        assert messages(body)[0]["content"] == answer.masked_text
+        assert card not in body.decode("utf-8")
+        assert set_headers(resp)["content-length"] == str(len(body))
+        assert "CREDIT_CARD" in set_headers(resp)["x-router-pii"].split(",")
+    finally:
+        await stop_server(sc)
+
+
+async def test_real_engine_32_concurrent_streams_are_batched_and_each_gets_its_own_answer(real_config):
+    metrics = Metrics()
+    sc = await start_real(real_config(pii={"default_policy": {"action": "allow"}}), metrics)
+    try:
+        texts = [f"Question {i}: {topic} marker-{i}" for i, topic in enumerate(
+            ["how do enzymes fold", "who signs the contract", "what is the integral of x"] * 11)][:32]
+        solo = [await sc.router_api.Classify(router_pb2.ClassifyRequest(text=t)) for t in texts]
+        solo_batches = metrics.registry.get_sample_value("sidecar_batch_size_count", {"model": "category"})
+        results = await asyncio.gather(*(chat_request(sc.ext_proc, chat_body(t), request_id=f"r{i}")
+                                         for i, t in enumerate(texts)))
+        for text, alone, (_, resp) in zip(texts, solo, results, strict=True):
+            headers = set_headers(resp)
+            assert messages(new_body(resp))[0]["content"] == text
+            assert float(headers["x-router-confidence"]) == pytest.approx(alone.confidence, abs=2e-3)
+        get = metrics.registry.get_sample_value
+        batches = get("sidecar_batch_size_count", {"model": "category"}) - solo_batches
+        assert batches < 32, "concurrent streams should share forward passes"
+    finally:
+        await stop_server(sc)
