@@ -62,9 +62,9 @@ class Metrics:
             self.request_errors.labels(reason=decision.error).inc()
         self.decision_seconds.observe(seconds)
 
-    def observe_outcome(self, action: str, reason: str, seconds: float | None = None) -> None:
-        """A request answered without a decision: skipped, rejected, or failed (`reason` is the code)."""
-        self.requests.labels(action=action, category=NONE_LABEL, model=NONE_LABEL).inc()
+    def observe_outcome(self, action: str, reason: str, seconds: float | None = None, model: str | None = None) -> None:
+        """A request answered without a decision: skipped, rejected, or degraded (`reason` is the code)."""
+        self.requests.labels(action=action, category=NONE_LABEL, model=model or NONE_LABEL).inc()
         self.request_errors.labels(reason=reason).inc()
         if seconds is not None:
             self.decision_seconds.observe(seconds)

@@ -107,20 +107,21 @@ class Processor:
 
     def fail(self, reason: str, phase: str) -> ProcessingResponse:
         """No decision could be made: fail_open routes to the default model (degraded), fail_closed is a 503."""
-        policy = self.app.config.failure.inference
-        action = "degraded" if policy == "fail_open" else "rejected"
-        self.record(action=action, reason=reason)
-        if policy == "fail_open":
-            return mutations.degraded_response(self.app.config.routing.default_model, reason, phase)
+        if self.app.config.failure.inference == "fail_open":
+            default_model = self.app.config.routing.default_model
+            self.record(action="degraded", reason=reason, model=default_model)
+            return mutations.degraded_response(default_model, reason, phase)
+        self.record(action="rejected", reason=reason)
         return mutations.unavailable_response(reason)
 
-    def record(self, *, action: str, reason: str, **fields: Any) -> None:
+    def record(self, *, action: str, reason: str, model: str | None = None, **fields: Any) -> None:
         """The request's outcome when there is no Decision: one log event and the metrics."""
         self.finished = True
         elapsed = time.perf_counter() - self.started
-        self.metrics.observe_outcome(action, reason, elapsed)
+        self.metrics.observe_outcome(action, reason, elapsed, model=model)
         log.info("request", request_id=self.request_id, path=self.path, kind=self.kind, action=action,
-                 reason=reason, total_ms=round(elapsed * 1000, 3), generation=self.app.generation, **fields)
+                 reason=reason, model=model, total_ms=round(elapsed * 1000, 3), generation=self.app.generation,
+                 **fields)
 
     def close(self) -> None:
         """The stream ended."""

@@ -255,16 +255,21 @@ class ExplodingEngine(FakeEngine):
 
 @pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
 async def test_unexpected_error_is_answered_on_its_stream_only(start, policy):
-    sc = await start(make_config(failure={"inference": policy}), engine=ExplodingEngine(delay_s=0.05))
+    metrics = Metrics()
+    sc = await start(make_config(failure={"inference": policy}), engine=ExplodingEngine(delay_s=0.05), metrics=metrics)
     broken, healthy = await asyncio.gather(
         chat_request(sc.ext_proc, chat_body("please explode"), request_id="broken"),
         chat_request(sc.ext_proc, chat_body("Solve the integral, mail bob@example.com"), request_id="ok"),
     )
+    counted = {"action": "degraded", "category": "none", "model": "general"}
     if policy == "fail_open":
         assert set_headers(broken[1])["x-router-action"] == "degraded"
         assert set_headers(broken[1])["x-router-reason"] == "internal_error"
     else:
         assert immediate(broken[1])[0] == 503
+        counted = {"action": "rejected", "category": "none", "model": "none"}
+    assert metrics.registry.get_sample_value("sidecar_requests_total", counted) == 1
+    assert metrics.registry.get_sample_value("sidecar_request_errors_total", {"reason": "internal_error"}) == 1
     assert set_headers(healthy[1])["x-selected-model"] == "math-expert"
     assert set_headers(healthy[1])["x-router-action"] == "mask"
 
