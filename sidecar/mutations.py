@@ -83,15 +83,16 @@ def continue_response(phase: str, mutation: HeaderMutation | None = None, *, cle
         status=CommonResponse.CONTINUE,
         header_mutation=mutation,
         body_mutation=BodyMutation(body=body) if body is not None else None,
-        clear_route_cache=clear_route_cache and mutation is not None and len(mutation.set_headers) > 0,
+        clear_route_cache=clear_route_cache and mutation is not None and bool(mutation.set_headers or mutation.remove_headers),
     )
     wrapper = HeadersResponse if phase in (REQUEST_HEADERS, RESPONSE_HEADERS) else BodyResponse
     return ProcessingResponse(**{phase: wrapper(response=common)})
 
 
-def strip_owned_headers(phase: str = REQUEST_HEADERS) -> ProcessingResponse:
-    """Request headers pass on without any client copy of the sidecar's headers."""
-    return continue_response(phase, owned_headers_mutation())
+def strip_owned_headers(phase: str = REQUEST_HEADERS, *, clear_route_cache: bool = False) -> ProcessingResponse:
+    """Request headers pass on without any client copy of the sidecar's headers. When the client did send
+    one, the route Envoy may already have chosen on it must be cleared too (`clear_route_cache`)."""
+    return continue_response(phase, owned_headers_mutation(), clear_route_cache=clear_route_cache)
 
 
 def decision_response(decision: Decision, phase: str = REQUEST_BODY) -> ProcessingResponse:

@@ -74,13 +74,15 @@ class Processor:
         self.finished = False
         """An outcome (decision, skip, error answer) has been recorded; later phases just continue."""
 
-    def see_headers(self, headers: HttpHeaders) -> None:
+    def see_headers(self, headers: HttpHeaders) -> bool:
+        """Remember path and request id; True when the client sent any header the sidecar owns."""
         self.path = header_value(headers, PATH_HEADER) or self.path
         self.request_id = header_value(headers, REQUEST_ID_HEADER) or self.request_id
+        return any(h.key.lower() in mutations.OWNED_HEADERS for h in headers.headers.headers)
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
-        self.see_headers(msg)
-        return mutations.strip_owned_headers()
+        spoofed = self.see_headers(msg)
+        return mutations.strip_owned_headers(clear_route_cache=spoofed)
 
     async def request_body(self, msg: HttpBody) -> ProcessingResponse:
         return mutations.continue_response(mutations.REQUEST_BODY)
@@ -135,10 +137,10 @@ class RoutingProcessor(Processor):
     """Chat and completions requests: buffer → decide → headers, body, route cache; or an error answer."""
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
-        self.see_headers(msg)
+        spoofed = self.see_headers(msg)
         if msg.end_of_stream:
             return self.bad_body(EmptyBody("the request has no body"), mutations.REQUEST_HEADERS)
-        return mutations.strip_owned_headers()
+        return mutations.strip_owned_headers(clear_route_cache=spoofed)
 
     async def request_body(self, msg: HttpBody) -> ProcessingResponse:
         if self.finished:

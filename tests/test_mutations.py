@@ -111,6 +111,10 @@ def test_every_phase_gets_an_answer_of_its_own_type(phase):
     assert resp.WhichOneof("response") == phase
 
 
+def test_removing_spoofed_headers_can_clear_the_route_cache():
+    assert common(mutations.strip_owned_headers(clear_route_cache=True)).clear_route_cache
+
+
 def test_route_cache_is_cleared_only_alongside_a_header_mutation():
     resp = mutations.continue_response(mutations.REQUEST_BODY, clear_route_cache=True)
     assert not common(resp).clear_route_cache

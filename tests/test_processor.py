@@ -158,7 +158,16 @@ async def test_client_spoofed_router_headers_are_removed_on_every_path(start):
         removed = set(removed_headers(resp))
         assert removed | set(set_headers(resp)) >= OWNED, path
         assert "spoofed" not in set(set_headers(resp).values())
+        assert common(resp).clear_route_cache, "a route chosen on the spoofed header must be recomputed"
         ex.call.cancel()
+
+
+async def test_route_cache_is_kept_when_the_client_sent_no_router_header(start):
+    sc = await start()
+    ex = Exchange(sc.ext_proc)
+    resp = await ex.send(headers_msg("/v1/models", end_of_stream=True))
+    assert not common(resp).clear_route_cache
+    ex.call.cancel()
 
 
 # --- bad bodies --------------------------------------------------------------------------------------------
