@@ -18,8 +18,10 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     CommonResponse,
     HeaderMutation,
     HeadersResponse,
+    HttpBody,
     ImmediateResponse,
     ProcessingResponse,
+    StreamedBodyResponse,
     TrailersResponse,
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
@@ -87,6 +89,16 @@ def continue_response(phase: str, mutation: HeaderMutation | None = None, *, cle
     )
     wrapper = HeadersResponse if phase in (REQUEST_HEADERS, RESPONSE_HEADERS) else BodyResponse
     return ProcessingResponse(**{phase: wrapper(response=common)})
+
+
+def echo_body(phase: str, chunk: HttpBody) -> ProcessingResponse:
+    """FULL_DUPLEX_STREAMED and GRPC body modes: Envoy forwards only what the server sends back (a plain
+    CONTINUE is a protocol error there, answered with a 500), so a chunk passes by being returned as is."""
+    streamed = StreamedBodyResponse(body=chunk.body, end_of_stream=chunk.end_of_stream,
+                                    end_of_stream_without_message=chunk.end_of_stream_without_message,
+                                    grpc_message_compressed=chunk.grpc_message_compressed)
+    common = CommonResponse(body_mutation=BodyMutation(streamed_response=streamed))
+    return ProcessingResponse(**{phase: BodyResponse(response=common)})
 
 
 def strip_owned_headers(phase: str = REQUEST_HEADERS, *, clear_route_cache: bool = False) -> ProcessingResponse:

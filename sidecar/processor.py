@@ -58,15 +58,28 @@ def attribute_path(request: ProcessingRequest) -> str | None:
     return None
 
 
+DUPLEX_MODES = frozenset({ProcessingMode.FULL_DUPLEX_STREAMED, ProcessingMode.GRPC})
+"""Body modes where Envoy sends chunks without waiting and forwards only the body the server returns."""
+
+
+def pass_body(phase: str, msg: HttpBody, mode: int) -> ProcessingResponse:
+    """Let a body chunk through unchanged, in the form the body mode requires."""
+    if mode in DUPLEX_MODES:
+        return mutations.echo_body(phase, msg)
+    return mutations.continue_response(phase)
+
+
 class Processor:
     """One HTTP request's processing. The base class passes every phase through unchanged."""
 
     kind: ClassVar[str | None] = None
 
-    def __init__(self, app: App, metrics: Metrics, *, body_mode: int = ProcessingMode.BUFFERED):
+    def __init__(self, app: App, metrics: Metrics, *, body_mode: int = ProcessingMode.BUFFERED,
+                 response_body_mode: int = ProcessingMode.NONE):
         self.app = app
         self.metrics = metrics
         self.body_mode = body_mode
+        self.response_body_mode = response_body_mode
         self.path: str | None = None
         self.request_id: str = uuid.uuid4().hex
         """Envoy's ``x-request-id`` once headers arrive; a fresh id until then (or without one)."""
@@ -85,7 +98,7 @@ class Processor:
         return mutations.strip_owned_headers(clear_route_cache=spoofed)
 
     async def request_body(self, msg: HttpBody) -> ProcessingResponse:
-        return mutations.continue_response(mutations.REQUEST_BODY)
+        return pass_body(mutations.REQUEST_BODY, msg, self.body_mode)
 
     async def request_trailers(self, msg: Any) -> ProcessingResponse:
         return mutations.continue_response(mutations.REQUEST_TRAILERS)
@@ -94,7 +107,7 @@ class Processor:
         return mutations.continue_response(mutations.RESPONSE_HEADERS)
 
     async def response_body(self, msg: HttpBody) -> ProcessingResponse:
-        return mutations.continue_response(mutations.RESPONSE_BODY)
+        return pass_body(mutations.RESPONSE_BODY, msg, self.response_body_mode)
 
     async def response_trailers(self, msg: Any) -> ProcessingResponse:
         return mutations.continue_response(mutations.RESPONSE_TRAILERS)
@@ -144,13 +157,13 @@ class RoutingProcessor(Processor):
 
     async def request_body(self, msg: HttpBody) -> ProcessingResponse:
         if self.finished:
-            return mutations.continue_response(mutations.REQUEST_BODY)
-        if not msg.end_of_stream:
-            # A chunk, not the whole body (STREAMED, or BUFFERED_PARTIAL over its limit): the request goes
-            # on unrouted; answering each chunk at once is what keeps the stream moving.
+            return pass_body(mutations.REQUEST_BODY, msg, self.body_mode)
+        if not msg.end_of_stream or self.body_mode in DUPLEX_MODES:
+            # A chunk, not the whole body (STREAMED, BUFFERED_PARTIAL over its limit, full duplex): the
+            # request goes on unrouted; answering each chunk at once is what keeps the stream moving.
             reason = "too_large" if self.body_mode == ProcessingMode.BUFFERED_PARTIAL else "streamed"
             self.record(action="skipped", reason=reason, body_bytes=len(msg.body))
-            return mutations.continue_response(mutations.REQUEST_BODY)
+            return pass_body(mutations.REQUEST_BODY, msg, self.body_mode)
         try:
             decision = await self.app.router.decide(msg.body, self.kind)
         except RequestError as e:
@@ -199,9 +212,10 @@ PROCESSORS: dict[str | None, type[Processor]] = {
 """Processor by kind; paths map to kinds through ``config.paths``; unknown paths pass through."""
 
 
-def processor_for(path: str | None, app: App, metrics: Metrics, body_mode: int) -> Processor:
+def processor_for(path: str | None, app: App, metrics: Metrics, body_mode: int,
+                  response_body_mode: int = ProcessingMode.NONE) -> Processor:
     cls = PROCESSORS.get(app.kind_for(path), PassThroughProcessor)
-    processor = cls(app, metrics, body_mode=body_mode)
+    processor = cls(app, metrics, body_mode=body_mode, response_body_mode=response_body_mode)
     processor.path = path
     return processor
 
@@ -214,18 +228,20 @@ class Stream:
         self.metrics = metrics
         self.processor: Processor | None = None
         self.body_mode: int = ProcessingMode.BUFFERED
+        self.response_body_mode: int = ProcessingMode.NONE
 
     async def handle(self, request: ProcessingRequest) -> ProcessingResponse | None:
         phase = request.WhichOneof("request")
         if request.HasField("protocol_config"):
             self.body_mode = request.protocol_config.request_body_mode or self.body_mode
+            self.response_body_mode = request.protocol_config.response_body_mode
         if phase is None:
             log.warning("unknown_message", request_id=self.processor.request_id if self.processor else None)
             return None
         if self.processor is None:
             path = header_value(request.request_headers, PATH_HEADER) if phase == mutations.REQUEST_HEADERS \
                 else attribute_path(request)
-            self.processor = processor_for(path, self.app, self.metrics, self.body_mode)
+            self.processor = processor_for(path, self.app, self.metrics, self.body_mode, self.response_body_mode)
         try:
             response = await getattr(self.processor, phase)(getattr(request, phase))
         except Exception as e:  # one stream's failure is answered on that stream, never raised to grpc

@@ -92,6 +92,7 @@ def other_phase_msgs() -> list[ProcessingRequest]:
 BUFFERED = ProcessingMode.BUFFERED
 STREAMED = ProcessingMode.STREAMED
 BUFFERED_PARTIAL = ProcessingMode.BUFFERED_PARTIAL
+FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
 
 
 def common(resp: ProcessingResponse):

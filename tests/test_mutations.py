@@ -118,3 +118,12 @@ def test_removing_spoofed_headers_can_clear_the_route_cache():
 def test_route_cache_is_cleared_only_alongside_a_header_mutation():
     resp = mutations.continue_response(mutations.REQUEST_BODY, clear_route_cache=True)
     assert not common(resp).clear_route_cache
+
+
+def test_echoed_chunk_keeps_bytes_and_stream_flags():
+    from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody
+
+    resp = mutations.echo_body(mutations.REQUEST_BODY, HttpBody(body=b"\xff partial", end_of_stream=True))
+    streamed = common(resp).body_mutation.streamed_response
+    assert (streamed.body, streamed.end_of_stream) == (b"\xff partial", True)
+    assert resp.WhichOneof("response") == "request_body"

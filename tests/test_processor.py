@@ -9,6 +9,7 @@ import json
 
 import grpc
 import pytest
+from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, ProcessingRequest
 
 from sidecar.api.v1 import router_pb2
 from sidecar.config import LoggingConfig
@@ -20,6 +21,7 @@ from tests.grpc_helpers import (
     BUFFERED_PARTIAL,
     CHAT_PATH,
     COMPLETIONS_PATH,
+    FULL_DUPLEX,
     STREAMED,
     Exchange,
     body_msg,
@@ -223,6 +225,33 @@ async def test_partial_bodies_are_answered_chunk_by_chunk_and_skipped(start, mod
         assert new_body(a) is None and not set_headers(a)
     assert metrics.registry.get_sample_value("sidecar_request_errors_total", {"reason": reason}) == 1
     assert sc.engine.calls["detect_pii"] == 0
+
+
+async def test_full_duplex_chunks_are_echoed_back_so_envoy_forwards_them(start):
+    """In FULL_DUPLEX_STREAMED Envoy forwards only the body the server returns; CONTINUE would be a 500."""
+    metrics = Metrics()
+    sc = await start(metrics=metrics)
+    body = chat_body("Solve it, john@example.com")
+    ex = Exchange(sc.ext_proc)
+    await ex.send(headers_msg(body_mode=FULL_DUPLEX))
+    answers = [await ex.send(body_msg(body[:15], end_of_stream=False)), await ex.send(body_msg(body[15:]))]
+    echoed = [common(a).body_mutation.streamed_response for a in answers]
+    assert b"".join(e.body for e in echoed) == body
+    assert [e.end_of_stream for e in echoed] == [False, True]
+    assert metrics.registry.get_sample_value("sidecar_request_errors_total", {"reason": "streamed"}) == 1
+    assert await ex.close() is None
+
+
+async def test_full_duplex_response_body_is_echoed_on_every_path(start):
+    sc = await start()
+    for path in (CHAT_PATH, "/v1/models"):
+        head = headers_msg(path)
+        head.protocol_config.response_body_mode = FULL_DUPLEX
+        ex = Exchange(sc.ext_proc)
+        await ex.send(head)
+        resp = await ex.send(ProcessingRequest(response_body=HttpBody(body=b'{"ok": 1}', end_of_stream=True)))
+        assert common(resp).body_mutation.streamed_response.body == b'{"ok": 1}'
+        ex.call.cancel()
 
 
 # --- failure policy ----------------------------------------------------------------------------------------
