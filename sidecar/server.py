@@ -175,7 +175,7 @@ class SidecarServer:
         try:
             app = await asyncio.to_thread(build_app, config, self.metrics, engine_factory=self.engine_factory,
                                           generation=old.generation + 1)
-        except LOAD_ERRORS as e:
+        except Exception as e:  # whatever a bad config or model does, the old state keeps serving
             self._reload_failed(e)
             return False
         for key in RESTART_ONLY:
@@ -192,10 +192,12 @@ class SidecarServer:
 
     def _reload_failed(self, error: Exception) -> None:
         self.metrics.reloads.labels(result="error").inc()
-        key = getattr(error, "key", None)
-        problem = getattr(error, "problem", None) or str(error)
-        log.error("reload_failed", key=key, problem=problem, error_type=type(error).__name__,
-                  generation=self.app.generation)
+        if isinstance(error, LOAD_ERRORS):
+            fields = {"key": getattr(error, "key", None), "problem": getattr(error, "problem", None) or str(error),
+                      "error_type": type(error).__name__}
+        else:
+            fields = exception_fields(error)
+        log.error("reload_failed", generation=self.app.generation, **fields)
 
     async def _close_when_idle(self, app: App, grace_s: float) -> None:
         """Close a replaced App once no stream holds it, or after the grace period at the latest."""
@@ -270,11 +272,6 @@ class SidecarServer:
 async def serve(config: Config, *, listen: str | None = None) -> None:
     """``sidecar serve``: start, run until a stop signal, drain."""
     server = SidecarServer(config, listen=listen)
-    try:
-        await server.start()
-    except Exception as e:
-        if not isinstance(e, LOAD_ERRORS):
-            log.error("start_failed", **exception_fields(e))
-        raise
+    await server.start()
     with contextlib.suppress(asyncio.CancelledError):
         await server.run()

@@ -237,6 +237,22 @@ async def test_bad_reload_is_logged_and_the_old_config_keeps_serving(start, tmp_
     assert event["key"] == key
 
 
+async def test_reload_that_crashes_while_loading_models_keeps_the_old_state(start, tmp_path):
+    path = write_config(tmp_path / "router.yaml")
+    calls = []
+
+    def factory(_c, _m):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("the runtime fell over")
+        return FakeEngine()
+
+    sc = await start(load_config(path), engine_factory=factory)
+    assert not await sc.server.reload()
+    _, resp = await chat_request(sc.ext_proc, chat_body("Solve it."))
+    assert set_headers(resp)["x-selected-model"] == "math-expert"
+
+
 async def test_not_yaml_reload_keeps_the_old_config(start, tmp_path):
     path = write_config(tmp_path / "router.yaml")
     sc = await start(load_config(path))
