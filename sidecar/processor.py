@@ -87,6 +87,11 @@ class Processor:
         self.finished = False
         """An outcome (decision, skip, error answer) has been recorded; later phases just continue."""
 
+    @property
+    def log_path(self) -> str | None:
+        """The path without its query string, which may carry keys or user data."""
+        return self.path.split("?", 1)[0] if self.path else None
+
     def see_headers(self, headers: HttpHeaders) -> bool:
         """Remember path and request id; True when the client sent any header the sidecar owns."""
         self.path = header_value(headers, PATH_HEADER) or self.path
@@ -114,7 +119,7 @@ class Processor:
 
     def on_unexpected(self, phase: str, exc: Exception) -> ProcessingResponse:
         """A bug or an unforeseen failure in one phase: log it (no content) and answer per the failure policy."""
-        log.error("processor_error", request_id=self.request_id, path=self.path, phase=phase,
+        log.error("processor_error", request_id=self.request_id, path=self.log_path, phase=phase,
                   **exception_fields(exc))
         if phase not in (mutations.REQUEST_HEADERS, mutations.REQUEST_BODY) or self.finished:
             return mutations.continue_response(phase)
@@ -134,7 +139,7 @@ class Processor:
         self.finished = True
         elapsed = time.perf_counter() - self.started
         self.metrics.observe_outcome(action, reason, elapsed, model=model)
-        log.info("request", request_id=self.request_id, path=self.path, kind=self.kind, action=action,
+        log.info("request", request_id=self.request_id, path=self.log_path, kind=self.kind, action=action,
                  reason=reason, model=model, total_ms=round(elapsed * 1000, 3), generation=self.app.generation,
                  **fields)
 
@@ -174,7 +179,7 @@ class RoutingProcessor(Processor):
         elapsed = time.perf_counter() - self.started
         self.metrics.observe_decision(decision, elapsed)
         log.info(
-            "request", request_id=self.request_id, path=self.path, kind=self.kind, action=decision.action,
+            "request", request_id=self.request_id, path=self.log_path, kind=self.kind, action=decision.action,
             model=decision.model, rewrite_model=decision.rewrite_model, route_reason=decision.route_reason,
             category=decision.category, confidence=decision.confidence, pii_types=list(decision.entity_types),
             pii_counts=dict(decision.entity_counts), body_bytes=len(msg.body),

@@ -394,7 +394,8 @@ async def test_one_log_event_per_request_with_fields_and_no_text(start):
     stream = io.StringIO()
     configure_logging(LoggingConfig(level="info"), stream)
     sc = await start()
-    await chat_request(sc.ext_proc, chat_body("Solve it and mail jane@example.org"), request_id="req-42")
+    await chat_request(sc.ext_proc, chat_body("Solve it and mail jane@example.org"), request_id="req-42",
+                       path=CHAT_PATH + "?key=secret-key")
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
     requests = [e for e in events if e["event"] == "request"]
     assert len(requests) == 1
@@ -405,6 +406,7 @@ async def test_one_log_event_per_request_with_fields_and_no_text(start):
     assert event["pii_types"] == ["EMAIL_ADDRESS"] and event["pii_counts"] == {"EMAIL_ADDRESS": 1}
     assert event["body_bytes"] > 0 and "total" in event["timings"]
     assert "jane@example.org" not in stream.getvalue()
+    assert "secret-key" not in stream.getvalue()
     assert "Solve it" not in stream.getvalue()
 
 
