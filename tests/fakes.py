@@ -28,9 +28,9 @@ PERSON_NAMES: tuple[str, ...] = ("John Smith", "Jane Doe", "Alice Johnson", "Bob
 
 PII_SCORES: dict[str, float] = {"EMAIL_ADDRESS": 0.99, "CREDIT_CARD": 0.95, "PHONE_NUMBER": 0.9, "PERSON": 0.85}
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]{1,64}@[\w-]+(?:\.[\w-]+)+")
 _CARD = re.compile(r"(?<![\d+])\d{4}(?:[ -]?\d{4}){3}(?!\d)")
-_PHONE = re.compile(r"\+?\d[\d -]{7,}\d")
+_PHONE = re.compile(r"(?<![\d+])\+?\d[\d -]{7,}\d")
 
 
 def keyword_category(text: str, keywords: dict[str, tuple[str, ...]] = CATEGORY_KEYWORDS) -> CategoryResult:
