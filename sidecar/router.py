@@ -22,7 +22,6 @@ from typing import Any
 from sidecar.checksums import find_checksum_spans
 from sidecar.config import Config
 from sidecar.errors import InferenceError, InferenceTimeout, NoText
-from sidecar.logs import get_logger
 from sidecar.masking import anonymize, resolve_conflicts
 from sidecar.policy import (
     PiiVerdict,
@@ -35,8 +34,6 @@ from sidecar.policy import (
 )
 from sidecar.request import Kind, parse_body, rewrite
 from sidecar.results import CategoryResult, PiiResult, Span
-
-log = get_logger("sidecar.router")
 
 
 @dataclass(frozen=True)
@@ -124,7 +121,7 @@ class Router:
             route = self._route(category, parsed.requested_model, routed, category_text)
             spans = [r.spans for r in results]
         except (InferenceError, TimeoutError) as e:
-            error = self._fail(e, kind)
+            error = self._fail(e)
             route = self._degraded_route(parsed.requested_model, routed)
             spans = self._checksum_only(texts)
         outcome = self._apply(route, texts, spans)
@@ -163,7 +160,7 @@ class Router:
             route = self._route(category, requested, routed, text)
             spans = [r.spans for r in results]
         except (InferenceError, TimeoutError) as e:
-            error = self._fail(e, "text")
+            error = self._fail(e)
             route = self._degraded_route(requested, routed)
             spans = self._checksum_only(texts)
         outcome = self._apply(route, texts, spans)
@@ -234,13 +231,13 @@ class Router:
             return default_route(self.config.routing, "degraded")
         return Route(requested, rewrite=False, reason="degraded")
 
-    def _fail(self, e: Exception, kind: str) -> str:
-        """Apply the failure policy: re-raise under fail_closed, else the reason code for a degraded answer."""
+    def _fail(self, e: Exception) -> str:
+        """Apply the failure policy: re-raise under fail_closed, else the reason code for a degraded answer
+        (the processor logs it with the decision; nothing is logged here)."""
         error = e if isinstance(e, InferenceError) else InferenceTimeout(
             f"inference did not finish within {self.config.failure.timeout_ms:g} ms")
         if self.config.failure.inference == "fail_closed":
             raise error from None
-        log.warning("inference_degraded", reason=error.reason, kind=kind, error_type=type(e).__name__)
         return error.reason
 
     def _checksum_only(self, texts: list[str]) -> list[list[Span]]:
