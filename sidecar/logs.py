@@ -50,6 +50,17 @@ def exception_fields(exc: BaseException) -> dict[str, Any]:
     }
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at write time, so a stream swapped out and closed later
+    (by a test harness or a daemoniser) is never written to after the fact."""
+
+    def write(self, data: str) -> int:
+        return sys.stderr.write(data)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(config: LoggingConfig, stream: IO[str] | None = None) -> None:
     """Configure structlog (JSON lines or console) at the configured level; safe to call again on reload."""
     renderer = (structlog.processors.JSONRenderer() if config.format == "json"
@@ -63,7 +74,7 @@ def configure_logging(config: LoggingConfig, stream: IO[str] | None = None) -> N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[config.level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream if stream is not None else sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream if stream is not None else _CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(_LEVELS[config.level], logging.WARNING), stream=stream or sys.stderr)

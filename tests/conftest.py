@@ -26,7 +26,10 @@ def make_untrained_model_dir(base: Path, out: Path, task: str, labels: list[str]
     """A valid but untrained model directory for `task` (weights only; no ONNX)."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
+    import torch
+
     cls = AutoModelForSequenceClassification if task == "category" else AutoModelForTokenClassification
+    torch.manual_seed(0)  # the new head's weights: the same untrained model in every run and test order
     model = cls.from_pretrained(
         base, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}
     )
@@ -48,3 +51,15 @@ def tiny_pii_dir(tiny_base, tmp_path_factory) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(autouse=True)
+def _default_logging():
+    """Each test starts from the default log setup: a test that points logs at its own stream (since
+    closed) must not leak that stream into the tests after it."""
+    from sidecar.config import LoggingConfig
+    from sidecar.logs import configure_logging
+
+    configure_logging(LoggingConfig())
+    yield
+    configure_logging(LoggingConfig())

@@ -222,3 +222,20 @@ async def test_malformed_backend_output_is_an_inference_error_and_the_worker_sur
     with pytest.raises(InferenceError, match="returned 0 rows"):
         await batcher.infer([row(3)])
     assert batcher._thread.is_alive()
+
+
+async def test_a_failure_while_logging_a_model_error_still_answers_the_caller(make, monkeypatch):
+    from sidecar.inference import batcher as batcher_module
+
+    class BrokenLog:
+        def error(self, *_args, **_kwargs):
+            raise ValueError("I/O operation on closed file")
+
+    monkeypatch.setattr(batcher_module, "log", BrokenLog())
+    backend = Fingerprint(LABELS)
+    batcher = make(backend)
+    backend.fail_next = 1
+    with pytest.raises(InferenceError):
+        await asyncio.wait_for(batcher.infer([row(1, 2)]), 5.0)
+    [result] = await asyncio.wait_for(batcher.infer([row(3, 4)]), 5.0)
+    assert np.allclose(result.logits, expected(row(3, 4)))

@@ -162,8 +162,12 @@ class Batcher:
     def _work(self) -> None:
         while (batch := self._take()) is not None:
             live = [item for item in batch if not item.future.cancelled()]
-            if live:
+            if not live:
+                continue
+            try:
                 self._run(live)
+            except Exception as e:  # last line of defence: no caller may wait forever on a dead worker
+                _fail(live, InferenceError(f"{self.name} worker failed: {type(e).__name__}"))
 
     def _run(self, items: list[_Item]) -> None:
         """Run one collected batch as length-sorted sub-batches; a failure fails only its sub-batch."""
@@ -175,8 +179,8 @@ class Batcher:
             try:
                 results = self._run_sub_batch(sub)
             except Exception as e:  # the worker must outlive any model failure or malformed output
-                log.error("inference_failed", model=self.name, batch_size=len(sub), error=type(e).__name__)
                 _fail(sub, InferenceError(f"{self.name} model failed: {type(e).__name__}: {e}"))
+                log.error("inference_failed", model=self.name, batch_size=len(sub), error=type(e).__name__)
                 continue
             _resolve(sub, results)
 
