@@ -24,14 +24,17 @@ def tiny_base(tmp_path_factory) -> Path:
 
 def make_untrained_model_dir(base: Path, out: Path, task: str, labels: list[str]) -> Path:
     """A valid but untrained model directory for `task` (weights only; no ONNX)."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
-
     import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
 
     cls = AutoModelForSequenceClassification if task == "category" else AutoModelForTokenClassification
     torch.manual_seed(0)  # the new head's weights: the same untrained model in every run and test order
     model = cls.from_pretrained(
-        base, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}
+        base, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)}
     )
     model.config.sidecar_task = task
     model.save_pretrained(out)
