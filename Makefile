@@ -22,7 +22,15 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check sidecar trainer tests bench
+	$(PY) -m ruff check sidecar trainer tests bench models
+
+# Regenerate sidecar/api from proto/ (the generated code is committed; a test checks it is in sync).
+proto: install
+	$(PY) -m sidecar.api.generate
+
+# Rebuild the bundled default models from ../shared/data (about an hour on a 2-core CPU; resumable).
+models: install
+	$(PY) models/build.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info
