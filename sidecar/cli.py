@@ -158,7 +158,8 @@ def summary(config: Config, engine_description: dict, path: Path) -> list[str]:
     backends = sorted(set(r.categories.values()) | {r.default_model})
     lines.append(f"routing: {len(r.categories)} categories -> {len(backends)} backends ({', '.join(backends)}); "
                  f"default {r.default_model}; threshold {r.confidence_threshold}; virtual model '{r.virtual_model}'")
-    policies = ", ".join(f"{m}={p.action}" for m, p in sorted(config.pii.policies.items())) or "none"
+    policies = ", ".join(f"{m}={p.action}" + (f" (blocks {'/'.join(p.block_entities)})" if p.block_entities else "")
+                         for m, p in sorted(config.pii.policies.items())) or "none"
     lines.append(f"pii: default {config.pii.default_policy.action}; per-model {policies}; "
                  f"checksums {'on' if config.pii.checksums else 'off'}")
     lines.append(f"failure: inference {f.inference}, timeout {f.timeout_ms:g} ms, bad body {f.bad_body}")

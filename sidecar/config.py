@@ -108,9 +108,19 @@ class PiiPolicyConfig(_Section):
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
     allow_entities: list[str] = Field(default_factory=list)
     """Entity types this policy lets through untouched."""
+    block_entities: list[str] = Field(default_factory=list)
+    """Entity types that block the request whatever `action` says, so one policy can block card numbers
+    for a backend that must never see one and still mask names."""
     default_operator: OperatorConfig = OperatorConfig()
     operators: dict[str, OperatorConfig] = Field(default_factory=dict)
     """Entity type -> operator, overriding default_operator."""
+
+    @model_validator(mode="after")
+    def _allow_or_block(self) -> PiiPolicyConfig:
+        both = sorted(set(self.allow_entities) & set(self.block_entities))
+        if both:
+            raise ValueError(f"{', '.join(both)} in both allow_entities and block_entities")
+        return self
 
 
 class PiiConfig(_Section):

@@ -67,7 +67,12 @@ def kept_spans(spans: Iterable[Span], policy: PiiPolicyConfig) -> list[Span]:
 
 
 def pii_verdict(spans: Iterable[Span], policy: PiiPolicyConfig) -> PiiVerdict:
-    """allow when nothing is kept; otherwise the policy's action (an ``allow`` policy still reports types)."""
+    """allow when nothing is kept; block when a kept type is in ``block_entities``; otherwise the policy's
+    action (an ``allow`` policy still reports types)."""
     kept = tuple(kept_spans(spans, policy))
     types = tuple(sorted({s.label for s in kept}))
-    return PiiVerdict("allow" if not kept else policy.action, kept, types)
+    if not kept:
+        return PiiVerdict("allow", kept, types)
+    if not set(types).isdisjoint(policy.block_entities):
+        return PiiVerdict("block", kept, types)
+    return PiiVerdict(policy.action, kept, types)

@@ -72,3 +72,26 @@ def test_nothing_kept_means_allow_even_under_block():
 def test_allow_policy_still_reports_types():
     verdict = pii_verdict(spans(), PiiPolicyConfig(action="allow"))
     assert verdict.action == "allow" and verdict.types == ("EMAIL_ADDRESS", "PHONE_NUMBER")
+
+
+def test_block_entities_block_under_a_mask_policy():
+    verdict = pii_verdict(spans() + [Span("CREDIT_CARD", 40, 59, 1.0)],
+                          PiiPolicyConfig(action="mask", block_entities=["CREDIT_CARD", "US_SSN"]))
+    assert verdict.action == "block"
+    assert verdict.types == ("CREDIT_CARD", "EMAIL_ADDRESS", "PHONE_NUMBER")
+
+
+def test_without_a_blocked_type_the_policy_action_applies():
+    verdict = pii_verdict(spans(), PiiPolicyConfig(action="mask", block_entities=["CREDIT_CARD"]))
+    assert verdict.action == "mask"
+
+
+def test_block_entity_below_threshold_does_not_block():
+    verdict = pii_verdict(spans() + [Span("CREDIT_CARD", 40, 59, 0.3)],
+                          PiiPolicyConfig(action="mask", block_entities=["CREDIT_CARD"]))
+    assert verdict.action == "mask"
+
+
+def test_an_entity_cannot_be_both_allowed_and_blocked():
+    with pytest.raises(ValueError, match="US_SSN in both"):
+        PiiPolicyConfig(allow_entities=["US_SSN", "PERSON"], block_entities=["US_SSN"])
