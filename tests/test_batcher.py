@@ -88,6 +88,24 @@ async def test_requests_that_arrive_while_the_model_is_busy_share_one_forward_pa
         assert result.batch_size == 5
 
 
+async def test_windows_queued_in_one_loop_step_share_one_pass_without_a_timer(make):
+    backend = Fingerprint(LABELS)
+    batcher = make(backend, max_wait_ms=0)
+    inputs = [row(i, i + 1) for i in range(1, 6)]
+    results = await asyncio.gather(*(batcher.infer([ids]) for ids in inputs))
+    assert [len(c) for c in backend.calls] == [5]  # the worker waited for the step to end, not for a clock
+    for ids, [result] in zip(inputs, results, strict=True):
+        assert np.allclose(result.logits, expected(ids))
+
+
+async def test_a_window_whose_loop_never_releases_it_still_runs(make):
+    backend = Fingerprint(LABELS)
+    batcher = make(backend, max_wait_ms=0)
+    batcher._release = lambda items: None  # as if the loop stopped before the end of its step
+    [result] = await batcher.infer([row(4, 5)])
+    assert np.allclose(result.logits, expected(row(4, 5)))
+
+
 async def test_sub_batches_are_padded_only_to_their_own_longest_row(make):
     backend = Fingerprint(LABELS, gate=threading.Event())
     batcher = make(backend, max_batch_tokens=16)

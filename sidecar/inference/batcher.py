@@ -1,10 +1,16 @@
 """Dynamic micro-batching: many concurrent streams, one forward pass at a time per model.
 
 Requests put token windows on a bounded queue; one worker thread, which alone drives the backend, takes
-the first window, waits up to ``max_wait_ms`` for company (up to ``max_batch_size`` windows), drops
+the first window together with everything queued behind it (up to ``max_batch_size`` windows), drops
 windows whose caller has gone, sorts the rest by length and runs them in sub-batches padded only to their
 own longest row and bounded by ``max_batch_tokens``. Results go back to each caller's event loop with
 ``call_soon_threadsafe``, so the loop never blocks on a model.
+
+When to start a batch: a window is *released* once the event-loop step that queued it has finished, so
+every window queued in that step (a request's category and PII calls, a long text's windows, requests
+that arrived together) rides in the same pass, and a lone request never waits on a timer. A batch starts
+when its first window is released and at least ``max_wait_ms`` old (0 by default: company arrives anyway
+while the model is busy with the previous batch), or when ``max_batch_size`` windows wait.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from sidecar.errors import InferenceError, Overloaded
 from sidecar.inference.backends import Backend
 
 log = structlog.get_logger(__name__)
+
+# A window whose event loop never finishes its step (a blocked or stopped loop) stops holding back the
+# windows queued behind it after this long.
+_RELEASE_CAP_S = 0.05
 
 OnBatch = Callable[[str, int, int, float], None]
 """``on_batch(model, batch_size, tokens, infer_ms)`` after every forward pass; ``tokens`` counts real
@@ -49,6 +59,7 @@ class _Item:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float
+    released: bool = False
 
 
 def plan_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[np.ndarray]:
@@ -117,6 +128,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in windows]
         now = time.perf_counter()
+        items = [_Item(ids, f, loop, now) for ids, f in zip(windows, futures, strict=True)]
         with self._cond:
             if self._closed:
                 raise InferenceError(f"{self.name} model is closed")
@@ -127,8 +139,10 @@ class Batcher:
                         f"({self._config.max_queue})"
                     )
                 raise Overloaded(f"{self.name} queue is full ({self._config.max_queue} windows)")
-            self._queue.extend(_Item(ids, f, loop, now) for ids, f in zip(windows, futures, strict=True))
-            self._cond.notify()
+            self._queue.extend(items)
+            if len(self._queue) >= self._config.max_batch_size:
+                self._cond.notify()
+        loop.call_soon(self._release, items)  # runs once this loop step (and whoever else queues in it) is done
         if len(futures) == 1:  # the common case: skip gather's bookkeeping
             return [await futures[0]]
         return list(await asyncio.gather(*futures))
@@ -158,6 +172,12 @@ class Batcher:
         if self._thread.is_alive():
             log.warning("batcher_worker_still_running", model=self.name, waited_s=timeout_s)
         _fail(pending, InferenceError(f"{self.name} model closed before this request ran"))
+
+    def _release(self, items: list[_Item]) -> None:
+        with self._cond:
+            for item in items:
+                item.released = True
+            self._cond.notify()
 
     def _work(self) -> None:
         while (batch := self._take()) is not None:
@@ -196,15 +216,17 @@ class Batcher:
         ]
 
     def _take(self) -> list[_Item] | None:
-        """Block for the first window, then up to max_wait_ms (from its arrival) for up to max_batch_size."""
+        """Block until the first window is released and max_wait_ms old, or max_batch_size windows wait."""
         with self._cond:
             while not self._queue:
                 if self._closed:
                     return None
-                self._cond.wait()
-            deadline = self._queue[0].enqueued + self._max_wait_s
+                self._cond.wait(_RELEASE_CAP_S)  # a window is announced by its release; this catches one never released
+            first = self._queue[0]
+            ready = first.enqueued + self._max_wait_s
+            cap = first.enqueued + max(self._max_wait_s, _RELEASE_CAP_S)
             while len(self._queue) < self._config.max_batch_size and not self._closed:
-                remaining = deadline - time.perf_counter()
+                remaining = (ready if first.released else cap) - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
