@@ -32,5 +32,11 @@ proto: install
 models: install
 	$(PY) models/build.py
 
+# Envoy + sidecar + mock backends on loopback ports, a few requests through them, then everything stops.
+# DEMO_ARGS=--keep-running leaves the gateway up; DEMO_ARGS="--models-dir DIR" uses other models.
+DEMO_ARGS ?=
+demo: install
+	$(PY) -m sidecar.demo $(DEMO_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -186,6 +186,14 @@ def local_envoy_config(config: Mapping[str, Any], endpoints: Mapping[str, tuple[
     return out
 
 
+def without_ext_proc(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` without the ext_proc HTTP filter: Envoy routes every request by itself, no sidecar asked."""
+    out = copy.deepcopy(dict(config))
+    for hcm in _http_connection_managers(out):
+        hcm["http_filters"] = [f for f in hcm.get("http_filters", []) if f.get("name") != EXT_PROC_FILTER]
+    return out
+
+
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """`overrides` merged into `base`: mappings merge key by key, anything else (lists, None) replaces."""
     out = dict(base)
@@ -273,11 +281,14 @@ class Stack:
         ready_timeout_s: float = 120.0,
         python: str = sys.executable,
         env: Mapping[str, str] | None = None,
+        ext_proc: bool = True,
     ):
         """`router_overrides` are merged into router.yaml (mappings key by key); `router_edit` may then change
         the parsed YAML in place (to replace a whole mapping). Relative model paths resolve against
         router.yaml's folder, as the sidecar itself does. `workdir` keeps configs and logs (default: a
-        temporary folder removed on stop). `env` adds variables for the child processes."""
+        temporary folder removed on stop). `env` adds variables for the child processes. `ext_proc=False` runs
+        Envoy without its ext_proc filter and starts no sidecar: Envoy straight to the backends, the
+        baseline the benchmarks subtract to get the sidecar's own cost."""
         self.envoy_source = Path(envoy_config).resolve()
         self.router_source = Path(router_config).resolve()
         self.router_overrides = dict(router_overrides or {})
@@ -288,6 +299,7 @@ class Stack:
         self.ready_timeout_s = ready_timeout_s
         self.python = python
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.ext_proc = ext_proc
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else None
         self.layout: EnvoyLayout | None = None
@@ -320,8 +332,9 @@ class Stack:
         try:
             self._prepare()
             self._start_mocks()
-            self._start_sidecar_process()
-            self._wait_sidecar()
+            if self.ext_proc:
+                self._start_sidecar_process()
+                self._wait_sidecar()
             self._start_envoy()
         except BaseException:
             self.stop()
@@ -464,12 +477,15 @@ class Stack:
         endpoints = {name: _host_port(url) for name, url in self.backends.items()}
         endpoints[self.layout.sidecar_cluster] = (HOST, self._sidecar_port)
         config = local_envoy_config(self.envoy_data, endpoints)
+        if not self.ext_proc:
+            config = without_ext_proc(config)
         self.envoy_config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         admin_file = self.workdir / "envoy-admin-address"
         admin_file.unlink(missing_ok=True)
         argv = [self.envoy_bin, "-c", str(self.envoy_config_path), "--log-level", self.envoy_log_level,
                 "--disable-hot-restart", "--admin-address-path", str(admin_file),
-                "--log-path", str(self.workdir / "logs" / "envoy-server.log")]
+                "--log-path", str(self.workdir / "logs" / "envoy-server.log"),
+                "--file-flush-interval-msec", "100"]  # access log lines readable at once, not after 10 s
         if self.envoy_concurrency:
             argv += ["--concurrency", str(self.envoy_concurrency)]
         child = self._spawn("envoy", argv)
@@ -598,11 +614,27 @@ class Stack:
                     entries.append(json.loads(line))
         return entries
 
+    def access_log_entry(self, request_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The access log entry of one request (by the ``x-request-id`` a backend received), once written."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for entry in self.access_log():
+                if entry.get("request_id") == request_id:
+                    return entry
+            if time.monotonic() > deadline:
+                raise StackError(f"no access log entry for request {request_id} after {timeout_s:g} s")
+            time.sleep(0.05)
+
     def envoy_stats(self, prefix: str = "") -> dict[str, int]:
         """Envoy's counters and gauges whose names start with `prefix`."""
         text = http("GET", self.admin_url + "/stats?format=json")[1]
         stats = json.loads(text).get("stats", [])
         return {s["name"]: s["value"] for s in stats if "value" in s and s["name"].startswith(prefix)}
+
+    def processes(self) -> dict[str, int]:
+        """Pid of each running process the stack started (name -> pid): to read their CPU time, say."""
+        with self._lock:
+            return {name: child.process.pid for name, child in self._children.items() if child.running}
 
     def logs(self) -> dict[str, Path]:
         """Log file of each process (name -> path)."""
