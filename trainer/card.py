@@ -104,6 +104,7 @@ def render_card(results: dict[str, Any]) -> str:
     if parity:
         lines += ["## Export", "", "ONNX files checked against the PyTorch logits on fixed texts:", "",
                   "| check | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in parity), ""]
+    lines += _yardsticks(results)
     lines += [
         "## Intended use",
         "",
@@ -116,6 +117,46 @@ def render_card(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _yardsticks(results: dict[str, Any]) -> list[str]:
+    """Sections a build recipe may add to eval_results.json: a baseline, the served runtimes' accuracy,
+    the PII catch rate through the sidecar, and notes on any shortfall."""
+    lines: list[str] = []
+    served = results.get("served_accuracy")
+    if served:
+        lines += ["## Accuracy as served (sidecar engine, validation set)", "",
+                  "| runtime | accuracy | weighted F1 |", "|---|---|---|",
+                  *(f"| {rt} | {r['accuracy']:.4f} | {r['f1_weighted']:.4f} |" for rt, r in served.items()), ""]
+    baseline = results.get("baseline")
+    if baseline:
+        lines += ["## Baseline on the same rows", "",
+                  f"{baseline['model']}, trained on the same {baseline['train_rows']} rows and scored on the "
+                  f"same {baseline['validation_rows']} validation rows: accuracy {baseline['accuracy']:.4f}, "
+                  f"weighted F1 {baseline['f1_weighted']:.4f}.", ""]
+    routing = results.get("confidence_threshold")
+    if routing:
+        lines += ["## Confidence threshold (router fallback to the default model)", "",
+                  "| threshold | share routed by category | accuracy of those |", "|---|---|---|",
+                  *(f"| {t} | {r['coverage']:.3f} | {r['accuracy']:.4f} |" for t, r in routing.items()), ""]
+    catch = results.get("catch_rate")
+    if catch:
+        lines += ["## Catch rate through the sidecar", "",
+                  "An entity is caught when every non-space character of it is masked under the default "
+                  "policy (score threshold included); false masks are masked characters outside every "
+                  "labelled entity.", ""]
+        for mode, sources in catch.items():
+            for source, r in sources.items():
+                lines += [f"**{source}, {mode.replace('_', ' ')}**: {r['caught']:.1%} of {r['entities']} "
+                          f"entities caught; {r['false_mask_char_share']:.1%} of masked characters are false "
+                          "masks.", "",
+                          "| entity type | entities | caught |", "|---|---|---|",
+                          *(f"| {k} | {v['entities']} | {v['caught']:.1%} |" for k, v in r["per_type"].items()),
+                          ""]
+    notes = results.get("notes")
+    if notes:
+        lines += ["## How far it is from its targets", "", *(f"- {n}" for n in notes), ""]
+    return lines
 
 
 def _validation(data: dict[str, Any]) -> str:
