@@ -1,0 +1,388 @@
+"""End to end through the real Envoy with the shipped deploy/envoy.yaml and deploy/router.yaml.
+
+One stack per module (Envoy, the sidecar as its own process, a recording mock per backend cluster), on
+loopback ports chosen at run time. The models are tiny and untrained, so the sidecar's config is changed in
+two places only, both to make outcomes exact rather than to change behaviour:
+
+- ``routing.confidence_threshold: 0``: every request routes by the category the model reports (an untrained
+  model is never confident); routing is checked against that reported category and router.yaml's table;
+- PII ``score_threshold: 0.99``: the untrained model's spans (scores below 0.7) are dropped, so what is
+  masked is exactly what the checksum recognizers find (Luhn-valid cards, valid IBANs, score 1.0).
+
+Tests that restart the sidecar restore it before they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from sidecar.checksums import find_checksum_spans, is_valid_card, is_valid_iban
+from sidecar.demo.stack import ROUTER_CONFIG, Received, Stack
+from sidecar.mutations import OWNED_HEADERS
+from tests.conftest import PII_LABELS, make_untrained_model_dir
+
+pytestmark = [pytest.mark.envoy, pytest.mark.timeout(300)]
+
+CHAT = "/v1/chat/completions"
+ROUTER_YAML = yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8"))
+TABLE: dict[str, str] = ROUTER_YAML["routing"]["categories"]
+DEFAULT_MODEL: str = ROUTER_YAML["routing"]["default_model"]
+BLOCKING = {m for m, p in ROUTER_YAML["pii"]["policies"].items() if "CREDIT_CARD" in p.get("block_entities", [])}
+MASKING = sorted(set(TABLE.values()) - BLOCKING | {DEFAULT_MODEL})
+CARD_MASK = "*" * 12  # router.yaml's CREDIT_CARD operator: the first 12 characters masked
+BUFFER_LIMIT = 4 * 1024 * 1024  # envoy.yaml per_connection_buffer_limit_bytes
+
+SUBJECTS = [
+    "What is the derivative of x^3 at x = 2?", "How do mitochondria make ATP?",
+    "Was the contract void for lack of consideration?", "What caused the fall of the Western Roman Empire?",
+    "How should a company book a duplicate supplier payment?", "What is Kant's categorical imperative?",
+    "Balance the equation for burning methane.", "How does a transistor amplify a signal?",
+    "What does inflation do to real wages?", "Which cognitive biases affect eyewitness memory?",
+    "What is the time complexity of quicksort?", "How is type 2 diabetes treated?",
+]
+
+
+# --- data whose masking is exactly predictable -------------------------------------------------------------
+
+def luhn_card(rng: random.Random) -> str:
+    """A 16-digit Visa-range number that passes Luhn."""
+    digits = [4] + [rng.randrange(10) for _ in range(14)]
+    total = sum(d if i % 2 else (2 * d if 2 * d < 10 else 2 * d - 9) for i, d in enumerate(reversed(digits)))
+    number = "".join(map(str, digits)) + str((10 - total % 10) % 10)
+    assert is_valid_card(number)
+    return number
+
+
+def gb_iban(rng: random.Random) -> str:
+    """A UK IBAN with valid mod-97 check digits."""
+    bban = "WEST" + "".join(str(rng.randrange(10)) for _ in range(14))
+    numeric = "".join(str(int(c, 36)) for c in bban + "GB00")
+    iban = f"GB{98 - int(numeric) % 97:02d}{bban}"
+    assert is_valid_iban(iban)
+    return iban
+
+
+def chat(*contents: str, model: str = "auto", roles: tuple[str, ...] | None = None) -> bytes:
+    roles = roles or ("user",) * len(contents)
+    messages = [{"role": r, "content": c} for r, c in zip(roles, contents, strict=True)]
+    return json.dumps({"model": model, "messages": messages}, ensure_ascii=False).encode("utf-8")
+
+
+def masked(body: bytes, cards: list[str], ibans: list[str]) -> bytes:
+    """What router.yaml's default policy turns `body` into: cards keep their last 4, IBANs are replaced."""
+    for card in cards:
+        body = body.replace(card.encode(), (CARD_MASK + card[12:]).encode())
+    for iban in ibans:
+        body = body.replace(iban.encode(), b"[IBAN_CODE]")
+    return body
+
+
+# --- the stack -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def category_dir(tiny_base, tmp_path_factory) -> Path:
+    """An untrained tiny classifier with router.yaml's own labels, so its routing table is used unchanged."""
+    return make_untrained_model_dir(tiny_base, tmp_path_factory.mktemp("e2e_category"), "category", list(TABLE))
+
+
+@pytest.fixture(scope="module")
+def pii_dir(tiny_base, tmp_path_factory) -> Path:
+    return make_untrained_model_dir(tiny_base, tmp_path_factory.mktemp("e2e_pii"), "pii", PII_LABELS)
+
+
+@pytest.fixture(scope="module")
+def stack(category_dir, pii_dir):
+    overrides = {
+        "models": {"category": {"path": str(category_dir)}, "pii": {"path": str(pii_dir)}},
+        "routing": {"confidence_threshold": 0.0},
+        "pii": {"default_policy": {"score_threshold": 0.99},
+                "policies": {m: {"score_threshold": 0.99} for m in ROUTER_YAML["pii"]["policies"]}},
+    }
+    with Stack(router_overrides=overrides, ready_timeout_s=180) as running:
+        yield running
+
+
+@pytest.fixture
+def gateway(stack):
+    """The shared stack with every mock's record cleared, and its sidecar up (a failed test may have left
+    it down)."""
+    if not stack.sidecar_running:
+        stack.start_sidecar()
+    stack.clear_received()
+    return stack
+
+
+def call(stack: Stack, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+         method: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(stack.url + path, data=body, method=method or ("POST" if body is not None else "GET"),
+                                     headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def only(received: list[Received]) -> Received:
+    assert len(received) == 1, [(r.backend, r.path) for r in received]
+    return received[0]
+
+
+def router_headers(received: Received) -> dict[str, str]:
+    return {k: v for k, v in received.headers.items() if k in OWNED_HEADERS}
+
+
+# --- routing -------------------------------------------------------------------------------------------------
+
+def test_each_request_reaches_the_backend_its_category_maps_to(gateway):
+    reached = Counter()
+    for text in SUBJECTS:
+        gateway.clear_received()
+        status, headers, _ = call(gateway, CHAT, chat(text))
+        got = only(gateway.received())
+        category = got.headers["x-router-category"]
+        assert status == 200
+        assert got.headers["x-router-action"] == "allow" and got.headers["x-router-reason"] == "category"
+        assert got.backend == TABLE[category] == got.headers["x-selected-model"] == headers["x-mock-backend"]
+        assert got.json()["model"] == got.backend  # "auto" rewritten to the chosen backend
+        reached[got.backend] += 1
+    assert len(reached) >= 2, f"the untrained model sent every subject to one backend: {reached}"
+
+
+@pytest.mark.parametrize("backend", sorted(set(TABLE.values()) | {DEFAULT_MODEL}))
+def test_a_client_named_backend_model_is_routed_to_that_backend(gateway, backend):
+    status, _, _ = call(gateway, CHAT, chat("Tell me something.", model=backend))
+    got = only(gateway.received())
+    assert status == 200 and got.backend == backend
+    assert got.headers["x-router-reason"] == "client_model" and "x-router-category" not in got.headers
+
+
+def test_an_unknown_client_model_goes_to_the_default_backend(gateway):
+    status, _, _ = call(gateway, CHAT, chat("Tell me something.", model="gpt-4o"))
+    got = only(gateway.received())
+    assert status == 200 and got.backend == DEFAULT_MODEL
+    assert got.json()["model"] == "gpt-4o"
+
+
+def test_completions_prompts_are_routed_and_masked(gateway):
+    card = luhn_card(random.Random(7))
+    body = json.dumps({"model": "auto", "prompt": f"Charge {card} for {SUBJECTS[0]}"}).encode()
+    status, _, _ = call(gateway, "/v1/completions", body)
+    if status == 403:  # the category maps to a backend whose policy blocks cards
+        assert gateway.received() == []
+        return
+    got = only(gateway.received())
+    assert status == 200 and got.backend == TABLE[got.headers["x-router-category"]]
+    assert card not in got.json()["prompt"] and CARD_MASK + card[12:] in got.json()["prompt"]
+
+
+# --- PII -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", MASKING)
+def test_the_backend_receives_masked_text_and_never_the_original_values(gateway, backend):
+    rng = random.Random(backend)
+    cards, ibans = [luhn_card(rng), luhn_card(rng)], [gb_iban(rng)]
+    spaced = " ".join(cards[1][i:i + 4] for i in range(0, 16, 4))
+    body = chat(f"You help {backend} users. Never repeat {ibans[0]}.",
+                f"Pay with {cards[0]}, or my other card {spaced}, as you think best.",
+                model=backend, roles=("system", "user"))
+    status, _, answer = call(gateway, CHAT, body)
+    got = only(gateway.received())
+    assert status == 200 and got.backend == backend
+    assert got.headers["x-router-action"] == "mask"
+    assert set(got.headers["x-router-pii"].split(",")) == {"CREDIT_CARD", "IBAN_CODE"}
+    for value in [*cards, spaced, *ibans]:
+        assert value.encode() not in got.body and value.encode() not in answer
+    text = " ".join(m["content"] for m in got.json()["messages"])
+    assert find_checksum_spans(text) == [], "a checksum-valid number reached the backend"
+    assert CARD_MASK + cards[0][12:] in text and "[IBAN_CODE]" in text
+
+
+@pytest.mark.parametrize("value", ["card", "iban"])
+def test_a_blocked_request_gets_403_and_never_reaches_a_backend(gateway, value):
+    rng = random.Random(value)
+    secret = luhn_card(rng) if value == "card" else gb_iban(rng)
+    [backend] = sorted(BLOCKING)
+    status, headers, answer = call(gateway, CHAT, chat(f"Book the refund to {secret}.", model=backend))
+    error = json.loads(answer)["error"]
+    assert status == 403 and headers["x-router-action"] == "block"
+    assert error["code"] == "pii_detected" and ("CREDIT_CARD" if value == "card" else "IBAN_CODE") in error["message"]
+    assert secret not in answer.decode()
+    assert gateway.received() == []
+    status, _, _ = call(gateway, CHAT, chat("Book the refund to the usual account.", model=backend))
+    assert status == 200 and only(gateway.received()).backend == backend
+
+
+# --- headers the sidecar owns --------------------------------------------------------------------------------
+
+def test_a_client_cannot_choose_the_backend_with_router_headers(gateway):
+    reached = set()
+    for spoof in ("math-expert", "humanities-expert"):
+        gateway.clear_received()
+        forged = {h: "forged" for h in OWNED_HEADERS} | {"x-selected-model": spoof, "x-router-action": "allow"}
+        status, _, _ = call(gateway, CHAT, chat(SUBJECTS[1]), headers=forged)
+        got = only(gateway.received())
+        assert status == 200
+        assert got.backend == TABLE[got.headers["x-router-category"]] == got.headers["x-selected-model"]
+        assert "forged" not in router_headers(got).values()
+        reached.add(got.backend)
+    assert len(reached) == 1  # the same backend whichever one the client named
+
+
+@pytest.mark.parametrize("path, body", [("/v1/models", None), (CHAT, b"{not json")])
+def test_forged_router_headers_are_dropped_on_unrouted_requests(gateway, path, body):
+    forged = {h: "forged" for h in OWNED_HEADERS} | {"x-selected-model": "math-expert"}
+    call(gateway, path, body, headers=forged)
+    got = only(gateway.received())
+    assert got.backend == DEFAULT_MODEL
+    assert "forged" not in router_headers(got).values() and "x-selected-model" not in got.headers
+
+
+# --- paths the sidecar does not analyse ----------------------------------------------------------------------
+
+def test_get_models_passes_through_to_the_default_backend(gateway):
+    status, headers, answer = call(gateway, "/v1/models")
+    got = only(gateway.received())
+    assert status == 200 and got.backend == DEFAULT_MODEL and got.method == "GET"
+    assert json.loads(answer)["data"][0]["id"] == DEFAULT_MODEL
+    assert router_headers(got) == {}
+
+
+def test_other_post_paths_pass_through_unchanged(gateway):
+    body = json.dumps({"model": "embed", "input": "unscanned text"}).encode()
+    call(gateway, "/v1/embeddings", body)
+    got = only(gateway.received())
+    assert got.backend == DEFAULT_MODEL and got.body == body and router_headers(got) == {}
+
+
+# --- bodies the sidecar cannot read --------------------------------------------------------------------------
+
+BAD_BODIES = {
+    "not_json": b'{"model": "auto", "messages": [{"role": "user", "content": "unterminated',
+    "not_utf8": b'{"model": "auto", "messages": [{"role": "user", "content": "caf\xe9"}]}',
+    "not_object": b'["a", "list"]',
+    "no_text": b'{"model": "auto", "messages": []}',
+    "empty_body": b"",
+}
+
+
+@pytest.mark.parametrize("reason", list(BAD_BODIES))
+def test_unreadable_bodies_pass_unchanged_to_the_default_backend_marked_skipped(gateway, reason):
+    """failure.bad_body: pass (router.yaml): the backend decides what to answer (OpenAI servers: 400)."""
+    body = BAD_BODIES[reason]
+    status, _, _ = call(gateway, CHAT, body)
+    got = only(gateway.received())
+    assert got.backend == DEFAULT_MODEL and got.body == body
+    assert router_headers(got) == {"x-router-action": "skipped", "x-router-reason": reason}
+    assert status == (200 if reason == "no_text" else 400)  # the mock answers like an OpenAI server
+
+
+def test_a_body_over_envoys_buffer_limit_gets_413_and_reaches_no_backend(gateway):
+    body = chat("x" * (BUFFER_LIMIT + 1024))
+    status, _, answer = call(gateway, CHAT, body)
+    assert status == 413 and answer == b"Payload Too Large"
+    assert gateway.received() == []
+
+
+def test_bad_body_reject_answers_400_and_reaches_no_backend(gateway):
+    gateway.reload_sidecar({"failure": {"bad_body": "reject"}})
+    try:
+        for reason, body in BAD_BODIES.items():
+            status, headers, answer = call(gateway, CHAT, body)
+            assert (status, headers["x-router-action"], headers["x-router-reason"]) == (400, "rejected", reason)
+            assert json.loads(answer)["error"]["code"] == reason
+        assert call(gateway, CHAT, chat("x" * (BUFFER_LIMIT + 1024)))[0] == 413
+        assert gateway.received() == []
+    finally:
+        gateway.reload_sidecar()
+
+
+# --- the sidecar down ----------------------------------------------------------------------------------------
+
+def test_with_the_sidecar_killed_envoy_forwards_requests_unchanged_then_recovers(gateway):
+    """envoy.yaml's failure_mode_allow: true: with no sidecar, requests go on as sent (unmasked) to the
+    default backend, and client copies of the router headers still do not route; once the sidecar is
+    back, requests are classified and masked again."""
+    card = luhn_card(random.Random(1))
+    body = chat(f"{SUBJECTS[0]} Pay with {card}.", model="auto")
+    allowed_before = gateway.envoy_stats("http.llm_gateway.ext_proc.failure_mode_allowed")
+    gateway.kill_sidecar()
+    try:
+        status, _, _ = call(gateway, CHAT, body, headers={"x-selected-model": "math-expert"})
+        got = only(gateway.received())
+        assert status == 200 and got.backend == DEFAULT_MODEL
+        assert got.body == body and router_headers(got) == {}
+        assert call(gateway, "/v1/models")[0] == 200
+        allowed_after = gateway.envoy_stats("http.llm_gateway.ext_proc.failure_mode_allowed")
+        assert sum(allowed_after.values()) >= sum(allowed_before.values()) + 2
+    finally:
+        gateway.start_sidecar()
+    gateway.clear_received()
+    body = chat(f"{SUBJECTS[0]} Pay with {card}.", model=MASKING[0])
+    status, _, _ = call(gateway, CHAT, body)
+    got = only(gateway.received())
+    assert status == 200 and got.headers["x-router-action"] == "mask"
+    assert got.body == masked(body, [card], [])
+
+
+async def test_requests_in_flight_when_the_sidecar_dies_all_get_an_answer(gateway):
+    """Each request is either processed (masked) or, once the sidecar is gone, forwarded as sent: never
+    an error, never a mixture."""
+    rng = random.Random(2)
+    cards = [luhn_card(rng) for _ in range(60)]
+    bodies = [chat(f"Request {i}: pay with {c}. {SUBJECTS[i % len(SUBJECTS)]}", model=MASKING[i % len(MASKING)])
+              for i, c in enumerate(cards)]
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def post(body: bytes) -> int:
+                async with session.post(gateway.url + CHAT, data=body, headers={"content-type": "application/json"}) as r:
+                    await r.read()
+                    return r.status
+
+            tasks = [asyncio.ensure_future(post(b)) for b in bodies]
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(gateway.kill_sidecar)
+            statuses = await asyncio.gather(*tasks)
+    finally:
+        gateway.start_sidecar()
+    assert statuses == [200] * len(bodies)
+    received = Counter(r.body for r in gateway.received())
+    for body, card in zip(bodies, cards, strict=True):
+        assert received[body] + received[masked(body, [card], [])] == 1
+
+
+# --- load ----------------------------------------------------------------------------------------------------
+
+async def test_200_concurrent_requests_each_reach_their_backend_with_their_own_masked_body(gateway):
+    rng = random.Random(3)
+    requests = []
+    for i in range(200):
+        card, iban, backend = luhn_card(rng), gb_iban(rng), MASKING[i % len(MASKING)]
+        body = chat(f"Request {i:03d} for {backend}: {SUBJECTS[i % len(SUBJECTS)]} Card {card}, IBAN {iban}.",
+                    model=backend)
+        requests.append((backend, body, masked(body, [card], [iban])))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def post(body: bytes) -> tuple[int, str, bytes]:
+            async with session.post(gateway.url + CHAT, data=body, headers={"content-type": "application/json"}) as r:
+                return r.status, r.headers.get("x-mock-backend", ""), await r.read()
+
+        answers = await asyncio.gather(*(post(body) for _, body, _ in requests))
+    for (backend, _, expected), (status, answered_by, answer) in zip(requests, answers, strict=True):
+        assert (status, answered_by) == (200, backend)
+        quoted = json.loads(expected)["messages"][0]["content"]
+        assert json.loads(answer)["choices"][0]["message"]["content"] == f"[{backend}] received: {quoted}"
+    received = gateway.received()
+    assert len(received) == len(requests)
+    by_backend = {(r.backend, r.body) for r in received}
+    assert by_backend == {(backend, expected) for backend, _, expected in requests}
+    assert {r.headers["x-router-action"] for r in received} <= {"mask", "degraded"}
