@@ -61,6 +61,14 @@ def test_plan_sorts_by_length_and_bounds_rows_and_padded_tokens():
     assert sorted(i for g in groups for i in g.tolist()) == list(range(6))
 
 
+def test_plan_does_not_pad_many_short_rows_to_one_long_row_unless_a_pass_costs_more():
+    lengths = [12] * 20 + [480] + [14] * 11
+    groups = plan_batches(lengths, max_rows=32, max_tokens=16384, pass_cost=64)
+    assert [sorted({lengths[i] for i in g.tolist()}) for g in groups] == [[12, 14], [480]]
+    assert len(plan_batches(lengths, max_rows=32, max_tokens=16384, pass_cost=100_000)) == 1
+    assert len(plan_batches([30] * 32, max_rows=32, max_tokens=16384, pass_cost=0)) == 1  # equal rows never split
+
+
 def test_a_row_longer_than_the_token_budget_runs_alone():
     assert [g.tolist() for g in plan_batches([40, 3], max_rows=8, max_tokens=16)] == [[1], [0]]
 

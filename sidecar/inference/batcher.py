@@ -3,8 +3,9 @@
 Requests put token windows on a bounded queue; one worker thread, which alone drives the backend, takes
 the first window together with everything queued behind it (up to ``max_batch_size`` windows), drops
 windows whose caller has gone, sorts the rest by length and runs them in sub-batches padded only to their
-own longest row and bounded by ``max_batch_tokens``. Results go back to each caller's event loop with
-``call_soon_threadsafe``, so the loop never blocks on a model.
+own longest row, cut where padding would cost more than another pass, and bounded by ``max_batch_tokens``.
+Results go back to each caller's event loop with ``call_soon_threadsafe``, so the loop never blocks on a
+model.
 
 When to start a batch: a window is *released* once the event-loop step that queued it has finished, so
 every window queued in that step (a request's category and PII calls, a long text's windows, requests
@@ -32,6 +33,12 @@ from sidecar.errors import InferenceError, Overloaded
 from sidecar.inference.backends import Backend
 
 log = structlog.get_logger(__name__)
+
+# What one more forward pass costs beyond its tokens, in tokens: the planner splits a batch only where
+# padding would waste more than this. On CPU a pass costs little over its tokens (see pass_cost); on a
+# GPU a small pass costs about what a full one does.
+CPU_PASS_COST = 64
+GPU_PASS_COST = 4096
 
 # A window whose event loop never finishes its step (a blocked or stopped loop) stops holding back the
 # windows queued behind it after this long.
@@ -62,21 +69,43 @@ class _Item:
     released: bool = False
 
 
-def plan_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[np.ndarray]:
-    """Indices of rows grouped into sub-batches: sorted by length so each pads little, each at most
-    `max_rows` rows and ``rows x longest <= max_tokens`` (a row longer than that runs alone)."""
+def plan_batches(lengths: Sequence[int], max_rows: int, max_tokens: int, pass_cost: int = 0) -> list[np.ndarray]:
+    """Indices of rows grouped into sub-batches, shortest first, each padded only to its own longest row.
+
+    Rows are sorted by length and cut into runs that minimise the padded tokens run plus `pass_cost`
+    tokens per extra forward pass (what a pass costs beyond its tokens), so 31 short questions are not
+    padded to the length of one long text in their batch, nor run one by one. Each run has at most
+    `max_rows` rows and ``rows x longest <= max_tokens`` (a row longer than that runs alone).
+    """
     order = np.argsort(np.asarray(lengths), kind="stable")
+    sizes = [int(lengths[i]) for i in order.tolist()]
+    n = len(sizes)
+    if n <= 1:
+        return [order] if n else []
+    best = [0] * (n + 1)  # best[i]: least cost of the first i rows (sorted)
+    cut = [0] * (n + 1)  # cut[i]: where the last run of those rows starts
+    for i in range(1, n + 1):
+        longest = sizes[i - 1]
+        first = max(0, i - max(1, min(max_rows, max_tokens // longest)))
+        low, at = best[first] - first * longest, first
+        for j in range(first + 1, i):  # a run j..i-1 costs (i - j) * longest; ties keep the longer run
+            cost = best[j] - j * longest
+            if cost < low:
+                low, at = cost, j
+        best[i] = low + i * longest + pass_cost
+        cut[i] = at
     groups: list[np.ndarray] = []
-    begin = 0
-    for i in range(1, len(order) + 1):
-        if i == len(order):
-            groups.append(order[begin:i])
-            break
-        rows = i - begin + 1
-        if rows > max_rows or rows * lengths[order[i]] > max_tokens:
-            groups.append(order[begin:i])
-            begin = i
+    i = n
+    while i > 0:
+        groups.append(order[cut[i] : i])
+        i = cut[i]
+    groups.reverse()
     return groups
+
+
+def pass_cost(providers: Sequence[str]) -> int:
+    """The planner's price of one more forward pass for a backend running on `providers`."""
+    return GPU_PASS_COST if any(p in ("CUDAExecutionProvider", "cuda") for p in providers) else CPU_PASS_COST
 
 
 def pad(rows: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,6 +135,7 @@ class Batcher:
         self._config = config
         self._max_wait_s = config.max_wait_ms / 1000.0
         self._pad_id = pad_id
+        self._pass_cost = pass_cost(getattr(backend, "providers", ()))
         self._on_batch = on_batch
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
@@ -151,7 +181,7 @@ class Batcher:
         """Offline path (no queue, no wait): all windows sorted by length and run in packed batches
         on the caller's thread; logits come back in input order."""
         out: list[np.ndarray] = [np.empty(0)] * len(windows)
-        plan = plan_batches([len(w) for w in windows], self._config.max_batch_size, self._config.max_batch_tokens)
+        plan = plan_batches([len(w) for w in windows], self._config.max_batch_size, self._config.max_batch_tokens, self._pass_cost)
         for group in plan:
             rows = [windows[i] for i in group]
             logits, _ = self._forward(rows)
@@ -191,7 +221,7 @@ class Batcher:
 
     def _run(self, items: list[_Item]) -> None:
         """Run one collected batch as length-sorted sub-batches; a failure fails only its sub-batch."""
-        plan = plan_batches([len(it.ids) for it in items], self._config.max_batch_size, self._config.max_batch_tokens)
+        plan = plan_batches([len(it.ids) for it in items], self._config.max_batch_size, self._config.max_batch_tokens, self._pass_cost)
         for group in plan:
             sub = [it for it in (items[i] for i in group) if not it.future.cancelled()]
             if not sub:
