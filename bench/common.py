@@ -1,0 +1,184 @@
+"""What the bench scripts share: the machine they ran on, inputs of exact token lengths, timing, output.
+
+Every script writes one JSON document with the same ``machine`` block, so a number is never separated
+from the hardware (and the load) it was taken on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DEFAULT_MODELS = [ROOT / "models" / "category", ROOT / "models" / "pii"]
+# Where `make models` keeps the full model directories (fp32 ONNX, PyTorch weights) that the shipped,
+# INT8-only directories leave out; looked up by the shipped directory's name.
+FULL_MODELS = ROOT / "build" / "models"
+DATA = ROOT / "build" / "models" / "data"
+
+# Used when no validation file is at hand (a fresh checkout, the smoke test): plain English prose.
+FALLBACK_CORPUS = (
+    "The committee met on Tuesday to review the budget for the coming year and agreed that the new "
+    "laboratory should open in the spring. Several members asked how the hospital would pay for the extra "
+    "staff, and the treasurer explained that the grant covers salaries for the first three years. A student "
+    "wanted to know whether the derivative of a product is the product of the derivatives; the lecturer "
+    "wrote the product rule on the board and worked through two examples. Contracts signed under duress are "
+    "generally voidable, and the court will look at whether the party had a reasonable alternative. "
+    "Mitochondria produce most of the cell's energy through oxidative phosphorylation, while chloroplasts "
+    "capture light. Interest rates rose again last quarter, which made mortgages more expensive for first "
+    "time buyers in most large cities. "
+)
+
+
+def machine(device: str = "cpu") -> dict:
+    """CPU model, cores, memory, library versions, load average and (on CUDA) the GPU."""
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "device": device,
+    }
+    for module in ("onnxruntime", "torch", "transformers", "tokenizers"):
+        with contextlib.suppress(ImportError):
+            info[module] = __import__(module).__version__
+    if device == "cuda" and shutil.which("nvidia-smi"):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, check=False,
+        )
+        info["gpu"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def busy_processes(pattern: str = "models/build.py") -> bool:
+    """Whether a known heavy job (the model build) shares the machine: such numbers are marked contended."""
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
+    return any(int(p) != os.getpid() for p in out.stdout.split())
+
+
+def corpus_texts(files: Sequence[Path] = (), fallback: bool = True) -> list[str]:
+    """Texts to cut inputs from: the `text`/`full_text` field of JSONL files, else (with `fallback`) the
+    built-in prose."""
+    texts: list[str] = []
+    for path in files:
+        if not Path(path).is_file():
+            continue
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                texts.append(row.get("text") or row.get("full_text") or "")
+    texts = [t for t in texts if t.strip()]
+    return texts or ([FALLBACK_CORPUS] if fallback else [])
+
+
+def texts_of_length(tokenizer, corpus: Sequence[str], n_tokens: int, count: int, seed: int = 0) -> list[str]:
+    """`count` different texts that each tokenize (without special tokens) to exactly `n_tokens` tokens.
+
+    Each is a stretch of the joined corpus cut at a token edge; a cut that re-tokenizes shorter is topped
+    up with one-token words, so the model sees real text and exactly the length asked for.
+    """
+    joined = " ".join(corpus)
+    while len(joined) < 40 * n_tokens * max(count, 1):
+        joined += " " + joined
+    encoding = tokenizer.encode(joined, add_special_tokens=False)
+    offsets = encoding.offsets
+    total = len(offsets)
+    rng = np.random.default_rng(seed + n_tokens)
+    out = []
+    for _ in range(count):
+        start_tok = int(rng.integers(0, max(total - 2 * n_tokens, 1)))
+        start = offsets[start_tok][0]
+        text = _cut(tokenizer, joined, offsets, start_tok, start, n_tokens)
+        out.append(text)
+    return out
+
+
+def _cut(tokenizer, joined: str, offsets, start_tok: int, start: int, n_tokens: int) -> str:
+    def length(t: str) -> int:
+        return len(tokenizer.encode(t, add_special_tokens=False).ids)
+
+    for k in range(n_tokens, 0, -1):
+        text = joined[start : offsets[start_tok + k - 1][1]]
+        have = length(text)
+        if have > n_tokens:
+            continue
+        while have < n_tokens:
+            text += " a"
+            have = length(text)
+        if have == n_tokens:
+            return text
+    raise ValueError(f"could not make a text of exactly {n_tokens} tokens")
+
+
+def timeit(fn: Callable[[], object], min_time_s: float, min_reps: int, warmup: int = 1) -> dict:
+    """Median and spread of `fn`'s wall time in ms over at least `min_reps` runs and `min_time_s` seconds."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - started < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    times.sort()
+    return {
+        "median_ms": round(statistics.median(times), 4),
+        "p10_ms": round(times[int(0.1 * (len(times) - 1))], 4),
+        "p90_ms": round(times[int(0.9 * (len(times) - 1))], 4),
+        "reps": len(times),
+    }
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def full_model_file(model_dir: Path, name: str, full_root: Path | None) -> Path | None:
+    """`name` in `model_dir`, else in the full build of the same model (``full_root/<dir name>``)."""
+    for d in (model_dir, full_root / model_dir.name if full_root else None):
+        if d is not None and (d / name).is_file():
+            return d / name
+    return None
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)

@@ -1,0 +1,131 @@
+"""The bench scripts run end to end on tiny models with minimal settings, so they cannot rot.
+
+These are not timed tests: they check that each script runs and writes the JSON fields the report and
+the README rely on. The numbers themselves mean nothing on an untrained tiny model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidecar.demo.stack import ROUTER_CONFIG
+from tests.conftest import make_untrained_model_dir
+from tests.factories import category_rows, write_jsonl
+from tests.inference_fakes import onnx_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["inference", "naive", "envoy", "report", "loadgen"]
+CATEGORIES = list(yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8"))["routing"]["categories"])
+PII_ROWS = [
+    {"text": "Write to john.smith@example.com about the invoice.", "spans": [{"start": 9, "end": 31, "label": "EMAIL_ADDRESS"}]},
+    {"text": "Mary Jones called from 415 555 0100 yesterday.",
+     "spans": [{"start": 0, "end": 10, "label": "PERSON"}, {"start": 23, "end": 35, "label": "PHONE_NUMBER"}]},
+]
+
+
+def run(script: str, *args: str) -> None:
+    """A bench script's main() in this process (its command line is covered by the --help test)."""
+    module = importlib.import_module(f"bench.{script}")
+    assert module.main(list(args)) == 0
+
+
+@pytest.fixture(scope="module")
+def models(tiny_base, tiny_pii_dir, tmp_path_factory) -> dict[str, Path]:
+    """Tiny untrained models: PII with weights, fp32 and INT8 ONNX (every file a full build has); category
+    with weights only (the bench must cope with a missing file) and router.yaml's labels, so the shipped
+    routing table loads unchanged."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = tmp_path_factory.mktemp("bench_models")
+    pii = shutil.copytree(onnx_copy(tiny_pii_dir, tmp_path_factory.getbasetemp()), root / "pii")
+    quantize_dynamic(pii / "model.onnx", pii / "model.int8.onnx", weight_type=QuantType.QInt8)
+    category = make_untrained_model_dir(tiny_base, root / "category", "category", CATEGORIES)
+    return {"category": category, "pii": pii}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench_data")
+    rows = [{"text": r["text"], "label": CATEGORIES[i % len(CATEGORIES)]} for i, r in enumerate(category_rows(4))]
+    return {"category": write_jsonl(root / "category.jsonl", rows), "pii": write_jsonl(root / "pii.jsonl", PII_ROWS)}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench_results")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_runs_from_the_command_line_and_explains_itself(script):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--help"], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0 and "usage" in out.stdout, out.stderr[-2000:]
+
+
+def test_inference_times_floor_and_engine_and_checks_int8_accuracy(models, data, results):
+    run("inference", str(models["category"]), str(models["pii"]), "--lengths", "16,32", "--batches", "1,2",
+        "--min-time", "0", "--min-reps", "1", "--full-models", str(results / "none"),
+        "--category-data", str(data["category"]), "--pii-data", str(data["pii"]), "--corpus",
+        "--out", str(results / "inference.json"), "--plot", str(results / "inference.png"))
+    doc = json.loads((results / "inference.json").read_text())
+    assert {"machine", "contended", "settings", "models", "accuracy", "summary"} <= doc.keys()
+    assert {"cpu", "cores"} <= doc["machine"].keys()
+    kinds = {m["task"]: {(r["path"], r["runtime"]) for r in m["rows"]} for m in doc["models"]}
+    assert kinds["pii"] == {("floor", "onnx-int8"), ("floor", "onnx"), ("floor", "torch"), ("engine", "onnx-int8")}
+    assert kinds["category"] == {("floor", "torch"), ("engine", "torch")}
+    assert set(doc["models"][0]["skipped"]) == {"onnx-int8", "onnx"}
+    for model in doc["models"]:
+        engine = [r for r in model["rows"] if r["path"] == "engine"]
+        assert len(engine) == 4 and all(r["ratio_to_floor"] > 0 and r["passes_per_call"] >= 1 for r in engine)
+        assert model["single_request_passes"]["short"]["passes"] == 1
+        assert model["padding"]["planned_padded_per_real"] >= 1
+    assert doc["accuracy"]["category"]["metrics"].keys() == {"torch"}
+    acc = doc["accuracy"]["pii"]
+    assert acc["metrics"].keys() == {"onnx", "onnx-int8", "torch"}
+    assert isinstance(acc["int8_within_1_point"], bool)
+    assert doc["summary"]["engine_to_floor_median"] > 0
+    assert (results / "inference.png").stat().st_size > 0
+
+
+def test_naive_compares_pipelines_with_the_engine(models, results):
+    run("naive", "--category", str(models["category"]), "--pii", str(models["pii"]), "--concurrency", "1,2",
+        "--min-time", "0.2", "--texts", "4", "--corpus", "--pii-corpus",
+        "--out", str(results / "naive.json"), "--plot", str(results / "naive.png"))
+    doc = json.loads((results / "naive.json").read_text())
+    assert [r["concurrency"] for r in doc["rows"]] == [1, 2]
+    for row in doc["rows"]:
+        assert row["naive"]["requests"] > 0 and row["ours"]["requests"] > 0 and row["ratio"] > 0
+    assert doc["check"]["passes_per_request"] == {"category": 1.0, "pii": 1.0}
+
+
+@pytest.mark.envoy
+def test_envoy_runs_all_three_cases_through_the_real_envoy(models, results):
+    run("envoy", "--category", str(models["category"]), "--pii", str(models["pii"]), "--concurrency", "2",
+        "--duration", "1", "--warmup", "0", "--requests", "4", "--corpus", "--pii-corpus",
+        "--out", str(results / "envoy.json"), "--plot", str(results / "envoy.png"))
+    doc = json.loads((results / "envoy.json").read_text())
+    assert list(doc["cases"]) == ["direct", "noop", "models"]
+    for case in doc["cases"].values():
+        [row] = case["rows"]
+        assert row["requests"] > 0 and row["errors"] == 0
+        assert {"rps", "p50_ms", "p99_ms", "cpu_ms_per_request"} <= row.keys()
+    models_row = doc["cases"]["models"]["rows"][0]
+    assert models_row["sidecar"]["category"]["passes"] > 0 and models_row["sidecar"]["pii"]["passes"] > 0
+    assert "protocol_overhead_p50_ms" in doc["summary"]["per_concurrency"]["2"]
+    assert doc["request_floor"] == {"skipped": "category: not an ONNX model"}  # the tiny category model is PyTorch
+
+
+def test_report_writes_the_summary_table(results):
+    if not (results / "inference.json").exists():
+        pytest.skip("needs the other bench tests' results")
+    run("report", "--results", str(results))
+    text = (results / "summary.md").read_text()
+    assert text.startswith("## Benchmarks") and "cores" in text and "| target |" in text
