@@ -22,7 +22,7 @@ from tests.factories import category_rows, write_jsonl
 from tests.inference_fakes import onnx_copy
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["inference", "naive", "envoy", "report", "loadgen"]
+SCRIPTS = ["inference", "naive", "envoy", "report", "loadgen", "make_model"]
 CATEGORIES = list(yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8"))["routing"]["categories"])
 PII_ROWS = [
     {"text": "Write to john.smith@example.com about the invoice.", "spans": [{"start": 9, "end": 31, "label": "EMAIL_ADDRESS"}]},
@@ -129,3 +129,12 @@ def test_report_writes_the_summary_table(results):
     run("report", "--results", str(results))
     text = (results / "summary.md").read_text()
     assert text.startswith("## Benchmarks") and "cores" in text and "| target |" in text
+
+
+def test_make_model_builds_a_bigger_model_the_sidecar_can_read(models, tmp_path):
+    from sidecar.inference.model_dir import ModelDir
+
+    run("make_model", str(tmp_path / "big"), "--like", str(models["pii"]), "--size", "small", "--no-export")
+    made = ModelDir.read(tmp_path / "big")
+    assert made.task == "pii" and made.labels == ModelDir.read(models["pii"]).labels and made.has_torch_weights
+    assert json.loads((tmp_path / "big" / "config.json").read_text())["num_hidden_layers"] == 4
