@@ -146,17 +146,33 @@ def _cut(tokenizer, joined: str, offsets, start_tok: int, start: int, n_tokens: 
     raise ValueError(f"could not make a text of exactly {n_tokens} tokens")
 
 
-def timeit(fn: Callable[[], object], min_time_s: float, min_reps: int, warmup: int = 1) -> dict:
-    """Median and spread of `fn`'s wall time in ms over at least `min_reps` runs and `min_time_s` seconds."""
-    for _ in range(warmup):
+def interleaved(fns: dict[str, Callable[[], object]], min_time_s: float, min_reps: int, rounds: int = 3) -> dict[str, dict]:
+    """Wall time of each of `fns` in ms, measured in turns: `rounds` rounds, each giving every function
+    ``min_time_s / rounds`` seconds (and enough runs for `min_reps` in all), after one warm-up run each.
+
+    Taking turns matters on a shared or virtual machine, whose speed drifts by tens of percent within
+    minutes: a ratio between two functions measured side by side survives that drift, one between
+    measurements taken minutes apart does not.
+    """
+    for fn in fns.values():
         fn()
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - started < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000.0)
-    times.sort()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    per_round = max(1, -(-min_reps // rounds))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            done = 0
+            while done < per_round or time.perf_counter() - started < min_time_s / rounds:
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1000.0)
+                done += 1
+    return {name: summary(times) for name, times in samples.items()}
+
+
+def summary(times_ms: Sequence[float]) -> dict:
+    """Median and spread of timings in ms."""
+    times = sorted(times_ms)
     return {
         "median_ms": round(statistics.median(times), 4),
         "p10_ms": round(times[int(0.1 * (len(times) - 1))], 4),

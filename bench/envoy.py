@@ -7,13 +7,15 @@ floor of the same request mix (measured here after the runs).
 Every case is the shipped stack (``sidecar.demo.stack``: deploy/envoy.yaml on loopback ports, the sidecar
 from deploy/router.yaml, one mock backend per cluster), driven by ``wrk`` (closed loop: each connection
 sends its next request when the last answer arrived), or by ``bench/loadgen.py`` in its own process when
-wrk is not installed. Everything shares this machine's cores, load generator included; the CPU time each
-process spent per request is recorded so that the sharing is visible.
+wrk is not installed. The three stacks run side by side and are measured in turns at each concurrency.
+Everything shares this machine's cores, load generator included; the CPU time each process spent per
+request is recorded so that the sharing is visible.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--category", type=Path, default=DEFAULT_MODELS[0], help="category model directory")
     p.add_argument("--pii", type=Path, default=DEFAULT_MODELS[1], help="PII model directory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="models.*.device for case (c)")
+    p.add_argument("--threads", type=int, default=0, help="models.*.threads for case (c) (0: the runtime's default)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated from {', '.join(CASES)}")
     p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="open connections, comma-separated")
     p.add_argument("--duration", type=int, default=6, help="seconds per measurement")
@@ -242,52 +245,71 @@ def stack_for(case: str, args: argparse.Namespace):
         return Stack(ext_proc=False, router_overrides=NO_MODELS, **common)
     if case == "noop":
         return Stack(router_overrides=NO_MODELS, **common)
-    models = {name: {"path": str(path.resolve()), "device": args.device}
+    models = {name: {"path": str(path.resolve()), "device": args.device, "threads": args.threads}
               for name, path in (("category", args.category), ("pii", args.pii))}
     return Stack(router_overrides={"models": models}, **common)
 
 
-def run_case(case: str, args: argparse.Namespace, bodies: list[str], concurrency: list[int], workdir: Path) -> dict:
+def measure(case: str, stack, load: LoadGenerator, c: int, duration_s: int) -> dict:
+    """One closed-loop run at `c` connections, with each process's CPU time and the sidecar's counters."""
+    stack.clear_received()  # the mocks keep every request; do not let that grow across runs
+    cpu0, metrics0, up0 = process_cpu(stack), scrape(stack.metrics_url) if stack.ext_proc else {}, upstream_counts(stack)
+    result = load.run(stack.url, c, duration_s)
+    cpu1, metrics1 = process_cpu(stack), scrape(stack.metrics_url) if stack.ext_proc else {}
+    n = result["requests"]
+    seconds = result["duration_us"] / 1e6
+    lat = result["latency_us"]
+    errors = sum(v for k, v in result["errors"].items() if k != "status")  # status: answers >= 400 (blocks)
+    cpu = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
+    cpu["loadgen"] = result["cpu_s"]
+    row = {
+        "case": case, "concurrency": c, "requests": n, "seconds": round(seconds, 2),
+        "rps": round(n / seconds, 1), "errors": errors, "non_2xx": result["errors"]["status"],
+        "error_detail": result["errors"],
+        "p50_ms": round(lat["p50"] / 1000, 3), "p90_ms": round(lat["p90"] / 1000, 3),
+        "p99_ms": round(lat["p99"] / 1000, 3), "mean_ms": round(lat["mean"] / 1000, 3),
+        "max_ms": round(lat["max"] / 1000, 3),
+        "cpu_ms_per_request": {k: round(1000 * v / max(n, 1), 3) for k, v in sorted(cpu.items())},
+        "cpu_utilisation": round(sum(cpu.values()) / seconds, 2),
+        "backends": routed(stack, up0),
+    }
+    if stack.ext_proc:
+        row["sidecar"] = sidecar_view(metrics0, metrics1, n)
+        # Requests answered without running the models (the failure timeout ran out) are not inference.
+        degraded = row["sidecar"]["actions"].get("degraded", 0)
+        row["inferred_rps"] = round((n - degraded) / seconds, 1)
+    log(f"  {case:6s} c={c:2d} {row['rps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms"
+        f"  errors {errors}  cpu {row['cpu_ms_per_request']}")
+    return row
+
+
+def run_cases(cases: list[str], args: argparse.Namespace, bodies: list[str], concurrency: list[int],
+              workdir: Path) -> dict[str, dict]:
+    """All cases' stacks up at once, measured in turns at each concurrency: the differences between cases
+    are then taken within a minute of each other, not across the drift of a shared machine. An idle stack
+    costs next to nothing (health checks every few seconds)."""
     from sidecar.demo.stack import http
 
     path = "/v1/chat/completions"
-    rows = []
-    started = time.perf_counter()
-    with stack_for(case, args) as stack:
-        startup_s = round(time.perf_counter() - started, 2)
-        load = LoadGenerator(args.loadgen, bodies, path, workdir)
-        status, _ = http("POST", stack.url + path, bodies[0].encode(), timeout=30)
-        if status != 200:
-            raise RuntimeError(f"{case}: a first request answered {status}")
-        if args.warmup:
-            load.run(stack.url, max(concurrency), args.warmup)
+    load = LoadGenerator(args.loadgen, bodies, path, workdir)
+    out: dict[str, dict] = {}
+    with contextlib.ExitStack() as running:
+        stacks = {}
+        for case in cases:
+            started = time.perf_counter()
+            stacks[case] = running.enter_context(stack_for(case, args))
+            out[case] = {"case": case, "description": CASES[case], "loadgen": load.kind, "rows": [],
+                         "startup_s": round(time.perf_counter() - started, 2)}
+            status, _ = http("POST", stacks[case].url + path, bodies[0].encode(), timeout=30)
+            if status != 200:
+                raise RuntimeError(f"{case}: a first request answered {status}")
+        for stack in stacks.values():
+            if args.warmup:
+                load.run(stack.url, max(concurrency), args.warmup)
         for c in concurrency:
-            stack.clear_received()  # the mocks keep every request; do not let that grow across runs
-            cpu0, metrics0, up0 = process_cpu(stack), scrape(stack.metrics_url) if stack.ext_proc else {}, upstream_counts(stack)
-            result = load.run(stack.url, c, args.duration)
-            cpu1, metrics1 = process_cpu(stack), scrape(stack.metrics_url) if stack.ext_proc else {}
-            n = result["requests"]
-            seconds = result["duration_us"] / 1e6
-            lat = result["latency_us"]
-            errors = sum(result["errors"].values())
-            cpu = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
-            cpu["loadgen"] = result["cpu_s"]
-            row = {
-                "case": case, "concurrency": c, "requests": n, "seconds": round(seconds, 2),
-                "rps": round(n / seconds, 1), "errors": errors, "error_detail": result["errors"],
-                "p50_ms": round(lat["p50"] / 1000, 3), "p90_ms": round(lat["p90"] / 1000, 3),
-                "p99_ms": round(lat["p99"] / 1000, 3), "mean_ms": round(lat["mean"] / 1000, 3),
-                "max_ms": round(lat["max"] / 1000, 3),
-                "cpu_ms_per_request": {k: round(1000 * v / max(n, 1), 3) for k, v in sorted(cpu.items())},
-                "cpu_utilisation": round(sum(cpu.values()) / seconds, 2),
-                "backends": routed(stack, up0),
-            }
-            if stack.ext_proc:
-                row["sidecar"] = sidecar_view(metrics0, metrics1, n)
-            rows.append(row)
-            log(f"  {case:6s} c={c:2d} {row['rps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms"
-                f"  errors {errors}  cpu {row['cpu_ms_per_request']}")
-    return {"case": case, "description": CASES[case], "startup_s": startup_s, "loadgen": load.kind, "rows": rows}
+            for case, stack in stacks.items():
+                out[case]["rows"].append(measure(case, stack, load, c, args.duration))
+    return out
 
 
 # --- the single-request floor of the same mix ------------------------------------------------------
@@ -359,6 +381,7 @@ def summarize(cases: dict[str, dict], floor: dict) -> dict:
     models = [r["rps"] for (name, _), r in by.items() if name == "models"]
     if models:
         out["models_peak_rps"] = max(models)
+        out["models_peak_inferred_rps"] = max(r.get("inferred_rps", 0) for (name, _), r in by.items() if name == "models")
     if "both_mean_ms" in floor:
         out["inference_floor_ms"] = floor["both_mean_ms"]
     return out
@@ -408,16 +431,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine("cuda" if args.device == "cuda" else "cpu"),
         "contended": busy_processes(),
         "settings": {"concurrency": concurrency, "duration_s": args.duration, "warmup_s": args.warmup,
-                     "envoy_concurrency": args.envoy_concurrency, "requests": len(bodies),
+                     "envoy_concurrency": args.envoy_concurrency, "requests": len(bodies), "threads": args.threads,
                      "mean_body_bytes": round(float(np.mean([len(b.encode()) for b in bodies])), 1),
                      "category": str(args.category), "pii": str(args.pii), "device": args.device,
                      "config": "deploy/envoy.yaml and deploy/router.yaml as shipped (addresses rewritten)"},
         "cases": {},
     }
+    log("; ".join(CASES[c] for c in cases))
     with tempfile.TemporaryDirectory(prefix="bench-envoy-") as tmp:
-        for case in cases:
-            log(f"{CASES[case]}:")
-            results["cases"][case] = run_case(case, args, bodies, concurrency, Path(tmp))
+        results["cases"] = run_cases(cases, args, bodies, concurrency, Path(tmp))
     results["settings"]["loadgen"] = next(iter(results["cases"].values()))["loadgen"] if cases else None
     results["request_floor"] = request_floor(bodies, args.category, args.pii, args.device) if "models" in cases else {}
     results["summary"] = summarize(results["cases"], results["request_floor"])

@@ -34,10 +34,10 @@ from bench.common import (
     busy_processes,
     corpus_texts,
     full_model_file,
+    interleaved,
     log,
     machine,
     texts_of_length,
-    timeit,
     write_json,
 )
 
@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="tokens per sequence, CLS/SEP included")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="sequences per pass / concurrent requests")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the runtime's default)")
-    p.add_argument("--min-time", type=float, default=0.25, help="seconds each measurement runs at least")
+    p.add_argument("--min-time", type=float, default=0.25,
+                   help="seconds each runtime and the engine are timed per (length, batch), in three interleaved rounds")
     p.add_argument("--min-reps", type=int, default=3, help="runs each measurement takes at least")
     p.add_argument("--corpus", type=Path, nargs="*", default=CATEGORY_DATA + PII_DATA,
                    help="JSONL files the timed texts are cut from (built-in prose when none exists)")
@@ -192,7 +193,7 @@ def bench_model(model_dir: Path, args: argparse.Namespace, runtimes: list[str], 
     ids = {n: np.array([[md.cls_token_id, *tokenizer.encode(t, add_special_tokens=False).ids, md.sep_token_id]
                         for t in texts[n]], dtype=np.int64) for n in lengths}
     assert all(a.shape == (max(batches), n) for n, a in ids.items())
-    rows: list[dict] = []
+    runners: dict[str, object] = {}
     files: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for runtime in runtimes:
@@ -201,33 +202,34 @@ def bench_model(model_dir: Path, args: argparse.Namespace, runtimes: list[str], 
             skipped[runtime] = file
             log(f"  {runtime}: skipped ({file})")
             continue
-        files[runtime] = file
+        runners[runtime], files[runtime] = run, file
+
+    runner = EngineRunner(md.path, md.task, args.engine_runtime, args.device, args.threads)
+    engine_runtime = runner.describe["runtime"]
+    rows: list[dict] = []
+    try:
         for n in lengths:
             for b in batches:
                 x = np.ascontiguousarray(ids[n][:b])
                 mask = np.ones_like(x)
-                t = timeit(lambda run=run, x=x, mask=mask: run(x, mask), args.min_time, args.min_reps)
-                rows.append({"path": "floor", "runtime": runtime, "length": n, "batch": b, **t,
-                             "sequences_per_s": round(b / t["median_ms"] * 1000.0, 1)})
-                log(f"  floor {runtime:9s} L={n:3d} B={b:2d} {t['median_ms']:8.2f} ms")
-
-    runner = EngineRunner(md.path, md.task, args.engine_runtime, args.device, args.threads)
-    engine_runtime = runner.describe["runtime"]
-    try:
-        for n in lengths:
-            for b in batches:
                 batch = texts[n][:b]
+                fns = {rt: (lambda run=run, x=x, mask=mask: run(x, mask)) for rt, run in runners.items()}
+                fns["engine"] = lambda batch=batch: runner.serve(batch)
                 runner.passes = 0
-                t = timeit(lambda batch=batch: runner.serve(batch), args.min_time, args.min_reps)
-                calls = t["reps"] + 1  # one warm-up run
-                floor = next((r for r in rows if r["path"] == "floor" and r["runtime"] == engine_runtime
-                              and r["length"] == n and r["batch"] == b), None)
+                timed = interleaved(fns, args.min_time, args.min_reps)
+                for rt in runners:
+                    t = timed[rt]
+                    rows.append({"path": "floor", "runtime": rt, "length": n, "batch": b, **t,
+                                 "sequences_per_s": round(b / t["median_ms"] * 1000.0, 1)})
+                t = timed["engine"]
+                floor = timed.get(engine_runtime)
                 ratio = round(t["median_ms"] / floor["median_ms"], 3) if floor else None
+                passes = runner.passes / (t["reps"] + 1)  # one warm-up call
                 rows.append({"path": "engine", "runtime": engine_runtime, "length": n, "batch": b, **t,
                              "sequences_per_s": round(b / t["median_ms"] * 1000.0, 1),
-                             "passes_per_call": round(runner.passes / calls, 2), "ratio_to_floor": ratio})
-                log(f"  engine {engine_runtime:9s} L={n:3d} B={b:2d} {t['median_ms']:8.2f} ms  x{ratio}"
-                    f"  passes/call {runner.passes / calls:.2f}")
+                             "passes_per_call": round(passes, 2), "ratio_to_floor": ratio})
+                log(f"  L={n:3d} B={b:2d} " + "  ".join(f"{rt} {timed[rt]['median_ms']:.2f}" for rt in runners)
+                    + f"  engine {t['median_ms']:.2f} ms  x{ratio}  passes/call {passes:.2f}")
         single = single_request_passes(runner, corpus)
     finally:
         runner.close()
@@ -429,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"lengths": lengths, "batches": batches, "runtimes": runtimes, "engine_runtime": args.engine_runtime,
                      "threads": args.threads, "min_time_s": args.min_time, "min_reps": args.min_reps,
                      "checksums": True, "timing": "median wall time of one call: a floor call is one run of "
-                     "[batch, length] ids; an engine call is `batch` concurrent requests"},
+                     "[batch, length] ids; an engine call is `batch` concurrent requests; for each (length, "
+                     "batch) every floor and the engine take turns in three rounds"},
         "models": [],
         "accuracy": {},
     }

@@ -97,10 +97,22 @@ def envoy_tables(envoy: dict) -> str:
         row: list[object] = [c]
         for case in cases.values():
             r = next((r for r in case["rows"] if r["concurrency"] == c), None)
-            row.append("-" if r is None else f"{fmt(r['rps'], 0)}, {fmt(r['p50_ms'])} / {fmt(r['p99_ms'])}"
-                       + (f" ({r['errors']} errors)" if r["errors"] else ""))
+            if r is None:
+                row.append("-")
+                continue
+            actions = r.get("sidecar", {}).get("actions", {})
+            notes = [f"{r['errors']} errors"] if r["errors"] else []
+            if r.get("non_2xx"):
+                notes.append(f"{r['non_2xx']} refused" + (f", {actions['block']} blocked by PII policy" if actions.get("block") else ""))
+            if actions.get("degraded"):
+                notes.append(f"{100 * actions['degraded'] / max(r['requests'], 1):.0f}% degraded, "
+                             f"{fmt(r.get('inferred_rps'), 0)} req/s inferred")
+            row.append(f"{fmt(r['rps'], 0)}, {fmt(r['p50_ms'])} / {fmt(r['p99_ms'])}" + (f" ({'; '.join(notes)})" if notes else ""))
         rows.append(row)
-    out = [table(header, rows), "", "; ".join(f"**{k}** = {v['description']}" for k, v in cases.items()) + "."]
+    out = [table(header, rows), "", "; ".join(f"**{k}** = {v['description']}" for k, v in cases.items()) + ". "
+           "*Degraded*: the sidecar's `failure.timeout_ms` (250 ms) ran out while the request queued for the "
+           "models, so it went to the default backend without inference (fail open); *blocked*: refused (403) "
+           "by the PII policy, as router.yaml asks for card numbers sent to business-expert."]
     top = max(conc)
     cpu_rows = []
     for name, case in cases.items():
