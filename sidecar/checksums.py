@@ -8,9 +8,9 @@ the router uses :func:`find_checksum_spans` alone when no PII model can answer (
 from __future__ import annotations
 
 import re
-from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
-from itertools import accumulate
+
+import numpy as np
 
 from sidecar.results import Span
 
@@ -46,24 +46,44 @@ IBAN_LENGTHS: dict[str, int] = {
 }  # fmt: skip
 
 _CARD_DIGITS = (13, 19)
-# ASCII digit groups joined by single spaces or dashes, not glued to other letters or digits.
-_DIGIT_RUN = re.compile(r"(?<![^\W_])[0-9]+(?:[ -][0-9]+)*(?![^\W_])")
-_DIGIT_GROUP = re.compile(r"[0-9]+")
-# Where an IBAN can start: a country code and two check digits at the start of a word.
-_IBAN_START = re.compile(r"(?<![^\W_])[A-Za-z]{2}[0-9]{2}")
+# A run of ASCII digit groups joined by single spaces or dashes that holds at least 13 digits: the only
+# runs that can contain a card. Possessive, so a short run fails without backtracking.
+_LONG_RUN = re.compile(r"[0-9](?:[ -]?[0-9]){12,}+")
+_SEPARATOR = re.compile(r"[ -]")
+_JOIN = "|"  # between runs when they are scanned together; neither a digit nor a separator
+_DOUBLED = np.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], dtype=np.int64)  # Luhn: 2d, minus 9 above 9
+_DOUBLE_DIGITS = str.maketrans("0123456789", "0246813579")
+# Letters as ISO 13616 numbers (A=10 ... Z=35), for the mod-97 check.
+_IBAN_NUMBERS = {ord(c): str(i) for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZ", start=10)}
+
+
+def _iban_pattern() -> re.Pattern[str]:
+    """Every registered IBAN shape in one expression: a country code, two check digits and that country's
+    length of letters and digits (single spaces allowed between them), at the start of a word and ending
+    at one. Country codes form a tree (first letter, then second) so a word start costs a few tests, and
+    the repeats are possessive, so a near miss fails without backtracking. Read inside a lookahead, so
+    candidates may overlap, as a reading from every word start would allow."""
+
+    def either_case(ch: str) -> str:  # not re.IGNORECASE: it would let "K" (Kelvin sign) pass for K
+        return f"[{ch}{ch.lower()}]"
+
+    by_first: dict[str, list[str]] = {}
+    for country, length in sorted(IBAN_LENGTHS.items()):
+        by_first.setdefault(country[0], []).append(
+            f"{either_case(country[1])}[0-9]{{2}}(?: ?[A-Za-z0-9]){{{length - 4}}}+")
+    shapes = "|".join(f"{either_case(first)}(?:{'|'.join(rest)})" for first, rest in by_first.items())
+    return re.compile(rf"(?<![^\W_])(?=[A-Za-z]{{2}}[0-9]{{2}})(?=((?>{shapes}))(?![^\W_]))")
+
+
+_IBAN = _iban_pattern()
 
 
 def luhn_valid(digits: str) -> bool:
     """The Luhn mod-10 check over a string of ASCII digits."""
     if not digits.isascii() or not digits.isdigit():
         return False
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
+    kept, doubled = digits[::-1][::2], digits[::-1][1::2].translate(_DOUBLE_DIGITS)
+    return (sum(map(int, kept)) + sum(map(int, doubled))) % 10 == 0
 
 
 def card_brand(digits: str) -> str | None:
@@ -91,8 +111,7 @@ def is_valid_iban(value: str) -> bool:
         return False
     if IBAN_LENGTHS.get(iban[:2]) != len(iban) or not iban[2:4].isdigit():
         return False
-    rearranged = iban[4:] + iban[:4]
-    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+    return int((iban[4:] + iban[:4]).translate(_IBAN_NUMBERS)) % 97 == 1
 
 
 def find_checksum_spans(text: str) -> list[Span]:
@@ -145,42 +164,105 @@ def _contains_valid(label: str, fragment: str) -> bool:
 
 
 def _find_cards(text: str) -> Iterator[Span]:
-    """Within each run of digit groups, the longest whole-group stretches that are valid cards."""
-    for run in _DIGIT_RUN.finditer(text):
-        groups = [(m.start() + run.start(), m.end() + run.start()) for m in _DIGIT_GROUP.finditer(run.group())]
-        counts = list(accumulate((end - start for start, end in groups), initial=0))
-        i = 0
-        while i < len(groups):
-            # Groups j whose stretch i..j holds 13-19 digits, longest first.
-            lo = bisect_left(counts, counts[i] + _CARD_DIGITS[0]) - 1
-            hi = bisect_right(counts, counts[i] + _CARD_DIGITS[1]) - 2
-            for j in range(hi, max(lo, i) - 1, -1):
-                start, end = groups[i][0], groups[j][1]
-                if is_valid_card(text[start:end]):
-                    yield Span(CREDIT_CARD, start, end, 1.0, SOURCE)
-                    i = j
-                    break
-            i += 1
+    """Within each run of digit groups, the longest whole-group stretches that are valid cards.
+
+    Scanning from the left, the first group that starts a valid card of 13-19 digits takes the longest
+    such stretch, and the scan goes on after it. A group glued to a word (``A4111...``, ``...1111X``) is
+    not part of any number. Linear in the text: the runs are found by one regular expression, and all
+    their candidate stretches are checked together with numpy, so digit-dense text costs no Python work
+    per group.
+    """
+    runs: list[tuple[int, int]] = []
+    for m in _LONG_RUN.finditer(text):
+        start, end = m.span()
+        if start and text[start - 1].isalnum():  # its first group belongs to the word before it
+            sep = _SEPARATOR.search(text, start, end)
+            if sep is None:
+                continue
+            start = sep.end()
+        if end < len(text) and text[end].isalnum():  # its last group belongs to the word after it
+            end = max(text.rfind(" ", start, end), text.rfind("-", start, end))
+            if end < start:
+                continue
+        runs.append((start, end))
+    if runs:
+        yield from _cards_in_runs(text, runs)
+
+
+def _cards_in_runs(text: str, runs: list[tuple[int, int]]) -> Iterator[Span]:
+    """The cards in `runs` (``[start, end)`` of runs of digit groups in `text`), all checked at once."""
+    joined = _JOIN.join(text[start:end] for start, end in runs)
+    chars = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
+    at = np.flatnonzero((chars >= 48) & (chars <= 57))  # where each digit sits in `joined`
+    digits = chars[at].astype(np.int64) - 48
+    n = len(digits)
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = at[1:] != at[:-1] + 1
+    bounds = np.append(np.flatnonzero(new_group), n)  # bounds[g]: digits before group g; bounds[-1]: all
+    groups = len(bounds) - 1
+    group_at = np.full(n + 1, -1, dtype=np.int64)  # the group a digit index starts (or, at n, the end)
+    group_at[bounds] = np.arange(groups + 1)
+    new_run = np.ones(groups, dtype=bool)
+    new_run[1:] = chars[at[bounds[1:-1]] - 1] == ord(_JOIN)
+    run_of_digit = np.repeat(np.cumsum(new_run) - 1, np.diff(bounds))
+
+    # Candidate starts: groups with room for 13 digits whose first digit can begin a brand's number.
+    begin = bounds[:-1]
+    first = np.flatnonzero((begin + _CARD_DIGITS[0] <= n) & (digits[np.minimum(begin, n - 1)] >= 2)
+                           & (digits[np.minimum(begin, n - 1)] <= 6))
+    if not len(first):
+        return
+    a = begin[first]
+    head = digits[a] * 1000 + digits[a + 1] * 100 + digits[a + 2] * 10 + digits[a + 3]
+    brand_of = {}
+    for brand, ranges, _ in _BRANDS:
+        match = np.zeros(len(first), dtype=bool)
+        for low, high in ranges:
+            top = head // 10 ** (4 - len(str(low)))
+            match |= (top >= low) & (top <= high)
+        brand_of[brand] = match
+    # Luhn by prefix sums: a digit is doubled when its distance to the number's last digit is odd, so in
+    # numbers ending on an even (odd) digit index the digits at odd (even) indices are doubled.
+    odd = np.arange(n) % 2 == 1
+    doubled = _DOUBLED[digits]
+    prefix = np.zeros((2, n + 1), dtype=np.int64)
+    prefix[0, 1:] = np.cumsum(np.where(odd, doubled, digits))
+    prefix[1, 1:] = np.cumsum(np.where(odd, digits, doubled))
+    best = np.zeros(len(first), dtype=np.int64)  # digits in the longest valid card from each start
+    for length in range(_CARD_DIGITS[1], _CARD_DIGITS[0] - 1, -1):  # longest first
+        ok = best == 0
+        branded = np.zeros(len(first), dtype=bool)
+        for brand, _, lengths in _BRANDS:
+            if length in lengths:
+                branded |= brand_of[brand]
+        ok &= branded
+        stop = np.minimum(a + length, n)
+        ok &= (a + length <= n) & (group_at[stop] >= 0) & (run_of_digit[stop - 1] == run_of_digit[a])
+        (cand,) = np.nonzero(ok)
+        if not len(cand):
+            continue
+        lo, hi = a[cand], a[cand] + length
+        parity = (hi - 1) % 2
+        valid = (prefix[parity, hi] - prefix[parity, lo]) % 10 == 0
+        best[cand[valid]] = length
+
+    offsets = np.cumsum([0] + [end - start + len(_JOIN) for start, end in runs[:-1]])  # runs in `joined`
+    shift = np.array([start for start, _ in runs], dtype=np.int64) - offsets  # `joined` -> `text`
+    run_of_group = run_of_digit[begin]
+    next_free = 0
+    for i in np.flatnonzero(best).tolist():
+        g = int(first[i])
+        if g < next_free:
+            continue
+        last = int(group_at[bounds[g] + best[i]]) - 1
+        move = int(shift[run_of_group[g]])
+        yield Span(CREDIT_CARD, int(at[bounds[g]]) + move, int(at[bounds[last + 1] - 1]) + 1 + move, 1.0, SOURCE)
+        next_free = last + 1
 
 
 def _find_ibans(text: str) -> Iterator[Span]:
-    """From each country-code-and-check-digits start, read that country's length of letters and digits
-    (single spaces allowed between them); the number must end at a group boundary."""
-    n = len(text)
-    for m in _IBAN_START.finditer(text):
-        start = m.start()
-        length = IBAN_LENGTHS.get(text[start : start + 2].upper())
-        if length is None:
-            continue
-        pos, count = start, 0
-        while pos < n and count < length:
-            ch = text[pos]
-            if ch.isascii() and ch.isalnum():
-                count += 1
-                pos += 1
-            elif ch == " " and pos + 1 < n and text[pos + 1].isascii() and text[pos + 1].isalnum() and count:
-                pos += 1
-            else:
-                break
-        if count == length and not (pos < n and text[pos].isalnum()) and is_valid_iban(text[start:pos]):
-            yield Span(IBAN_CODE, start, pos, 1.0, SOURCE)
+    """Every registered country's IBAN shape (see ``_IBAN``) whose mod-97 check holds."""
+    for m in _IBAN.finditer(text):
+        start, end = m.span(1)
+        if is_valid_iban(text[start:end]):
+            yield Span(IBAN_CODE, start, end, 1.0, SOURCE)

@@ -166,3 +166,82 @@ def test_reconcile_keeps_overlapping_spans_of_different_labels_for_masking_to_re
 def test_merge_overlapping_keeps_touching_spans_apart():
     a, b = Span("PERSON", 0, 4, 0.9), Span("PERSON", 4, 9, 0.8)
     assert merge_overlapping([b, a]) == [a, b]
+
+
+# --- the scan is linear: the degraded path runs it on whole multi-megabyte bodies --------------------------
+
+def _reference_spans(text: str) -> list[tuple[str, int, int]]:
+    """The recognizers written the plain way (a Python loop per digit group and per IBAN start), kept to
+    check the vectorised scan against: same numbers, same offsets."""
+    import re
+
+    out = []
+    for run in re.finditer(r"(?<![^\W_])[0-9]+(?:[ -][0-9]+)*(?![^\W_])", text):
+        groups = [(m.start() + run.start(), m.end() + run.start()) for m in re.finditer(r"[0-9]+", run.group())]
+        i = 0
+        while i < len(groups):
+            digits = 0
+            found = None
+            for j in range(i, len(groups)):
+                digits += groups[j][1] - groups[j][0]
+                if 13 <= digits <= 19 and is_valid_card(text[groups[i][0]:groups[j][1]]):
+                    found = j  # the longest stretch wins
+            if found is not None:
+                out.append((CREDIT_CARD, groups[i][0], groups[found][1]))
+                i = found
+            i += 1
+    for m in re.finditer(r"(?<![^\W_])[A-Za-z]{2}[0-9]{2}", text):
+        from sidecar.checksums import IBAN_LENGTHS
+
+        length = IBAN_LENGTHS.get(text[m.start():m.start() + 2].upper())
+        pos, count = m.start(), 0
+        while length and pos < len(text) and count < length:
+            ch = text[pos]
+            if ch.isascii() and ch.isalnum():
+                count, pos = count + 1, pos + 1
+            elif ch == " " and count and pos + 1 < len(text) and text[pos + 1].isascii() and text[pos + 1].isalnum():
+                pos += 1
+            else:
+                break
+        end_ok = not (pos < len(text) and text[pos].isalnum())
+        if length and count == length and end_ok and is_valid_iban(text[m.start():pos]):
+            out.append((IBAN_CODE, m.start(), pos))
+    return sorted(out, key=lambda s: (s[1], s[2]))
+
+
+def test_the_scan_finds_what_the_plain_reading_finds_in_random_text():
+    import random
+
+    rng = random.Random(13)
+    numbers = [*VALID_CARDS, "4111111111111111111", *VALID_IBANS, VALID_IBANS[0].lower()]
+    junk = ["a", "X", "é", "٣", "_", "K", "GB", "DE89", "AB12", " ", "  ", "-", ".", "\n", "x1", "12", "4", "0000"]
+    for _ in range(3000):
+        pieces = []
+        for _ in range(rng.randint(1, 10)):
+            r = rng.random()
+            if r < 0.4:
+                value = rng.choice(numbers)
+                if rng.random() < 0.5:
+                    value = spaced(value, rng.choice(" -"), rng.choice([1, 2, 3, 4, 5]))
+            elif r < 0.7:
+                value = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 6)))
+            else:
+                value = rng.choice(junk)
+            pieces.append(value + rng.choice(["", " ", " ", "-", "x", "  "]))
+        text = "".join(pieces)
+        assert [(s.label, s.start, s.end) for s in find_checksum_spans(text)] == _reference_spans(text), text
+
+
+@pytest.mark.parametrize("unit", ["1 ", "4 ", "4-", "12 ", "4111111111112 ", "DE89 ", "GB82WEST12345698765433 ",
+                                  "Pay 4111 1111 1111 1111 to GB82 WEST 1234 5698 7654 32. "])
+def test_a_two_megabyte_text_is_scanned_in_well_under_a_second_per_megabyte(unit):
+    """Digit- and IBAN-dense text used to cost a Python loop per group (about 15 s per MB for "1 1 1 ...");
+    the bound is generous for a busy CI machine, not a benchmark."""
+    import time
+
+    text = unit * (2_000_000 // len(unit))
+    started = time.perf_counter()
+    spans = find_checksum_spans(text)
+    assert time.perf_counter() - started < 4.0
+    if unit.startswith("Pay"):
+        assert len(spans) == 2 * (2_000_000 // len(unit))
