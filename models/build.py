@@ -52,8 +52,12 @@ def split_data(data: Path, work: Path, synth_train: int, synth_val: int) -> dict
 
     d = work / "data"
     paths = {name: d / f"{name}.jsonl" for name in
-             ("category_train", "category_val", "presidio_train", "presidio_val", "synth_train", "synth_val")}
+             ("category_train", "category_val", "presidio_train", "presidio_val", "synth_train", "synth_val",
+              "clean_train", "clean_val")}
     if all(p.exists() for p in paths.values()):
+        return paths
+    if all(p.exists() for k, p in paths.items() if not k.startswith("clean")):
+        write_clean(paths)
         return paths
     d.mkdir(parents=True, exist_ok=True)
     rows = read_jsonl(data / "mmlu_pro" / "train.jsonl")
@@ -68,7 +72,17 @@ def split_data(data: Path, work: Path, synth_train: int, synth_val: int) -> dict
     write_jsonl(paths["presidio_train"], presidio[n_val:])
     run("synth-pii", "--count", str(synth_train), "--seed", "1", "--output", str(paths["synth_train"]))
     run("synth-pii", "--count", str(synth_val), "--seed", "2", "--output", str(paths["synth_val"]))
+    write_clean(paths)
     return paths
+
+
+def write_clean(paths: dict[str, Path], n_train: int = 2500, n_val: int = 300) -> None:
+    """PII-free text (exam questions, from the category splits) with no spans: without it a PII model
+    that has only ever seen texts full of PII learns to tag something in every text."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        rows = read_jsonl(paths[f"category_{split}"])
+        random.Random(7).shuffle(rows)
+        write_jsonl(paths[f"clean_{split}"], [{"text": r["text"], "spans": []} for r in rows[:n]])
 
 
 def tfidf_baseline(train: Path, val: Path) -> dict:
@@ -147,6 +161,17 @@ def catch_rate(model_dir: Path, sources: dict[str, Path]) -> dict:
             "model_only": _catch_rate(model_dir, sources, checksums=False)}
 
 
+def false_masks(model_dir: Path, clean: Path) -> dict:
+    """On ordinary exam questions (no PII labelled): how often the served model masks anything at all."""
+    texts = [r["text"] for r in read_jsonl(clean)]
+    spans = asyncio.run(_detect(model_dir, texts, checksums=True))
+    chars = sum(len(t) for t in texts)
+    masked = sum(s.end - s.start for found in spans for s in found)
+    return {"texts": len(texts), "texts_with_a_mask": round(sum(bool(f) for f in spans) / len(texts), 4),
+            "spans_per_text": round(sum(len(f) for f in spans) / len(texts), 4),
+            "masked_char_share": round(masked / max(chars, 1), 4)}
+
+
 def _catch_rate(model_dir: Path, sources: dict[str, Path], checksums: bool) -> dict:
     """Per source and entity type: the share of gold entities whose every non-space character is masked,
     and the share of masked characters that lie outside every gold entity (false masks)."""
@@ -189,7 +214,15 @@ def ship(built: Path, target: Path, extra: dict) -> None:
     for key in ("train", "validation"):  # paths relative to the checkout, not this machine
         data[key] = [str(Path(f).resolve().relative_to(ROOT)) if Path(f).is_absolute() and
                      Path(f).resolve().is_relative_to(ROOT) else f for f in data.get(key, [])]
+    base = Path(results.get("base_model", ""))
+    if base.is_absolute() and base.resolve().is_relative_to(ROOT):
+        results["base_model"] = str(base.resolve().relative_to(ROOT))
     results["recipe"] = "make models (models/build.py)"
+    results.setdefault("notes", []).insert(0, (
+        "Built by `make models`: a small ModernBERT (4 layers, hidden 256, 8k byte-level BPE vocabulary) from "
+        "`trainer base --size small`, one epoch of `trainer pretrain` (masked-LM) on the training texts, then "
+        "this fine-tuning; splits held out from ../shared/data (MMLU-Pro train.jsonl: stratified 10%; Presidio "
+        "generated_large.json: 10%, plus a synthetic set drawn with another seed)."))
     (built / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_card(built, results)
     if target.exists():
@@ -213,12 +246,18 @@ def category_notes(served: dict, baseline: dict) -> list[str]:
             "`answerdotai/ModernBERT-base` (`trainer category --base-model answerdotai/ModernBERT-base`) on "
             "a GPU; failing that, longer masked-LM pretraining on more in-domain text and more epochs.")
     else:
-        notes.append(f"Beats the TF-IDF baseline by {-gap * 100:.1f} accuracy points.")
+        notes.append(
+            f"Beats the TF-IDF baseline by {-gap * 100:.1f} accuracy points ({int8:.4f} vs "
+            f"{baseline['accuracy']:.4f}), a margin within the noise of a {baseline['validation_rows']}-row "
+            "validation set (one standard error is about 1.3 points): call it level with the baseline. "
+            "Fine-tuning the pretrained `answerdotai/ModernBERT-base` on a GPU is what moves it clearly ahead.")
     return notes
 
 
-def pii_notes(catch: dict) -> list[str]:
-    notes = []
+def pii_notes(catch: dict, clean: dict) -> list[str]:
+    notes = [f"On {clean['texts']} held-out exam questions with no PII, {clean['texts_with_a_mask']:.1%} get any "
+             f"mask ({clean['spans_per_text']:.2f} spans per question, {clean['masked_char_share']:.2%} of "
+             "characters)."]
     for source, r in catch["served"].items():
         weak = [f"{k} {v['caught']:.0%}" for k, v in r["per_type"].items() if v["caught"] < 0.95]
         status = "meets" if r["caught"] >= 0.95 else f"misses by {(0.95 - r['caught']) * 100:.1f} points"
@@ -270,14 +309,16 @@ def main() -> None:
     if args.only in (None, "pii"):
         pii = w / "pii"
         if not (pii / "model.int8.onnx").exists():
-            run("pii", "--train", str(paths["synth_train"]), str(paths["presidio_train"]),
-                "--validation", str(paths["presidio_val"]), str(paths["synth_val"]),
+            run("pii", "--train", str(paths["synth_train"]), str(paths["presidio_train"]), str(paths["clean_train"]),
+                "--validation", str(paths["presidio_val"]), str(paths["synth_val"]), str(paths["clean_val"]),
                 "--base-model", str(encoder), "--output", str(pii), "--max-length", "128",
                 "--epochs", args.pii_epochs, "--batch-size", "16", "--learning-rate", "5e-4",
                 "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4",
                 "--int8")
         catch = catch_rate(pii, {"presidio_validation": paths["presidio_val"], "synthetic_validation": paths["synth_val"]})
-        ship(pii, args.out / "pii", {"catch_rate": catch, "notes": pii_notes(catch)})
+        clean = false_masks(pii, paths["clean_val"])
+        ship(pii, args.out / "pii", {"catch_rate": catch, "false_masks_on_questions": clean,
+                                     "notes": pii_notes(catch, clean)})
     print(json.dumps({"built_in_s": round(time.time() - started)}))
 
 

@@ -153,6 +153,12 @@ def _yardsticks(results: dict[str, Any]) -> list[str]:
                           "| entity type | entities | caught |", "|---|---|---|",
                           *(f"| {k} | {v['entities']} | {v['caught']:.1%} |" for k, v in r["per_type"].items()),
                           ""]
+    clean = results.get("false_masks_on_questions")
+    if clean:
+        lines += ["## False masks on ordinary text", "",
+                  f"On {clean['texts']} held-out exam questions with no PII: {clean['texts_with_a_mask']:.1%} get "
+                  f"any mask, {clean['spans_per_text']:.2f} spans per question, {clean['masked_char_share']:.2%} "
+                  "of characters masked.", ""]
     notes = results.get("notes")
     if notes:
         lines += ["## How far it is from its targets", "", *(f"- {n}" for n in notes), ""]
