@@ -26,10 +26,11 @@ CategoryInput = Literal["latest_user", "all_user"]
 TEXT_PART_TYPES = frozenset({"text", "input_text"})
 
 _WS = re.compile(rb"[ \t\n\r]*")
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _STRING_OR_BRACKET = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 _SCALAR = re.compile(rb"[^ \t\n\r,\]}]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_QUOTE = ord('"')
+_OPENERS = b"[{"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +92,11 @@ def parse_body(body: bytes, kind: Kind) -> ParsedRequest:
         raise NotObject(f"request body is a JSON {_json_type(document)}, not an object")
 
     start = _skip_ws(body, 0)
-    top = _members(body, start)
+    ends = _token_ends(body)
+    top = _members(body, start, ends)
     model_span = top.get("model")
     requested = document.get("model")
-    fields = _chat_fields(body, top) if kind == "chat" else _prompt_fields(body, top)
+    fields = _chat_fields(body, top, ends) if kind == "chat" else _prompt_fields(body, top, ends)
     if not any(f.text for f in fields):
         where = "messages" if kind == "chat" else "prompt"
         raise NoText(f"request body has no text in '{where}'")
@@ -138,15 +140,15 @@ def encode_string(text: str) -> bytes:
     return token.encode("utf-8")
 
 
-def _chat_fields(body: bytes, top: dict[str, tuple[int, int]]) -> list[TextField]:
+def _chat_fields(body: bytes, top: dict[str, tuple[int, int]], ends: dict[int, int]) -> list[TextField]:
     fields: list[TextField] = []
     span = top.get("messages")
     if span is None or body[span[0]] != ord("["):
         return fields
-    for m_index, (m_start, _) in enumerate(_items(body, span[0])):
+    for m_index, (m_start, _) in enumerate(_items(body, span[0], ends)):
         if body[m_start] != ord("{"):
             continue
-        message = _members(body, m_start)
+        message = _members(body, m_start, ends)
         role = _string_at(body, message.get("role"))
         content = message.get("content")
         if content is None:
@@ -154,17 +156,17 @@ def _chat_fields(body: bytes, top: dict[str, tuple[int, int]]) -> list[TextField
         if body[content[0]] == ord('"'):
             fields.append(TextField(len(fields), role, m_index, None, _decode(body, content), content))
         elif body[content[0]] == ord("["):
-            for p_index, (p_start, _) in enumerate(_items(body, content[0])):
+            for p_index, (p_start, _) in enumerate(_items(body, content[0], ends)):
                 if body[p_start] != ord("{"):
                     continue
-                part = _members(body, p_start)
+                part = _members(body, p_start, ends)
                 text = part.get("text")
                 if _string_at(body, part.get("type")) in TEXT_PART_TYPES and text and body[text[0]] == ord('"'):
                     fields.append(TextField(len(fields), role, m_index, p_index, _decode(body, text), text))
     return fields
 
 
-def _prompt_fields(body: bytes, top: dict[str, tuple[int, int]]) -> list[TextField]:
+def _prompt_fields(body: bytes, top: dict[str, tuple[int, int]], ends: dict[int, int]) -> list[TextField]:
     span = top.get("prompt")
     if span is None:
         return []
@@ -172,23 +174,23 @@ def _prompt_fields(body: bytes, top: dict[str, tuple[int, int]]) -> list[TextFie
         return [TextField(0, None, None, None, _decode(body, span), span)]
     fields: list[TextField] = []
     if body[span[0]] == ord("["):
-        for p_index, item in enumerate(_items(body, span[0])):
+        for p_index, item in enumerate(_items(body, span[0], ends)):
             if body[item[0]] == ord('"'):
                 fields.append(TextField(len(fields), None, None, p_index, _decode(body, item), item))
     return fields
 
 
-def _members(body: bytes, pos: int) -> dict[str, tuple[int, int]]:
+def _members(body: bytes, pos: int, ends: dict[int, int]) -> dict[str, tuple[int, int]]:
     """Key -> value byte range for the object starting at `pos` (last duplicate wins)."""
     members: dict[str, tuple[int, int]] = {}
     pos = _skip_ws(body, pos + 1)
     if body[pos] == ord("}"):
         return members
     while True:
-        key_end = _STRING.match(body, pos).end()
+        key_end = ends[pos]
         key = _decode(body, (pos, key_end))
         pos = _skip_ws(body, _skip_ws(body, key_end) + 1)  # past ':'
-        end = _value_end(body, pos)
+        end = _value_end(body, pos, ends)
         members[key] = (pos, end)
         pos = _skip_ws(body, end)
         if body[pos] == ord("}"):
@@ -196,13 +198,13 @@ def _members(body: bytes, pos: int) -> dict[str, tuple[int, int]]:
         pos = _skip_ws(body, pos + 1)  # past ','
 
 
-def _items(body: bytes, pos: int) -> Iterator[tuple[int, int]]:
+def _items(body: bytes, pos: int, ends: dict[int, int]) -> Iterator[tuple[int, int]]:
     """Byte ranges of the values in the array starting at `pos`."""
     pos = _skip_ws(body, pos + 1)
     if body[pos] == ord("]"):
         return
     while True:
-        end = _value_end(body, pos)
+        end = _value_end(body, pos, ends)
         yield pos, end
         pos = _skip_ws(body, end)
         if body[pos] == ord("]"):
@@ -210,21 +212,28 @@ def _items(body: bytes, pos: int) -> Iterator[tuple[int, int]]:
         pos = _skip_ws(body, pos + 1)
 
 
-def _value_end(body: bytes, pos: int) -> int:
-    first = body[pos]
-    if first == ord('"'):
-        return _STRING.match(body, pos).end()
-    if first in b"[{":
-        depth = 0
-        for m in _STRING_OR_BRACKET.finditer(body, pos):
-            token = m.group()
-            if token[0] == ord('"'):
-                continue
-            depth += 1 if token in (b"[", b"{") else -1
-            if depth == 0:
-                return m.end()
-        raise AssertionError("unbalanced JSON passed json.loads")
+def _value_end(body: bytes, pos: int, ends: dict[int, int]) -> int:
+    if body[pos] == _QUOTE or body[pos] in _OPENERS:
+        return ends[pos]
     return _SCALAR.match(body, pos).end()
+
+
+def _token_ends(body: bytes) -> dict[int, int]:
+    """Where each string, array and object ends (one past its last byte), by where it starts: one pass over
+    the body, so no value is read twice (a body of thousands of messages, or of megabytes in one string,
+    costs one pass, not one per level of nesting)."""
+    ends: dict[int, int] = {}
+    open_at: list[int] = []
+    for m in _STRING_OR_BRACKET.finditer(body):
+        start = m.start()
+        first = body[start]
+        if first == _QUOTE:
+            ends[start] = m.end()
+        elif first in _OPENERS:
+            open_at.append(start)
+        else:
+            ends[open_at.pop()] = m.end()
+    return ends
 
 
 def _skip_ws(body: bytes, pos: int) -> int:
