@@ -5,6 +5,7 @@ from sidecar.checksums import (
     IBAN_CODE,
     card_brand,
     find_checksum_spans,
+    find_checksum_spans_each,
     is_valid_card,
     is_valid_iban,
     luhn_valid,
@@ -207,6 +208,14 @@ def _reference_spans(text: str) -> list[tuple[str, int, int]]:
         if length and count == length and end_ok and is_valid_iban(text[m.start():pos]):
             out.append((IBAN_CODE, m.start(), pos))
     return sorted(out, key=lambda s: (s[1], s[2]))
+
+
+def test_texts_scanned_together_get_the_spans_each_gets_alone():
+    texts = ["4111 1111", "1111 1111 ok", "GB82 WEST 1234 5698 7654 32", "", "x", "card 4111-1111-1111-1111",
+             "DE89370400440532013000", "4111111111111111x", "é4111111111111111"]
+    assert find_checksum_spans_each(texts) == [find_checksum_spans(t) for t in texts]
+    assert [len(s) for s in find_checksum_spans_each(texts)] == [0, 0, 1, 0, 0, 1, 1, 0, 0]
+    assert find_checksum_spans_each([]) == [] and find_checksum_spans_each(["4111111111111111"])[0][0].end == 16
 
 
 def test_the_scan_finds_what_the_plain_reading_finds_in_random_text():
