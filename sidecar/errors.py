@@ -3,7 +3,8 @@
 - ``ConfigError``: bad configuration at start-up or reload; the message names the key.
 - ``RequestError``: the client's body cannot be read (user-facing; 400 when config says reject).
 - ``InferenceError``: the models could not answer (``Overloaded`` when admission refuses work,
-  ``InferenceTimeout`` when the deadline passes); the failure policy decides the answer.
+  ``InferenceTimeout`` when the deadline passes, ``BodyTooLarge`` when the body is over
+  ``failure.max_inspect_bytes`` and the models are not tried); the failure policy decides the answer.
 - ``ModelLoadError``: a model directory could not be loaded.
 """
 
@@ -53,10 +54,6 @@ class NoText(RequestError):
     reason = "no_text"
 
 
-class BodyTooLarge(RequestError):
-    reason = "too_large"
-
-
 class InferenceError(SidecarError):
     """The models could not produce an answer for this request."""
 
@@ -71,6 +68,18 @@ class Overloaded(InferenceError):
 
 class InferenceTimeout(InferenceError):
     reason = "timeout"
+
+
+class BodyTooLarge(InferenceError):
+    """The body is over ``failure.max_inspect_bytes``: the models are not tried on it (fail_closed: 413)."""
+
+    reason = "too_large"
+
+
+class InferenceCancelled(InferenceError):
+    """Work stopped because its caller has gone (the deadline passed); nobody waits for this error."""
+
+    reason = "cancelled"
 
 
 class ModelLoadError(SidecarError):

@@ -104,6 +104,10 @@ class FakeEngine:
         self._raise(self.pii_error)
         return regex_pii(text, self.pii_scores, self.names)
 
+    async def detect_pii_all(self, texts: list[str]) -> list[PiiResult]:
+        """One `detect_pii` call per text, concurrently (counted and cancelled one by one)."""
+        return list(await asyncio.gather(*(self.detect_pii(t) for t in texts)))
+
     def classify_many(self, texts: list[str]) -> list[CategoryResult]:
         self._record("classify_many", texts)
         self._raise(self.classify_error)

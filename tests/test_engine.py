@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
-from sidecar.errors import InferenceError, ModelLoadError, Overloaded
+from sidecar.errors import InferenceCancelled, InferenceError, ModelLoadError, Overloaded
 from sidecar.inference.engine import Engine, LoadedModel
 from sidecar.inference.heads import category_results
 from sidecar.inference.model_dir import ModelDir
-from sidecar.inference.windows import TextEncoder, merge_windows, window_starts
+from sidecar.inference.windows import TextEncoder, merge_windows, piece_starts, window_starts
 from tests.conftest import CATEGORY_LABELS
 from tests.inference_fakes import DigitTagger, Fingerprint, fingerprint_logits, onnx_copy
 
@@ -107,6 +107,75 @@ def test_category_window_of_a_long_text_is_its_first_tokens(encoder):
     assert head[1:-1].tolist() == full.ids[: MAX_LENGTH - 2].tolist()
     assert encoder.head_of("x" * 5000)[1:-1].tolist() == encoder.encode("x" * 5000).ids[:14].tolist()
     assert [h.tolist() for h in encoder.heads_of([text, "short"])] == [head.tolist(), encoder.head_of("short").tolist()]
+
+
+def long_mixed_text(n_chars: int) -> str:
+    """Words, runs of spaces, newlines, tabs, punctuation, CJK and emoji: the places a cut could go wrong."""
+    pieces = [*WORDS, "  ", "\n\n", "\t", "don't", "?!", "张伟", "😀👍🏽", "4111 1111", "js@example.com"]
+    out, size, i = [], 0, 0
+    while size < n_chars:
+        out.append(pieces[(i * 7) % len(pieces)])
+        size += len(out[-1]) + 1
+        i += 1
+    return " ".join(out)
+
+
+def test_long_texts_tokenized_in_pieces_get_the_whole_texts_tokens_and_offsets(encoder):
+    texts = [long_mixed_text(70_000), "", "short one", long_mixed_text(20_000)[::-1], "x" * 40_000]
+    assert len(piece_starts(texts[0], 16384)) > 4  # really cut into pieces, more than one call's worth
+    for text, piece_wise in zip(texts, encoder.encode_all(texts), strict=True):
+        whole = encoder.encode(text)
+        if text.startswith("xxx"):  # no space to cut at: only the tokens at each hard cut may differ
+            assert len(piece_wise) == pytest.approx(len(whole), abs=10)
+            continue
+        assert piece_wise.ids.tolist() == whole.ids.tolist()
+        assert piece_wise.offsets.tolist() == whole.offsets.tolist()
+
+
+def test_piece_cuts_fall_before_a_space_that_follows_a_non_space():
+    text = long_mixed_text(100_000)
+    starts = piece_starts(text, 16384)
+    assert starts[0] == 0 and all(0 < b - a <= 16384 for a, b in zip(starts, starts[1:]))
+    assert all(text[s] == " " and not text[s - 1].isspace() for s in starts[1:])
+    assert piece_starts("x" * 40_000, 16384) == [0, 16384, 32768]
+
+
+def test_tokenizing_stops_between_calls_once_its_caller_has_gone(encoder):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(InferenceCancelled):
+        encoder.encode_all([long_mixed_text(200_000)], stop)
+
+
+def test_the_category_window_of_a_huge_text_costs_about_one_window(encoder):
+    import time
+
+    text = long_mixed_text(4_000_000)
+    started = time.perf_counter()
+    head = encoder.head_of(text)
+    assert time.perf_counter() - started < 0.5  # the whole text takes seconds
+    assert head[1:-1].tolist() == encoder.encode(text[:10_000]).ids[: MAX_LENGTH - 2].tolist()
+    no_space = "ab" * 1_000_000
+    assert encoder.head_of(no_space)[1:-1].tolist() == encoder.encode(no_space[:5_000]).ids[: MAX_LENGTH - 2].tolist()
+
+
+async def test_all_texts_of_a_request_are_detected_as_one_job(fake_pii):
+    engine, backend = fake_pii()
+    texts = [f"{filler(i % 7 + 1, i)} call {5550000 + 7919 * i}" for i in range(300)] + ["", "x"]
+    results = await engine.detect_pii_all(texts)
+    for text, result in zip(texts, results, strict=True):
+        assert offsets(result) == [("PHONE_NUMBER", s, e) for s, e in digit_runs(text)]
+    assert len(backend.calls) < 20  # the windows of all texts shared forward passes
+    [alone] = await engine.detect_pii_all([texts[5]])
+    assert offsets(alone) == offsets(results[5])
+
+
+async def test_on_loop_work_is_capped_per_event_loop_step(fake_pii):
+    engine, _ = fake_pii()
+    assert engine._on_loop(3000) and not engine._on_loop(3000) and engine._on_loop(1000)
+    assert not engine._on_loop(5000)  # long texts always go to a thread
+    await asyncio.sleep(0)  # the next step starts with a fresh budget
+    assert engine._on_loop(3000)
 
 
 async def test_an_entity_after_the_first_three_windows_is_found_with_exact_offsets(fake_pii, encoder):

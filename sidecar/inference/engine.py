@@ -2,13 +2,15 @@
 
 One Engine holds up to two models (category, PII), each with its own tokenizer, backend and batcher.
 Async calls are what the server uses: they never block the event loop (long texts are tokenized and
-decoded on a worker thread, inference runs on the batcher's thread). The ``*_many`` calls are the
+decoded on a worker thread, with the tokenizer's GIL-free batch call, and inference runs on the
+batcher's thread). The ``*_many`` calls are the
 synchronous, batched path for the offline CLI and evaluation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from sidecar.checksums import find_checksum_spans, reconcile
+from sidecar.checksums import find_checksum_spans, find_checksum_spans_each, reconcile
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.errors import ModelLoadError
 from sidecar.inference.backends import Backend, open_backend
@@ -28,7 +30,10 @@ from sidecar.results import CategoryResult, PiiResult, Span, StageTimings
 
 log = structlog.get_logger(__name__)
 
-# Texts longer than this are tokenized and decoded on a worker thread rather than on the event loop.
+# Tokenizing or decoding a short text on the event loop costs less than a thread hop, but one loop step
+# that does it for many texts (a body of a thousand short messages, many requests arriving together)
+# holds up every stream: at most this many characters per loop step are handled on the loop. Longer
+# texts, and texts beyond that budget, go to a worker thread.
 _INLINE_CHARS = 4096
 
 
@@ -93,6 +98,8 @@ class Engine:
         self.checksums = checksums
         self._category = _Model("category", category, batching, on_batch) if category else None
         self._pii: _Model | None = None
+        self._step_loop: asyncio.AbstractEventLoop | None = None  # the loop whose current step has used
+        self._step_chars = 0  # this many characters of on-loop work
         try:
             self._pii = _Model("pii", pii, batching, on_batch) if pii else None
         except Exception:
@@ -173,10 +180,10 @@ class Engine:
         if model is None:
             raise RuntimeError("no category model is configured")
         started = time.perf_counter()
-        if len(text) > _INLINE_CHARS:
-            ids = await asyncio.to_thread(model.encoder.head_of, text)
-        else:
+        if self._on_loop(len(text)):
             ids = model.encoder.head_of(text)
+        else:
+            ids = await asyncio.to_thread(model.encoder.head_of, text)
         tokenized = time.perf_counter()
         results = await model.batcher.infer([ids])
         inferred = time.perf_counter()
@@ -192,26 +199,44 @@ class Engine:
     async def detect_pii(self, text: str) -> PiiResult:
         """Every entity in `text`, sorted by start, before any policy threshold. The whole text is read in
         overlapping windows. Without a PII model, only checksum spans (if enabled) are returned."""
+        [result] = await self.detect_pii_all([text])
+        return result
+
+    async def detect_pii_all(self, texts: Sequence[str]) -> list[PiiResult]:
+        """:meth:`detect_pii` for each of one request's texts, as one job: one tokenization (on a worker
+        thread, without the GIL, when the texts are long together), one trip through the batcher, one
+        decoding. A body of a thousand short messages so costs two thread hops, not two thousand."""
         model = self._pii
         started = time.perf_counter()
         if model is None:
-            spans = find_checksum_spans(text) if self.checksums else []
-            return PiiResult(spans, StageTimings(decode_ms=(time.perf_counter() - started) * 1000.0))
-        offload = len(text) > _INLINE_CHARS
-        if offload:
-            encoded, windows = await asyncio.to_thread(_pii_windows, model, text)
+            if not self.checksums:
+                return [PiiResult([]) for _ in texts]
+            if self._on_loop(sum(map(len, texts))):
+                spans = find_checksum_spans_each(texts)
+            else:
+                spans = await asyncio.to_thread(find_checksum_spans_each, texts)
+            decode_ms = (time.perf_counter() - started) * 1000.0
+            return [PiiResult(s, StageTimings(decode_ms=decode_ms)) for s in spans]
+        chars = sum(map(len, texts))
+        if self._on_loop(chars):
+            prepared = _pii_windows(model, texts)
         else:
-            encoded, windows = _pii_windows(model, text)
+            prepared = await _off_loop(_pii_windows, model, texts)
         tokenized = time.perf_counter()
-        results = await model.batcher.infer([w.ids for w in windows]) if windows else []
+        flat = [w.ids for _, windows in prepared for w in windows]
+        results = await model.batcher.infer(flat) if flat else []
         inferred = time.perf_counter()
-        logits = [r.logits for r in results]
-        if offload:
-            spans = await asyncio.to_thread(self._pii_spans, model, text, encoded, windows, logits)
+        per_text: list[list[WindowResult]] = []
+        at = 0
+        for _, windows in prepared:
+            per_text.append(results[at : at + len(windows)])
+            at += len(windows)
+        if self._on_loop(chars):
+            spans = self._pii_spans_all(model, texts, prepared, per_text)
         else:
-            spans = self._pii_spans(model, text, encoded, windows, logits)
+            spans = await asyncio.to_thread(self._pii_spans_all, model, texts, prepared, per_text)
         decoded = time.perf_counter()
-        return PiiResult(spans, _timings(results, started, tokenized, inferred, decoded))
+        return [PiiResult(s, _timings(r, started, tokenized, inferred, decoded)) for s, r in zip(spans, per_text, strict=True)]
 
     def classify_many(self, texts: Sequence[str]) -> list[CategoryResult]:
         """Categories for many texts at once, packed into batches on this thread (offline use)."""
@@ -244,6 +269,31 @@ class Engine:
             if model is not None:
                 model.batcher.close()
 
+    def _on_loop(self, chars: int) -> bool:
+        """Whether `chars` characters of tokenizing or decoding may run on the event loop now: yes while
+        this loop step has used less than ``_INLINE_CHARS`` in all (the count restarts each step)."""
+        if chars > _INLINE_CHARS:
+            return False
+        loop = asyncio.get_running_loop()
+        if self._step_loop is not loop:
+            self._step_loop, self._step_chars = loop, 0
+            loop.call_soon(self._end_step, loop)  # runs in the next step
+        if self._step_chars + chars > _INLINE_CHARS:
+            return False
+        self._step_chars += chars
+        return True
+
+    def _end_step(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._step_loop is loop:
+            self._step_loop = None
+
+    def _pii_spans_all(self, model: _Model, texts: Sequence[str], prepared: Sequence[tuple[Encoded, list[Window]]],
+                       results: Sequence[Sequence[WindowResult]]) -> list[list[Span]]:
+        return [
+            self._pii_spans(model, text, encoded, windows, [r.logits for r in window_results])
+            for text, (encoded, windows), window_results in zip(texts, prepared, results, strict=True)
+        ]
+
     def _pii_spans(
         self, model: _Model, text: str, encoded: Encoded, windows: Sequence[Window], logits: Sequence[np.ndarray]
     ) -> list[Span]:
@@ -254,9 +304,19 @@ class Engine:
         return reconcile(text, spans) if self.checksums else spans
 
 
-def _pii_windows(model: _Model, text: str) -> tuple[Encoded, list[Window]]:
-    encoded = model.encoder.encode(text)
-    return encoded, model.encoder.windows(encoded)
+def _pii_windows(model: _Model, texts: Sequence[str],
+                 stop: threading.Event | None = None) -> list[tuple[Encoded, list[Window]]]:
+    return [(encoded, model.encoder.windows(encoded)) for encoded in model.encoder.encode_all(texts, stop)]
+
+
+async def _off_loop(fn, *args):
+    """``fn(*args, stop=event)`` on a worker thread. A thread cannot be cancelled, so the event is set when
+    the caller goes (its deadline passed): long work checks it and ends instead of running on for nobody."""
+    stop = threading.Event()
+    try:
+        return await asyncio.to_thread(fn, *args, stop=stop)
+    finally:
+        stop.set()
 
 
 def _timings(
