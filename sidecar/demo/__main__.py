@@ -57,8 +57,8 @@ SAMPLES = (
            "for breach of contract, and can I sue in small claims court?",
            "law -> humanities-expert, card number masked"),
     Sample("business, with a card number (policy: block)",
-           "Our company card 5555 5555 5555 4444 paid the supplier invoice twice. How should the duplicate "
-           "payment be recorded in the accounts payable ledger and the cash flow statement?",
+           "Our company card 5555 5555 5555 4444 paid for the new marketing campaign. What is the difference "
+           "between market segmentation and product differentiation in marketing strategy?",
            "business -> business-expert, whose policy blocks card numbers: 403"),
     Sample("a non-chat path", None, "passes through to the default backend"),
 )
