@@ -142,7 +142,12 @@ class FailureConfig(_Section):
     inference: Literal["fail_open", "fail_closed"] = "fail_open"
     """fail_open: route to routing.default_model, x-router-action: degraded. fail_closed: 503."""
     timeout_ms: Annotated[float, Field(gt=0)] = 250.0
-    """Deadline for all inference of one request; keep it below Envoy's message_timeout."""
+    """Deadline for the whole decision of one request (parse, models, masking, rewrite); the models stop
+    early enough for the no-model fallback to answer in time. Keep it well below Envoy's message_timeout."""
+    max_inspect_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    """Bodies larger than this never reach the models: the failure policy answers at once (fail_open: the
+    default model, degraded, checksum recognizers still mask; fail_closed: 413). Above Envoy's buffer
+    limit it has no effect (Envoy answers 413 before the sidecar sees the body)."""
     bad_body: Literal["pass", "reject"] = "pass"
     """Bodies that are not JSON objects with text: pass unchanged (x-router-action: skipped) or 400."""
 

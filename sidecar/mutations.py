@@ -157,6 +157,12 @@ def bad_request_response(reason: str, message: str) -> ProcessingResponse:
     return immediate_response(400, message, "invalid_request_error", reason, "rejected")
 
 
+def too_large_response(reason: str, message: str) -> ProcessingResponse:
+    """413 for a body over ``failure.max_inspect_bytes`` under fail_closed: it is not inspected, so it is
+    not forwarded either."""
+    return immediate_response(413, message, "invalid_request_error", reason, "rejected")
+
+
 def unavailable_response(reason: str) -> ProcessingResponse:
     """503 under ``failure.inference: fail_closed``: the models could not decide in time."""
     message = "The request router is temporarily unable to process requests. Retry later."

@@ -30,7 +30,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 
 from sidecar import mutations
 from sidecar.app import KIND_CHAT, KIND_COMPLETIONS, App, AppHolder
-from sidecar.errors import EmptyBody, InferenceError, RequestError
+from sidecar.errors import BodyTooLarge, EmptyBody, InferenceError, RequestError
 from sidecar.logs import exception_fields, get_logger
 from sidecar.metrics import Metrics
 
@@ -134,14 +134,15 @@ class Processor:
         self.record(action="rejected", reason=reason)
         return mutations.unavailable_response(reason)
 
-    def record(self, *, action: str, reason: str, model: str | None = None, **fields: Any) -> None:
+    def record(self, *, action: str, reason: str, model: str | None = None, level: str = "info",
+               **fields: Any) -> None:
         """The request's outcome when there is no Decision: one log event and the metrics."""
         self.finished = True
         elapsed = time.perf_counter() - self.started
         self.metrics.observe_outcome(action, reason, elapsed, model=model)
-        log.info("request", request_id=self.request_id, path=self.log_path, kind=self.kind, action=action,
-                 reason=reason, model=model, total_ms=round(elapsed * 1000, 3), generation=self.app.generation,
-                 **fields)
+        getattr(log, level)("request", request_id=self.request_id, path=self.log_path, kind=self.kind,
+                            action=action, reason=reason, model=model, total_ms=round(elapsed * 1000, 3),
+                            generation=self.app.generation, **fields)
 
     def close(self) -> None:
         """The stream ended."""
@@ -153,6 +154,9 @@ class PassThroughProcessor(Processor):
 
 class RoutingProcessor(Processor):
     """Chat and completions requests: buffer → decide → headers, body, route cache; or an error answer."""
+
+    body_bytes: int | None = None
+    """The size of the whole body once it has arrived (and is being decided); None before."""
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
         spoofed = self.see_headers(msg)
@@ -169,10 +173,14 @@ class RoutingProcessor(Processor):
             reason = "too_large" if self.body_mode == ProcessingMode.BUFFERED_PARTIAL else "streamed"
             self.record(action="skipped", reason=reason, body_bytes=len(msg.body))
             return pass_body(mutations.REQUEST_BODY, msg, self.body_mode)
+        self.body_bytes = len(msg.body)
         try:
             decision = await self.app.router.decide(msg.body, self.kind)
         except RequestError as e:
             return self.bad_body(e, mutations.REQUEST_BODY, body_bytes=len(msg.body))
+        except BodyTooLarge as e:  # over failure.max_inspect_bytes under fail_closed: not read, not forwarded
+            self.record(action="rejected", reason=e.reason, body_bytes=len(msg.body))
+            return mutations.too_large_response(e.reason, str(e))
         except InferenceError as e:
             return self.fail(e.reason, mutations.REQUEST_BODY)
         self.finished = True
@@ -197,7 +205,14 @@ class RoutingProcessor(Processor):
         return mutations.skipped_response(error.reason, phase)
 
     def close(self) -> None:
-        if not self.finished and self.path is not None:
+        if self.finished or self.path is None:
+            return
+        if self.body_bytes is not None:
+            # The body came and was being decided when the stream ended: Envoy stopped waiting for the answer
+            # (message_timeout, or the client went away) and went on without it. With failure_mode_allow it
+            # forwarded the body as the client sent it: unmasked, unrouted.
+            self.record(action="unanswered", reason="stream_closed", level="warning", body_bytes=self.body_bytes)
+        else:
             # Headers came but no complete body (request_body_mode NONE, or the client went away).
             self.record(action="skipped", reason="no_body")
 

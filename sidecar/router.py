@@ -1,4 +1,4 @@
-"""From a request body to a Decision: parse, run the models under one deadline, route, apply the PII policy.
+"""From a request body to a Decision: parse, run the models, route, apply the PII policy, all under one deadline.
 
 Classification runs only when the client asked for the virtual model (or named none); PII detection runs on
 every scanned field, concurrently with it. When inference fails or misses the deadline, the failure policy
@@ -7,6 +7,12 @@ returns a ``degraded`` decision that routes to the default model and masks or bl
 recognizers (credit cards, IBANs) find without a model. fail_open therefore trades PII protection for
 availability: names, emails, phone numbers and other entities that only the model recognises pass unmasked
 while it is failing.
+
+``failure.timeout_ms`` bounds the whole decision, not only the models: the models get what is left of it
+after parsing, less a reserve for the no-model fallback (checksum scan, masking, JSON rewrite), which grows
+with the body. Bodies over ``failure.max_inspect_bytes`` never reach the models: the failure policy answers
+at once (fail_closed raises `BodyTooLarge`, a 413). Parsing, the fallback and the rewrite of large bodies
+run on a worker thread, so the event loop keeps serving other streams meanwhile.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.checksums import find_checksum_spans
+from sidecar.checksums import find_checksum_spans_each
 from sidecar.config import Config
-from sidecar.errors import InferenceError, InferenceTimeout, NoText
+from sidecar.errors import BodyTooLarge, InferenceError, InferenceTimeout, NoText
 from sidecar.masking import anonymize, resolve_conflicts
 from sidecar.policy import (
     PiiVerdict,
@@ -32,8 +38,17 @@ from sidecar.policy import (
     needs_category,
     pii_verdict,
 )
-from sidecar.request import Kind, parse_body, rewrite
+from sidecar.request import Kind, ParsedRequest, TextField, parse_body, rewrite
 from sidecar.results import CategoryResult, PiiResult, Span
+
+# Bodies (and Classify texts) above this many bytes are parsed, scanned and rewritten on a worker thread:
+# at 30-60 ms per MB on a busy 2-core machine those steps would otherwise hold the event loop.
+_OFF_LOOP_BYTES = 64 * 1024
+# The no-model fallback (checksum scan, masking, rewrite) costs about 40-70 ms per MiB of text on a busy
+# 2-core machine (more for text dense with digit groups); the models stop this long before the deadline,
+# so a degraded answer is still ready in time.
+_FALLBACK_S = 0.002
+_FALLBACK_S_PER_MIB = 0.06
 
 
 @dataclass(frozen=True)
@@ -103,12 +118,16 @@ class Router:
         self.engine = engine
         self._roles = frozenset(config.pii.roles)
         self._timeout_s = config.failure.timeout_ms / 1000
+        self._max_inspect = config.failure.max_inspect_bytes
 
     async def decide(self, body: bytes, kind: Kind) -> Decision:
         """The decision for one request body; `RequestError` for unreadable bodies, `InferenceError` when the
-        models fail under ``fail_closed``."""
+        models fail under ``fail_closed`` (`BodyTooLarge` at once for a body over max_inspect_bytes)."""
         started = time.perf_counter()
-        parsed = parse_body(body, kind)
+        deadline = self._models_deadline(len(body))
+        too_large = self._check_size(len(body))
+        heavy = len(body) > _OFF_LOOP_BYTES
+        parsed = await asyncio.to_thread(parse_body, body, kind) if heavy else parse_body(body, kind)
         timings = {"parse": _ms_since(started)}
         routing = self.config.routing
         routed = needs_category(parsed.requested_model, routing)
@@ -116,21 +135,18 @@ class Router:
         fields = parsed.pii_fields(self._roles)
         texts = [f.text for f in fields]
         error: str | None = None
+        spans: list[list[Span]] | None = None
         try:
-            category, results = await self._infer(category_text, texts, timings)
+            if too_large is not None:
+                raise too_large
+            category, results = await self._infer(category_text, texts, timings, deadline)
             route = self._route(category, parsed.requested_model, routed, category_text)
             spans = [r.spans for r in results]
         except (InferenceError, TimeoutError) as e:
             error = self._fail(e)
             route = self._degraded_route(parsed.requested_model, routed)
-            spans = self._checksum_only(texts)
-        outcome = self._apply(route, texts, spans)
-        action = outcome.action(degraded=error is not None)
-        new_body = None
-        if action != "block":
-            changed = {f.index: m for f, m in zip(fields, outcome.masked, strict=True) if m is not None}
-            if route.rewrite or changed:
-                new_body = rewrite(body, parsed, route.model if route.rewrite else None, changed)
+        finish = (body, parsed, fields, route, texts, spans, error is not None)
+        outcome, action, new_body = await asyncio.to_thread(self._finish, *finish) if heavy else self._finish(*finish)
         timings["total"] = _ms_since(started)
         return Decision(
             action=action,
@@ -148,22 +164,31 @@ class Router:
 
     async def decide_text(self, text: str, requested_model: str | None = "auto") -> TextDecision:
         """The decision a chat request whose latest user message is `text` would get (Classify API).
-        An empty `requested_model` means the virtual model; the failure policy applies as in `decide`."""
+        An empty `requested_model` means the virtual model; the failure policy and deadline apply as in
+        `decide`, with the text's UTF-8 length standing for the body's."""
         if not text:
             raise NoText("text is empty")
+        size = len(text) if len(text) * 4 <= self._max_inspect else len(text.encode("utf-8", "surrogatepass"))
+        deadline = self._models_deadline(size)
+        too_large = self._check_size(size)
         requested = requested_model or None
         routed = needs_category(requested, self.config.routing)
         texts = [text] if "user" in self._roles else []
         error: str | None = None
+        spans: list[list[Span]] | None = None
         try:
-            category, results = await self._infer(text if routed else "", texts, {})
+            if too_large is not None:
+                raise too_large
+            category, results = await self._infer(text if routed else "", texts, {}, deadline)
             route = self._route(category, requested, routed, text)
             spans = [r.spans for r in results]
         except (InferenceError, TimeoutError) as e:
             error = self._fail(e)
             route = self._degraded_route(requested, routed)
-            spans = self._checksum_only(texts)
-        outcome = self._apply(route, texts, spans)
+        if size > _OFF_LOOP_BYTES:
+            outcome = await asyncio.to_thread(self._outcome, route, texts, spans)
+        else:
+            outcome = self._outcome(route, texts, spans)
         return self._text_decision(text, route, outcome, outcome.spans[0] if texts else [],
                                    outcome.masked[0] if texts else None, error)
 
@@ -188,10 +213,11 @@ class Router:
         return decisions
 
     async def _infer(
-        self, category_text: str, pii_texts: list[str], timings: dict[str, float]
+        self, category_text: str, pii_texts: list[str], timings: dict[str, float], deadline: float
     ) -> tuple[CategoryResult | None, list[PiiResult]]:
         """Classification (when there is category text and a model) and PII detection of every text,
-        concurrently under one deadline; leftover calls are cancelled, and awaited, on every way out."""
+        concurrently, until `deadline` (event-loop time); leftover calls are cancelled, and awaited, on
+        every way out."""
         classify = bool(category_text) and self.engine.category_labels is not None
         if not classify and not pii_texts:
             return None, []
@@ -205,11 +231,12 @@ class Router:
         tasks = []
         if classify:
             tasks.append(asyncio.ensure_future(timed(self.engine.classify(category_text), "classify")))
-        tasks += [asyncio.ensure_future(timed(self.engine.detect_pii(t), "pii")) for t in pii_texts]
+        if pii_texts:  # one call for all the texts: one tokenization job and one trip through the batcher
+            tasks.append(asyncio.ensure_future(timed(self.engine.detect_pii_all(pii_texts), "pii")))
         for task in tasks:
             task.add_done_callback(_retrieve)
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout_at(deadline):
                 results = await asyncio.gather(*tasks)
         finally:
             pending = [task for task in tasks if not task.done()]
@@ -217,9 +244,40 @@ class Router:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        if classify:
-            return results[0], results[1:]
-        return None, results
+        pii = results[-1] if pii_texts else []
+        return (results[0] if classify else None), pii
+
+    def _models_deadline(self, size: int) -> float:
+        """Event-loop time by which the models must have answered for a body of `size` bytes: the
+        decision's deadline less the reserve the no-model fallback needs for that much text."""
+        reserve = _FALLBACK_S + _FALLBACK_S_PER_MIB * size / (1 << 20)
+        return asyncio.get_running_loop().time() + self._timeout_s - reserve
+
+    def _check_size(self, size: int) -> BodyTooLarge | None:
+        """The error for a body over ``failure.max_inspect_bytes`` (raised at once under fail_closed: a 413
+        that costs no parsing), or None."""
+        if size <= self._max_inspect:
+            return None
+        error = BodyTooLarge(f"The request body ({size} bytes) is larger than this gateway inspects "
+                             f"({self._max_inspect} bytes). Send less text per request.")
+        if self.config.failure.inference == "fail_closed":
+            raise error
+        return error
+
+    def _finish(self, body: bytes, parsed: ParsedRequest, fields: list[TextField], route: Route, texts: list[str],
+                spans: list[list[Span]] | None, degraded: bool) -> tuple[_Outcome, str, bytes | None]:
+        """The PII policy applied (to checksum spans when the models gave none) and the new body."""
+        outcome = self._outcome(route, texts, spans)
+        action = outcome.action(degraded)
+        new_body = None
+        if action != "block":
+            changed = {f.index: m for f, m in zip(fields, outcome.masked, strict=True) if m is not None}
+            if route.rewrite or changed:
+                new_body = rewrite(body, parsed, route.model if route.rewrite else None, changed)
+        return outcome, action, new_body
+
+    def _outcome(self, route: Route, texts: list[str], spans: list[list[Span]] | None) -> _Outcome:
+        return self._apply(route, texts, self._checksum_only(texts) if spans is None else spans)
 
     def _route(self, category: CategoryResult | None, requested: str | None, routed: bool, category_text: str) -> Route:
         if routed and not category_text:
@@ -243,7 +301,7 @@ class Router:
     def _checksum_only(self, texts: list[str]) -> list[list[Span]]:
         if not self.config.pii.checksums:
             return [[] for _ in texts]
-        return [find_checksum_spans(t) for t in texts]
+        return find_checksum_spans_each(texts)
 
     def _apply(self, route: Route, texts: list[str], spans: list[list[Span]]) -> _Outcome:
         policy = self.config.pii.policy_for(route.model)

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from sidecar.api.v1 import router_pb2, router_pb2_grpc
 from sidecar.app import App, AppHolder, EngineFactory, build_app, load_engine
 from sidecar.config import Config, load_config
-from sidecar.errors import ConfigError, InferenceError, ModelLoadError, Overloaded, RequestError
+from sidecar.errors import BodyTooLarge, ConfigError, InferenceError, ModelLoadError, Overloaded, RequestError
 from sidecar.inference.model_dir import ModelDirError
 from sidecar.logs import configure_logging, exception_fields, get_logger
 from sidecar.metrics import Metrics, MetricsServer, start_metrics_server
@@ -58,6 +58,8 @@ class RouterApiServicer(router_pb2_grpc.RouterServicer):
                 result = await app.router.decide_text(request.text, requested)
         except RequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+        except BodyTooLarge as e:  # over failure.max_inspect_bytes under fail_closed; a retry cannot help
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Overloaded:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "inference queue is full; retry later")
         except InferenceError as e:

@@ -282,6 +282,66 @@ async def test_fail_closed_answers_503(start, error, code):
     assert body["error"]["code"] == code
 
 
+CARD = "4111 1111 1111 1111"  # Luhn-valid Visa test number
+
+
+async def test_fail_closed_refuses_a_body_over_max_inspect_bytes_with_413(start):
+    metrics = Metrics()
+    sc = await start(make_config(failure={"inference": "fail_closed", "max_inspect_bytes": 4096}), metrics=metrics)
+    _, resp = await chat_request(sc.ext_proc, chat_body("Solve it. " * 500 + CARD))
+    status, body = immediate(resp)
+    assert status == 413 and body["error"]["code"] == "too_large" and "4096 bytes" in body["error"]["message"]
+    assert body["error"]["type"] == "invalid_request_error" and CARD not in json.dumps(body)
+    assert set_headers(resp)["x-router-action"] == "rejected" and set_headers(resp)["x-router-reason"] == "too_large"
+    assert sc.engine.calls.total() == 0
+    assert metrics.registry.get_sample_value("sidecar_request_errors_total", {"reason": "too_large"}) == 1
+
+
+async def test_fail_open_answers_a_body_over_max_inspect_bytes_degraded_with_checksum_masking(start):
+    sc = await start(make_config(failure={"max_inspect_bytes": 4096}))
+    _, resp = await chat_request(sc.ext_proc, chat_body("Solve it. " * 500 + CARD))
+    headers = set_headers(resp)
+    assert (headers["x-router-action"], headers["x-router-reason"], headers["x-selected-model"]) == (
+        "degraded", "too_large", "general")
+    content = messages(new_body(resp))[0]["content"]
+    assert content.endswith("[CREDIT_CARD]") and CARD not in content
+    assert sc.engine.calls.total() == 0
+
+
+async def test_a_stream_that_ends_before_its_answer_is_logged_unanswered_not_no_body(start):
+    """Envoy gives up after message_timeout (or the client goes away) and resets the stream while the body is
+    being decided; with failure_mode_allow it forwards the body as sent. The log must say so."""
+    stream = io.StringIO()
+    configure_logging(LoggingConfig(level="info"), stream)
+    metrics = Metrics()
+    sc = await start(make_config(failure={"timeout_ms": 60_000}), engine=FakeEngine(delay_s=60), metrics=metrics)
+    late = Exchange(sc.ext_proc)
+    await late.send(headers_msg(request_id="late"))
+    await late.call.write(body_msg(chat_body("Solve the integral.")))
+    await until(lambda: sc.engine.calls["detect_pii"] == 1)
+    late.call.cancel()
+    await until(lambda: '"request_id": "late"' in stream.getvalue())
+    [event] = [json.loads(line) for line in stream.getvalue().splitlines() if '"request_id": "late"' in line]
+    assert (event["action"], event["reason"], event["level"]) == ("unanswered", "stream_closed", "warning")
+    assert event["body_bytes"] == len(chat_body("Solve the integral."))
+    assert metrics.registry.get_sample_value("sidecar_request_errors_total", {"reason": "stream_closed"}) == 1
+    assert sc.engine.calls["cancelled:detect_pii"] == 1
+    headers_only = Exchange(sc.ext_proc)  # no body ever came: still skipped/no_body
+    await headers_only.send(headers_msg(request_id="nobody"))
+    headers_only.call.cancel()
+    await until(lambda: '"request_id": "nobody"' in stream.getvalue())
+    [event] = [json.loads(line) for line in stream.getvalue().splitlines() if '"request_id": "nobody"' in line]
+    assert (event["action"], event["reason"]) == ("skipped", "no_body")
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition never became true"
+        await asyncio.sleep(0.005)
+
+
 class ExplodingEngine(FakeEngine):
     """A bug in the inference path for texts containing 'explode'; normal answers otherwise."""
 

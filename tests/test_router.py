@@ -8,7 +8,15 @@ import json
 import pytest
 
 from sidecar.config import Config, parse_config
-from sidecar.errors import InferenceError, InferenceTimeout, NoText, NotJson, Overloaded
+from sidecar.errors import (
+    BodyTooLarge,
+    ConfigError,
+    InferenceError,
+    InferenceTimeout,
+    NoText,
+    NotJson,
+    Overloaded,
+)
 from sidecar.router import Router, TextDecision
 from tests.fakes import FakeEngine
 
@@ -284,3 +292,114 @@ async def test_a_cancelled_request_cancels_its_inference():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert engine.calls["cancelled:classify"] == 1 and engine.calls["cancelled:detect_pii"] == 1
+
+
+# --- big bodies: the size guard and the deadline ------------------------------------------------------------
+
+def padded_chat(n_bytes: int, text: str = f"Solve it. Card {CARD}.") -> bytes:
+    """A chat body of about `n_bytes`: prose, then `text` at the end of the last user message."""
+    filler = "The court held that the contract was void for lack of consideration. "
+    return chat(("user", filler * (n_bytes // len(filler)) + text))
+
+
+async def test_a_body_over_max_inspect_bytes_is_degraded_at_once_without_the_models():
+    engine = FakeEngine()
+    r = router(engine, failure={"max_inspect_bytes": 4096})
+    d = await r.decide(padded_chat(8192), "chat")
+    assert (d.action, d.error, d.model, d.route_reason) == ("degraded", "too_large", "small", "degraded")
+    assert engine.calls.total() == 0
+    content = json.loads(d.body)["messages"][0]["content"]
+    assert CARD not in content and content.endswith("Card [CREDIT_CARD].") and d.entity_types == ("CREDIT_CARD",)
+    small = await r.decide(padded_chat(1024), "chat")
+    assert small.error is None and engine.calls["detect_pii"] == 1
+
+
+async def test_a_body_over_max_inspect_bytes_under_fail_closed_is_refused_unread():
+    r = router(FakeEngine(), failure={"max_inspect_bytes": 4096, "inference": "fail_closed"})
+    with pytest.raises(BodyTooLarge, match="4096 bytes"):
+        await r.decide(b"{not json" + b" " * 8192, "chat")  # not even parsed
+    with pytest.raises(NotJson):
+        await r.decide(b"{not json", "chat")
+
+
+async def test_decide_text_applies_the_size_guard_to_the_texts_utf8_length():
+    engine = FakeEngine()
+    t = await router(engine, failure={"max_inspect_bytes": 4096}).decide_text("é" * 2100 + f" {CARD}")
+    assert (t.action, t.error, t.masked_text[-13:]) == ("degraded", "too_large", "[CREDIT_CARD]")
+    assert engine.calls.total() == 0
+    with pytest.raises(BodyTooLarge):
+        await router(engine, failure={"max_inspect_bytes": 4096, "inference": "fail_closed"}).decide_text("x" * 5000)
+
+
+def test_max_inspect_bytes_defaults_to_one_mebibyte_and_is_validated():
+    assert make_config().failure.max_inspect_bytes == 1024 * 1024
+    with pytest.raises(ConfigError, match="failure.max_inspect_bytes"):
+        make_config(failure={"max_inspect_bytes": 10})
+    with pytest.raises(ConfigError, match="failure.max_inspect_bytes"):
+        make_config(failure={"max_inspect_bytes": "lots"})
+
+
+async def test_parsing_counts_against_the_deadline():
+    """The models get the deadline less what parsing took: a deadline already spent degrades at once."""
+    engine = FakeEngine(delay_s=60)
+    r = router(engine, failure={"timeout_ms": 1})
+    d = await asyncio.wait_for(r.decide(padded_chat(300_000), "chat"), 5)
+    assert (d.action, d.error) == ("degraded", "timeout")
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_category_dir, tiny_pii_dir):
+    """The tiny untrained models (PyTorch, CPU): real tokenization, windows and inference at real cost."""
+    from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
+    from sidecar.inference.engine import Engine
+
+    engine = Engine.load(ModelsConfig(category=ModelConfig(path=str(tiny_category_dir), device="cpu"),
+                                      pii=ModelConfig(path=str(tiny_pii_dir), device="cpu")), BatchingConfig())
+    yield engine
+    engine.close()
+
+
+async def stalls_while(call) -> tuple[object, float]:
+    """`call`'s result and the longest the event loop went without running a 5 ms heartbeat meanwhile."""
+    longest = 0.0
+
+    async def beat() -> None:
+        nonlocal longest
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.005)
+            longest = max(longest, loop.time() - before - 0.005)
+
+    heart = asyncio.ensure_future(beat())
+    await asyncio.sleep(0.01)
+    try:
+        return await call, longest
+    finally:
+        heart.cancel()
+
+
+@pytest.mark.parametrize("shape", ["one message", "4000 messages"])
+@pytest.mark.parametrize("max_inspect", [8 << 20, None], ids=["models tried", "over max_inspect_bytes"])
+async def test_a_4mb_body_is_answered_degraded_with_the_card_masked_within_the_deadline_budget(
+        tiny_engine, shape, max_inspect):
+    """With timeout_ms 250 the answer used to take 8-10 s (tokenizing 4 MB with the GIL held, a Python loop
+    per digit group in the fallback), and the event loop stood still for most of it. Bounds are generous:
+    this machine may be busy; a bound that is hit is a regression, not noise."""
+    failure = {"timeout_ms": 250} | ({"max_inspect_bytes": max_inspect} if max_inspect else {})
+    r = Router(make_config(failure=failure, pii={"default_policy": {"score_threshold": 0.99}}), tiny_engine)
+    filler = "The court held that the contract was void for lack of consideration, said John Smith. "
+    text = filler * (4_000_000 // len(filler))
+    if shape == "one message":
+        body = chat(("user", text + f" Pay with {CARD} today."))
+    else:
+        parts = [text[i:i + 1000] for i in range(0, len(text), 1000)]
+        body = chat(*[("user", part) for part in parts], ("user", f"Pay with {CARD} today."))
+    started = asyncio.get_running_loop().time()
+    d, stalled = await stalls_while(asyncio.wait_for(r.decide(body, "chat"), 5))
+    elapsed = asyncio.get_running_loop().time() - started
+    assert (d.action, d.error) == ("degraded", "timeout" if max_inspect else "too_large")
+    assert d.entity_counts == {"CREDIT_CARD": 1}
+    last = json.loads(d.body)["messages"][-1]["content"]
+    assert CARD not in d.body.decode() and last.endswith("Pay with [CREDIT_CARD] today.")
+    assert elapsed < 5 and stalled < 1.0, (elapsed, stalled)

@@ -102,6 +102,14 @@ async def test_classify_inference_failures_map_to_grpc_codes(start, error, code)
     assert e.value.code() == code
 
 
+async def test_classify_text_over_max_inspect_bytes_is_invalid_argument_under_fail_closed(start):
+    sc = await start(make_config(failure={"inference": "fail_closed", "max_inspect_bytes": 4096}))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await sc.router_api.Classify(router_pb2.ClassifyRequest(text="Solve it. " * 500))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "4096 bytes" in e.value.details()
+    assert sc.engine.calls.total() == 0
+
+
 async def test_classify_under_fail_open_answers_degraded(start):
     sc = await start(engine=FakeEngine(error=InferenceTimeout("slow")))
     resp = await sc.router_api.Classify(router_pb2.ClassifyRequest(text="Solve it."))
