@@ -100,9 +100,19 @@ class OperatorConfig(_Section):
     masking_char: Annotated[str, Field(min_length=1, max_length=1)] = "*"
     chars_to_mask: Annotated[int, Field(ge=0)] | None = None
     """mask: how many characters to mask; default all."""
+    chars_to_keep: Annotated[int, Field(ge=0)] | None = None
+    """mask: how many characters to leave visible (at the end; at the start with from_end), masking all the
+    others whatever the value's length: ``4`` shows the last four digits of a card written with or without
+    spaces, of any length. Not together with chars_to_mask."""
     from_end: bool = False
     hash_type: Literal["sha256", "sha512", "md5"] = "sha256"
     salt: str = ""
+
+    @model_validator(mode="after")
+    def _mask_or_keep(self) -> OperatorConfig:
+        if self.chars_to_mask is not None and self.chars_to_keep is not None:
+            raise ValueError("chars_to_mask and chars_to_keep cannot both be set")
+        return self
 
 
 class PiiPolicyConfig(_Section):

@@ -40,7 +40,10 @@ def redact(value: str, entity_type: str, config: OperatorConfig) -> str:
 
 @operator("mask")
 def mask(value: str, entity_type: str, config: OperatorConfig) -> str:
-    n = len(value) if config.chars_to_mask is None else min(config.chars_to_mask, len(value))
+    if config.chars_to_keep is not None:
+        n = max(len(value) - config.chars_to_keep, 0)
+    else:
+        n = len(value) if config.chars_to_mask is None else min(config.chars_to_mask, len(value))
     if config.from_end:
         return value[: len(value) - n] + config.masking_char * n
     return config.masking_char * n + value[n:]

@@ -113,3 +113,37 @@ def test_span_beyond_the_text_is_an_error():
 
 def test_no_spans_leaves_text_unchanged():
     assert anonymize("nothing here", [], REPLACE).text == "nothing here"
+
+
+@pytest.mark.parametrize("card", ["4111 1111 1111 1111", "4111111111111111", "4111-1111-1111-1111",
+                                  "4111 111111 111111111", "3782 822463 10005"])
+def test_chars_to_keep_leaves_only_the_last_four_digits_of_any_card(card):
+    masked = OPERATORS["mask"](card, "CREDIT_CARD", OperatorConfig(type="mask", chars_to_keep=4))
+    assert masked == "*" * (len(card) - 4) + card[-4:]
+    assert sum(c.isdigit() for c in masked) == 4
+    kept_first = OPERATORS["mask"](card, "CREDIT_CARD", OperatorConfig(type="mask", chars_to_keep=4, from_end=True))
+    assert kept_first == card[:4] + "*" * (len(card) - 4)
+    assert OPERATORS["mask"]("12", "X", OperatorConfig(type="mask", chars_to_keep=4)) == "12"
+
+
+def test_chars_to_mask_and_chars_to_keep_exclude_each_other():
+    from sidecar.errors import ConfigError
+    from tests.grpc_helpers import make_config
+
+    with pytest.raises(ConfigError, match="cannot both be set"):
+        make_config(pii={"default_policy": {"operators": {"CREDIT_CARD": {"type": "mask", "chars_to_mask": 12,
+                                                                          "chars_to_keep": 4}}}})
+
+
+@pytest.mark.parametrize("card", ["4111 1111 1111 1111", "4111111111111111", "4111-1111-1111-1111",
+                                  "4111111111111111111", "378282246310005"])
+def test_the_shipped_card_operator_shows_at_most_the_last_four_digits(card):
+    from sidecar.config import load_config
+    from sidecar.demo.stack import ROUTER_CONFIG
+
+    config = load_config(ROUTER_CONFIG)
+    for policy in (config.pii.default_policy, *config.pii.policies.values()):
+        text = f"pay with {card} today"
+        masked = anonymize(text, [find(text, card, "CREDIT_CARD", 1.0)], policy).text
+        visible = "".join(c for c in masked if c.isdigit())
+        assert len(visible) <= 4 and card not in masked
