@@ -15,8 +15,10 @@ Tests that restart the sidecar restore it before they end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -39,7 +41,7 @@ TABLE: dict[str, str] = ROUTER_YAML["routing"]["categories"]
 DEFAULT_MODEL: str = ROUTER_YAML["routing"]["default_model"]
 BLOCKING = {m for m, p in ROUTER_YAML["pii"]["policies"].items() if "CREDIT_CARD" in p.get("block_entities", [])}
 MASKING = sorted(set(TABLE.values()) - BLOCKING | {DEFAULT_MODEL})
-CARD_MASK = "*" * 12  # router.yaml's CREDIT_CARD operator: the first 12 characters masked
+CARD_MASK = "*" * 12  # router.yaml's CREDIT_CARD operator (chars_to_keep: 4) on a 16-digit card
 BUFFER_LIMIT = 4 * 1024 * 1024  # envoy.yaml per_connection_buffer_limit_bytes
 
 SUBJECTS = [
@@ -81,7 +83,7 @@ def chat(*contents: str, model: str = "auto", roles: tuple[str, ...] | None = No
 def masked(body: bytes, cards: list[str], ibans: list[str]) -> bytes:
     """What router.yaml's default policy turns `body` into: cards keep their last 4, IBANs are replaced."""
     for card in cards:
-        body = body.replace(card.encode(), (CARD_MASK + card[12:]).encode())
+        body = body.replace(card.encode(), ("*" * (len(card) - 4) + card[-4:]).encode())
     for iban in ibans:
         body = body.replace(iban.encode(), b"[IBAN_CODE]")
     return body
@@ -292,6 +294,62 @@ def test_a_body_over_envoys_buffer_limit_gets_413_and_reaches_no_backend(gateway
     status, _, answer = call(gateway, CHAT, body)
     assert status == 413 and answer == b"Payload Too Large"
     assert gateway.received() == []
+
+
+def test_a_2mb_body_reaches_the_backend_with_its_cards_masked_never_in_clear(gateway):
+    """Over failure.max_inspect_bytes (1 MiB) and under Envoy's buffer limit (4 MiB): the sidecar answers at
+    once, degraded, masking what the checksums find. Before the size guard and the deadline covering the
+    whole decision, such a body was answered after Envoy's 1 s message_timeout and Envoy forwarded it as
+    sent, card and all."""
+    rng = random.Random(4)
+    card, spaced_card = luhn_card(rng), luhn_card(rng)
+    spaced = " ".join(spaced_card[i:i + 4] for i in range(0, 16, 4))
+    filler = "The court held that the contract was void for lack of consideration. "
+    padding = filler * (1024 * 1024 // len(filler) + 100)  # two messages: about 2 MiB in all
+    body = chat(f"Charge {card} please. {padding}", f"{padding} Or my other card {spaced}, thanks.",
+                model=MASKING[0])
+    assert 2 * 1024 * 1024 < len(body) < BUFFER_LIMIT
+    status, _, _ = call(gateway, CHAT, body)
+    got = only(gateway.received())
+    assert status == 200 and got.backend == MASKING[0]
+    assert (got.headers["x-router-action"], got.headers["x-router-reason"]) == ("degraded", "too_large")
+    assert got.headers["x-router-pii"] == "CREDIT_CARD"
+    text = " ".join(m["content"] for m in got.json()["messages"])
+    assert card not in text and spaced not in text and spaced_card not in text.replace(" ", "")
+    assert find_checksum_spans(text) == [], "a checksum-valid number reached the backend"
+    assert f"Charge {CARD_MASK}{card[-4:]} please." in text and f"card {'*' * 15}{spaced_card[-4:]}, thanks." in text
+    assert len(got.body) == len(body)  # masked in place, nothing else changed
+
+
+def test_an_answer_later_than_message_timeout_is_logged_unanswered(gateway):
+    """With the deadline raised past Envoy's message_timeout (1 s) and the size guard off, the models take
+    seconds over a 1 MB body: Envoy stops waiting, resets the stream and (failure_mode_allow) forwards the
+    body as sent. The sidecar must log that request as unanswered, not as skipped/no_body."""
+    sidecar_log = gateway.logs()["sidecar"]
+    gateway.reload_sidecar({"failure": {"timeout_ms": 20_000, "max_inspect_bytes": 8 * 1024 * 1024}})
+    try:
+        body = chat("The court held that the contract was void. " * 25_000, model=MASKING[0])
+        status, _, _ = call(gateway, CHAT, body, headers={"x-request-id": "too-late"})
+        got = only(gateway.received())
+        assert status == 200 and got.body == body and router_headers(got) == {}  # Envoy went on without it
+        deadline = time.monotonic() + 30
+        while not (events := [e for e in sidecar_events(sidecar_log) if e.get("request_id") == "too-late"]):
+            assert time.monotonic() < deadline, "the sidecar never logged the request"
+            time.sleep(0.1)
+        [event] = events
+        assert (event["action"], event["reason"], event["level"]) == ("unanswered", "stream_closed", "warning")
+        assert event["body_bytes"] == len(body)
+    finally:
+        gateway.reload_sidecar()
+
+
+def sidecar_events(log: Path) -> list[dict]:
+    events = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                events.append(json.loads(line))
+    return events
 
 
 def test_bad_body_reject_answers_400_and_reaches_no_backend(gateway):
