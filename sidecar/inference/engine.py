@@ -3,8 +3,8 @@
 One Engine holds up to two models (category, PII), each with its own tokenizer, backend and batcher.
 Async calls are what the server uses: they never block the event loop (long texts are tokenized and
 decoded on a worker thread, with the tokenizer's GIL-free batch call, and inference runs on the
-batcher's thread). The ``*_many`` calls are the
-synchronous, batched path for the offline CLI and evaluation.
+batcher's thread). The ``*_many`` calls are the synchronous, batched path for the offline CLI and
+evaluation.
 """
 
 from __future__ import annotations
