@@ -322,11 +322,13 @@ def test_a_2mb_body_reaches_the_backend_with_its_cards_masked_never_in_clear(gat
 
 
 def test_an_answer_later_than_message_timeout_is_logged_unanswered(gateway):
-    """With the deadline raised past Envoy's message_timeout (1 s) and the size guard off, the models take
-    seconds over a 1 MB body: Envoy stops waiting, resets the stream and (failure_mode_allow) forwards the
-    body as sent. The sidecar must log that request as unanswered, not as skipped/no_body."""
+    """With the deadline raised past Envoy's message_timeout (1 s), the size guard off and every batch held
+    back a full second (so even a GPU cannot answer in time), Envoy stops waiting, resets the stream and
+    (failure_mode_allow) forwards the body as sent. The sidecar must log that request as unanswered, not as
+    skipped/no_body."""
     sidecar_log = gateway.logs()["sidecar"]
-    gateway.reload_sidecar({"failure": {"timeout_ms": 20_000, "max_inspect_bytes": 8 * 1024 * 1024}})
+    gateway.reload_sidecar({"failure": {"timeout_ms": 20_000, "max_inspect_bytes": 8 * 1024 * 1024},
+                            "batching": {"max_wait_ms": 1000, "max_batch_size": 1024}})
     try:
         body = chat("The court held that the contract was void. " * 25_000, model=MASKING[0])
         status, _, _ = call(gateway, CHAT, body, headers={"x-request-id": "too-late"})
