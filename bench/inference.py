@@ -82,13 +82,9 @@ def ort_session(path: Path, cuda: bool, threads: int):
     against the Engine measures our Python, not different runtime settings."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads > 0:
-        options.intra_op_num_threads = threads
+    from sidecar.inference.backends import session_options
+
+    options = session_options(threads)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 

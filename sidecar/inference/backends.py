@@ -60,21 +60,29 @@ def ort_cuda_available() -> bool:
     return cuda_device_count() > 0 and CUDA_PROVIDER in ort.get_available_providers()
 
 
+def session_options(threads: int = 0):
+    """ONNX Runtime settings for serving (the benchmarks' floor uses the same, so ratios measure our code)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # Between batches the worker waits on its queue; spinning pool threads would only take CPU from
+    # the event loop and from neighbouring containers (measured: 1.8x slower serving on 2 busy cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    return options
+
+
 class OnnxBackend:
     """An ONNX Runtime session with full graph optimisation, on CUDA when asked and possible."""
 
     def __init__(self, path: Path, name: str, cuda: bool, threads: int = 0):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        # Between batches the worker waits on its queue; spinning pool threads would only take CPU from
-        # the event loop and from neighbouring containers (measured: 1.8x slower serving on 2 busy cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        if threads > 0:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         requested = [CUDA_PROVIDER, CPU_PROVIDER] if cuda else [CPU_PROVIDER]
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
