@@ -181,6 +181,20 @@ def summary(times_ms: Sequence[float]) -> dict:
     }
 
 
+def save_figure(fig, path: Path, title: str, results: dict, fontsize: int = 9) -> Path:
+    """Title a plot with the machine it ran on (and whether it was contended), save it and free it."""
+    import matplotlib.pyplot as plt
+
+    m = results["machine"]
+    fig.suptitle(f"{title} ({m['cpu']}, {m['cores']} cores{', contended' if results['contended'] else ''})",
+                 fontsize=fontsize)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_json(path: Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,17 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `bench` importable like under `python -m`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import DATA, DEFAULT_MODELS, RESULTS, busy_processes, corpus_texts, log, machine, write_json
+from bench.common import (
+    DATA,
+    DEFAULT_MODELS,
+    RESULTS,
+    busy_processes,
+    corpus_texts,
+    log,
+    machine,
+    save_figure,
+    write_json,
+)
 
 CONCURRENCY = [1, 8, 32, 64]
 NO_MODELS = {"models": {"category": None, "pii": None}, "pii": {"checksums": False}}
@@ -408,14 +418,7 @@ def plot(results: dict, path: Path) -> Path:
     ax2.set_yscale("log")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7, ncol=2)
-    m = results["machine"]
-    fig.suptitle(f"Through Envoy ({m['cpu']}, {m['cores']} cores shared by load generator, Envoy, sidecar and "
-                 f"mocks{', contended' if results['contended'] else ''})", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "Through Envoy; load generator, Envoy, sidecar and mocks share the cores", results)
 
 
 def main(argv: list[str] | None = None) -> int:

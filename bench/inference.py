@@ -37,6 +37,7 @@ from bench.common import (
     interleaved,
     log,
     machine,
+    save_figure,
     texts_of_length,
     write_json,
 )
@@ -389,13 +390,7 @@ def plot(results: dict, path: Path) -> Path:
             ax.grid(True, which="both", alpha=0.3)
             if r == 0 and c == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"Engine vs ONNX Runtime floor ({results['machine']['cpu']}, {results['machine']['cores']} cores"
-                 f"{', contended' if results['contended'] else ''})", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "Engine vs ONNX Runtime floor", results, fontsize=10)
 
 
 def summarize(models: list[dict]) -> dict:

@@ -35,6 +35,7 @@ from bench.common import (
     full_model_file,
     log,
     machine,
+    save_figure,
     write_json,
 )
 
@@ -194,14 +195,7 @@ def plot(results: dict, path: Path) -> Path:
     ax2.set_yscale("log")
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=7)
-    m = results["machine"]
-    fig.suptitle(f"Engine vs transformers pipeline() ({m['cpu']}, {m['cores']} cores"
-                 f"{', contended' if results['contended'] else ''})", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "Engine vs transformers pipeline()", results)
 
 
 def main(argv: list[str] | None = None) -> int:
