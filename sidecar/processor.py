@@ -45,8 +45,30 @@ def header_value(headers: HttpHeaders, key: str) -> str | None:
     """A request header's value; Envoy sends ``raw_value`` (bytes), older versions ``value``."""
     for h in headers.headers.headers:
         if h.key.lower() == key:
-            return h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            return _value(h)
     return None
+
+
+def _value(h) -> str:
+    return h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+
+
+_OWNED = frozenset(mutations.OWNED_HEADERS)
+
+
+def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, bool]:
+    """``(:path, x-request-id, spoofed)`` in one pass; spoofed: the client sent a header the sidecar owns."""
+    path = request_id = None
+    spoofed = False
+    for h in headers.headers.headers:
+        key = h.key.lower()
+        if key == PATH_HEADER:
+            path = _value(h)
+        elif key == REQUEST_ID_HEADER:
+            request_id = _value(h)
+        elif key in _OWNED:
+            spoofed = True
+    return path, request_id, spoofed
 
 
 def attribute_path(request: ProcessingRequest) -> str | None:
@@ -81,11 +103,17 @@ class Processor:
         self.body_mode = body_mode
         self.response_body_mode = response_body_mode
         self.path: str | None = None
-        self.request_id: str = uuid.uuid4().hex
-        """Envoy's ``x-request-id`` once headers arrive; a fresh id until then (or without one)."""
+        self._request_id: str | None = None
         self.started = time.perf_counter()
         self.finished = False
         """An outcome (decision, skip, error answer) has been recorded; later phases just continue."""
+
+    @property
+    def request_id(self) -> str:
+        """Envoy's ``x-request-id`` once headers arrive; a fresh id until then (or without one)."""
+        if self._request_id is None:
+            self._request_id = uuid.uuid4().hex
+        return self._request_id
 
     @property
     def log_path(self) -> str | None:
@@ -94,9 +122,10 @@ class Processor:
 
     def see_headers(self, headers: HttpHeaders) -> bool:
         """Remember path and request id; True when the client sent any header the sidecar owns."""
-        self.path = header_value(headers, PATH_HEADER) or self.path
-        self.request_id = header_value(headers, REQUEST_ID_HEADER) or self.request_id
-        return any(h.key.lower() in mutations.OWNED_HEADERS for h in headers.headers.headers)
+        path, request_id, spoofed = read_headers(headers)
+        self.path = path or self.path
+        self._request_id = request_id or self._request_id
+        return spoofed
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
         spoofed = self.see_headers(msg)
@@ -281,15 +310,16 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         self.metrics = metrics
 
     async def Process(self, request_iterator: AsyncIterator[ProcessingRequest],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[ProcessingResponse]:
+                      context: grpc.aio.ServicerContext) -> None:
         with self.apps.use() as app:
             stream = Stream(app, self.metrics)
             self.metrics.active_streams.inc()
             try:
-                async for request in request_iterator:
+                # read()/write() rather than iterating and yielding: a third less gRPC work per message.
+                while (request := await context.read()) is not grpc.aio.EOF:
                     response = await stream.handle(request)
                     if response is not None:
-                        yield response
+                        await context.write(response)
             finally:
                 self.metrics.active_streams.dec()
                 stream.close()

@@ -219,8 +219,10 @@ class Router:
         concurrently, until `deadline` (event-loop time); leftover calls are cancelled, and awaited, on
         every way out."""
         classify = bool(category_text) and self.engine.category_labels is not None
-        if not classify and not pii_texts:
-            return None, []
+        detect = bool(pii_texts) and self.engine.detects_pii
+        no_pii = [PiiResult([]) for _ in pii_texts]
+        if not classify and not detect:
+            return None, no_pii
         started = time.perf_counter()
 
         async def timed(call: Awaitable[Any], stage: str) -> Any:
@@ -228,11 +230,14 @@ class Router:
             timings[stage] = max(timings.get(stage, 0.0), _ms_since(started))
             return result
 
-        tasks = []
-        if classify:
-            tasks.append(asyncio.ensure_future(timed(self.engine.classify(category_text), "classify")))
-        if pii_texts:  # one call for all the texts: one tokenization job and one trip through the batcher
-            tasks.append(asyncio.ensure_future(timed(self.engine.detect_pii_all(pii_texts), "pii")))
+        if not (classify and detect):  # one call: awaited in place, no task to schedule or gather
+            async with asyncio.timeout_at(deadline):
+                if classify:
+                    return await timed(self.engine.classify(category_text), "classify"), no_pii
+                return None, await timed(self.engine.detect_pii_all(pii_texts), "pii")
+        # Both at once; PII is one call for all the texts: one tokenization job, one trip through the batcher.
+        tasks = [asyncio.ensure_future(timed(self.engine.classify(category_text), "classify")),
+                 asyncio.ensure_future(timed(self.engine.detect_pii_all(pii_texts), "pii"))]
         for task in tasks:
             task.add_done_callback(_retrieve)
         try:
@@ -244,8 +249,7 @@ class Router:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        pii = results[-1] if pii_texts else []
-        return (results[0] if classify else None), pii
+        return results[0], results[1]
 
     def _models_deadline(self, size: int) -> float:
         """Event-loop time by which the models must have answered for a body of `size` bytes: the

@@ -85,6 +85,7 @@ class FakeEngine:
     texts: list[str] = field(default_factory=list)
     """Every text passed to any method, in call order (tests may inspect it; the sidecar never logs it)."""
     closed: bool = False
+    detects_pii: bool = True
 
     @property
     def category_labels(self) -> list[str] | None:

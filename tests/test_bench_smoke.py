@@ -109,18 +109,27 @@ def test_naive_compares_pipelines_with_the_engine(models, results):
 @pytest.mark.envoy
 def test_envoy_runs_all_three_cases_through_the_real_envoy(models, results):
     run("envoy", "--category", str(models["category"]), "--pii", str(models["pii"]), "--concurrency", "2",
-        "--duration", "1", "--warmup", "0", "--requests", "4", "--corpus", "--pii-corpus",
+        "--duration", "1", "--rounds", "2", "--warmup", "0", "--requests", "4", "--corpus", "--pii-corpus",
         "--out", str(results / "envoy.json"), "--plot", str(results / "envoy.png"))
     doc = json.loads((results / "envoy.json").read_text())
     assert list(doc["cases"]) == ["direct", "noop", "models"]
     for case in doc["cases"].values():
         [row] = case["rows"]
-        assert row["requests"] > 0 and row["errors"] == 0
+        assert row["requests"] > 0 and row["errors"] == 0 and len(row["runs"]) == 2
         assert {"rps", "p50_ms", "p99_ms", "cpu_ms_per_request"} <= row.keys()
     models_row = doc["cases"]["models"]["rows"][0]
     assert models_row["sidecar"]["category"]["passes"] > 0 and models_row["sidecar"]["pii"]["passes"] > 0
     assert "protocol_overhead_p50_ms" in doc["summary"]["per_concurrency"]["2"]
     assert doc["request_floor"] == {"skipped": "category: not an ONNX model"}  # the tiny category model is PyTorch
+
+
+def test_an_envoy_row_is_the_run_with_the_median_latency_and_keeps_every_run():
+    from bench.envoy import median_row
+
+    runs = [{"rps": rps, "p50_ms": p50, "p99_ms": p50 * 2} for rps, p50 in ((500, 2.0), (900, 1.1), (300, 3.5))]
+    row = median_row(runs)
+    assert (row["rps"], row["p50_ms"], row["p99_ms"]) == (500, 2.0, 4.0)
+    assert [r["p50_ms"] for r in row["runs"]] == [2.0, 1.1, 3.5]
 
 
 def test_report_writes_the_summary_table(results):

@@ -365,6 +365,7 @@ async def test_without_a_pii_model_only_checksums_find_pii(fake_category, engine
     quiet = Engine(checksums=False)
     engines.append(quiet)
     assert (await quiet.detect_pii(text)).spans == []
+    assert engine.detects_pii and not quiet.detects_pii
 
 
 async def test_checksums_add_a_card_the_model_tagged_as_something_else(fake_pii):

@@ -152,6 +152,20 @@ async def test_without_a_category_model_requests_go_to_default():
     assert engine.calls["classify"] == 0
 
 
+async def test_an_engine_that_detects_no_pii_is_not_asked():
+    engine = FakeEngine(detects_pii=False)
+    d = await router(engine).decide(chat(("system", "You are terse, Bob."), ("user", "Solve the integral")), "chat")
+    assert (d.model, d.route_reason, d.action, d.entity_types) == ("math-llm", "category", "allow", ())
+    assert engine.calls["detect_pii"] == 0 and engine.calls["classify"] == 1 and "pii" not in d.timings
+
+
+async def test_a_single_call_still_meets_the_deadline_and_is_cancelled():
+    engine = FakeEngine(has_category_model=False, pii_delay_s=60)
+    d = await router(engine, failure={"timeout_ms": 20}).decide(chat(("user", "Solve it")), "chat")
+    assert (d.action, d.error, d.model) == ("degraded", "timeout", "small")
+    assert engine.calls["cancelled:detect_pii"] == 1
+
+
 async def test_without_user_text_the_classifier_is_skipped():
     engine = FakeEngine()
     d = await router(engine).decide(chat(("system", "You are terse, Bob.")), "chat")

@@ -144,6 +144,11 @@ class Engine:
         return self._pii is not None
 
     @property
+    def detects_pii(self) -> bool:
+        """Whether ``detect_pii`` can find anything: a PII model or the checksum recognizers."""
+        return self._pii is not None or self.checksums
+
+    @property
     def category_labels(self) -> list[str] | None:
         return list(self._category.labels) if self._category else None
 
