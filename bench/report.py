@@ -139,7 +139,9 @@ def envoy_tables(envoy: dict) -> str:
                     f"{floor['pii']['windows_per_request']:g} windows, {floor['pii']['mean_tokens']:g} tokens); "
                     f"(c) - (b) at p50, 1 connection: {fmt(c1.get('inference_p50_ms'))} ms."]
     s = envoy["settings"]
-    out += ["", f"Load generator: {s.get('loadgen')}, closed loop, {s['duration_s']} s per point after "
+    rounds = s.get("rounds", 1)
+    taken = f"the median of {rounds} runs of {s['duration_s']} s taken in turns" if rounds > 1 else f"{s['duration_s']} s"
+    out += ["", f"Load generator: {s.get('loadgen')}, closed loop, {taken} per point after "
                 f"{s['warmup_s']} s warm-up; Envoy with {s['envoy_concurrency'] or 'one per core'} worker thread(s); "
                 f"{s['requests']} distinct chat requests (system prompt + question, every fourth with PII), "
                 f"{s['mean_body_bytes']:g} bytes on average."]
