@@ -170,6 +170,42 @@ async def test_all_texts_of_a_request_are_detected_as_one_job(fake_pii):
     assert offsets(alone) == offsets(results[5])
 
 
+async def test_a_burst_of_requests_shares_one_pass_even_when_tokenized_off_the_loop(fake_pii, fake_category):
+    text = f"{filler(5)} call 5550100"  # one window
+    burst = [text] * 120
+    assert sum(map(len, burst)) > 4096  # more than one loop step may tokenize on the loop
+    pii, tagger = fake_pii(max_batch_size=128)
+    results = await asyncio.gather(*(pii.detect_pii(t) for t in burst))
+    assert len(tagger.calls) == 1 and all(offsets(r) == offsets(results[0]) != [] for r in results)
+    category, fingerprint = fake_category(max_batch_size=128)
+    labels = await asyncio.gather(*(category.classify(t) for t in burst))
+    assert len(fingerprint.calls) == 1 and len({r.label for r in labels}) == 1
+
+
+async def test_a_burst_tokenized_off_the_loop_stops_once_every_caller_has_gone(fake_pii, monkeypatch):
+    engine, tagger = fake_pii(max_batch_size=128)
+    started, release = threading.Event(), threading.Event()
+    stops: list[threading.Event] = []
+    prepare = engine._pii.step._prepare
+
+    def slow(texts, stop):
+        stops.append(stop)
+        started.set()
+        release.wait(10)
+        return prepare(texts, stop)
+
+    monkeypatch.setattr(engine._pii.step, "_prepare", slow)
+    calls = [asyncio.ensure_future(engine.detect_pii(f"{filler(5)} call 5550100")) for _ in range(120)]
+    await until(started.is_set)
+    for call in calls:
+        call.cancel()
+    await asyncio.gather(*calls, return_exceptions=True)
+    assert stops[0].is_set()
+    release.set()
+    await asyncio.sleep(0.05)
+    assert tagger.calls == []  # nothing left to run for callers that are gone
+
+
 async def test_on_loop_work_is_capped_per_event_loop_step(fake_pii):
     engine, _ = fake_pii()
     assert engine._on_loop(3000) and not engine._on_loop(3000) and engine._on_loop(1000)

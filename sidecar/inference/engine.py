@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +20,7 @@ import structlog
 
 from sidecar.checksums import find_checksum_spans, find_checksum_spans_each, reconcile
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
-from sidecar.errors import ModelLoadError
+from sidecar.errors import InferenceCancelled, ModelLoadError
 from sidecar.inference.backends import Backend, open_backend
 from sidecar.inference.batcher import Batcher, OnBatch, WindowResult, summarize
 from sidecar.inference.heads import BioScheme, category_results, decode_bio
@@ -32,8 +32,9 @@ log = structlog.get_logger(__name__)
 
 # Tokenizing or decoding a short text on the event loop costs less than a thread hop, but one loop step
 # that does it for many texts (a body of a thousand short messages, many requests arriving together)
-# holds up every stream: at most this many characters per loop step are handled on the loop. Longer
-# texts, and texts beyond that budget, go to a worker thread.
+# holds up every stream: at most this many characters per loop step are handled on the loop. A longer
+# request goes to a worker thread on its own; shorter ones that arrive in the same step are tokenized
+# together (StepTokenizer), on the loop within this budget or in one worker-thread call beyond it.
 _INLINE_CHARS = 4096
 
 
@@ -46,10 +47,84 @@ class LoadedModel:
     backend: Backend
 
 
+Prepare = Callable[[Sequence[str], "threading.Event | None"], list]
+"""Tokenize texts for one model: ``prepare(texts, stop)`` -> one result per text (`stop` set: give up)."""
+
+
+class StepTokenizer:
+    """Short texts asked for during one event-loop step, tokenized together once the step is done.
+
+    Requests that arrive together (a burst, or one request's texts) then reach the batcher in the same
+    step and share a forward pass, where tokenizing each on its own would send some of them to a thread
+    and the rest ahead without them. The group is tokenized on the loop while the step's budget allows
+    (`on_loop`), else in one worker-thread call to the tokenizer's batch method, which releases the GIL
+    and uses every core: one thread hop for the whole burst, not one per request.
+    """
+
+    def __init__(self, prepare: Prepare, on_loop: Callable[[int], bool]):
+        self._prepare = prepare
+        self._on_loop = on_loop
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[Sequence[str], asyncio.Future]]] = {}
+
+    async def tokenize(self, texts: Sequence[str]) -> list:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        jobs = self._pending.get(loop)
+        if jobs is None:
+            jobs = self._pending[loop] = []
+            loop.call_soon(self._flush, loop)  # once every caller of this step has queued
+        jobs.append((texts, future))
+        return await future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs = [(texts, f) for texts, f in self._pending.pop(loop, ()) if not f.done()]
+        if not jobs:
+            return
+        texts = [t for job, _ in jobs for t in job]
+        if self._on_loop(sum(map(len, texts))):
+            try:
+                _deliver(jobs, self._prepare(texts, None))
+            except Exception as e:
+                _deliver_error(jobs, e)
+            return
+        stop = threading.Event()
+
+        def caller_gone(_: asyncio.Future) -> None:
+            if all(f.cancelled() for _, f in jobs):
+                stop.set()
+
+        for _, f in jobs:
+            f.add_done_callback(caller_gone)
+        work = loop.run_in_executor(None, self._prepare, texts, stop)
+
+        def done(work: asyncio.Future) -> None:
+            if work.cancelled() or work.exception() is not None:
+                _deliver_error(jobs, work.exception() if not work.cancelled() else InferenceCancelled("stopped"))
+            else:
+                _deliver(jobs, work.result())
+
+        work.add_done_callback(done)
+
+
+def _deliver(jobs: list[tuple[Sequence[str], asyncio.Future]], results: list) -> None:
+    at = 0
+    for texts, future in jobs:
+        if not future.done():
+            future.set_result(results[at : at + len(texts)])
+        at += len(texts)
+
+
+def _deliver_error(jobs: list[tuple[Sequence[str], asyncio.Future]], error: BaseException) -> None:
+    for _, future in jobs:
+        if not future.done():
+            future.set_exception(error)
+
+
 class _Model:
     """Everything one model needs at request time, built once."""
 
-    def __init__(self, name: str, loaded: LoadedModel, batching: BatchingConfig, on_batch: OnBatch | None):
+    def __init__(self, name: str, loaded: LoadedModel, batching: BatchingConfig, on_batch: OnBatch | None,
+                 on_loop: Callable[[int], bool]):
         self.name = name
         self.model_dir = loaded.model_dir
         self.config = loaded.config
@@ -68,6 +143,10 @@ class _Model:
                 max_position_embeddings=loaded.model_dir.max_position_embeddings,
             )
         self.batcher = Batcher(name, loaded.backend, batching, loaded.model_dir.pad_token_id, on_batch)
+        if self.scheme is None:
+            self.step = StepTokenizer(lambda texts, stop: self.encoder.heads_of(texts), on_loop)
+        else:
+            self.step = StepTokenizer(lambda texts, stop: _pii_windows(self, texts, stop), on_loop)
 
     def describe(self) -> dict:
         info = {
@@ -96,12 +175,12 @@ class Engine:
     ):
         batching = batching or BatchingConfig()
         self.checksums = checksums
-        self._category = _Model("category", category, batching, on_batch) if category else None
-        self._pii: _Model | None = None
         self._step_loop: asyncio.AbstractEventLoop | None = None  # the loop whose current step has used
         self._step_chars = 0  # this many characters of on-loop work
+        self._category = _Model("category", category, batching, on_batch, self._on_loop) if category else None
+        self._pii: _Model | None = None
         try:
-            self._pii = _Model("pii", pii, batching, on_batch) if pii else None
+            self._pii = _Model("pii", pii, batching, on_batch, self._on_loop) if pii else None
         except Exception:
             self.close()
             raise
@@ -185,10 +264,10 @@ class Engine:
         if model is None:
             raise RuntimeError("no category model is configured")
         started = time.perf_counter()
-        if self._on_loop(len(text)):
-            ids = model.encoder.head_of(text)
-        else:
+        if len(text) > _INLINE_CHARS:  # a long text's head costs about one window, but not on the loop
             ids = await asyncio.to_thread(model.encoder.head_of, text)
+        else:
+            [ids] = await model.step.tokenize([text])
         tokenized = time.perf_counter()
         results = await model.batcher.infer([ids])
         inferred = time.perf_counter()
@@ -223,10 +302,10 @@ class Engine:
             decode_ms = (time.perf_counter() - started) * 1000.0
             return [PiiResult(s, StageTimings(decode_ms=decode_ms)) for s in spans]
         chars = sum(map(len, texts))
-        if self._on_loop(chars):
-            prepared = _pii_windows(model, texts)
-        else:
+        if chars > _INLINE_CHARS:  # a long job of its own: it must not hold up the short ones
             prepared = await _off_loop(_pii_windows, model, texts)
+        else:
+            prepared = await model.step.tokenize(texts)
         tokenized = time.perf_counter()
         flat = [w.ids for _, windows in prepared for w in windows]
         results = await model.batcher.infer(flat) if flat else []
