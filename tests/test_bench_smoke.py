@@ -22,7 +22,7 @@ from tests.factories import category_rows, write_jsonl
 from tests.inference_fakes import onnx_copy
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["inference", "naive", "envoy", "report", "loadgen", "make_model"]
+SCRIPTS = ["inference", "naive", "envoy", "report", "loadgen", "make_model", "multitask"]
 CATEGORIES = list(yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8"))["routing"]["categories"])
 PII_ROWS = [
     {"text": "Write to john.smith@example.com about the invoice.", "spans": [{"start": 9, "end": 31, "label": "EMAIL_ADDRESS"}]},
@@ -130,6 +130,32 @@ def test_an_envoy_row_is_the_run_with_the_median_latency_and_keeps_every_run():
     row = median_row(runs)
     assert (row["rps"], row["p50_ms"], row["p99_ms"]) == (500, 2.0, 4.0)
     assert [r["p50_ms"] for r in row["runs"]] == [2.0, 1.1, 3.5]
+
+
+@pytest.mark.slow
+def test_multitask_trains_one_encoder_with_both_heads_and_compares_it(tiny_base, tmp_path):
+    from sidecar.inference.model_dir import ModelDir
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"text": r["text"], "label": r["label"]} for r in category_rows(3)]
+    for split in ("train", "val"):
+        write_jsonl(data / f"category_{split}.jsonl", rows)
+        for source in ("synth", "presidio"):
+            write_jsonl(data / f"{source}_{split}.jsonl", PII_ROWS)
+        write_jsonl(data / f"clean_{split}.jsonl", [{"text": r["text"], "spans": []} for r in rows[:3]])
+    single = tmp_path / "single" / "pii"
+    single.mkdir(parents=True)
+    (single / "eval_results.json").write_text(json.dumps({"metrics": {"entity_f1": 0.5, "f1": 0.5}}))
+    run("multitask", "--encoder", str(tiny_base), "--data", str(data), "--single", str(single.parent), "--max-steps", "2",
+        "--work", str(tmp_path / "work"), "--out", str(tmp_path / "multitask.json"))
+    doc = json.loads((tmp_path / "multitask.json").read_text())
+    assert doc["training"]["steps"] == 2 and doc["data"]["category_train"] == len(rows)
+    assert {"accuracy", "f1"} <= doc["shared"]["category"].keys() and "entity_f1" in doc["shared"]["pii"]
+    assert list(doc["compare"]) == ["pii"] and doc["keeps_accuracy"] in (True, False)  # no category model given
+    assert 0 < doc["inference"]["share_saved"] < 1
+    for task in ("category", "pii"):
+        assert ModelDir.read(tmp_path / "work" / task).task == task
 
 
 def test_report_writes_the_summary_table(results):
