@@ -170,13 +170,18 @@ async def test_all_texts_of_a_request_are_detected_as_one_job(fake_pii):
     assert offsets(alone) == offsets(results[5])
 
 
-async def test_a_burst_of_requests_shares_one_pass_even_when_tokenized_off_the_loop(fake_pii, fake_category):
+async def test_a_burst_of_requests_shares_one_pass_even_when_tokenized_off_the_loop(fake_pii, fake_category,
+                                                                                 monkeypatch):
     text = f"{filler(5)} call 5550100"  # one window
     burst = [text] * 120
     assert sum(map(len, burst)) > 4096  # more than one loop step may tokenize on the loop
     pii, tagger = fake_pii(max_batch_size=128)
+    hops = []
+    to_thread = asyncio.to_thread
+    monkeypatch.setattr(asyncio, "to_thread", lambda *a, **k: hops.append(a[0]) or to_thread(*a, **k))
     results = await asyncio.gather(*(pii.detect_pii(t) for t in burst))
     assert len(tagger.calls) == 1 and all(offsets(r) == offsets(results[0]) != [] for r in results)
+    assert hops == []  # tokenized and decoded as groups, not a thread hop per request
     category, fingerprint = fake_category(max_batch_size=128)
     labels = await asyncio.gather(*(category.classify(t) for t in burst))
     assert len(fingerprint.calls) == 1 and len({r.label for r in labels}) == 1
@@ -186,7 +191,7 @@ async def test_a_burst_tokenized_off_the_loop_stops_once_every_caller_has_gone(f
     engine, tagger = fake_pii(max_batch_size=128)
     started, release = threading.Event(), threading.Event()
     stops: list[threading.Event] = []
-    prepare = engine._pii.step._prepare
+    prepare = engine._pii.tokenize._work
 
     def slow(texts, stop):
         stops.append(stop)
@@ -194,7 +199,7 @@ async def test_a_burst_tokenized_off_the_loop_stops_once_every_caller_has_gone(f
         release.wait(10)
         return prepare(texts, stop)
 
-    monkeypatch.setattr(engine._pii.step, "_prepare", slow)
+    monkeypatch.setattr(engine._pii.tokenize, "_work", slow)
     calls = [asyncio.ensure_future(engine.detect_pii(f"{filler(5)} call 5550100")) for _ in range(120)]
     await until(started.is_set)
     for call in calls:

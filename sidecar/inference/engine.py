@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 # that does it for many texts (a body of a thousand short messages, many requests arriving together)
 # holds up every stream: at most this many characters per loop step are handled on the loop. A longer
 # request goes to a worker thread on its own; shorter ones that arrive in the same step are tokenized
-# together (StepTokenizer), on the loop within this budget or in one worker-thread call beyond it.
+# together (StepGroup), on the loop within this budget or in one worker-thread call beyond it.
 _INLINE_CHARS = 4096
 
 
@@ -47,43 +47,46 @@ class LoadedModel:
     backend: Backend
 
 
-Prepare = Callable[[Sequence[str], "threading.Event | None"], list]
-"""Tokenize texts for one model: ``prepare(texts, stop)`` -> one result per text (`stop` set: give up)."""
+Work = Callable[[list, "threading.Event | None"], list]
+"""``work(items, stop)`` -> one result per item; long work gives up once `stop` is set."""
 
 
-class StepTokenizer:
-    """Short texts asked for during one event-loop step, tokenized together once the step is done.
+class StepGroup:
+    """Short jobs asked for during one event-loop step, done together once the step is over.
 
-    Requests that arrive together (a burst, or one request's texts) then reach the batcher in the same
-    step and share a forward pass, where tokenizing each on its own would send some of them to a thread
-    and the rest ahead without them. The group is tokenized on the loop while the step's budget allows
-    (`on_loop`), else in one worker-thread call to the tokenizer's batch method, which releases the GIL
-    and uses every core: one thread hop for the whole burst, not one per request.
+    Requests that arrive together (a burst, or the calls one request makes) are tokenized as one group,
+    reach the batcher in the same step and share a forward pass; decoded as one group, they leave it
+    together. Done one by one, the jobs past the step's on-loop budget would each take a thread hop, and
+    those tokenized on threads would miss the pass the others rode in. A group runs on the loop while the
+    step's budget allows (`on_loop`), else in one worker-thread call: for tokenization that is the
+    tokenizer's batch method, which releases the GIL and uses every core.
     """
 
-    def __init__(self, prepare: Prepare, on_loop: Callable[[int], bool]):
-        self._prepare = prepare
+    def __init__(self, work: Work, on_loop: Callable[[int], bool], size: Callable[[object], int] = len):
+        self._work = work
         self._on_loop = on_loop
-        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[Sequence[str], asyncio.Future]]] = {}
+        self._size = size
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, asyncio.Future]]] = {}
 
-    async def tokenize(self, texts: Sequence[str]) -> list:
+    async def run(self, items: Sequence) -> list:
+        """`work` on `items` (with whatever else this step asks for); results in the order of `items`."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         jobs = self._pending.get(loop)
         if jobs is None:
             jobs = self._pending[loop] = []
-            loop.call_soon(self._flush, loop)  # once every caller of this step has queued
-        jobs.append((texts, future))
+            loop.call_soon(self._flush, loop)  # once every caller of this step has asked
+        jobs.append((items, future))
         return await future
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        jobs = [(texts, f) for texts, f in self._pending.pop(loop, ()) if not f.done()]
+        jobs = [(items, f) for items, f in self._pending.pop(loop, ()) if not f.done()]
         if not jobs:
             return
-        texts = [t for job, _ in jobs for t in job]
-        if self._on_loop(sum(map(len, texts))):
+        items = [item for job, _ in jobs for item in job]
+        if self._on_loop(sum(map(self._size, items))):
             try:
-                _deliver(jobs, self._prepare(texts, None))
+                _deliver(jobs, self._work(items, None))
             except Exception as e:
                 _deliver_error(jobs, e)
             return
@@ -95,26 +98,27 @@ class StepTokenizer:
 
         for _, f in jobs:
             f.add_done_callback(caller_gone)
-        work = loop.run_in_executor(None, self._prepare, texts, stop)
 
         def done(work: asyncio.Future) -> None:
-            if work.cancelled() or work.exception() is not None:
-                _deliver_error(jobs, work.exception() if not work.cancelled() else InferenceCancelled("stopped"))
+            if work.cancelled():
+                _deliver_error(jobs, InferenceCancelled("the group's work was cancelled"))
+            elif work.exception() is not None:
+                _deliver_error(jobs, work.exception())
             else:
                 _deliver(jobs, work.result())
 
-        work.add_done_callback(done)
+        loop.run_in_executor(None, self._work, items, stop).add_done_callback(done)
 
 
-def _deliver(jobs: list[tuple[Sequence[str], asyncio.Future]], results: list) -> None:
+def _deliver(jobs: list[tuple[Sequence, asyncio.Future]], results: list) -> None:
     at = 0
-    for texts, future in jobs:
+    for items, future in jobs:
         if not future.done():
-            future.set_result(results[at : at + len(texts)])
-        at += len(texts)
+            future.set_result(results[at : at + len(items)])
+        at += len(items)
 
 
-def _deliver_error(jobs: list[tuple[Sequence[str], asyncio.Future]], error: BaseException) -> None:
+def _deliver_error(jobs: list[tuple[Sequence, asyncio.Future]], error: BaseException) -> None:
     for _, future in jobs:
         if not future.done():
             future.set_exception(error)
@@ -144,9 +148,9 @@ class _Model:
             )
         self.batcher = Batcher(name, loaded.backend, batching, loaded.model_dir.pad_token_id, on_batch)
         if self.scheme is None:
-            self.step = StepTokenizer(lambda texts, stop: self.encoder.heads_of(texts), on_loop)
+            self.tokenize = StepGroup(lambda texts, stop: self.encoder.heads_of(texts), on_loop)
         else:
-            self.step = StepTokenizer(lambda texts, stop: _pii_windows(self, texts, stop), on_loop)
+            self.tokenize = StepGroup(lambda texts, stop: _pii_windows(self, texts, stop), on_loop)
 
     def describe(self) -> dict:
         info = {
@@ -179,6 +183,7 @@ class Engine:
         self._step_chars = 0  # this many characters of on-loop work
         self._category = _Model("category", category, batching, on_batch, self._on_loop) if category else None
         self._pii: _Model | None = None
+        self._pii_decode = StepGroup(self._decode_pii, self._on_loop, size=lambda job: len(job[0]))
         try:
             self._pii = _Model("pii", pii, batching, on_batch, self._on_loop) if pii else None
         except Exception:
@@ -267,7 +272,7 @@ class Engine:
         if len(text) > _INLINE_CHARS:  # a long text's head costs about one window, but not on the loop
             ids = await asyncio.to_thread(model.encoder.head_of, text)
         else:
-            [ids] = await model.step.tokenize([text])
+            [ids] = await model.tokenize.run([text])
         tokenized = time.perf_counter()
         results = await model.batcher.infer([ids])
         inferred = time.perf_counter()
@@ -305,7 +310,7 @@ class Engine:
         if chars > _INLINE_CHARS:  # a long job of its own: it must not hold up the short ones
             prepared = await _off_loop(_pii_windows, model, texts)
         else:
-            prepared = await model.step.tokenize(texts)
+            prepared = await model.tokenize.run(texts)
         tokenized = time.perf_counter()
         flat = [w.ids for _, windows in prepared for w in windows]
         results = await model.batcher.infer(flat) if flat else []
@@ -315,10 +320,12 @@ class Engine:
         for _, windows in prepared:
             per_text.append(results[at : at + len(windows)])
             at += len(windows)
-        if self._on_loop(chars):
-            spans = self._pii_spans_all(model, texts, prepared, per_text)
+        jobs = [(text, encoded, windows, results)
+                for text, (encoded, windows), results in zip(texts, prepared, per_text, strict=True)]
+        if chars > _INLINE_CHARS:
+            spans = await asyncio.to_thread(self._decode_pii, jobs)
         else:
-            spans = await asyncio.to_thread(self._pii_spans_all, model, texts, prepared, per_text)
+            spans = await self._pii_decode.run(jobs)
         decoded = time.perf_counter()
         return [PiiResult(s, _timings(r, started, tokenized, inferred, decoded)) for s, r in zip(spans, per_text, strict=True)]
 
@@ -371,12 +378,12 @@ class Engine:
         if self._step_loop is loop:
             self._step_loop = None
 
-    def _pii_spans_all(self, model: _Model, texts: Sequence[str], prepared: Sequence[tuple[Encoded, list[Window]]],
-                       results: Sequence[Sequence[WindowResult]]) -> list[list[Span]]:
-        return [
-            self._pii_spans(model, text, encoded, windows, [r.logits for r in window_results])
-            for text, (encoded, windows), window_results in zip(texts, prepared, results, strict=True)
-        ]
+    def _decode_pii(self, jobs: Sequence[tuple[str, Encoded, list[Window], Sequence[WindowResult]]],
+                    stop: threading.Event | None = None) -> list[list[Span]]:
+        """Spans of each (text, encoding, windows, window results) job."""
+        model = self._pii
+        return [self._pii_spans(model, text, encoded, windows, [r.logits for r in results])
+                for text, encoded, windows, results in jobs]
 
     def _pii_spans(
         self, model: _Model, text: str, encoded: Encoded, windows: Sequence[Window], logits: Sequence[np.ndarray]
