@@ -44,7 +44,8 @@ class ModelConfig(_Section):
     stride: Annotated[int, Field(ge=0)] = 64
     """PII windows overlap by this many tokens so entities on a window edge are seen whole."""
     threads: Annotated[int, Field(ge=0)] = 0
-    """Intra-op threads for the runtime; 0 lets it choose."""
+    """Intra-op threads for ONNX Runtime on CPU (or torch's process-wide count). 0: the runtime's default
+    for a model that runs alone; two CPU models get half the usable cores each."""
 
     @model_validator(mode="after")
     def _stride_fits(self) -> ModelConfig:

@@ -53,6 +53,17 @@ def test_auto_on_cpu_prefers_int8_onnx_when_present(onnx_pii_dir, tmp_path):
     assert backend.providers == ["CPUExecutionProvider"]
 
 
+def test_models_sharing_the_cpu_split_its_cores_unless_threads_are_configured(onnx_pii_dir, monkeypatch):
+    from sidecar.inference import backends
+
+    monkeypatch.setattr(backends, "usable_cores", lambda: 8)
+    assert [backends.cpu_threads(0, share) for share in (1, 2, 3, 16)] == [0, 4, 2, 1]
+    assert backends.cpu_threads(3, 2) == 3  # an explicit count is kept
+    shared = open_backend(ModelDir.read(onnx_pii_dir), cpu(onnx_pii_dir), cpu_share=2)
+    alone = open_backend(ModelDir.read(onnx_pii_dir), cpu(onnx_pii_dir))
+    assert (shared.threads, alone.threads) == (4, 0)
+
+
 def test_auto_on_cpu_takes_fp32_onnx_without_an_int8_file(onnx_pii_dir):
     backend = open_backend(ModelDir.read(onnx_pii_dir), cpu(onnx_pii_dir))
     assert backend.name == "onnx" and backend.file.endswith("model.onnx")

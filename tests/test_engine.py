@@ -333,6 +333,22 @@ def real_engines(tiny_category_dir, tiny_pii_dir, tmp_path_factory):
     onnx_engine.close()
 
 
+def test_two_cpu_models_loaded_together_split_the_cores(tiny_category_dir, tiny_pii_dir, tmp_path_factory, monkeypatch):
+    from sidecar.inference import backends
+
+    monkeypatch.setattr(backends, "usable_cores", lambda: 8)
+    onnx_pii = onnx_copy(tiny_pii_dir, tmp_path_factory.getbasetemp())
+    pii = ModelConfig(path=str(onnx_pii), runtime="onnx", device="cpu", max_length=32, stride=8)
+    both = Engine.load(ModelsConfig(category=ModelConfig(path=str(tiny_category_dir), device="cpu"), pii=pii),
+                       BatchingConfig(), checksums=False)
+    alone = Engine.load(ModelsConfig(pii=pii), BatchingConfig(), checksums=False)
+    try:
+        assert both.describe()["pii"]["threads"] == 4 and alone.describe()["pii"]["threads"] == 0
+    finally:
+        both.close()
+        alone.close()
+
+
 REAL_TEXTS = [
     "Solve for x: 3x + 5 = 11.",
     "My name is John Smith and my email is john.smith@example.com.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -35,6 +36,8 @@ class Backend(Protocol):
     """The weights file in use."""
     providers: list[str]
     """Execution providers actually in use (``cuda``/``cpu`` for torch)."""
+    threads: int
+    """Intra-op threads asked of the runtime (0: its own default)."""
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """int64 ``[batch, seq]`` inputs -> float32 logits ``[batch, labels]`` or ``[batch, seq, labels]``."""
@@ -96,6 +99,7 @@ class OnnxBackend:
         self._output = "logits" if "logits" in outputs else outputs[0]
         self.name = name
         self.file = str(path)
+        self.threads = threads
         self.providers = list(self._session.get_providers())
         if cuda and CUDA_PROVIDER not in self.providers:
             log.warning("cuda_provider_unavailable", file=self.file, providers=self.providers)
@@ -127,6 +131,7 @@ class TorchBackend:
         self._model = model.to(self._device).eval()
         self._torch = torch
         self.name = "torch"
+        self.threads = threads
         weights = model_dir.path / WEIGHTS_FILE
         self.file = str(weights if weights.is_file() else model_dir.path / "pytorch_model.bin")
         self.providers = [self._device.type]
@@ -140,17 +145,34 @@ class TorchBackend:
             return logits.float().cpu().numpy()
 
 
-def open_backend(model_dir: ModelDir, model_config: ModelConfig) -> Backend:
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads(threads: int, cpu_share: int) -> int:
+    """Intra-op threads for one of `cpu_share` models that run side by side on the CPU: the configured
+    number, or with 0 an equal share of the usable cores (0 again, the runtime's own default, when the
+    model has them all). Two models that each take every core slow each other down: measured through
+    Envoy on 2 cores, one thread each served 5-15% more requests than two each."""
+    if threads > 0 or cpu_share <= 1:
+        return threads
+    return max(1, usable_cores() // cpu_share)
+
+
+def open_backend(model_dir: ModelDir, model_config: ModelConfig, cpu_share: int = 1) -> Backend:
     """Choose and load the backend that ``runtime``/``device`` ask for.
 
     ``auto`` takes ``model.int8.onnx`` on CPU (``model.onnx`` if there is no INT8 file), ``model.onnx`` on
     CUDA (ONNX Runtime's dynamic INT8 kernels are CPU-only), and PyTorch when the directory has no ONNX file. An
     explicit choice that the directory or machine cannot honour is a ModelLoadError naming what is missing.
+    `cpu_share`: how many models will share the CPU (see `cpu_threads`).
     """
     gpu = _gpu_present(model_config, model_dir)
     ort_gpu = gpu and ort_cuda_available()
     runtime = model_config.runtime
     threads = model_config.threads
+    onnx_threads = threads if ort_gpu else cpu_threads(threads, cpu_share)
     onnx, int8 = model_dir.onnx_path, model_dir.onnx_int8_path
 
     if runtime != "auto":
@@ -165,11 +187,11 @@ def open_backend(model_dir: ModelDir, model_config: ModelConfig) -> Backend:
     if choice == "onnx-int8":
         if int8 is None:
             raise ModelLoadError(f"{model_dir.path / ONNX_INT8_FILE}: runtime 'onnx-int8' needs this file")
-        backend: Backend = OnnxBackend(int8, "onnx-int8", ort_gpu, threads)
+        backend: Backend = OnnxBackend(int8, "onnx-int8", ort_gpu, onnx_threads)
     elif choice == "onnx":
         if onnx is None:
             raise ModelLoadError(f"{model_dir.path / ONNX_FILE}: runtime 'onnx' needs this file")
-        backend = OnnxBackend(onnx, "onnx", ort_gpu, threads)
+        backend = OnnxBackend(onnx, "onnx", ort_gpu, onnx_threads)
     else:
         if not model_dir.has_torch_weights:
             raise ModelLoadError(f"{model_dir.path / WEIGHTS_FILE}: runtime 'torch' needs PyTorch weights")
@@ -183,6 +205,7 @@ def open_backend(model_dir: ModelDir, model_config: ModelConfig) -> Backend:
         runtime=backend.name,
         file=backend.file,
         providers=backend.providers,
+        threads=backend.threads,
         requested_runtime=runtime,
         requested_device=model_config.device,
     )

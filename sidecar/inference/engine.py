@@ -21,7 +21,7 @@ import structlog
 from sidecar.checksums import find_checksum_spans, find_checksum_spans_each, reconcile
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.errors import InferenceCancelled, ModelLoadError
-from sidecar.inference.backends import Backend, open_backend
+from sidecar.inference.backends import Backend, open_backend, ort_cuda_available
 from sidecar.inference.batcher import Batcher, OnBatch, WindowResult, summarize
 from sidecar.inference.heads import BioScheme, category_results, decode_bio
 from sidecar.inference.model_dir import TASK_CATEGORY, TASK_PII, ModelDir, ModelDirError
@@ -158,6 +158,7 @@ class _Model:
             "runtime": self.backend.name,
             "file": self.backend.file,
             "providers": list(self.backend.providers),
+            "threads": getattr(self.backend, "threads", 0),
             "max_length": self.encoder.max_length,
             "labels": list(self.labels),
         }
@@ -200,6 +201,7 @@ class Engine:
     ) -> Engine:
         """Read the configured model directories and open a backend for each (see ``open_backend``)."""
         loaded = {}
+        share = sum(c is not None and (c.device == "cpu" or not ort_cuda_available()) for c in (models.category, models.pii))
         for name, task in (("category", TASK_CATEGORY), ("pii", TASK_PII)):
             config: ModelConfig | None = getattr(models, name)
             if config is None:
@@ -209,7 +211,7 @@ class Engine:
                 model_dir = ModelDir.read(config.path, expect_task=task)
             except ModelDirError as e:
                 raise ModelLoadError(f"models.{name}: {e}") from e
-            loaded[name] = LoadedModel(model_dir, config, open_backend(model_dir, config))
+            loaded[name] = LoadedModel(model_dir, config, open_backend(model_dir, config, cpu_share=share))
         engine = cls(loaded["category"], loaded["pii"], batching, checksums, on_batch)
         try:
             engine.warm_up()
