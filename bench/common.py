@@ -7,6 +7,7 @@ from the hardware (and the load) it was taken on.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import json
 import os
 import platform
@@ -208,6 +209,18 @@ def full_model_file(model_dir: Path, name: str, full_root: Path | None) -> Path 
         if d is not None and (d / name).is_file():
             return d / name
     return None
+
+
+def full_build_matches(model_dir: Path, full_root: Path | None) -> bool | None:
+    """Whether the full build under `full_root` is the build `model_dir` ships (the same INT8 file), so
+    that its fp32 and PyTorch files are that model's; None when there is no full build to compare.
+    A `make models` run that was not the one shipped (training is not bit-for-bit repeatable) still
+    times the same architecture, but its weights, and even its tokenizer, are its own."""
+    full = full_root / model_dir.name if full_root else None
+    if full is None or full.resolve() == model_dir.resolve() or not (full / "model.int8.onnx").is_file():
+        return None
+    shipped = model_dir / "model.int8.onnx"
+    return shipped.is_file() and filecmp.cmp(shipped, full / "model.int8.onnx", shallow=False)
 
 
 def log(*parts: object) -> None:

@@ -33,6 +33,7 @@ from bench.common import (
     RESULTS,
     busy_processes,
     corpus_texts,
+    full_build_matches,
     full_model_file,
     interleaved,
     log,
@@ -232,6 +233,7 @@ def bench_model(model_dir: Path, args: argparse.Namespace, runtimes: list[str], 
         runner.close()
     return {
         "model": str(md.path),
+        "full_build_is_shipped": full_build_matches(md.path, args.full_models),
         "task": md.task,
         "labels": len(md.labels),
         "architecture": _architecture(md.path),
@@ -318,6 +320,9 @@ def accuracy(model_dir: Path, args: argparse.Namespace) -> dict:
     files = [f for f in (args.category_data if md.task == "category" else args.pii_data) if f.is_file()]
     if not files:
         return {"skipped": "no validation data"}
+    matches = full_build_matches(md.path, args.full_models)
+    if matches is False:  # a different build: score it whole (its own tokenizer and files), and say so
+        md = ModelDir.read(args.full_models / md.path.name)
     max_length = min(512, md.max_position_embeddings)
     config = AutoConfig.from_pretrained(md.path)
     tokenizer = AutoTokenizer.from_pretrained(md.path)
@@ -336,7 +341,8 @@ def accuracy(model_dir: Path, args: argparse.Namespace) -> dict:
         def score(model):
             return evaluate_pii(model, tokenizer, examples, max_length, stride=64)["metrics"]
         headline = "entity_f1"
-    out: dict = {"data": [str(f) for f in files], "examples": len(examples), "headline": headline, "metrics": {}}
+    out: dict = {"data": [str(f) for f in files], "examples": len(examples), "headline": headline, "metrics": {},
+                 "scored": str(md.path), "full_build_is_shipped": matches}
     for runtime, name in (("onnx", "model.onnx"), ("onnx-int8", "model.int8.onnx")):
         path = full_model_file(md.path, name, args.full_models)
         if path is not None:

@@ -32,6 +32,7 @@ from bench.common import (
     RESULTS,
     busy_processes,
     corpus_texts,
+    full_build_matches,
     full_model_file,
     log,
     machine,
@@ -236,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                      "naive": {"category": str(weights["category"].parent), "pii": str(weights["pii"].parent),
                                "how": "transformers.pipeline text-classification (truncation=True) + "
                                       "token-classification (aggregation_strategy=simple), PyTorch, thread pool"},
-                     "ours": {k: {"runtime": v["runtime"], "file": v["file"]} for k, v in ours.describe.items() if v}},
+                     "ours": {k: {"runtime": v["runtime"], "file": v["file"]} for k, v in ours.describe.items() if v},
+                     "full_build_is_shipped": {name: full_build_matches(path, args.full_models)
+                                               for name, path in (("category", args.category), ("pii", args.pii))}},
         "check": check,
         "rows": rows,
         "summary": {"ratio_by_concurrency": {r["concurrency"]: r["ratio"] for r in rows}},

@@ -83,7 +83,8 @@ def targets(inf: dict | None, naive: dict | None, envoy: dict | None) -> str:
             if "int8_minus_fp32_points" in acc:
                 head = acc["headline"]
                 gap = acc["int8_minus_fp32_points"][head]
-                rows.append([f"INT8 - fp32 on validation, {task} {head.replace('_', ' ')}", f"{gap:+.2f} points",
+                rebuild = " (a rebuild, see below)" if acc.get("full_build_is_shipped") is False else ""
+                rows.append([f"INT8 - fp32 on validation, {task} {head.replace('_', ' ')}{rebuild}", f"{gap:+.2f} points",
                              f"within {TARGETS['accuracy_points']:g}", yes(acc["int8_within_1_point"])])
     return table(["target", "measured", "aim", "met"], rows) if rows else ""
 
@@ -181,6 +182,11 @@ def inference_tables(inf: dict) -> str:
     if acc_rows:
         out += ["Validation metrics by runtime (category: accuracy, weighted F1; PII: entity F1, token F1):", "",
                 table(["model", "runtime", "examples", "accuracy / entity F1", "F1 / token F1"], acc_rows), ""]
+        rebuilt = [task for task, acc in inf["accuracy"].items() if acc.get("full_build_is_shipped") is False]
+        if rebuilt:
+            out += [f"The full build in `build/models` is not the one shipped for {' and '.join(rebuilt)} (another "
+                    "`make models` run; training is not bit-for-bit repeatable), so these rows score that build, all "
+                    "its files with its own tokenizer; its fp32 and PyTorch floors time the same architecture.", ""]
     s = inf["summary"]
     out.append(f"fp32 ONNX takes {fmt(s['fp32_over_int8_time_median'])}x the time of INT8 (median over the grid). "
                f"A floor call is one `session.run` on `[batch, tokens]` ids with the sidecar's session options; an "
@@ -198,7 +204,9 @@ def naive_table(naive: dict) -> str:
         table(["in flight", "naive pipeline(): req/s (p50)", "Engine: req/s (p50)", "ours / naive"], rows), "",
         f"Naive: {s['naive']['how']}, fp32. Ours: {ours}. {s['texts']} texts of {s['mean_chars']:g} characters on "
         f"average; a request is the category and the PII entities of one text. The two agree on the category of "
-        f"{100 * naive['check']['category_agreement']:.0f}% of {naive['check']['texts']} texts."])
+        f"{100 * naive['check']['category_agreement']:.0f}% of {naive['check']['texts']} texts"
+        + (" (the naive peer runs the PyTorch weights of another build of the same recipe)."
+           if False in s.get("full_build_is_shipped", {}).values() else ".")])
 
 
 def render(folder: Path) -> str:

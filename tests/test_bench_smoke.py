@@ -123,6 +123,19 @@ def test_envoy_runs_all_three_cases_through_the_real_envoy(models, results):
     assert doc["request_floor"] == {"skipped": "category: not an ONNX model"}  # the tiny category model is PyTorch
 
 
+def test_a_full_build_counts_as_the_shipped_model_only_with_the_same_int8_file(tmp_path):
+    from bench.common import full_build_matches
+
+    shipped, full = tmp_path / "models" / "pii", tmp_path / "build" / "pii"
+    for d, data in ((shipped, b"weights"), (full, b"weights")):
+        d.mkdir(parents=True)
+        (d / "model.int8.onnx").write_bytes(data)
+    assert full_build_matches(shipped, full.parent) is True
+    (full / "model.int8.onnx").write_bytes(b"other weights")
+    assert full_build_matches(shipped, full.parent) is False
+    assert full_build_matches(shipped, tmp_path / "nowhere") is None
+
+
 def test_an_envoy_row_is_the_run_with_the_median_latency_and_keeps_every_run():
     from bench.envoy import median_row
 
