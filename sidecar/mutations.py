@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import TYPE_CHECKING
 
@@ -101,9 +102,12 @@ def echo_body(phase: str, chunk: HttpBody) -> ProcessingResponse:
     return ProcessingResponse(**{phase: BodyResponse(response=common)})
 
 
+@functools.cache
 def strip_owned_headers(phase: str = REQUEST_HEADERS, *, clear_route_cache: bool = False) -> ProcessingResponse:
     """Request headers pass on without any client copy of the sidecar's headers. When the client did send
-    one, the route Envoy may already have chosen on it must be cleared too (`clear_route_cache`)."""
+    one, the route Envoy may already have chosen on it must be cleared too (`clear_route_cache`).
+
+    Every request's first answer, so it is built once per argument set and shared: never modify it."""
     return continue_response(phase, owned_headers_mutation(), clear_route_cache=clear_route_cache)
 
 
