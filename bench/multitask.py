@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=4e-4,
                    help="between the single-task runs' 3e-4 (category) and 5e-4 (PII)")
+    p.add_argument("--pii-weight", type=float, default=1.0, help="weight of the token loss against the category loss")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--stride", type=int, default=64)
     p.add_argument("--max-samples", type=int, default=None, help="rows per data file (smoke tests)")
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build(encoder: Path, category_labels: list[str], pii_labels: list[str]):
+def build(encoder: Path, category_labels: list[str], pii_labels: list[str], pii_weight: float = 1.0):
     """The two single-task HF models with the category model's encoder shared by both, and the training
     module around them. Each stays a complete model, so evaluation and saving are the trainer's own."""
     import torch
@@ -83,7 +84,8 @@ def build(encoder: Path, category_labels: list[str], pii_labels: list[str]):
             token_logits = pii.classifier(pii.drop(pii.head(hidden)))
             loss = None
             if labels is not None:
-                loss = _mean_ce(category_logits, labels) + _mean_ce(token_logits.flatten(0, 1), token_labels.flatten())
+                loss = _mean_ce(category_logits, labels) + pii_weight * _mean_ce(token_logits.flatten(0, 1),
+                                                                                token_labels.flatten())
             return {"loss": loss, "category_logits": category_logits, "token_logits": token_logits}
 
     def _mean_ce(logits, target):
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(args.seed)
     started = time.perf_counter()
     category_data, pii_data = load_data(args.data, args.max_samples, args.seed)
-    tokenizer, category, pii, model = build(args.encoder, category_data.labels, pii_data.labels)
+    tokenizer, category, pii, model = build(args.encoder, category_data.labels, pii_data.labels, args.pii_weight)
     rows = features(tokenizer, category_data, pii_data, args.max_length, args.stride)
     log(f"training one encoder with both heads on {len(category_data.train)} category rows and "
         f"{len(rows) - len(category_data.train)} PII windows")
