@@ -117,9 +117,11 @@ def stack(category_dir, pii_dir):
 @pytest.fixture
 def gateway(stack):
     """The shared stack with every mock's record cleared, and its sidecar up (a failed test may have left
-    it down)."""
+    it down) and seen healthy by Envoy: a test right after a sidecar restart must not start while Envoy's
+    health check still holds the old, dead process against it."""
     if not stack.sidecar_running:
         stack.start_sidecar()
+    stack.wait_envoy_sees_sidecar(healthy=True)
     stack.clear_received()
     return stack
 
