@@ -220,9 +220,10 @@ class Router:
         every way out."""
         classify = bool(category_text) and self.engine.category_labels is not None
         detect = bool(pii_texts) and self.engine.detects_pii
-        no_pii = [PiiResult([]) for _ in pii_texts]
-        if not classify and not detect:
-            return None, no_pii
+        if not detect:
+            no_pii = [PiiResult([]) for _ in pii_texts]
+            if not classify:
+                return None, no_pii
         started = time.perf_counter()
 
         async def timed(call: Awaitable[Any], stage: str) -> Any:
@@ -232,9 +233,9 @@ class Router:
 
         if not (classify and detect):  # one call: awaited in place, no task to schedule or gather
             async with asyncio.timeout_at(deadline):
-                if classify:
-                    return await timed(self.engine.classify(category_text), "classify"), no_pii
-                return None, await timed(self.engine.detect_pii_all(pii_texts), "pii")
+                if detect:
+                    return None, await timed(self.engine.detect_pii_all(pii_texts), "pii")
+                return await timed(self.engine.classify(category_text), "classify"), no_pii
         # Both at once; PII is one call for all the texts: one tokenization job, one trip through the batcher.
         tasks = [asyncio.ensure_future(timed(self.engine.classify(category_text), "classify")),
                  asyncio.ensure_future(timed(self.engine.detect_pii_all(pii_texts), "pii"))]

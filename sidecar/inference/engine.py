@@ -62,16 +62,22 @@ class StepGroup:
     tokenizer's batch method, which releases the GIL and uses every core.
     """
 
-    def __init__(self, work: Work, on_loop: Callable[[int], bool], size: Callable[[object], int] = len):
+    def __init__(self, work: Work, on_loop: Callable[[int], bool], size: Callable[[object], int] = len,
+                 alone_above: int = _INLINE_CHARS):
         self._work = work
         self._on_loop = on_loop
         self._size = size
+        self._alone_above = alone_above
         self._pending: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, asyncio.Future]]] = {}
 
     async def run(self, items: Sequence) -> list:
-        """`work` on `items` (with whatever else this step asks for); results in the order of `items`."""
+        """`work` on `items` (with whatever else this step asks for); results in the order of `items`.
+        A job bigger than `alone_above` runs on a worker thread by itself: it must not hold up short ones."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        if sum(map(self._size, items)) > self._alone_above:
+            self._in_thread(loop, [(items, future)], list(items))
+            return await future
         jobs = self._pending.get(loop)
         if jobs is None:
             jobs = self._pending[loop] = []
@@ -90,6 +96,12 @@ class StepGroup:
             except Exception as e:
                 _deliver_error(jobs, e)
             return
+        self._in_thread(loop, jobs, items)
+
+    def _in_thread(self, loop: asyncio.AbstractEventLoop, jobs: list[tuple[Sequence, asyncio.Future]],
+                   items: list) -> None:
+        """`work` on a worker thread. A thread cannot be cancelled, so `stop` is set once every job's caller
+        has gone (its deadline passed): long work checks it and ends instead of running on for nobody."""
         stop = threading.Event()
 
         def caller_gone(_: asyncio.Future) -> None:
@@ -308,11 +320,7 @@ class Engine:
                 spans = await asyncio.to_thread(find_checksum_spans_each, texts)
             decode_ms = (time.perf_counter() - started) * 1000.0
             return [PiiResult(s, StageTimings(decode_ms=decode_ms)) for s in spans]
-        chars = sum(map(len, texts))
-        if chars > _INLINE_CHARS:  # a long job of its own: it must not hold up the short ones
-            prepared = await _off_loop(_pii_windows, model, texts)
-        else:
-            prepared = await model.tokenize.run(texts)
+        prepared = await model.tokenize.run(texts)
         tokenized = time.perf_counter()
         flat = [w.ids for _, windows in prepared for w in windows]
         results = await model.batcher.infer(flat) if flat else []
@@ -324,10 +332,7 @@ class Engine:
             at += len(windows)
         jobs = [(text, encoded, windows, results)
                 for text, (encoded, windows), results in zip(texts, prepared, per_text, strict=True)]
-        if chars > _INLINE_CHARS:
-            spans = await asyncio.to_thread(self._decode_pii, jobs)
-        else:
-            spans = await self._pii_decode.run(jobs)
+        spans = await self._pii_decode.run(jobs)
         decoded = time.perf_counter()
         return [PiiResult(s, _timings(r, started, tokenized, inferred, decoded)) for s, r in zip(spans, per_text, strict=True)]
 
@@ -400,16 +405,6 @@ class Engine:
 def _pii_windows(model: _Model, texts: Sequence[str],
                  stop: threading.Event | None = None) -> list[tuple[Encoded, list[Window]]]:
     return [(encoded, model.encoder.windows(encoded)) for encoded in model.encoder.encode_all(texts, stop)]
-
-
-async def _off_loop(fn, *args):
-    """``fn(*args, stop=event)`` on a worker thread. A thread cannot be cancelled, so the event is set when
-    the caller goes (its deadline passed): long work checks it and ends instead of running on for nobody."""
-    stop = threading.Event()
-    try:
-        return await asyncio.to_thread(fn, *args, stop=stop)
-    finally:
-        stop.set()
 
 
 def _timings(
