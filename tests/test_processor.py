@@ -320,8 +320,8 @@ async def test_a_stream_that_ends_before_its_answer_is_logged_unanswered_not_no_
     await late.call.write(body_msg(chat_body("Solve the integral.")))
     await until(lambda: sc.engine.calls["detect_pii"] == 1)
     late.call.cancel()
-    await until(lambda: '"request_id": "late"' in stream.getvalue())
-    [event] = [json.loads(line) for line in stream.getvalue().splitlines() if '"request_id": "late"' in line]
+    await until(lambda: logged(stream, "late"))
+    [event] = logged(stream, "late")
     assert (event["action"], event["reason"], event["level"]) == ("unanswered", "stream_closed", "warning")
     assert event["body_bytes"] == len(chat_body("Solve the integral."))
     assert metrics.registry.get_sample_value("sidecar_request_errors_total", {"reason": "stream_closed"}) == 1
@@ -329,9 +329,15 @@ async def test_a_stream_that_ends_before_its_answer_is_logged_unanswered_not_no_
     headers_only = Exchange(sc.ext_proc)  # no body ever came: still skipped/no_body
     await headers_only.send(headers_msg(request_id="nobody"))
     headers_only.call.cancel()
-    await until(lambda: '"request_id": "nobody"' in stream.getvalue())
-    [event] = [json.loads(line) for line in stream.getvalue().splitlines() if '"request_id": "nobody"' in line]
+    await until(lambda: logged(stream, "nobody"))
+    [event] = logged(stream, "nobody")
     assert (event["action"], event["reason"]) == ("skipped", "no_body")
+
+
+def logged(stream: io.StringIO, request_id: str) -> list[dict]:
+    """The JSON log events of one request so far."""
+    events = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    return [e for e in events if e.get("request_id") == request_id]
 
 
 async def until(predicate, timeout_s: float = 10.0) -> None:
