@@ -163,14 +163,14 @@ def test_multibyte_text_keeps_character_offsets_and_reencodes_as_utf8():
     masked = field.text[:start] + "[EMAIL_ADDRESS]" + field.text[start + 6:]
     out = rewrite(body, parsed, None, {field.index: masked})
     assert json.loads(out.decode("utf-8"))["messages"][0]["content"] == "我的邮箱是 [EMAIL_ADDRESS] 😀 谢谢"
-    assert body[field.byte_span[0]:field.byte_span[1]] == json.dumps(text, ensure_ascii=False).encode()
+    assert parsed.source[field.span[0]:field.span[1]] == json.dumps(text, ensure_ascii=False)
 
 
 def test_lone_surrogates_stay_escaped_when_reencoded():
     body = b'{"messages": [{"role": "user", "content": "x\\ud800y"}]}'
     parsed = parse_body(body, "chat")
     assert parsed.fields[0].text == "x\ud800y"
-    assert encode_string("x\ud800y!") == b'"x\\ud800y!"'
+    assert encode_string("x\ud800y!") == '"x\\ud800y!"'
     out = rewrite(body, parsed, None, {0: "x\ud800y!"})
     assert json.loads(out)["messages"][0]["content"] == "x\ud800y!"
 
