@@ -51,8 +51,12 @@ PHASES = (REQUEST_HEADERS, REQUEST_BODY, REQUEST_TRAILERS, RESPONSE_HEADERS, RES
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
+@functools.lru_cache(maxsize=4096)
 def header(key: str, value: str) -> HeaderValueOption:
-    """One header to set, replacing any copy; the value travels as ``raw_value`` bytes only."""
+    """One header to set, replacing any copy; the value travels as ``raw_value`` bytes only.
+
+    Most values repeat (models, actions, reasons, categories), so each is built once and shared: a message
+    put into another is copied, but never modify one of these in place."""
     return HeaderValueOption(header=HeaderValue(key=key, raw_value=value.encode("utf-8")), append_action=_OVERWRITE)
 
 
