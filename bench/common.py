@@ -53,6 +53,8 @@ def machine(device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "speed_probe_ms": speed_probe_ms(),
         "device": device,
     }
     for module in ("onnxruntime", "torch", "transformers", "tokenizers"):
@@ -65,6 +67,24 @@ def machine(device: str = "cpu") -> dict:
         )
         info["gpu"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
     return info
+
+
+def speed_probe_ms(rounds: int = 7) -> float:
+    """Milliseconds a fixed pure-Python workload takes here now (median of `rounds`). A shared VM's speed
+    drifts by 2-3x from hour to hour (seen here); results taken at different times compare only
+    through this."""
+    def work() -> int:
+        total = 0
+        for i in range(200_000):
+            total += i * i % 7
+        return total
+
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        work()
+        times.append((time.perf_counter() - started) * 1000.0)
+    return round(statistics.median(times), 2)
 
 
 def _cpu_model() -> str:

@@ -51,7 +51,17 @@ def machine_line(results: list[dict]) -> str:
     return (f"Measured on {m['cpu']}, {m['cores']} cores ({m.get('cores_usable', m['cores'])} usable), "
             f"{m.get('memory_gib', '?')} GiB{gpu}; Python {m['python']}, ONNX Runtime {m.get('onnxruntime', '?')}, "
             f"PyTorch {m.get('torch', '?')}, transformers {m.get('transformers', '?')}."
-            + (" **Another heavy job shared the machine during these runs: numbers are contended.**" if contended else ""))
+            + (" **Another heavy job shared the machine during these runs: numbers are contended.**" if contended else "")
+            + when(results))
+
+
+def when(results: list[dict]) -> str:
+    """When each part ran and how fast the machine was then (bench.common.speed_probe_ms), so parts taken
+    hours apart on a drifting VM can be compared."""
+    runs = [(r.get("bench", "?"), r["machine"]) for r in results if r["machine"].get("started_utc")]
+    if not runs:
+        return ""
+    return " Runs: " + "; ".join(f"{name} {m['started_utc']} (speed probe {m['speed_probe_ms']} ms)" for name, m in runs) + "."
 
 
 def targets(inf: dict | None, naive: dict | None, envoy: dict | None) -> str:
