@@ -38,13 +38,15 @@ DEMO_ARGS ?=
 demo: install
 	$(PY) -m sidecar.demo $(DEMO_ARGS)
 
-# Benchmarks on the bundled models (under 10 minutes on 2 CPU cores): bench/results/*.json, *.png and
-# summary.md. Uses wrk when installed (apt-get install wrk), else bench/loadgen.py. The fp32 and PyTorch
-# comparisons need the full builds in build/models (`make models`); without them those rows are skipped.
+# Benchmarks on the bundled models (about 10 minutes on 2 CPU cores): bench/results/*.json, *.png and
+# summary.md. Uses wrk when installed (apt-get install wrk), else bench/loadgen.py, and counts the request
+# path's instructions when valgrind is installed. The fp32 and PyTorch comparisons need the full builds in
+# build/models (`make models`); without them those rows are skipped.
 bench: install
 	$(PY) bench/inference.py
 	$(PY) bench/naive.py
 	$(PY) bench/envoy.py
+	$(PY) bench/request_path.py --callgrind
 	$(PY) bench/report.py
 
 clean:

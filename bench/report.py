@@ -219,8 +219,17 @@ def naive_table(naive: dict) -> str:
            if False in s.get("full_build_is_shipped", {}).values() else ".")])
 
 
+def request_path_line(rp: dict) -> str:
+    count = rp.get("callgrind") or {}
+    instructions = f", {count['instructions_per_request']:,} instructions (callgrind)" if count else ""
+    return (f"The sidecar's own Python per chat request, without gRPC, Envoy or models (`bench/request_path.py`: both "
+            f"ext_proc messages parsed, answered through the processor with routing, rewrite, metrics and the "
+            f"log event, answers serialized): {fmt(rp['us_per_request'], 1)} us in a hot loop{instructions}.")
+
+
 def render(folder: Path) -> str:
     inf, naive, envoy = load(folder, "inference"), load(folder, "naive"), load(folder, "envoy")
+    request_path = load(folder, "request_path")
     if naive and "rows" not in naive:
         naive = None  # skipped: no PyTorch weights
     present = [r for r in (inf, naive, envoy) if r]
@@ -229,6 +238,8 @@ def render(folder: Path) -> str:
     parts = ["## Benchmarks", "", machine_line(present), "", targets(inf, naive, envoy), ""]
     if envoy:
         parts += ["### Through Envoy", "", envoy_tables(envoy), "", "![through Envoy](envoy.png)", ""]
+    if request_path:
+        parts += [request_path_line(request_path), ""]
     if naive:
         parts += ["### Against a naive `pipeline()` server", "", naive_table(naive), "", "![naive](naive.png)", ""]
     if inf:

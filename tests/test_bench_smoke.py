@@ -22,7 +22,7 @@ from tests.factories import category_rows, write_jsonl
 from tests.inference_fakes import onnx_copy
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["inference", "naive", "envoy", "report", "loadgen", "make_model", "multitask"]
+SCRIPTS = ["inference", "naive", "envoy", "report", "loadgen", "make_model", "multitask", "request_path"]
 CATEGORIES = list(yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8"))["routing"]["categories"])
 PII_ROWS = [
     {"text": "Write to john.smith@example.com about the invoice.", "spans": [{"start": 9, "end": 31, "label": "EMAIL_ADDRESS"}]},
@@ -121,6 +121,14 @@ def test_envoy_runs_all_three_cases_through_the_real_envoy(models, results):
     assert models_row["sidecar"]["category"]["passes"] > 0 and models_row["sidecar"]["pii"]["passes"] > 0
     assert "protocol_overhead_p50_ms" in doc["summary"]["per_concurrency"]["2"]
     assert doc["request_floor"] == {"skipped": "category: not an ONNX model"}  # the tiny category model is PyTorch
+
+
+def test_request_path_times_the_sidecars_own_work_per_request(results):
+    run("request_path", "--requests", "20", "--rounds", "2", "--corpus", "--pii-corpus",
+        "--out", str(results / "request_path.json"))
+    doc = json.loads((results / "request_path.json").read_text())
+    assert doc["us_per_request"] > 0 and len(doc["rounds_us"]) == 2
+    assert doc["machine"]["speed_probe_ms"] > 0 and "callgrind" not in doc
 
 
 def test_a_full_build_counts_as_the_shipped_model_only_with_the_same_int8_file(tmp_path):
