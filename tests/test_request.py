@@ -210,3 +210,84 @@ def test_unreadable_chat_bodies_raise_the_matching_request_error(body, error, re
 def test_completions_without_string_prompts_have_no_text(body):
     with pytest.raises(NoText):
         parse_body(body, "completions")
+
+
+def _random_json(rng, depth: int = 0) -> object:
+    """Any JSON value: what clients put beside the fields we read (tools, vendor extensions)."""
+    kind = rng.randrange(7 if depth < 3 else 4)
+    if kind == 0:
+        return _random_text(rng)
+    if kind == 1:
+        return rng.choice([0, -1, 2.5, 1e-7, 12345678901234567890])
+    if kind == 2:
+        return rng.choice([True, False])
+    if kind == 3:
+        return None
+    if kind == 4:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {_random_text(rng): _random_json(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def _random_text(rng) -> str:
+    alphabet = 'ab c"\\/\n\t\u00e9\u4e2d\U0001f600\u2028{}[],:'
+    return "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+
+
+def _random_dumps(rng, value: object) -> str:
+    """JSON text with random spacing and escaping, so byte positions differ from json.dumps's."""
+    ws = lambda: rng.choice(["", " ", "\n  ", "\t", " \r\n"])  # noqa: E731
+    if isinstance(value, dict):
+        items = [f"{ws()}{_random_dumps(rng, k)}{ws()}:{ws()}{_random_dumps(rng, v)}{ws()}" for k, v in value.items()]
+        return "{" + ",".join(items) + ws() + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(f"{ws()}{_random_dumps(rng, v)}{ws()}" for v in value) + ws() + "]"
+    return json.dumps(value, ensure_ascii=rng.random() < 0.5)
+
+
+def test_random_bodies_read_and_rewrite_exactly_what_json_loads_sees():
+    """Fields, roles and texts are those of the decoded document; rewriting them changes the document in those
+    places only and keeps every other byte, whatever the spacing, escapes or neighbouring keys."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        messages = []
+        for i in range(rng.randrange(1, 5)):
+            message = {"role": rng.choice(["system", "user", "assistant"]), "extra": _random_json(rng)}
+            if i == 0 or rng.random() < 0.5:  # at least one text, or the body is refused (NoText)
+                message["content"] = _random_text(rng) + "x"
+            else:
+                message["content"] = [rng.choice([{"type": "text", "text": _random_text(rng)},
+                                                  {"type": "image_url", "image_url": {"url": _random_text(rng)}},
+                                                  _random_json(rng)]) for _ in range(rng.randrange(1, 4))]
+            messages.append(dict(rng.sample(list(message.items()), len(message))))
+        document = {"tools": _random_json(rng), "model": "auto", "messages": messages, "x": _random_json(rng)}
+        body = _random_dumps(rng, dict(rng.sample(list(document.items()), len(document)))).encode()
+        parsed = parse_body(body, "chat")
+        expected = []
+        for m_index, message in enumerate(messages):
+            content = message["content"]
+            if isinstance(content, str):
+                expected.append((message["role"], m_index, None, content))
+            else:
+                expected += [(message["role"], m_index, p, part["text"]) for p, part in enumerate(content)
+                             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)]
+        assert [(f.role, f.message_index, f.part_index, f.text) for f in parsed.fields] == expected
+        assert rewrite(body, parsed, None, {}) == body
+        new_texts = {f.index: f"[{f.index}]{f.text[::-1]}" for f in parsed.fields if rng.random() < 0.7}
+        out = rewrite(body, parsed, "routed", new_texts)
+        changed = json.loads(body)
+        changed["model"] = "routed"
+        for f in parsed.fields:
+            if f.index in new_texts:
+                target = changed["messages"][f.message_index]
+                if f.part_index is None:
+                    target["content"] = new_texts[f.index]
+                else:
+                    target["content"][f.part_index]["text"] = new_texts[f.index]
+        assert json.loads(out) == changed
+        unchanged = [body.decode()[end:start] for (_, end), (start, _) in zip(
+            [(0, 0)] + sorted([parsed.model_span] + [f.span for f in parsed.fields if f.index in new_texts]),
+            sorted([parsed.model_span] + [f.span for f in parsed.fields if f.index in new_texts]) + [(len(body.decode()), 0)],
+            strict=True)]
+        assert all(piece in out.decode() for piece in unchanged)
