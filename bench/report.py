@@ -148,7 +148,11 @@ def envoy_tables(envoy: dict) -> str:
                     f"{fmt(floor['both_mean_ms'])} ms (category {fmt(floor['category']['mean_ms'])} ms on "
                     f"{floor['category']['mean_tokens']:g} tokens, PII {fmt(floor['pii']['mean_ms'])} ms on "
                     f"{floor['pii']['windows_per_request']:g} windows, {floor['pii']['mean_tokens']:g} tokens); "
-                    f"(c) - (b) at p50, 1 connection: {fmt(c1.get('inference_p50_ms'))} ms."]
+                    f"(c) - (b) at p50, 1 connection: {fmt(c1.get('inference_p50_ms'))} ms."
+                    + (" The floor runs the two models one after the other, every window in a pass of its own, with "
+                       "all cores each; the sidecar runs them at once, with its share of the cores each, and a "
+                       "request's windows in one pass, so it can come in under the floor."
+                       if (c1.get("inference_p50_ms") or 0) < floor["both_mean_ms"] else "")]
     s = envoy["settings"]
     rounds = s.get("rounds", 1)
     taken = f"the median of {rounds} runs of {s['duration_s']} s taken in turns" if rounds > 1 else f"{s['duration_s']} s"
@@ -235,7 +239,8 @@ def render(folder: Path) -> str:
     present = [r for r in (inf, naive, envoy) if r]
     if not present:
         raise SystemExit(f"no results in {folder}")
-    parts = ["## Benchmarks", "", machine_line(present), "", targets(inf, naive, envoy), ""]
+    timed = present + ([request_path] if request_path else [])
+    parts = ["## Benchmarks", "", machine_line(timed), "", targets(inf, naive, envoy), ""]
     if envoy:
         parts += ["### Through Envoy", "", envoy_tables(envoy), "", "![through Envoy](envoy.png)", ""]
     if request_path:
