@@ -28,7 +28,7 @@ lint: install
 proto: install
 	$(PY) -m sidecar.api.generate
 
-# Rebuild the bundled default models from ../shared/data (about an hour on a 2-core CPU; resumable).
+# Rebuild the bundled default models from ../shared/data (17-50 minutes on a 2-core CPU, by host; resumable).
 models: install
 	$(PY) models/build.py
 
