@@ -46,6 +46,10 @@ class ModelConfig(_Section):
     threads: Annotated[int, Field(ge=0)] = 0
     """Intra-op threads for ONNX Runtime on CPU (or torch's process-wide count). 0: the runtime's default
     for a model that runs alone; two CPU models get half the usable cores each."""
+    small_pass_tokens: Annotated[int, Field(ge=0)] = 256
+    """On CPU with more than one thread: forward passes of at most this many padded tokens run on a second,
+    one-thread ONNX Runtime session of the model (its weights held twice), where waking the thread pool
+    would cost more than it saves. 0: every pass on ``threads``."""
 
     @model_validator(mode="after")
     def _stride_fits(self) -> ModelConfig:

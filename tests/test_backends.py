@@ -64,6 +64,42 @@ def test_models_sharing_the_cpu_split_its_cores_unless_threads_are_configured(on
     assert (shared.threads, alone.threads) == (4, 0)
 
 
+class CountingSession:
+    """Wraps an ONNX Runtime session and counts the passes it runs."""
+
+    def __init__(self, session):
+        self.session, self.passes = session, 0
+
+    def run(self, *args):
+        self.passes += 1
+        return self.session.run(*args)
+
+
+def test_small_passes_run_on_a_one_thread_session_and_give_the_same_logits(onnx_pii_dir):
+    model_dir = ModelDir.read(onnx_pii_dir)
+    config = ModelConfig(path=str(onnx_pii_dir), runtime="onnx", device="cpu", threads=2, small_pass_tokens=8)
+    backend = open_backend(model_dir, config)
+    assert backend.small_pass_tokens == 8
+    pooled = open_backend(model_dir, config.model_copy(update={"small_pass_tokens": 0}))
+    assert pooled.small_pass_tokens == 0
+    backend._session, backend._small = CountingSession(backend._session), CountingSession(backend._small)
+    small = batch([1, 40, 41, 2], [1, 50, 2])  # 2 x 4 = 8 padded tokens
+    large = batch([1, 40, 41, 42, 2], [1, 50, 2])  # 2 x 5 = 10
+    for ids, mask in (small, large):
+        np.testing.assert_allclose(backend.run(ids, mask), pooled.run(ids, mask), rtol=1e-5, atol=1e-5)
+    assert (backend._small.passes, backend._session.passes) == (1, 1)
+
+
+def test_no_one_thread_session_when_the_model_has_one_thread_anyway(onnx_pii_dir, monkeypatch):
+    from sidecar.inference import backends
+
+    model_dir = ModelDir.read(onnx_pii_dir)
+    one = open_backend(model_dir, ModelConfig(path=str(onnx_pii_dir), runtime="onnx", device="cpu", threads=1))
+    monkeypatch.setattr(backends, "usable_cores", lambda: 1)
+    single_core = open_backend(model_dir, cpu(onnx_pii_dir, "onnx"))
+    assert one.small_pass_tokens == single_core.small_pass_tokens == 0
+
+
 def test_auto_on_cpu_takes_fp32_onnx_without_an_int8_file(onnx_pii_dir):
     backend = open_backend(ModelDir.read(onnx_pii_dir), cpu(onnx_pii_dir))
     assert backend.name == "onnx" and backend.file.endswith("model.onnx")

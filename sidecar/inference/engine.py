@@ -171,6 +171,7 @@ class _Model:
             "file": self.backend.file,
             "providers": list(self.backend.providers),
             "threads": getattr(self.backend, "threads", 0),
+            "small_pass_tokens": getattr(self.backend, "small_pass_tokens", 0),
             "max_length": self.encoder.max_length,
             "labels": list(self.labels),
         }
