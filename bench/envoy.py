@@ -345,7 +345,6 @@ def request_floor(bodies: list[str], category: Path, pii: Path, device: str) -> 
     """ONNX Runtime time per request, one text at a time, for exactly what the sidecar runs on this mix:
     the category model on the latest user message's first window, the PII model on every window of the
     system and user messages."""
-    from bench.inference import ort_session
     from sidecar.config import ModelConfig
     from sidecar.inference.backends import open_backend
     from sidecar.inference.model_dir import ModelDir
@@ -355,10 +354,8 @@ def request_floor(bodies: list[str], category: Path, pii: Path, device: str) -> 
     total = np.zeros(len(bodies))
     for name, path in (("category", category), ("pii", pii)):
         md = ModelDir.read(path)
-        backend = open_backend(md, ModelConfig(path=str(path), device=device))
-        file = Path(backend.file)
-        session = ort_session(file, "CUDAExecutionProvider" in backend.providers, 0) if file.suffix == ".onnx" else None
-        if session is None:
+        backend = open_backend(md, ModelConfig(path=str(path), device=device))  # the sidecar's sessions, alone
+        if not backend.file.endswith(".onnx"):
             return {"skipped": f"{name}: not an ONNX model"}
         encoder = TextEncoder.for_model(md, 512, 64)
         inputs = []
@@ -373,7 +370,7 @@ def request_floor(bodies: list[str], category: Path, pii: Path, device: str) -> 
             for i, rows in enumerate(inputs):
                 t0 = time.perf_counter()
                 for ids in rows:
-                    session.run(None, {"input_ids": ids[None, :], "attention_mask": np.ones((1, len(ids)), dtype=np.int64)})
+                    backend.run(ids[None, :], np.ones((1, len(ids)), dtype=np.int64))
                 per[i] = (time.perf_counter() - t0) * 1000.0
         total += per
         out[name] = {"runtime": backend.name, "mean_ms": round(float(per.mean()), 3),

@@ -42,6 +42,7 @@ from bench.common import (
     texts_of_length,
     write_json,
 )
+from sidecar.config import ModelConfig
 
 LENGTHS = [16, 32, 64, 128, 256, 512]
 BATCHES = [1, 8, 32]
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="tokens per sequence, CLS/SEP included")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="sequences per pass / concurrent requests")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the runtime's default)")
+    p.add_argument("--small-pass-tokens", type=int, default=ModelConfig.model_fields["small_pass_tokens"].default,
+                   help="models.*.small_pass_tokens for the Engine and the ONNX floors (0: off)")
     p.add_argument("--min-time", type=float, default=0.25,
                    help="seconds each runtime and the engine are timed per (length, batch), in three interleaved rounds")
     p.add_argument("--min-reps", type=int, default=3, help="runs each measurement takes at least")
@@ -103,8 +106,10 @@ def fp16_copy(path: Path, workdir: Path) -> Path:
 
 
 def floor_runner(runtime: str, model_dir: Path, task: str, full_root: Path | None, device: str, threads: int,
-                 workdir: Path):
-    """(run(ids, mask) -> logits, file) for one runtime, or (None, why) when it cannot be had."""
+                 workdir: Path, small_pass_tokens: int = 0):
+    """(run(ids, mask) -> logits, file) for one runtime, or (None, why) when it cannot be had. An ONNX
+    floor is the sidecar's own OnnxBackend called directly: the same sessions (a one-thread session for
+    passes of at most `small_pass_tokens` tokens) and nothing else around ``session.run``."""
     cuda = device == "cuda"
     if runtime in ("onnx-int8", "onnx", "onnx-fp16"):
         path = full_model_file(model_dir, "model.int8.onnx" if runtime == "onnx-int8" else "model.onnx", full_root)
@@ -112,14 +117,9 @@ def floor_runner(runtime: str, model_dir: Path, task: str, full_root: Path | Non
             return None, f"no {'model.int8.onnx' if runtime == 'onnx-int8' else 'model.onnx'} here or in --full-models"
         if runtime == "onnx-fp16":
             path = fp16_copy(path, workdir)
-        session = ort_session(path, cuda, threads)
-        feeds_mask = "attention_mask" in {i.name for i in session.get_inputs()}
+        from sidecar.inference.backends import OnnxBackend
 
-        def run_onnx(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-            feeds = {"input_ids": ids, "attention_mask": mask} if feeds_mask else {"input_ids": ids}
-            return session.run(None, feeds)[0]
-
-        return run_onnx, str(path)
+        return OnnxBackend(path, runtime, cuda, threads, small_pass_tokens).run, str(path)
     if runtime == "torch":
         weights = full_model_file(model_dir, "model.safetensors", full_root)
         if weights is None:
@@ -148,12 +148,13 @@ def floor_runner(runtime: str, model_dir: Path, task: str, full_root: Path | Non
 class EngineRunner:
     """One model in a sidecar Engine, driven from its own event loop; counts forward passes."""
 
-    def __init__(self, model_dir: Path, task: str, runtime: str, device: str, threads: int):
+    def __init__(self, model_dir: Path, task: str, runtime: str, device: str, threads: int, small_pass_tokens: int):
         from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
         from sidecar.inference.engine import Engine
 
         self.passes = 0
-        config = ModelConfig(path=str(model_dir), runtime=runtime, device=device, threads=threads)
+        config = ModelConfig(path=str(model_dir), runtime=runtime, device=device, threads=threads,
+                             small_pass_tokens=small_pass_tokens)
         models = ModelsConfig(category=config) if task == "category" else ModelsConfig(pii=config)
         self.engine = Engine.load(models, BatchingConfig(), checksums=True, on_batch=self._count)
         self.describe = self.engine.describe()[task]
@@ -195,14 +196,15 @@ def bench_model(model_dir: Path, args: argparse.Namespace, runtimes: list[str], 
     files: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for runtime in runtimes:
-        run, file = floor_runner(runtime, md.path, md.task, args.full_models, args.device, args.threads, workdir)
+        run, file = floor_runner(runtime, md.path, md.task, args.full_models, args.device, args.threads, workdir,
+                                 args.small_pass_tokens)
         if run is None:
             skipped[runtime] = file
             log(f"  {runtime}: skipped ({file})")
             continue
         runners[runtime], files[runtime] = run, file
 
-    runner = EngineRunner(md.path, md.task, args.engine_runtime, args.device, args.threads)
+    runner = EngineRunner(md.path, md.task, args.engine_runtime, args.device, args.threads, args.small_pass_tokens)
     engine_runtime = runner.describe["runtime"]
     rows: list[dict] = []
     try:
@@ -426,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(args.device),
         "contended": busy_processes(),
         "settings": {"lengths": lengths, "batches": batches, "runtimes": runtimes, "engine_runtime": args.engine_runtime,
-                     "threads": args.threads, "min_time_s": args.min_time, "min_reps": args.min_reps,
+                     "threads": args.threads, "small_pass_tokens": args.small_pass_tokens, "min_time_s": args.min_time, "min_reps": args.min_reps,
                      "checksums": True, "timing": "median wall time of one call: a floor call is one run of "
                      "[batch, length] ids; an engine call is `batch` concurrent requests; for each (length, "
                      "batch) every floor and the engine take turns in three rounds"},

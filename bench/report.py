@@ -202,8 +202,11 @@ def inference_tables(inf: dict) -> str:
                     "`make models` run; training is not bit-for-bit repeatable), so these rows score that build, all "
                     "its files with its own tokenizer; its fp32 and PyTorch floors time the same architecture.", ""]
     s = inf["summary"]
+    small = inf["settings"].get("small_pass_tokens", 0)
+    small_note = f": passes of at most {small} tokens on one thread, `models.*.small_pass_tokens`" if small else ""
     out.append(f"fp32 ONNX takes {fmt(s['fp32_over_int8_time_median'])}x the time of INT8 (median over the grid). "
-               f"A floor call is one `session.run` on `[batch, tokens]` ids with the sidecar's session options; an "
+               f"An ONNX floor call is one pass of the sidecar's own ONNX Runtime backend on `[batch, tokens]` ids, "
+               f"called directly (the same sessions{small_note}); an "
                f"Engine call is `batch` concurrent requests whose texts tokenize to exactly `tokens` tokens "
                f"(tokenization, batching, decoding and checksums included).")
     return "\n".join(out)
