@@ -169,18 +169,20 @@ def _cut(tokenizer, joined: str, offsets, start_tok: int, start: int, n_tokens: 
 
 def interleaved(fns: dict[str, Callable[[], object]], min_time_s: float, min_reps: int, rounds: int = 3) -> dict[str, dict]:
     """Wall time of each of `fns` in ms, measured in turns: `rounds` rounds, each giving every function
-    ``min_time_s / rounds`` seconds (and enough runs for `min_reps` in all), after one warm-up run each.
+    ``min_time_s / rounds`` seconds (and enough runs for `min_reps` in all), each turn after one untimed run.
 
     Taking turns matters on a shared or virtual machine, whose speed drifts by tens of percent within
     minutes: a ratio between two functions measured side by side survives that drift, one between
-    measurements taken minutes apart does not.
+    measurements taken minutes apart does not. The untimed run at the start of every turn keeps the switch
+    itself out of the figures: the first call after another function ran finds its threads asleep and
+    its caches taken (measured: the engine's first call after the floor's 5-25% slower than the next),
+    a cost of taking turns that a server running one model does not pay.
     """
-    for fn in fns.values():
-        fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     per_round = max(1, -(-min_reps // rounds))
     for _ in range(rounds):
         for name, fn in fns.items():
+            fn()
             started = time.perf_counter()
             done = 0
             while done < per_round or time.perf_counter() - started < min_time_s / rounds:
@@ -188,7 +190,7 @@ def interleaved(fns: dict[str, Callable[[], object]], min_time_s: float, min_rep
                 fn()
                 samples[name].append((time.perf_counter() - t0) * 1000.0)
                 done += 1
-    return {name: summary(times) for name, times in samples.items()}
+    return {name: {**summary(times), "calls": len(times) + rounds} for name, times in samples.items()}
 
 
 def summary(times_ms: Sequence[float]) -> dict:

@@ -224,7 +224,7 @@ def bench_model(model_dir: Path, args: argparse.Namespace, runtimes: list[str], 
                 t = timed["engine"]
                 floor = timed.get(engine_runtime)
                 ratio = round(t["median_ms"] / floor["median_ms"], 3) if floor else None
-                passes = runner.passes / (t["reps"] + 1)  # one warm-up call
+                passes = runner.passes / t["calls"]  # timed and untimed calls
                 rows.append({"path": "engine", "runtime": engine_runtime, "length": n, "batch": b, **t,
                              "sequences_per_s": round(b / t["median_ms"] * 1000.0, 1),
                              "passes_per_call": round(passes, 2), "ratio_to_floor": ratio})
