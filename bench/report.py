@@ -149,8 +149,8 @@ def envoy_tables(envoy: dict) -> str:
                     f"{floor['category']['mean_tokens']:g} tokens, PII {fmt(floor['pii']['mean_ms'])} ms on "
                     f"{floor['pii']['windows_per_request']:g} windows, {floor['pii']['mean_tokens']:g} tokens); "
                     f"(c) - (b) at p50, 1 connection: {fmt(c1.get('inference_p50_ms'))} ms."
-                    + (" The floor runs the two models one after the other, every window in a pass of its own, with "
-                       "all cores each; the sidecar runs them at once, with its share of the cores each, and a "
+                    + (" The floor runs the two models one after the other, every window in a pass of its own, each "
+                       "with the sessions it would have alone; the sidecar runs them at once, with its share of the cores each, and a "
                        "request's windows in one pass, so it can come in under the floor."
                        if (c1.get("inference_p50_ms") or 0) < floor["both_mean_ms"] else "")]
     s = envoy["settings"]
