@@ -194,3 +194,13 @@ def test_make_model_builds_a_bigger_model_the_sidecar_can_read(models, tmp_path)
     made = ModelDir.read(tmp_path / "big")
     assert made.task == "pii" and made.labels == ModelDir.read(models["pii"]).labels and made.has_torch_weights
     assert json.loads((tmp_path / "big" / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_interleaved_timing_takes_turns_and_leaves_each_turns_first_call_untimed():
+    from bench.common import interleaved
+
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("floor", "engine")}
+    timed = interleaved(fns, min_time_s=0.0, min_reps=6, rounds=3)
+    assert calls == (["floor"] * 3 + ["engine"] * 3) * 3  # per turn: one untimed call, then two timed
+    assert {name: (t["reps"], t["calls"]) for name, t in timed.items()} == {"floor": (6, 9), "engine": (6, 9)}
