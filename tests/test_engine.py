@@ -514,3 +514,13 @@ def test_warm_up_runs_each_model_once_and_a_model_that_cannot_run_fails_to_load(
     backend.fail_next = 1
     with pytest.raises(ModelLoadError, match="models.pii: the first forward pass failed"):
         engine.warm_up()
+
+
+def test_warm_up_reaches_both_sessions_of_a_backend_that_runs_small_passes_on_one_thread(tiny_pii_dir, engines):
+    model_dir = ModelDir.read(tiny_pii_dir)
+    backend = DigitTagger(model_dir)
+    backend.small_pass_tokens = 8
+    engine = Engine(pii=LoadedModel(model_dir, ModelConfig(path=str(tiny_pii_dir)), backend))
+    engines.append(engine)
+    engine.warm_up()
+    assert [c.size <= 8 for c in backend.calls] == [True, False]

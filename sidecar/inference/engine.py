@@ -264,15 +264,20 @@ class Engine:
         }
 
     def warm_up(self) -> None:
-        """One forward pass per model, so that lazy runtime set-up (allocators, kernels, CUDA context)
-        happens at load time and not inside the first request's deadline."""
+        """One forward pass per model and session, so that lazy runtime set-up (allocators, kernels, CUDA
+        context) happens at load time and not inside the first request's deadline."""
         for model in (self._category, self._pii):
             if model is None:
                 continue
             started = time.perf_counter()
             ids = model.encoder.head_of("warm up")[None, :]
+            passes = [ids]
+            small = getattr(model.backend, "small_pass_tokens", 0)
+            if small:  # a pass over small_pass_tokens reaches the pooled session too
+                passes.append(np.repeat(ids, small // ids.shape[1] + 1, axis=0))
             try:
-                model.backend.run(ids, np.ones_like(ids))
+                for batch in passes:
+                    model.backend.run(batch, np.ones_like(batch))
             except Exception as e:  # a model that cannot run at all must not start serving
                 raise ModelLoadError(f"models.{model.name}: the first forward pass failed ({type(e).__name__}: {e})") from e
             log.info("model_warmed", model=model.name, ms=round((time.perf_counter() - started) * 1000.0, 1))
