@@ -149,7 +149,7 @@ class EngineRunner:
     """One model in a sidecar Engine, driven from its own event loop; counts forward passes."""
 
     def __init__(self, model_dir: Path, task: str, runtime: str, device: str, threads: int, small_pass_tokens: int):
-        from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
+        from sidecar.config import BatchingConfig, ModelsConfig
         from sidecar.inference.engine import Engine
 
         self.passes = 0
