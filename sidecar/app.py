@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 from sidecar.config import Config
 from sidecar.errors import ConfigError
@@ -23,6 +24,27 @@ log = get_logger("sidecar.app")
 
 KIND_CHAT = "chat"
 KIND_COMPLETIONS = "completions"
+KIND_RESPONSES = "responses"
+KIND_MESSAGES = "messages"
+KIND_GENERIC = "generic"
+"""Any other path: a body there is scanned for PII (every string) but not routed."""
+
+
+def normalize_path(path: str) -> str:
+    """The path as a backend's router would see it: no query or fragment, percent-escapes decoded, empty
+    and ``.`` segments dropped, ``..`` applied, no trailing slash. Envoy normalises too (envoy.yaml), so
+    this is a second line: ``//v1/./chat/completions`` is still the chat API."""
+    path = unquote(path.split("?", 1)[0].split("#", 1)[0])
+    segments: list[str] = []
+    for segment in path.replace("\\", "/").split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return "/" + "/".join(segments)
 
 EngineFactory = Callable[[Config, Metrics | None], Any]
 """Builds the engine for a config (tests pass one that returns a FakeEngine)."""
@@ -38,12 +60,15 @@ class App:
     generation: int = 0
     loaded_at: float = field(default_factory=time.time)
     kinds: dict[str, str] = field(default_factory=dict)
-    """Request path (no query string) → processor kind, from ``config.paths``."""
+    """Normalised request path → processor kind, from ``config.paths``."""
+    model_names: frozenset[str] = frozenset()
+    """Backend model names the config knows: the only ones used as metric labels."""
 
     def kind_for(self, path: str | None) -> str | None:
+        """The API kind of a request path; `KIND_GENERIC` for any other path, None without a path."""
         if not path:
             return None
-        return self.kinds.get(path.split("?", 1)[0])
+        return self.kinds.get(normalize_path(path), KIND_GENERIC)
 
     def close(self) -> None:
         self.engine.close()
@@ -82,8 +107,18 @@ def build_app(config: Config, metrics: Metrics | None = None, *, engine_factory:
     except BaseException:
         engine.close()
         raise
-    kinds = {p: KIND_CHAT for p in config.paths.chat} | {p: KIND_COMPLETIONS for p in config.paths.completions}
-    return App(config=config, engine=engine, router=router, generation=generation, kinds=kinds)
+    paths = config.paths
+    kinds = {normalize_path(p): kind for kind, group in (
+        (KIND_CHAT, paths.chat), (KIND_COMPLETIONS, paths.completions), (KIND_RESPONSES, paths.responses),
+        (KIND_MESSAGES, paths.messages)) for p in group}
+    return App(config=config, engine=engine, router=router, generation=generation, kinds=kinds,
+               model_names=model_names(config))
+
+
+def model_names(config: Config) -> frozenset[str]:
+    """Every backend model the config names (routing table, default, per-model policies)."""
+    routing = config.routing
+    return frozenset(routing.categories.values()) | {routing.default_model} | frozenset(config.pii.policies)
 
 
 class AppHolder:

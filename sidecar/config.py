@@ -141,35 +141,63 @@ class PiiPolicyConfig(_Section):
 
 
 class PiiConfig(_Section):
-    roles: list[Literal["system", "developer", "user", "assistant", "tool"]] = ["system", "developer", "user"]
-    """Chat roles whose text is scanned (completions prompts are always scanned)."""
+    patterns: Literal["always", "fallback", "off"] = "always"
+    """Fast pattern recognizers (email, phone, US SSN, IP address, URL credentials): ``always`` beside the
+    model, so those types never depend on it; ``fallback`` only when the model cannot answer (degraded);
+    ``off`` never."""
     default_policy: PiiPolicyConfig = PiiPolicyConfig()
     policies: dict[str, PiiPolicyConfig] = Field(default_factory=dict)
     """Selected backend model name -> policy, overriding default_policy."""
     checksums: bool = True
     """Confirm credit-card (Luhn) and IBAN (mod 97) spans, and catch well-formed numbers the model missed."""
 
-    def policy_for(self, model: str) -> PiiPolicyConfig:
-        return self.policies.get(model, self.default_policy)
+    def policy_for(self, model: str | None) -> PiiPolicyConfig:
+        return self.policies.get(model, self.default_policy) if model is not None else self.default_policy
 
 
 class FailureConfig(_Section):
-    inference: Literal["fail_open", "fail_closed"] = "fail_open"
-    """fail_open: route to routing.default_model, x-router-action: degraded. fail_closed: 503."""
+    inference: Literal["fail_open", "fail_closed"] = "fail_closed"
+    """fail_closed: 503 with Retry-After when the models cannot decide (error, overload, deadline), so no
+    body goes on unread. fail_open (availability first): route to routing.default_model, x-router-action:
+    degraded, with only the checksum and pattern recognizers masking."""
     timeout_ms: Annotated[float, Field(gt=0)] = 250.0
-    """Deadline for the whole decision of one request (parse, models, masking, rewrite); the models stop
-    early enough for the no-model fallback to answer in time. Keep it well below Envoy's message_timeout."""
+    """Deadline for the whole decision of a small request (parse, models, masking, rewrite); the models stop
+    early enough for the no-model fallback to answer in time."""
+    timeout_ms_per_kib: Annotated[float, Field(ge=0)] = 15.0
+    """Added to timeout_ms for every KiB of body, so a long prompt is read whole instead of timing out."""
+    max_timeout_ms: Annotated[float, Field(gt=0)] = 2500.0
+    """Cap of the grown deadline. Keep it below Envoy's message_timeout (3 s in envoy.yaml): an answer Envoy
+    no longer waits for is lost."""
     max_inspect_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
-    """Bodies larger than this never reach the models: the failure policy answers at once (fail_open: the
-    default model, degraded, checksum recognizers still mask; fail_closed: 413). Above Envoy's buffer
-    limit it has no effect (Envoy answers 413 before the sidecar sees the body)."""
-    bad_body: Literal["pass", "reject"] = "pass"
-    """Bodies that are not JSON objects with text: pass unchanged (x-router-action: skipped) or 400."""
+    """Bodies larger than this (after decompression) never reach the models: fail_closed answers 413 at
+    once; fail_open routes them to the default model, degraded, with only the recognizers masking."""
+    bad_body: Literal["pass", "reject"] = "reject"
+    """Bodies the sidecar cannot read whole (not JSON, no text, duplicated keys, unknown encodings, bodies
+    Envoy streams in chunks): reject with 400 (415 for encodings, 413 for size), or pass them on unread
+    (availability first: x-router-action: skipped)."""
+    retry_after_s: Annotated[int, Field(ge=0, le=3600)] = 1
+    """``Retry-After`` on 503 answers (overload, timeouts, model failure)."""
+
+    @model_validator(mode="after")
+    def _cap_covers_base(self) -> FailureConfig:
+        if self.max_timeout_ms < self.timeout_ms:
+            raise ValueError("max_timeout_ms must be at least timeout_ms")
+        return self
+
+    def timeout_s(self, size: int) -> float:
+        """The decision deadline for a body of `size` bytes, in seconds."""
+        grown = self.timeout_ms + self.timeout_ms_per_kib * size / 1024
+        return min(grown, self.max_timeout_ms) / 1000
 
 
 class PathsConfig(_Section):
+    """Request paths (after normalisation) per API. A body on any other path is still scanned for PII
+    (every string), but not routed."""
+
     chat: list[str] = ["/v1/chat/completions"]
     completions: list[str] = ["/v1/completions"]
+    responses: list[str] = ["/v1/responses"]
+    messages: list[str] = ["/v1/messages"]
 
 
 class LoggingConfig(_Section):
@@ -194,6 +222,10 @@ def parse_config(data: object, base_dir: Path | None = None, source: Path | None
     """Validate a mapping; relative model paths resolve against `base_dir` when they exist there."""
     if not isinstance(data, dict):
         raise ConfigError("", "the config must be a YAML mapping")
+    pii = data.get("pii")
+    if isinstance(pii, dict) and "roles" in pii:
+        raise ConfigError("pii.roles", "no longer a setting: every text in a request is scanned, whatever its "
+                                       "role or field (remove the key)")
     try:
         config = Config.model_validate(data)
     except ValidationError as e:

@@ -54,6 +54,37 @@ class NoText(RequestError):
     reason = "no_text"
 
 
+class DuplicateKey(RequestError):
+    """A JSON object names one key twice: parsers disagree on which copy counts, so the body is refused."""
+
+    reason = "duplicate_key"
+
+
+class TooDeep(RequestError):
+    """JSON nested deeper than the sidecar walks."""
+
+    reason = "too_deep"
+
+
+class InvalidModel(RequestError):
+    """The body's ``model`` is too long or has characters a header cannot carry."""
+
+    reason = "invalid_model"
+
+
+class UnsupportedEncoding(RequestError):
+    """A ``Content-Encoding`` the sidecar cannot undo (answered 415), or a charset it cannot read."""
+
+    reason = "unsupported_encoding"
+
+
+class NotBuffered(RequestError):
+    """Envoy sent the body in chunks (STREAMED, full duplex, or past its buffer in BUFFERED_PARTIAL): the
+    sidecar never saw it whole."""
+
+    reason = "not_buffered"
+
+
 class InferenceError(SidecarError):
     """The models could not produce an answer for this request."""
 

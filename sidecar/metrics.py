@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from sidecar.router import Decision
 
 NONE_LABEL = "none"
+OTHER_LABEL = "other"
+"""The model label for a backend model the config does not name (a client's choice): labels stay bounded."""
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -53,9 +55,11 @@ class Metrics:
         self.reloads = Counter(
             "sidecar_reloads", "Config and model reloads, by result.", ["result"], registry=r)
 
-    def observe_decision(self, decision: Decision, seconds: float) -> None:
+    def observe_decision(self, decision: Decision, seconds: float, known_models: frozenset[str] = frozenset()) -> None:
         category = decision.category or NONE_LABEL
-        self.requests.labels(action=decision.action, category=category, model=decision.model).inc()
+        model = NONE_LABEL if decision.model is None else decision.model if decision.model in known_models \
+            else OTHER_LABEL
+        self.requests.labels(action=decision.action, category=category, model=model).inc()
         for entity_type, count in decision.entity_counts.items():
             self.pii_entities.labels(type=entity_type).inc(count)
         if decision.error:

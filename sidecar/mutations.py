@@ -39,6 +39,8 @@ REASON = "x-router-reason"
 """Why: the route reason of a decision, or the reason code of a skipped or degraded request."""
 
 OWNED_HEADERS = (SELECTED_MODEL, CATEGORY, CONFIDENCE, PII, ACTION, REASON)
+CONTENT_ENCODING = "content-encoding"
+RETRY_AFTER = "retry-after"
 
 REQUEST_HEADERS = "request_headers"
 REQUEST_BODY = "request_body"
@@ -60,18 +62,21 @@ def header(key: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=key, raw_value=value.encode("utf-8")), append_action=_OVERWRITE)
 
 
-def owned_headers_mutation(values: dict[str, str] | None = None) -> HeaderMutation:
-    """Set `values` (owned headers and content-length) and remove every owned header not among them."""
+def owned_headers_mutation(values: dict[str, str] | None = None, remove: tuple[str, ...] = ()) -> HeaderMutation:
+    """Set `values` (owned headers and content-length) and remove every owned header not among them (and
+    the headers in `remove`)."""
     values = {k: v for k, v in (values or {}).items() if v != ""}
     return HeaderMutation(
         set_headers=[header(k, v) for k, v in values.items()],
-        remove_headers=[h for h in OWNED_HEADERS if h not in values],
+        remove_headers=[h for h in OWNED_HEADERS if h not in values] + list(remove),
     )
 
 
 def decision_headers(decision: Decision) -> dict[str, str]:
     """The owned headers for a decision; PII is named by entity type only, never by value."""
-    values = {SELECTED_MODEL: decision.model, ACTION: decision.action, REASON: decision.error or decision.route_reason}
+    values = {ACTION: decision.action, REASON: decision.error or decision.route_reason}
+    if decision.model is not None:
+        values[SELECTED_MODEL] = decision.model
     if decision.category is not None:
         values[CATEGORY] = decision.category
     if decision.confidence is not None:
@@ -122,7 +127,8 @@ def decision_response(decision: Decision, phase: str = REQUEST_BODY) -> Processi
     values = decision_headers(decision)
     if decision.body is not None:
         values["content-length"] = str(len(decision.body))
-    return continue_response(phase, owned_headers_mutation(values), clear_route_cache=True, body=decision.body)
+    remove = (CONTENT_ENCODING,) if decision.decompressed else ()
+    return continue_response(phase, owned_headers_mutation(values, remove), clear_route_cache=True, body=decision.body)
 
 
 def skipped_response(reason: str, phase: str = REQUEST_BODY) -> ProcessingResponse:
@@ -141,10 +147,11 @@ def openai_error(message: str, type_: str, code: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "code": code, "param": None}}).encode("utf-8")
 
 
-def immediate_response(status: int, message: str, type_: str, code: str, action: str) -> ProcessingResponse:
+def immediate_response(status: int, message: str, type_: str, code: str, action: str,
+                       extra: tuple[tuple[str, str], ...] = ()) -> ProcessingResponse:
     """Envoy answers the client directly with `status` and an OpenAI-style JSON error; nothing goes upstream."""
     headers = HeaderMutation(set_headers=[header("content-type", "application/json"), header(ACTION, action),
-                                          header(REASON, code)])
+                                          header(REASON, code)] + [header(k, v) for k, v in extra])
     return ProcessingResponse(immediate_response=ImmediateResponse(
         status=HttpStatus(code=status),
         headers=headers,
@@ -160,18 +167,24 @@ def blocked_response(entity_types: tuple[str, ...] | list[str]) -> ProcessingRes
     return immediate_response(403, message, "invalid_request_error", "pii_detected", "block")
 
 
+BAD_BODY_STATUS = {"unsupported_encoding": 415, "not_buffered": 413, "too_large": 413}
+"""Status by reason code for bodies refused unread; any other code is a 400."""
+
+
 def bad_request_response(reason: str, message: str) -> ProcessingResponse:
-    """400 for a body the sidecar cannot read, under ``failure.bad_body: reject``."""
-    return immediate_response(400, message, "invalid_request_error", reason, "rejected")
+    """400 (415 for an encoding, 413 for size) for a body the sidecar cannot read, under
+    ``failure.bad_body: reject``."""
+    return immediate_response(BAD_BODY_STATUS.get(reason, 400), message, "invalid_request_error", reason, "rejected")
 
 
 def too_large_response(reason: str, message: str) -> ProcessingResponse:
-    """413 for a body over ``failure.max_inspect_bytes`` under fail_closed: it is not inspected, so it is
-    not forwarded either."""
+    """413 for a body over ``failure.max_inspect_bytes``: it is not inspected, so it is not forwarded either."""
     return immediate_response(413, message, "invalid_request_error", reason, "rejected")
 
 
-def unavailable_response(reason: str) -> ProcessingResponse:
-    """503 under ``failure.inference: fail_closed``: the models could not decide in time."""
+def unavailable_response(reason: str, retry_after_s: int = 1) -> ProcessingResponse:
+    """503 with Retry-After: the request could not be inspected (overload, deadline, model failure, or an
+    unexpected error), so it is not forwarded."""
     message = "The request router is temporarily unable to process requests. Retry later."
-    return immediate_response(503, message, "server_error", reason, "rejected")
+    return immediate_response(503, message, "server_error", reason, "rejected",
+                              ((RETRY_AFTER, str(retry_after_s)),))

@@ -13,14 +13,16 @@ from sidecar.config import PiiPolicyConfig, RoutingConfig
 from sidecar.results import CategoryResult, Span
 
 RouteReason = Literal[
-    "category", "low_confidence", "unknown_category", "client_model", "no_category_model", "no_user_text", "degraded"
+    "category", "low_confidence", "unknown_category", "client_model", "no_category_model", "no_user_text", "degraded",
+    "unrouted",
 ]
 PiiAction = Literal["allow", "mask", "block"]
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    model: str
+    model: str | None
+    """The backend model; None for requests that are scanned but not routed (APIs other than the routed ones)."""
     rewrite: bool
     """Write `model` into the body: the client asked for the virtual model (or named none)."""
     reason: RouteReason

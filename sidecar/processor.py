@@ -5,10 +5,12 @@ to send (request headers, body, trailers; response headers, body, trailers). Eve
 typed answer whatever the processing mode, so a config change on the Envoy side never hangs a stream;
 ``observability_mode`` messages get none (Envoy does not wait for one).
 
-The Processor is chosen from the request's ``:path``: the configured chat and completions paths get the
-routing processor, anything else passes through with only the sidecar's own headers stripped. This module
-is the single place where errors become responses, and an error on one stream is answered on that
-stream only.
+The Processor is chosen from the request's ``:path`` (normalised): the chat, completions, Responses and
+Messages paths are routed and scanned; a body on any other path is scanned (every string) but not routed;
+a request without a body passes with only the sidecar's own headers stripped. Under the shipped config
+nothing goes on that was not read whole: unreadable bodies, bodies Envoy sends in chunks, model failures,
+overload and unexpected errors all become an error answer. This module is the single place where errors
+become responses, and an error on one stream is answered on that stream only.
 """
 
 from __future__ import annotations
@@ -29,15 +31,26 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 
 from sidecar import mutations
-from sidecar.app import KIND_CHAT, KIND_COMPLETIONS, App, AppHolder
-from sidecar.errors import BodyTooLarge, EmptyBody, InferenceError, RequestError
+from sidecar.app import (
+    KIND_CHAT,
+    KIND_COMPLETIONS,
+    KIND_GENERIC,
+    KIND_MESSAGES,
+    KIND_RESPONSES,
+    App,
+    AppHolder,
+)
+from sidecar.errors import BodyTooLarge, EmptyBody, InferenceError, NotBuffered, RequestError
 from sidecar.logs import exception_fields, get_logger
 from sidecar.metrics import Metrics
 
 log = get_logger("sidecar.processor")
 
 REQUEST_ID_HEADER = "x-request-id"
+CONTENT_ENCODING_HEADER = mutations.CONTENT_ENCODING
 PATH_HEADER = ":path"
+LOG_MODEL_CHARS = 64
+"""A client's model name is logged at most this long."""
 PATH_ATTRIBUTE = "request.path"
 
 
@@ -56,9 +69,10 @@ def _value(h) -> str:
 _OWNED = frozenset(mutations.OWNED_HEADERS)
 
 
-def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, bool]:
-    """``(:path, x-request-id, spoofed)`` in one pass; spoofed: the client sent a header the sidecar owns."""
-    path = request_id = None
+def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | None, bool]:
+    """``(:path, x-request-id, content-encoding, spoofed)`` in one pass; spoofed: the client sent a header
+    the sidecar owns. Repeated content-encoding headers are joined, as HTTP lists are."""
+    path = request_id = encoding = None
     spoofed = False
     for h in headers.headers.headers:
         key = h.key.lower()
@@ -66,9 +80,11 @@ def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, bool]:
             path = _value(h)
         elif key == REQUEST_ID_HEADER:
             request_id = _value(h)
+        elif key == CONTENT_ENCODING_HEADER:
+            encoding = _value(h) if encoding is None else f"{encoding}, {_value(h)}"
         elif key in _OWNED:
             spoofed = True
-    return path, request_id, spoofed
+    return path, request_id, encoding, spoofed
 
 
 def attribute_path(request: ProcessingRequest) -> str | None:
@@ -103,6 +119,7 @@ class Processor:
         self.body_mode = body_mode
         self.response_body_mode = response_body_mode
         self.path: str | None = None
+        self.content_encoding: str | None = None
         self._request_id: str | None = None
         self.started = time.perf_counter()
         self.finished = False
@@ -121,15 +138,29 @@ class Processor:
         return self.path.split("?", 1)[0] if self.path else None
 
     def see_headers(self, headers: HttpHeaders) -> bool:
-        """Remember path and request id; True when the client sent any header the sidecar owns."""
-        path, request_id, spoofed = read_headers(headers)
+        """Remember path, request id and content encoding; True when the client sent any header the sidecar
+        owns."""
+        path, request_id, encoding, spoofed = read_headers(headers)
         self.path = path or self.path
+        self.content_encoding = encoding
         self._request_id = request_id or self._request_id
         return spoofed
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
         spoofed = self.see_headers(msg)
-        return mutations.strip_owned_headers(clear_route_cache=spoofed)
+        return self.refuse_url_pii() or mutations.strip_owned_headers(clear_route_cache=spoofed)
+
+    def refuse_url_pii(self) -> ProcessingResponse | None:
+        """A 400 when the query string carries personal data the recognizers find (it cannot be masked)."""
+        if not self.path or "?" not in self.path:
+            return None
+        types = self.app.router.url_pii(self.path.split("?", 1)[1])
+        if not types:
+            return None
+        self.record(action="rejected", reason="pii_in_url")
+        message = (f"The request URL contains personal data ({', '.join(types)}). Send it in the body, "
+                   f"where it can be masked, or leave it out.")
+        return mutations.bad_request_response("pii_in_url", message)
 
     async def request_body(self, msg: HttpBody) -> ProcessingResponse:
         return pass_body(mutations.REQUEST_BODY, msg, self.body_mode)
@@ -147,21 +178,18 @@ class Processor:
         return mutations.continue_response(mutations.RESPONSE_TRAILERS)
 
     def on_unexpected(self, phase: str, exc: Exception) -> ProcessingResponse:
-        """A bug or an unforeseen failure in one phase: log it (no content) and answer per the failure policy."""
+        """A bug or an unforeseen failure in one phase: log it (no content). Before the request has gone on,
+        it is refused (503) in either failure mode: a body the sidecar failed on was not inspected."""
         log.error("processor_error", request_id=self.request_id, path=self.log_path, phase=phase,
                   **exception_fields(exc))
         if phase not in (mutations.REQUEST_HEADERS, mutations.REQUEST_BODY) or self.finished:
             return mutations.continue_response(phase)
-        return self.fail("internal_error", phase)
+        return self.fail("internal_error")
 
-    def fail(self, reason: str, phase: str) -> ProcessingResponse:
-        """No decision could be made: fail_open routes to the default model (degraded), fail_closed is a 503."""
-        if self.app.config.failure.inference == "fail_open":
-            default_model = self.app.config.routing.default_model
-            self.record(action="degraded", reason=reason, model=default_model)
-            return mutations.degraded_response(default_model, reason, phase)
+    def fail(self, reason: str) -> ProcessingResponse:
+        """No decision could be made: 503 with Retry-After, nothing forwarded."""
         self.record(action="rejected", reason=reason)
-        return mutations.unavailable_response(reason)
+        return mutations.unavailable_response(reason, self.app.config.failure.retry_after_s)
 
     def record(self, *, action: str, reason: str, model: str | None = None, level: str = "info",
                **fields: Any) -> None:
@@ -178,18 +206,20 @@ class Processor:
 
 
 class PassThroughProcessor(Processor):
-    """Paths the sidecar does not analyse: only client copies of the owned headers are removed."""
+    """Streams without a path (nothing to go on): only client copies of the owned headers are removed."""
 
 
 class RoutingProcessor(Processor):
-    """Chat and completions requests: buffer → decide → headers, body, route cache; or an error answer."""
+    """Requests with a body: buffer → decide → headers, body, route cache; or an error answer."""
 
     body_bytes: int | None = None
     """The size of the whole body once it has arrived (and is being decided); None before."""
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
         spoofed = self.see_headers(msg)
-        if msg.end_of_stream:
+        if (refused := self.refuse_url_pii()) is not None:
+            return refused
+        if msg.end_of_stream and self.kind != KIND_GENERIC:
             return self.bad_body(EmptyBody("the request has no body"), mutations.REQUEST_HEADERS)
         return mutations.strip_owned_headers(clear_route_cache=spoofed)
 
@@ -197,27 +227,33 @@ class RoutingProcessor(Processor):
         if self.finished:
             return pass_body(mutations.REQUEST_BODY, msg, self.body_mode)
         if not msg.end_of_stream or self.body_mode in DUPLEX_MODES:
-            # A chunk, not the whole body (STREAMED, BUFFERED_PARTIAL over its limit, full duplex): the
-            # request goes on unrouted; answering each chunk at once is what keeps the stream moving.
+            # A chunk, not the whole body (STREAMED, BUFFERED_PARTIAL over its limit, full duplex): it cannot
+            # be inspected whole, so bad_body decides (reject: refused; pass: goes on unread, each chunk
+            # answered at once, which is what keeps such a stream moving).
+            error = NotBuffered("the request body reached the gateway in chunks and cannot be inspected whole; "
+                                "send it with a content-length within the gateway's buffer limit")
+            if self.app.config.failure.bad_body == "reject":
+                return self.bad_body(error, mutations.REQUEST_BODY, body_bytes=len(msg.body))
             reason = "too_large" if self.body_mode == ProcessingMode.BUFFERED_PARTIAL else "streamed"
             self.record(action="skipped", reason=reason, body_bytes=len(msg.body))
             return pass_body(mutations.REQUEST_BODY, msg, self.body_mode)
         self.body_bytes = len(msg.body)
         try:
-            decision = await self.app.router.decide(msg.body, self.kind)
+            decision = await self.app.router.decide(msg.body, self.kind, self.content_encoding)
         except RequestError as e:
             return self.bad_body(e, mutations.REQUEST_BODY, body_bytes=len(msg.body))
-        except BodyTooLarge as e:  # over failure.max_inspect_bytes under fail_closed: not read, not forwarded
+        except BodyTooLarge as e:  # not read, not forwarded
             self.record(action="rejected", reason=e.reason, body_bytes=len(msg.body))
             return mutations.too_large_response(e.reason, str(e))
         except InferenceError as e:
-            return self.fail(e.reason, mutations.REQUEST_BODY)
+            return self.fail(e.reason)
         self.finished = True
         elapsed = time.perf_counter() - self.started
-        self.metrics.observe_decision(decision, elapsed)
+        self.metrics.observe_decision(decision, elapsed, self.app.model_names)
+        model = decision.model[:LOG_MODEL_CHARS] if decision.model is not None else None
         log.info(
             "request", request_id=self.request_id, path=self.log_path, kind=self.kind, action=decision.action,
-            model=decision.model, rewrite_model=decision.rewrite_model, route_reason=decision.route_reason,
+            model=model, rewrite_model=decision.rewrite_model, route_reason=decision.route_reason,
             category=decision.category, confidence=decision.confidence, pii_types=list(decision.entity_types),
             pii_counts=dict(decision.entity_counts), body_bytes=len(msg.body),
             new_body_bytes=len(decision.body) if decision.body is not None else None, reason=decision.error,
@@ -254,11 +290,28 @@ class CompletionsProcessor(RoutingProcessor):
     kind = KIND_COMPLETIONS
 
 
+class ResponsesProcessor(RoutingProcessor):
+    kind = KIND_RESPONSES
+
+
+class MessagesProcessor(RoutingProcessor):
+    kind = KIND_MESSAGES
+
+
+class GenericProcessor(RoutingProcessor):
+    """Any other path: no body passes as is; a body is scanned for PII (every string) but not routed."""
+
+    kind = KIND_GENERIC
+
+
 PROCESSORS: dict[str | None, type[Processor]] = {
     KIND_CHAT: ChatProcessor,
     KIND_COMPLETIONS: CompletionsProcessor,
+    KIND_RESPONSES: ResponsesProcessor,
+    KIND_MESSAGES: MessagesProcessor,
+    KIND_GENERIC: GenericProcessor,
 }
-"""Processor by kind; paths map to kinds through ``config.paths``; unknown paths pass through."""
+"""Processor by kind; paths map to kinds through ``config.paths``; other paths are generic."""
 
 
 def processor_for(path: str | None, app: App, metrics: Metrics, body_mode: int,

@@ -1,141 +1,192 @@
-"""OpenAI-style request bodies: find the text the models read, and edit the body without re-serialising it.
+"""Request bodies: every text a model could read, and edits that leave every other byte as sent.
 
-The body is validated with ``json.loads`` and then walked once more, with json's own C scanner for every
-value, to find where the few JSON string tokens we may change live in the decoded text: ``model``, chat
-message ``content`` strings and the ``text`` of ``text``/``input_text`` content parts, and completions
-``prompt`` strings. `rewrite` splices re-encoded strings into those ranges and encodes the result as
-UTF-8, so every other byte (key order, whitespace, number formats, escapes, unknown keys such as
-``stream``, ``tools`` or vendor extensions) reaches the backend exactly as the client sent it: valid UTF-8
-decodes and encodes back to the same bytes. Where a key repeats, the last one wins, as in ``json.loads``.
+What a backend reads is not only the user's message: assistant turns, tool results, tool-call arguments,
+``name``, the Responses API's ``input`` and ``instructions``, the Messages API's ``system`` and content
+blocks, and whatever field a new API version adds. So the walk is generic: **every string value is
+scanned except those under a short list of structural keys** (`STRUCTURAL_KEYS`: ``model``, ``role``,
+``type``, ids, enums), and so is every object key the APIs do not define (`KNOWN_KEYS`), and every number
+long enough to be a card, phone or SSN. A string that holds a JSON object or array (tool-call
+``arguments``) is walked as a JSON document of its own, so masking inside it keeps it valid JSON. Only the
+subject classifier's input is API-specific (`category_text`).
+
+The body is decoded as the backend would decode it (`sidecar.body`: UTF-8, UTF-16/32 with or without a
+byte-order mark), validated with ``json.loads``, and walked once more, token by token, to find where each
+text sits. A key that appears twice in one object is refused (`DuplicateKey`): parsers disagree on which
+copy counts, so a scan of one copy proves nothing about the other. `rewrite` splices re-encoded strings
+into those places and encodes the result back the way it came, so key order, whitespace, number formats,
+escapes and unknown keys reach the backend exactly as the client sent them.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from json.decoder import scanstring
-from json.scanner import make_scanner
 from typing import Any, Literal
 
-from sidecar.errors import EmptyBody, NoText, NotJson, NotObject, NotUtf8
+from sidecar.body import BodyText, decode_text
+from sidecar.errors import DuplicateKey, EmptyBody, InvalidModel, NoText, NotJson, NotObject, TooDeep
 
-Kind = Literal["chat", "completions"]
+Kind = Literal["chat", "completions", "responses", "messages", "generic"]
+ROUTED_KINDS = frozenset({"chat", "completions", "responses", "messages"})
+"""Kinds whose subject is classified and whose ``model`` may be rewritten; ``generic`` is only scanned."""
 CategoryInput = Literal["latest_user", "all_user"]
 
 TEXT_PART_TYPES = frozenset({"text", "input_text"})
 
+STRUCTURAL_KEYS = frozenset({
+    "model", "role", "type", "id", "object", "tool_call_id", "call_id", "tool_use_id", "previous_response_id",
+    "status", "finish_reason", "stop_reason", "tool_choice", "reasoning_effort", "effort", "service_tier",
+    "truncation", "media_type", "detail", "format", "encoding_format", "modalities", "voice", "include",
+})
+"""Keys whose string values are identifiers or enum values, never free text: not scanned. ``model`` is
+validated on its own (`MAX_MODEL_CHARS`)."""
+
+KNOWN_KEYS = STRUCTURAL_KEYS | frozenset({
+    "messages", "content", "text", "name", "tool_calls", "function", "arguments", "tools", "parameters",
+    "description", "properties", "required", "items", "enum", "temperature", "top_p", "top_k", "max_tokens",
+    "max_completion_tokens", "max_output_tokens", "stream", "stream_options", "include_usage", "stop",
+    "stop_sequences", "n", "seed", "user", "metadata", "response_format", "json_schema", "schema", "strict",
+    "logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "image_url", "url",
+    "input_audio", "data", "input", "instructions", "prompt", "system", "source", "tool_result", "is_error",
+    "cache_control", "output", "reasoning", "summary", "store", "parallel_tool_calls", "audio", "prediction",
+    "thinking", "budget_tokens", "suffix", "echo", "best_of", "dimensions", "refusal", "annotations",
+    "additionalProperties", "title", "default", "minimum", "maximum", "anyOf", "oneOf", "allOf", "$ref",
+    "$defs", "definitions", "pattern", "const", "input_schema", "file", "file_id", "filename", "file_data",
+    "image", "audio_url", "partial", "citations",
+})
+"""Keys the chat, completions, Responses and Messages APIs define: not scanned as text themselves (their
+values are). Any other key may be client data (``{"jane@example.com": ...}``) and is scanned."""
+
+MAX_DEPTH = 64
+"""JSON nesting the walk follows; deeper bodies are refused (no API needs more)."""
+MAX_INNER_DEPTH = 3
+"""JSON documents inside strings inside JSON documents, at most this deep."""
+MAX_MODEL_CHARS = 256
+LONG_NUMBER_DIGITS = 9
+"""Number tokens with at least this many digits are scanned (SSNs, phones and cards sent as numbers)."""
+
 _WS = re.compile(r"[ \t\n\r]*")
 _COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")
 _NEXT = re.compile(r"[ \t\n\r]*([,}\]])[ \t\n\r]*")
-"""After a value: the comma (and what follows it up to the next value) or the closing bracket."""
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][-+]?[0-9]++)?|-?Infinity|NaN")
+_LITERAL = re.compile(r"true|false|null")
+_DIGITS = re.compile(r"[0-9]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_scan = make_scanner(json.JSONDecoder())
-"""json's C scanner: ``_scan(text, i)`` -> (the JSON value starting at i, where it ends)."""
+_MEDIA_DATA_URL = re.compile(r"data:(?:image|audio|video)/[A-Za-z0-9.+-]{1,64};base64,[A-Za-z0-9+/=\r\n]*\Z")
+"""Base64 media (images, audio) carry no text a model could read as such: not scanned."""
+_MODEL_CHARS = re.compile(r"[\x20-\x7e]{1,256}\Z")
 
 
 @dataclass(frozen=True, slots=True)
 class TextField:
-    """One JSON string the models read. ``text`` is the decoded value (character offsets of spans are into
-    it); ``span`` is where its token, quotes included, sits in the body's text (`ParsedRequest.source`)."""
+    """One scanned token: ``text`` is its decoded value (spans index into it); ``span`` is where the token,
+    quotes included, sits in its document's source (`ParsedRequest.docs`)."""
 
     index: int
-    role: str | None  # chat role; None for completions prompts
-    message_index: int | None  # position in `messages`; None for prompts
-    part_index: int | None  # position in a content-part array or a prompt list; None for a plain string
+    doc: int
     text: str
     span: tuple[int, int]
+    number: bool = False
+    """A JSON number token (its digits are the text); masked, it becomes a string."""
+
+
+@dataclass(frozen=True, slots=True)
+class Doc:
+    """A JSON text the fields index into: the body (doc 0) or a string holding JSON inside another doc."""
+
+    source: str
+    parent: int | None = None
+    span: tuple[int, int] | None = None
+    """Where the string token holding this document sits in its parent's source."""
 
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
     kind: Kind
-    source: str
-    """The body decoded from UTF-8; every span is a range of its characters."""
+    body_text: BodyText
+    document: Any
+    """``json.loads`` of the body: what the category input is read from."""
+    docs: tuple[Doc, ...]
+    fields: tuple[TextField, ...]
     requested_model: str | None
     """The client's ``model`` when it is a string; None when missing or not a string."""
     model_span: tuple[int, int] | None
-    """Where the ``model`` value token is; None when the key is absent."""
     object_start: int
-    """Where the top-level ``{`` is (a missing ``model`` is inserted after it)."""
     object_empty: bool
-    fields: tuple[TextField, ...]
+
+    @property
+    def source(self) -> str:
+        return self.docs[0].source
 
     def category_text(self, mode: CategoryInput = "latest_user") -> str:
-        """What the subject classifier reads: the latest user message that has text (or every user
-        message, for ``all_user``), parts joined with newlines; for completions, the prompts."""
-        if self.kind == "completions":
-            return "\n".join(f.text for f in self.fields)
-        user = [f for f in self.fields if f.role == "user" and f.text]
-        if mode == "latest_user" and user:
-            latest = user[-1].message_index
-            user = [f for f in user if f.message_index == latest]
-        return "\n".join(f.text for f in user)
+        """What the subject classifier reads: the latest user turn's text (every user turn for
+        ``all_user``), parts joined with newlines; for completions, the prompts."""
+        return category_text(self.kind, self.document, mode)
 
-    def pii_fields(self, roles: frozenset[str] | set[str] | list[str]) -> list[TextField]:
-        """Non-empty fields scanned for PII: messages whose role is listed, and every prompt."""
-        return [f for f in self.fields if f.text and (self.kind == "completions" or f.role in roles)]
+    def texts(self) -> list[str]:
+        return [f.text for f in self.fields]
 
 
 def parse_body(body: bytes, kind: Kind) -> ParsedRequest:
-    """Read an OpenAI-style body; raises a `RequestError` subclass naming the problem (never the content)."""
-    if not body.strip(b" \t\n\r"):
+    """Read a JSON request body; raises a `RequestError` subclass naming the problem (never the content)."""
+    if not body.strip(b" \t\n\r\x00"):
         raise EmptyBody("request body is empty")
+    decoded = decode_text(body)
+    source = decoded.text
     try:
-        decoded = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise NotUtf8(f"request body is not valid UTF-8 (byte {e.start})") from None
-    try:
-        document = json.loads(decoded)
+        document = json.loads(source)
     except json.JSONDecodeError as e:
         raise NotJson(f"request body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except (ValueError, RecursionError) as e:
         raise NotJson(f"request body is not valid JSON ({type(e).__name__})") from None
     if not isinstance(document, dict):
         raise NotObject(f"request body is a JSON {_json_type(document)}, not an object")
-
-    start = _WS.match(decoded).end()
-    top = _members(decoded, start)
-    model = top.get("model")
-    fields = _chat_fields(decoded, top) if kind == "chat" else _prompt_fields(decoded, top)
-    if not any(f.text for f in fields):
-        where = "messages" if kind == "chat" else "prompt"
-        raise NoText(f"request body has no text in '{where}'")
+    walk = _Walk()
+    walk.doc(source)
+    start = _WS.match(source).end()
+    model = walk.top_model
+    requested = document.get("model")
+    if kind in ROUTED_KINDS:
+        _check_model(requested)
+        if not walk.fields:
+            raise NoText("request body has no text to read")
     return ParsedRequest(
         kind=kind,
-        source=decoded,
-        requested_model=model[2] if model is not None and isinstance(model[2], str) else None,
-        model_span=model[:2] if model is not None else None,
+        body_text=decoded,
+        document=document,
+        docs=tuple(walk.docs),
+        fields=tuple(walk.fields),
+        requested_model=requested if isinstance(requested, str) else None,
+        model_span=model,
         object_start=start,
-        object_empty=not top,
-        fields=tuple(fields),
+        object_empty=not document,
     )
 
 
 def rewrite(body: bytes, parsed: ParsedRequest, model: str | None, texts: dict[int, str]) -> bytes:
-    """Splice a new ``model`` (when not None) and new field texts (by `TextField.index`) into the body.
-    Characters outside those tokens are copied unchanged; a missing ``model`` key is inserted first."""
+    """Splice a new ``model`` (when not None) and new field texts (by `TextField.index`) into the body,
+    inner documents first; characters outside those tokens are copied unchanged, and the result is encoded
+    as the body was. A missing ``model`` key is inserted first."""
     if model is None and not texts:
         return body
-    edits: list[tuple[int, int, str]] = []
+    edits: dict[int, list[tuple[int, int, str]]] = {}
     if model is not None:
         value = encode_string(model)
         if parsed.model_span is not None:
-            edits.append((*parsed.model_span, value))
+            edits.setdefault(0, []).append((*parsed.model_span, value))
         else:
             at = parsed.object_start + 1
-            edits.append((at, at, '"model":' + value + ("" if parsed.object_empty else ",")))
+            edits.setdefault(0, []).append((at, at, '"model":' + value + ("" if parsed.object_empty else ",")))
     for index, text in texts.items():
-        edits.append((*parsed.fields[index].span, encode_string(text)))
-    edits.sort(key=lambda e: e[0])
-    source = parsed.source
-    out, pos = [], 0
-    for start, end, value in edits:
-        out += [source[pos:start], value]
-        pos = end
-    out.append(source[pos:])
-    return "".join(out).encode("utf-8")
+        field = parsed.fields[index]
+        edits.setdefault(field.doc, []).append((*field.span, encode_string(text)))
+    for at in range(len(parsed.docs) - 1, 0, -1):  # an inner document always comes after its parent
+        if at in edits:
+            doc = parsed.docs[at]
+            edits.setdefault(doc.parent, []).append((*doc.span, encode_string(_splice(doc.source, edits[at]))))
+    return parsed.body_text.encode(_splice(parsed.source, edits.get(0, [])))
 
 
 def encode_string(text: str) -> str:
@@ -145,77 +196,173 @@ def encode_string(text: str) -> str:
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", token)
 
 
-Span = tuple[int, int, Any]
-"""(start, end, decoded value) of one JSON value in the text."""
+def model_safe(text: str) -> str:
+    """`text` with lone surrogates replaced one for one (U+FFFD): tokenizers refuse them, and offsets into
+    the result are offsets into `text`."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
-def _chat_fields(s: str, top: dict[str, Span]) -> list[TextField]:
-    fields: list[TextField] = []
-    messages = top.get("messages")
-    if messages is None or not isinstance(messages[2], list):
-        return fields
-    for m_index, (m_start, _, message) in enumerate(_items(s, messages[0])):
-        if not isinstance(message, dict) or "content" not in message:
-            continue
-        role = message.get("role")
-        role = role if isinstance(role, str) else None
-        content = message["content"]
-        if isinstance(content, str):
-            start, end, _ = _members(s, m_start)["content"]
-            fields.append(TextField(len(fields), role, m_index, None, content, (start, end)))
-        elif isinstance(content, list):
-            start, _, _ = _members(s, m_start)["content"]
-            for p_index, (p_start, _, part) in enumerate(_items(s, start)):
-                if isinstance(part, dict) and part.get("type") in TEXT_PART_TYPES and isinstance(part.get("text"), str):
-                    t_start, t_end, text = _members(s, p_start)["text"]
-                    fields.append(TextField(len(fields), role, m_index, p_index, text, (t_start, t_end)))
-    return fields
+def _splice(source: str, edits: list[tuple[int, int, str]]) -> str:
+    edits.sort(key=lambda e: e[0])
+    out, pos = [], 0
+    for start, end, value in edits:
+        out += [source[pos:start], value]
+        pos = end
+    out.append(source[pos:])
+    return "".join(out)
 
 
-def _prompt_fields(s: str, top: dict[str, Span]) -> list[TextField]:
-    prompt = top.get("prompt")
-    if prompt is None:
-        return []
-    start, end, value = prompt
-    if isinstance(value, str):
-        return [TextField(0, None, None, None, value, (start, end))]
-    fields: list[TextField] = []
-    if isinstance(value, list):
-        for p_index, (item_start, item_end, item) in enumerate(_items(s, start)):
-            if isinstance(item, str):
-                fields.append(TextField(len(fields), None, None, p_index, item, (item_start, item_end)))
-    return fields
+def _check_model(model: object) -> None:
+    """The client's model name becomes a header, a log field and a metric label: printable ASCII, capped."""
+    if isinstance(model, str) and not _MODEL_CHARS.match(model):
+        raise InvalidModel(f"'model' must be 1 to {MAX_MODEL_CHARS} printable ASCII characters "
+                           f"(got {min(len(model), 10**6)} characters)")
 
 
-def _members(s: str, pos: int) -> dict[str, Span]:
-    """Key -> value span for the object starting at `pos` (last duplicate wins)."""
-    members: dict[str, Span] = {}
-    pos = _WS.match(s, pos + 1).end()
-    if s[pos] == "}":
-        return members
-    while True:
-        key, pos = scanstring(s, pos + 1)
-        pos = _COLON.match(s, pos).end()
-        value, end = _scan(s, pos)
-        members[key] = (pos, end, value)
-        after = _NEXT.match(s, end)
-        if after.group(1) == "}":
-            return members
-        pos = after.end()
+class _Walk:
+    """One pass over the tokens of a JSON text (already validated by ``json.loads``), collecting fields."""
 
+    def __init__(self) -> None:
+        self.docs: list[Doc] = []
+        self.fields: list[TextField] = []
+        self.top_model: tuple[int, int] | None = None
 
-def _items(s: str, pos: int) -> Iterator[Span]:
-    """The values of the array starting at `pos`, with where each starts and ends."""
-    pos = _WS.match(s, pos + 1).end()
-    if s[pos] == "]":
-        return
-    while True:
-        value, end = _scan(s, pos)
-        yield pos, end, value
-        after = _NEXT.match(s, end)
-        if after.group(1) == "]":
+    def doc(self, source: str, parent: int | None = None, span: tuple[int, int] | None = None) -> None:
+        self.docs.append(Doc(source, parent, span))
+        doc = len(self.docs) - 1
+        self._value(source, _WS.match(source).end(), doc, None, 0)
+
+    def _add(self, doc: int, text: str, span: tuple[int, int], number: bool = False) -> None:
+        self.fields.append(TextField(len(self.fields), doc, text, span, number))
+
+    def _value(self, s: str, pos: int, doc: int, key: str | None, depth: int) -> int:
+        """Walk the value at `pos` (under `key`); returns where it ends."""
+        c = s[pos]
+        if c == "{":
+            return self._object(s, pos, doc, depth + 1)
+        if c == "[":
+            return self._array(s, pos, doc, key, depth + 1)
+        if c == '"':
+            text, end = scanstring(s, pos + 1)
+            self._string(text, (pos, end), doc, key)
+            return end
+        m = _NUMBER.match(s, pos)
+        if m is not None:
+            digits = len(_DIGITS.findall(m.group())) if m.end() - pos >= LONG_NUMBER_DIGITS else 0
+            if digits >= LONG_NUMBER_DIGITS and key not in STRUCTURAL_KEYS:
+                self._add(doc, m.group(), (pos, m.end()), number=True)
+            return m.end()
+        return _LITERAL.match(s, pos).end()
+
+    def _object(self, s: str, pos: int, doc: int, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise TooDeep(f"request body nests JSON deeper than {MAX_DEPTH} levels")
+        pos = _WS.match(s, pos + 1).end()
+        if s[pos] == "}":
+            return pos + 1
+        seen: set[str] = set()
+        while True:
+            key, key_end = scanstring(s, pos + 1)
+            if key in seen:
+                raise DuplicateKey("request body repeats a key in one object; send each key once")
+            seen.add(key)
+            if key not in KNOWN_KEYS and key:
+                self._add(doc, key, (pos, key_end))
+            pos = _COLON.match(s, key_end).end()
+            if key == "model" and doc == 0 and depth == 1:
+                self.top_model = (pos, self._value(s, pos, doc, key, depth))
+                end = self.top_model[1]
+            else:
+                end = self._value(s, pos, doc, key, depth)
+            after = _NEXT.match(s, end)
+            if after.group(1) == "}":
+                return after.start(1) + 1
+            pos = after.end()
+
+    def _array(self, s: str, pos: int, doc: int, key: str | None, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise TooDeep(f"request body nests JSON deeper than {MAX_DEPTH} levels")
+        pos = _WS.match(s, pos + 1).end()
+        if s[pos] == "]":
+            return pos + 1
+        while True:
+            end = self._value(s, pos, doc, key, depth)
+            after = _NEXT.match(s, end)
+            if after.group(1) == "]":
+                return after.start(1) + 1
+            pos = after.end()
+
+    def _string(self, text: str, span: tuple[int, int], doc: int, key: str | None) -> None:
+        if key in STRUCTURAL_KEYS or not text:
             return
-        pos = after.end()
+        if text.lstrip()[:1] in ("{", "[") and self._inner(text, span, doc):
+            return
+        if text.startswith("data:") and _MEDIA_DATA_URL.match(text):
+            return
+        self._add(doc, text, span)
+
+    def _inner(self, text: str, span: tuple[int, int], doc: int) -> bool:
+        """Walk a string that holds a JSON object or array (tool-call arguments) as a document of its own;
+        False when it is not JSON, or nested too deep, and so is scanned as plain text."""
+        depth, at = 0, doc
+        while at is not None:
+            depth, at = depth + 1, self.docs[at].parent
+        if depth > MAX_INNER_DEPTH:
+            return False
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            return False
+        if not isinstance(value, (dict, list)):
+            return False
+        self.doc(text, doc, span)
+        return True
+
+
+# --- the subject classifier's input, per API ---------------------------------------------------------------
+
+def category_text(kind: Kind, document: dict, mode: CategoryInput = "latest_user") -> str:
+    if kind == "completions":
+        return "\n".join(_strings(document.get("prompt")))
+    if kind == "responses":
+        items = document.get("input")
+        if isinstance(items, str):
+            return items
+        turns = [_part_texts(i.get("content")) for i in _user_items(items)]
+    elif kind in ("chat", "messages"):
+        turns = [_part_texts(m.get("content")) for m in _user_items(document.get("messages"))]
+    else:
+        return ""
+    turns = [t for t in turns if t]
+    if mode == "latest_user":
+        turns = turns[-1:]
+    return "\n".join(text for turn in turns for text in turn)
+
+
+def _user_items(items: object) -> list[dict]:
+    """Messages or input items whose role is user (compared case-insensitively, as backends do)."""
+    if not isinstance(items, list):
+        return []
+    return [i for i in items if isinstance(i, dict) and isinstance(i.get("role"), str)
+            and i["role"].strip().casefold() == "user"]
+
+
+def _part_texts(content: object) -> list[str]:
+    """A content string, or the texts of its text parts (``text``, ``input_text``)."""
+    if isinstance(content, str):
+        return [content] if content else []
+    if not isinstance(content, list):
+        return []
+    return [p["text"] for p in content if isinstance(p, dict) and p.get("type") in TEXT_PART_TYPES
+            and isinstance(p.get("text"), str) and p["text"]]
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
 
 
 def _json_type(value: object) -> str:

@@ -1,18 +1,21 @@
-"""From a request body to a Decision: parse, run the models, route, apply the PII policy, all under one deadline.
+"""From a request body to a Decision: decode, parse, run the models, route, apply the PII policy, all under
+one deadline.
 
-Classification runs only when the client asked for the virtual model (or named none); PII detection runs on
-every scanned field, concurrently with it. When inference fails or misses the deadline, the failure policy
-answers: ``fail_closed`` re-raises `InferenceError` (the processor turns it into a 503); ``fail_open``
-returns a ``degraded`` decision that routes to the default model and masks or blocks only what the checksum
-recognizers (credit cards, IBANs) find without a model. fail_open therefore trades PII protection for
-availability: names, emails, phone numbers and other entities that only the model recognises pass unmasked
-while it is failing.
+Classification runs only when the client asked for the virtual model (or named none) on a routed API; PII
+detection runs on every text of the body (see `sidecar.request`), concurrently with it, and the pattern
+recognizers (email, phone, SSN, IP, URL credentials) run beside the model when ``pii.patterns: always``.
+When inference fails, is refused (overload) or misses the deadline, the failure policy answers:
+``fail_closed`` (shipped) re-raises `InferenceError` and the processor answers 503 with Retry-After;
+``fail_open`` returns a ``degraded`` decision that routes to the default model and masks or blocks only
+what the checksum and pattern recognizers find. fail_open therefore trades PII protection for
+availability: names, street addresses and other entities only the model recognises pass unmasked while
+it is failing.
 
-``failure.timeout_ms`` bounds the whole decision, not only the models: the models get what is left of it
-after parsing, less a reserve for the no-model fallback (checksum scan, masking, JSON rewrite), which grows
-with the body. Bodies over ``failure.max_inspect_bytes`` never reach the models: the failure policy answers
-at once (fail_closed raises `BodyTooLarge`, a 413). Parsing, the fallback and the rewrite of large bodies
-run on a worker thread, so the event loop keeps serving other streams meanwhile.
+The deadline grows with the body (``failure.timeout_ms`` + ``timeout_ms_per_kib`` per KiB, capped at
+``max_timeout_ms``) and covers the whole decision: the models get what is left of it after parsing, less a
+reserve for the no-model fallback. Bodies over ``failure.max_inspect_bytes`` never reach the models.
+Decompression, parsing, the fallback and the rewrite of large bodies run on a worker thread, so the event
+loop keeps serving other streams meanwhile.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus
 
-from sidecar.checksums import find_checksum_spans_each
+from sidecar.body import decompress
 from sidecar.config import Config
 from sidecar.errors import BodyTooLarge, InferenceError, InferenceTimeout, NoText
 from sidecar.masking import anonymize, resolve_conflicts
@@ -38,7 +42,8 @@ from sidecar.policy import (
     needs_category,
     pii_verdict,
 )
-from sidecar.request import Kind, ParsedRequest, TextField, parse_body, rewrite
+from sidecar.recognizers import CHECKSUM_NAMES, PATTERN_NAMES, default_recognizers, find_each
+from sidecar.request import ROUTED_KINDS, Kind, ParsedRequest, model_safe, parse_body, rewrite
 from sidecar.results import CategoryResult, PiiResult, Span
 
 # Bodies (and Classify texts) above this many bytes are parsed, scanned and rewritten on a worker thread:
@@ -54,7 +59,7 @@ _FALLBACK_S_PER_MIB = 0.06
 @dataclass(frozen=True)
 class Decision:
     action: str  # "allow" | "mask" | "block" | "degraded"
-    model: str  # selected backend model -> x-selected-model
+    model: str | None  # selected backend model -> x-selected-model; None: not routed (other APIs)
     rewrite_model: bool
     route_reason: str  # category | low_confidence | unknown_category | client_model | no_category_model | no_user_text | degraded
     category: str | None
@@ -64,6 +69,7 @@ class Decision:
     body: bytes | None  # replacement body when anything changed, else None
     timings: dict[str, float]  # ms: parse, classify, pii, total
     error: str | None = None  # reason code when degraded
+    decompressed: bool = False  # `body` is the decompressed body: Content-Encoding must go
 
 
 @dataclass(frozen=True)
@@ -116,36 +122,42 @@ class Router:
     def __init__(self, config: Config, engine: Any):
         self.config = config
         self.engine = engine
-        self._roles = frozenset(config.pii.roles)
-        self._timeout_s = config.failure.timeout_ms / 1000
         self._max_inspect = config.failure.max_inspect_bytes
+        patterns = config.pii.patterns
+        self._beside_model = default_recognizers(PATTERN_NAMES) if patterns == "always" else ()
+        fallback = (CHECKSUM_NAMES if config.pii.checksums else ()) + (PATTERN_NAMES if patterns != "off" else ())
+        self._fallback = default_recognizers(fallback) if fallback else ()
+        self._recognizers = default_recognizers(CHECKSUM_NAMES + PATTERN_NAMES)
 
-    async def decide(self, body: bytes, kind: Kind) -> Decision:
+    def url_pii(self, query: str) -> tuple[str, ...]:
+        """Entity types the recognizers find in a URL's query string (decoded): a query reaches the backend
+        and its logs as sent, and the sidecar cannot mask it, so such a request is refused."""
+        decoded = unquote_plus(query)
+        return tuple(sorted({s.label for s in find_each([decoded], self._recognizers)[0]}))
+
+    async def decide(self, body: bytes, kind: Kind, content_encoding: str | None = None) -> Decision:
         """The decision for one request body; `RequestError` for unreadable bodies, `InferenceError` when the
         models fail under ``fail_closed`` (`BodyTooLarge` at once for a body over max_inspect_bytes)."""
         started = time.perf_counter()
-        deadline = self._models_deadline(len(body))
-        too_large = self._check_size(len(body))
+        loop_started = asyncio.get_running_loop().time()
         heavy = len(body) > _OFF_LOOP_BYTES
+        too_large = self._check_size(len(body))
+        raw = body
+        if content_encoding:  # over the limit once decompressed: 413 in either failure mode
+            body = await asyncio.to_thread(decompress, body, content_encoding, self._max_inspect) if heavy \
+                else decompress(body, content_encoding, self._max_inspect)
+            heavy = heavy or len(body) > _OFF_LOOP_BYTES
         parsed = await asyncio.to_thread(parse_body, body, kind) if heavy else parse_body(body, kind)
         timings = {"parse": _ms_since(started)}
-        routing = self.config.routing
-        routed = needs_category(parsed.requested_model, routing)
-        category_text = parsed.category_text(routing.category_input) if routed else ""
-        fields = parsed.pii_fields(self._roles)
-        texts = [f.text for f in fields]
-        error: str | None = None
-        spans: list[list[Span]] | None = None
-        try:
-            if too_large is not None:
-                raise too_large
-            category, results = await self._infer(category_text, texts, timings, deadline)
-            route = self._route(category, parsed.requested_model, routed, category_text)
-            spans = [r.spans for r in results]
-        except (InferenceError, TimeoutError) as e:
-            error = self._fail(e)
-            route = self._degraded_route(parsed.requested_model, routed)
-        finish = (body, parsed, fields, route, texts, spans, error is not None)
+        routable = kind in ROUTED_KINDS
+        routed = routable and needs_category(parsed.requested_model, self.config.routing)
+        category_text = parsed.category_text(self.config.routing.category_input) if routed else ""
+        texts = parsed.texts()
+        route, spans, error = await self._judge(category_text, texts, len(body), loop_started, timings,
+                                                parsed.requested_model, routed, too_large)
+        if not routable:
+            route = Route(None, rewrite=False, reason="unrouted")
+        finish = (body, parsed, route, texts, spans, error is not None)
         outcome, action, new_body = await asyncio.to_thread(self._finish, *finish) if heavy else self._finish(*finish)
         timings["total"] = _ms_since(started)
         return Decision(
@@ -160,6 +172,7 @@ class Router:
             body=new_body,
             timings=timings,
             error=error,
+            decompressed=new_body is not None and body is not raw,
         )
 
     async def decide_text(self, text: str, requested_model: str | None = "auto") -> TextDecision:
@@ -168,29 +181,18 @@ class Router:
         `decide`, with the text's UTF-8 length standing for the body's."""
         if not text:
             raise NoText("text is empty")
+        loop_started = asyncio.get_running_loop().time()
         size = len(text) if len(text) * 4 <= self._max_inspect else len(text.encode("utf-8", "surrogatepass"))
-        deadline = self._models_deadline(size)
         too_large = self._check_size(size)
         requested = requested_model or None
         routed = needs_category(requested, self.config.routing)
-        texts = [text] if "user" in self._roles else []
-        error: str | None = None
-        spans: list[list[Span]] | None = None
-        try:
-            if too_large is not None:
-                raise too_large
-            category, results = await self._infer(text if routed else "", texts, {}, deadline)
-            route = self._route(category, requested, routed, text)
-            spans = [r.spans for r in results]
-        except (InferenceError, TimeoutError) as e:
-            error = self._fail(e)
-            route = self._degraded_route(requested, routed)
+        route, spans, error = await self._judge(text if routed else "", [text], size, loop_started, {},
+                                                requested, routed, too_large)
         if size > _OFF_LOOP_BYTES:
-            outcome = await asyncio.to_thread(self._outcome, route, texts, spans)
+            outcome = await asyncio.to_thread(self._outcome, route, [text], spans)
         else:
-            outcome = self._outcome(route, texts, spans)
-        return self._text_decision(text, route, outcome, outcome.spans[0] if texts else [],
-                                   outcome.masked[0] if texts else None, error)
+            outcome = self._outcome(route, [text], spans)
+        return self._text_decision(text, route, outcome, outcome.spans[0], outcome.masked[0], error)
 
     def decide_texts(self, texts: Sequence[str], requested_model: str | None = "auto") -> list[TextDecision]:
         """Decisions for many texts at once with the engine's batched synchronous calls (offline use: no
@@ -198,19 +200,34 @@ class Router:
         requested = requested_model or None
         routed = needs_category(requested, self.config.routing)
         present = [i for i, t in enumerate(texts) if t]
+        safe = [model_safe(texts[i]) for i in present]
         categories: dict[int, CategoryResult] = {}
         if routed and self.engine.category_labels is not None and present:
-            categories = dict(zip(present, self.engine.classify_many([texts[i] for i in present]), strict=True))
-        scanned = present if "user" in self._roles else []
+            categories = dict(zip(present, self.engine.classify_many(safe), strict=True))
         pii: dict[int, PiiResult] = {}
-        if scanned:
-            pii = dict(zip(scanned, self.engine.detect_pii_many([texts[i] for i in scanned]), strict=True))
+        if present:
+            pii = dict(zip(present, self.engine.detect_pii_many(safe), strict=True))
         decisions = []
         for i, text in enumerate(texts):
             route = self._route(categories.get(i), requested, routed, text)
-            outcome = self._apply(route, [text], [pii[i].spans if i in pii else []])
+            outcome = self._outcome(route, [text], [pii[i].spans if i in pii else []])
             decisions.append(self._text_decision(text, route, outcome, outcome.spans[0], outcome.masked[0], None))
         return decisions
+
+    async def _judge(self, category_text: str, texts: list[str], size: int, started: float,
+                     timings: dict[str, float], requested: str | None, routed: bool,
+                     too_large: BodyTooLarge | None) -> tuple[Route, list[list[Span]] | None, str | None]:
+        """The models' part of a decision under its deadline: (route, model spans per text, None), or under
+        fail_open (route, None, reason code) when they could not answer; fail_closed raises instead."""
+        deadline = self._models_deadline(size, started)
+        try:
+            if too_large is not None:
+                raise too_large
+            safe = [model_safe(t) for t in texts]
+            category, results = await self._infer(model_safe(category_text), safe, timings, deadline)
+            return self._route(category, requested, routed, category_text), [r.spans for r in results], None
+        except (InferenceError, TimeoutError) as e:
+            return self._degraded_route(requested, routed), None, self._fail(e)
 
     async def _infer(
         self, category_text: str, pii_texts: list[str], timings: dict[str, float], deadline: float
@@ -234,11 +251,11 @@ class Router:
         if not (classify and detect):  # one call: awaited in place, no task to schedule or gather
             async with asyncio.timeout_at(deadline):
                 if detect:
-                    return None, await timed(self.engine.detect_pii_all(pii_texts), "pii")
-                return await timed(self.engine.classify(category_text), "classify"), no_pii
+                    return None, await timed(self.engine.detect_pii_all(pii_texts, deadline=deadline), "pii")
+                return await timed(self.engine.classify(category_text, deadline=deadline), "classify"), no_pii
         # Both at once; PII is one call for all the texts: one tokenization job, one trip through the batcher.
-        tasks = [asyncio.ensure_future(timed(self.engine.classify(category_text), "classify")),
-                 asyncio.ensure_future(timed(self.engine.detect_pii_all(pii_texts), "pii"))]
+        tasks = [asyncio.ensure_future(timed(self.engine.classify(category_text, deadline=deadline), "classify")),
+                 asyncio.ensure_future(timed(self.engine.detect_pii_all(pii_texts, deadline=deadline), "pii"))]
         for task in tasks:
             task.add_done_callback(_retrieve)
         try:
@@ -252,11 +269,11 @@ class Router:
                 await asyncio.wait(pending)
         return results[0], results[1]
 
-    def _models_deadline(self, size: int) -> float:
-        """Event-loop time by which the models must have answered for a body of `size` bytes: the
-        decision's deadline less the reserve the no-model fallback needs for that much text."""
+    def _models_deadline(self, size: int, started: float) -> float:
+        """Event-loop time by which the models must have answered for a body of `size` bytes whose decision
+        started at `started`: the grown deadline less the reserve the no-model fallback needs."""
         reserve = _FALLBACK_S + _FALLBACK_S_PER_MIB * size / (1 << 20)
-        return asyncio.get_running_loop().time() + self._timeout_s - reserve
+        return started + self.config.failure.timeout_s(size) - reserve
 
     def _check_size(self, size: int) -> BodyTooLarge | None:
         """The error for a body over ``failure.max_inspect_bytes`` (raised at once under fail_closed: a 413
@@ -269,20 +286,25 @@ class Router:
             raise error
         return error
 
-    def _finish(self, body: bytes, parsed: ParsedRequest, fields: list[TextField], route: Route, texts: list[str],
+    def _finish(self, body: bytes, parsed: ParsedRequest, route: Route, texts: list[str],
                 spans: list[list[Span]] | None, degraded: bool) -> tuple[_Outcome, str, bytes | None]:
-        """The PII policy applied (to checksum spans when the models gave none) and the new body."""
+        """The PII policy applied (to the recognizers' spans when the models gave none) and the new body."""
         outcome = self._outcome(route, texts, spans)
         action = outcome.action(degraded)
         new_body = None
         if action != "block":
-            changed = {f.index: m for f, m in zip(fields, outcome.masked, strict=True) if m is not None}
+            changed = {i: m for i, m in enumerate(outcome.masked) if m is not None}
             if route.rewrite or changed:
                 new_body = rewrite(body, parsed, route.model if route.rewrite else None, changed)
         return outcome, action, new_body
 
     def _outcome(self, route: Route, texts: list[str], spans: list[list[Span]] | None) -> _Outcome:
-        return self._apply(route, texts, self._checksum_only(texts) if spans is None else spans)
+        """Model spans plus the recognizers beside them, or the fallback recognizers alone (spans None)."""
+        recognizers = self._fallback if spans is None else self._beside_model
+        if recognizers:
+            found = find_each(texts, recognizers)
+            spans = found if spans is None else [s + f for s, f in zip(spans, found, strict=True)]
+        return self._apply(route, texts, spans if spans is not None else [[] for _ in texts])
 
     def _route(self, category: CategoryResult | None, requested: str | None, routed: bool, category_text: str) -> Route:
         if routed and not category_text:
@@ -298,15 +320,10 @@ class Router:
         """Apply the failure policy: re-raise under fail_closed, else the reason code for a degraded answer
         (the processor logs it with the decision; nothing is logged here)."""
         error = e if isinstance(e, InferenceError) else InferenceTimeout(
-            f"inference did not finish within {self.config.failure.timeout_ms:g} ms")
+            "inference did not finish within the decision's deadline")
         if self.config.failure.inference == "fail_closed":
             raise error from None
         return error.reason
-
-    def _checksum_only(self, texts: list[str]) -> list[list[Span]]:
-        if not self.config.pii.checksums:
-            return [[] for _ in texts]
-        return find_checksum_spans_each(texts)
 
     def _apply(self, route: Route, texts: list[str], spans: list[list[Span]]) -> _Outcome:
         policy = self.config.pii.policy_for(route.model)

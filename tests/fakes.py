@@ -93,20 +93,25 @@ class FakeEngine:
             return None
         return sorted(self.keywords) + [NO_MATCH_LABEL]
 
-    async def classify(self, text: str) -> CategoryResult:
+    deadlines: list[float | None] = field(default_factory=list)
+    """The deadline of every async call, in call order."""
+
+    async def classify(self, text: str, deadline: float | None = None) -> CategoryResult:
+        self.deadlines.append(deadline)
         self._record("classify", [text])
         await self._wait("classify", self.classify_delay_s)
         self._raise(self.classify_error)
         return self._classify(text)
 
-    async def detect_pii(self, text: str) -> PiiResult:
+    async def detect_pii(self, text: str, deadline: float | None = None) -> PiiResult:
         self._record("detect_pii", [text])
         await self._wait("detect_pii", self.pii_delay_s)
         self._raise(self.pii_error)
         return regex_pii(text, self.pii_scores, self.names)
 
-    async def detect_pii_all(self, texts: list[str]) -> list[PiiResult]:
+    async def detect_pii_all(self, texts: list[str], deadline: float | None = None) -> list[PiiResult]:
         """One `detect_pii` call per text, concurrently (counted and cancelled one by one)."""
+        self.deadlines.append(deadline)
         return list(await asyncio.gather(*(self.detect_pii(t) for t in texts)))
 
     def classify_many(self, texts: list[str]) -> list[CategoryResult]:

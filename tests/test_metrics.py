@@ -31,7 +31,7 @@ def test_decision_counts_request_entities_and_latency():
     metrics = Metrics(CollectorRegistry())
     decision = make_decision(action="mask", model="math-expert", category="math", confidence=0.9,
                              entity_types=("EMAIL_ADDRESS", "PERSON"), entity_counts={"EMAIL_ADDRESS": 2, "PERSON": 1})
-    metrics.observe_decision(decision, 0.004)
+    metrics.observe_decision(decision, 0.004, frozenset({"math-expert"}))
     assert sample(metrics, "sidecar_requests_total", action="mask", category="math", model="math-expert") == 1
     assert sample(metrics, "sidecar_pii_entities_total", type="EMAIL_ADDRESS") == 2
     assert sample(metrics, "sidecar_pii_entities_total", type="PERSON") == 1
@@ -42,9 +42,19 @@ def test_decision_counts_request_entities_and_latency():
 def test_degraded_decision_counts_its_error_reason():
     metrics = Metrics()
     metrics.observe_decision(make_decision(action="degraded", model="general", route_reason="degraded",
-                                           error="timeout"), 0.3)
+                                           error="timeout"), 0.3, frozenset({"general"}))
     assert sample(metrics, "sidecar_requests_total", action="degraded", category="none", model="general") == 1
     assert sample(metrics, "sidecar_request_errors_total", reason="timeout") == 1
+
+
+def test_model_names_the_config_does_not_know_share_one_label():
+    metrics = Metrics()
+    for i in range(400):
+        metrics.observe_decision(make_decision(model=f"client-{i}", route_reason="client_model"), 0.01,
+                                 frozenset({"general"}))
+    assert sample(metrics, "sidecar_requests_total", action="allow", category="none", model="other") == 400
+    series = [s for m in metrics.registry.collect() if m.name == "sidecar_requests" for s in m.samples]
+    assert len(series) <= 3  # the _total sample and its _created twin, one label set
 
 
 def test_batch_observations_feed_size_and_latency_histograms():

@@ -174,9 +174,14 @@ async def test_route_cache_is_kept_when_the_client_sent_no_router_header(start):
 
 # --- bad bodies --------------------------------------------------------------------------------------------
 
+OPEN = {"inference": "fail_open"}
+PASS = {"bad_body": "pass"}
+
 BAD_BODIES = [
     (b"this is not json", "not_json"),
-    (b"\xff\xfe{}", "not_utf8"),
+    (b"\xff{}", "not_utf8"),
+    (b'{"model": "auto", "model": "auto", "messages": [{"role": "user", "content": "hi"}]}', "duplicate_key"),
+    (b'{"model": "a\\u0000", "messages": [{"role": "user", "content": "hi"}]}', "invalid_model"),
     (b'["a", "list"]', "not_object"),
     (b'{"model": "auto", "messages": []}', "no_text"),
     (b"   ", "empty_body"),
@@ -184,8 +189,8 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize("body, reason", BAD_BODIES)
-async def test_bad_body_passes_unchanged_marked_skipped(start, body, reason):
-    sc = await start()
+async def test_bad_body_passes_unchanged_marked_skipped_when_configured(start, body, reason):
+    sc = await start(make_config(failure=PASS))
     _, resp = await chat_request(sc.ext_proc, body)
     assert resp.WhichOneof("response") == "request_body"
     assert set_headers(resp) == {"x-router-action": "skipped", "x-router-reason": reason}
@@ -193,8 +198,8 @@ async def test_bad_body_passes_unchanged_marked_skipped(start, body, reason):
 
 
 @pytest.mark.parametrize("body, reason", BAD_BODIES)
-async def test_bad_body_is_rejected_with_400_when_configured(start, body, reason):
-    sc = await start(make_config(failure={"bad_body": "reject"}))
+async def test_bad_body_is_rejected_with_400_by_default(start, body, reason):
+    sc = await start()
     _, resp = await chat_request(sc.ext_proc, body)
     status, error = immediate(resp)
     assert status == 400
@@ -203,7 +208,7 @@ async def test_bad_body_is_rejected_with_400_when_configured(start, body, reason
 
 
 async def test_headers_only_request_is_an_empty_body(start):
-    sc = await start()
+    sc = await start(make_config(failure=PASS))
     [resp] = await run_stream(sc.ext_proc, [headers_msg(end_of_stream=True)])
     assert resp.WhichOneof("response") == "request_headers"
     assert set_headers(resp)["x-router-reason"] == "empty_body"
@@ -213,9 +218,19 @@ async def test_headers_only_request_is_an_empty_body(start):
 
 
 @pytest.mark.parametrize("mode, reason", [(STREAMED, "streamed"), (BUFFERED_PARTIAL, "too_large")])
-async def test_partial_bodies_are_answered_chunk_by_chunk_and_skipped(start, mode, reason):
+async def test_partial_bodies_are_refused_at_the_first_chunk_by_default(start, mode, reason):
+    sc = await start()
+    body = chat_body("Email me at john@example.com")
+    answers = await run_stream(sc.ext_proc, [headers_msg(body_mode=mode), body_msg(body[:10], end_of_stream=False)])
+    status, error = immediate(answers[1])
+    assert status == 413 and error["error"]["code"] == "not_buffered"
+    assert sc.engine.calls["detect_pii"] == 0
+
+
+@pytest.mark.parametrize("mode, reason", [(STREAMED, "streamed"), (BUFFERED_PARTIAL, "too_large")])
+async def test_partial_bodies_are_answered_chunk_by_chunk_and_skipped_when_configured(start, mode, reason):
     metrics = Metrics()
-    sc = await start(metrics=metrics)
+    sc = await start(make_config(failure=PASS), metrics=metrics)
     body = chat_body("Email me at john@example.com")
     chunks = [body_msg(body[:10], end_of_stream=False), body_msg(body[10:20], end_of_stream=False),
               body_msg(body[20:], end_of_stream=True)]
@@ -230,7 +245,7 @@ async def test_partial_bodies_are_answered_chunk_by_chunk_and_skipped(start, mod
 async def test_full_duplex_chunks_are_echoed_back_so_envoy_forwards_them(start):
     """In FULL_DUPLEX_STREAMED Envoy forwards only the body the server returns; CONTINUE would be a 500."""
     metrics = Metrics()
-    sc = await start(metrics=metrics)
+    sc = await start(make_config(failure=PASS), metrics=metrics)
     body = chat_body("Solve it, john@example.com")
     ex = Exchange(sc.ext_proc)
     await ex.send(headers_msg(body_mode=FULL_DUPLEX))
@@ -258,7 +273,7 @@ async def test_full_duplex_response_body_is_echoed_on_every_path(start):
 
 
 async def test_fail_open_routes_to_default_model_marked_degraded(start):
-    sc = await start(engine=FakeEngine(error=InferenceTimeout("slow")))
+    sc = await start(make_config(failure=OPEN), engine=FakeEngine(error=InferenceTimeout("slow")))
     _, resp = await chat_request(sc.ext_proc, chat_body("Solve the integral."))
     headers = set_headers(resp)
     assert headers["x-router-action"] == "degraded"
@@ -268,18 +283,20 @@ async def test_fail_open_routes_to_default_model_marked_degraded(start):
 
 
 async def test_fail_open_on_deadline(start):
-    sc = await start(make_config(failure={"timeout_ms": 20}), engine=FakeEngine(delay_s=2))
+    sc = await start(make_config(failure={"timeout_ms": 20, **OPEN}), engine=FakeEngine(delay_s=2))
     _, resp = await chat_request(sc.ext_proc, chat_body("Solve the integral."))
     assert set_headers(resp)["x-router-action"] == "degraded"
 
 
 @pytest.mark.parametrize("error, code", [(InferenceTimeout("slow"), "timeout"), (Overloaded("full"), "overloaded")])
-async def test_fail_closed_answers_503(start, error, code):
-    sc = await start(make_config(failure={"inference": "fail_closed"}), engine=FakeEngine(error=error))
+async def test_fail_closed_answers_503_with_retry_after(start, error, code):
+    sc = await start(make_config(failure={"retry_after_s": 2}), engine=FakeEngine(error=error))
     _, resp = await chat_request(sc.ext_proc, chat_body("Solve the integral."))
     status, body = immediate(resp)
     assert status == 503
     assert body["error"]["code"] == code
+    assert {h.header.key: h.header.raw_value for h in resp.immediate_response.headers.set_headers}[
+        "retry-after"] == b"2"
 
 
 CARD = "4111 1111 1111 1111"  # Luhn-valid Visa test number
@@ -298,7 +315,7 @@ async def test_fail_closed_refuses_a_body_over_max_inspect_bytes_with_413(start)
 
 
 async def test_fail_open_answers_a_body_over_max_inspect_bytes_degraded_with_checksum_masking(start):
-    sc = await start(make_config(failure={"max_inspect_bytes": 4096}))
+    sc = await start(make_config(failure={"max_inspect_bytes": 4096, **OPEN}))
     _, resp = await chat_request(sc.ext_proc, chat_body("Solve it. " * 500 + CARD))
     headers = set_headers(resp)
     assert (headers["x-router-action"], headers["x-router-reason"], headers["x-selected-model"]) == (
@@ -314,7 +331,8 @@ async def test_a_stream_that_ends_before_its_answer_is_logged_unanswered_not_no_
     stream = io.StringIO()
     configure_logging(LoggingConfig(level="info"), stream)
     metrics = Metrics()
-    sc = await start(make_config(failure={"timeout_ms": 60_000}), engine=FakeEngine(delay_s=60), metrics=metrics)
+    sc = await start(make_config(failure={"timeout_ms": 60_000, "max_timeout_ms": 60_000}),
+                     engine=FakeEngine(delay_s=60), metrics=metrics)
     late = Exchange(sc.ext_proc)
     await late.send(headers_msg(request_id="late"))
     await late.call.write(body_msg(chat_body("Solve the integral.")))
@@ -351,7 +369,7 @@ async def until(predicate, timeout_s: float = 10.0) -> None:
 class ExplodingEngine(FakeEngine):
     """A bug in the inference path for texts containing 'explode'; normal answers otherwise."""
 
-    async def detect_pii(self, text):
+    async def detect_pii(self, text, deadline=None):
         if "explode" in text:
             raise RuntimeError(f"unexpected failure on {text}")
         return await super().detect_pii(text)
@@ -365,13 +383,10 @@ async def test_unexpected_error_is_answered_on_its_stream_only(start, policy):
         chat_request(sc.ext_proc, chat_body("please explode"), request_id="broken"),
         chat_request(sc.ext_proc, chat_body("Solve the integral, mail bob@example.com"), request_id="ok"),
     )
-    counted = {"action": "degraded", "category": "none", "model": "general"}
-    if policy == "fail_open":
-        assert set_headers(broken[1])["x-router-action"] == "degraded"
-        assert set_headers(broken[1])["x-router-reason"] == "internal_error"
-    else:
-        assert immediate(broken[1])[0] == 503
-        counted = {"action": "rejected", "category": "none", "model": "none"}
+    # A body the sidecar failed on was not inspected: refused in either failure mode, never forwarded.
+    assert immediate(broken[1])[0] == 503
+    assert set_headers(broken[1])["x-router-reason"] == "internal_error"
+    counted = {"action": "rejected", "category": "none", "model": "none"}
     assert metrics.registry.get_sample_value("sidecar_requests_total", counted) == 1
     assert metrics.registry.get_sample_value("sidecar_request_errors_total", {"reason": "internal_error"}) == 1
     assert set_headers(healthy[1])["x-selected-model"] == "math-expert"
@@ -405,13 +420,59 @@ async def test_trailers_and_response_phases_get_typed_answers(start):
         assert not set_headers(a)
 
 
-async def test_pass_through_path_answers_every_phase_unchanged(start):
+async def test_other_paths_answer_every_phase_and_only_bodies_are_scanned(start):
     sc = await start()
-    answers = await run_stream(sc.ext_proc, [headers_msg("/v1/embeddings"), body_msg(b"\x00 not json"),
+    [headers] = await run_stream(sc.ext_proc, [headers_msg("/v1/models", end_of_stream=True)])
+    assert headers.WhichOneof("response") == "request_headers" and not set_headers(headers)
+    answers = await run_stream(sc.ext_proc, [headers_msg("/v1/embeddings"),
+                                             body_msg(b'{"model": "e", "input": "mail bob@example.com"}'),
                                              *other_phase_msgs()])
     assert len(answers) == 6
-    assert new_body(answers[1]) is None and not set_headers(answers[1])
-    assert sc.engine.calls.total() == 0
+    assert new_body(answers[1]) == b'{"model": "e", "input": "mail [EMAIL_ADDRESS]"}'
+    assert "x-selected-model" not in set_headers(answers[1])
+    assert set_headers(answers[1])["x-router-reason"] == "unrouted"
+    [_, refused] = await run_stream(sc.ext_proc, [headers_msg("/upload"), body_msg(b"\x00 not json")])
+    assert immediate(refused)[0] == 400
+
+
+@pytest.mark.parametrize("path", ["//v1/chat/completions", "/v1/./chat/completions", "/v1/chat%2Fcompletions",
+                                  "/v1/chat/completions/?x=1", "/x/../v1/chat/completions"])
+async def test_paths_a_backend_would_route_to_chat_are_chat(start, path):
+    sc = await start()
+    [_, resp] = await run_stream(sc.ext_proc, [headers_msg(path), body_msg(chat_body("Solve the integral."))])
+    assert set_headers(resp)["x-selected-model"] == "math-expert"
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/responses", b'{"model": "auto", "input": [{"role": "user", "content": "Solve the integral, bob@example.com"}]}'),
+    ("/v1/messages", b'{"model": "auto", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text", '
+                     b'"text": "Solve the integral, bob@example.com"}]}]}'),
+])
+async def test_responses_and_messages_apis_are_routed_and_masked(start, path, body):
+    sc = await start()
+    [_, resp] = await run_stream(sc.ext_proc, [headers_msg(path), body_msg(body)])
+    assert set_headers(resp)["x-selected-model"] == "math-expert"
+    out = new_body(resp)
+    assert b"bob@example.com" not in out and b"[EMAIL_ADDRESS]" in out and b'"model": "math-expert"' in out
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions?user=bob%40example.com", "/v1/models?card=4111+1111+1111+1111",
+                                  "/v1/files?ip=10.1.2.3"])
+async def test_a_url_whose_query_carries_personal_data_is_refused(start, path):
+    sc = await start()
+    [resp] = await run_stream(sc.ext_proc, [headers_msg(path)])
+    status, error = immediate(resp)
+    assert status == 400 and error["error"]["code"] == "pii_in_url"
+    assert "example.com" not in error["error"]["message"] and "4111" not in error["error"]["message"]
+    [ok] = await run_stream(sc.ext_proc, [headers_msg("/v1/models?limit=10", end_of_stream=True)])
+    assert ok.WhichOneof("response") == "request_headers"
+
+
+async def test_an_unknown_content_encoding_is_refused_with_415(start):
+    sc = await start()
+    [_, resp] = await run_stream(sc.ext_proc, [headers_msg(extra={"content-encoding": "br"}),
+                                               body_msg(chat_body("hi"))])
+    assert immediate(resp)[0] == 415
 
 
 async def test_observability_mode_messages_get_no_answer(start):
@@ -481,10 +542,13 @@ async def test_requests_are_counted_by_action_category_and_model(start):
     sc = await start(metrics=metrics)
     await chat_request(sc.ext_proc, chat_body("Solve it, I am John Smith"))
     await chat_request(sc.ext_proc, b"not json")
+    await chat_request(sc.ext_proc, chat_body("Solve it", model="client-choice-1"))
+    await chat_request(sc.ext_proc, chat_body("Solve it", model="client-choice-2"))
     get = metrics.registry.get_sample_value
     assert get("sidecar_requests_total", {"action": "mask", "category": "math", "model": "math-expert"}) == 1
     assert get("sidecar_pii_entities_total", {"type": "PERSON"}) == 1
-    assert get("sidecar_requests_total", {"action": "skipped", "category": "none", "model": "none"}) == 1
+    assert get("sidecar_requests_total", {"action": "rejected", "category": "none", "model": "none"}) == 1
+    assert get("sidecar_requests_total", {"action": "allow", "category": "none", "model": "other"}) == 2
     assert get("sidecar_active_streams") == 0
 
 
@@ -494,7 +558,7 @@ async def test_stream_errors_are_not_grpc_errors(start):
     ex = Exchange(sc.ext_proc)
     await ex.send(headers_msg())
     resp = await ex.send(body_msg(chat_body("explode")))
-    assert resp.WhichOneof("response") == "request_body"
+    assert immediate(resp)[0] == 503
     assert await ex.close() is None
     assert await ex.call.code() == grpc.StatusCode.OK
 
@@ -509,7 +573,7 @@ def real_config(tiny_category_dir, tiny_pii_dir):
         models = {"category": {"path": str(tiny_category_dir), "max_length": 32, "stride": 0},
                   "pii": {"path": str(tiny_pii_dir), "max_length": 32, "stride": 8}}
         base = {"models": models, "routing": {"confidence_threshold": 0.0},
-                "failure": {"timeout_ms": 30000}, "batching": {"max_wait_ms": 5}}
+                "failure": {"timeout_ms": 30000, "max_timeout_ms": 30000}, "batching": {"max_wait_ms": 5}}
         for key, value in sections.items():
             base[key] = {**base.get(key, {}), **value}
         return make_config(**base)

@@ -6,7 +6,17 @@ import json
 
 import pytest
 
-from sidecar.errors import EmptyBody, NoText, NotJson, NotObject, NotUtf8, RequestError
+from sidecar.errors import (
+    DuplicateKey,
+    EmptyBody,
+    InvalidModel,
+    NoText,
+    NotJson,
+    NotObject,
+    NotUtf8,
+    RequestError,
+    TooDeep,
+)
 from sidecar.request import encode_string, parse_body, rewrite
 
 SECRET = "hunter2-secret"
@@ -29,12 +39,16 @@ MANY_FIELDS = (
 )
 
 
+def field(parsed, text: str):
+    [found] = [f for f in parsed.fields if f.text == text]
+    return found
+
+
 def test_round_trip_changes_only_model_and_masked_strings():
     parsed = parse_body(MANY_FIELDS, "chat")
     assert parsed.requested_model == "auto"
-    system, user = parsed.fields
-    assert system.text == 'You help "Jane Doe" été 😀.'
-    assert user.text == "Mail john@example.com please"
+    system = field(parsed, 'You help "Jane Doe" été 😀.')
+    user = field(parsed, "Mail john@example.com please")
 
     out = rewrite(MANY_FIELDS, parsed, "math-llm", {
         system.index: 'You help "[PERSON]" été 😀.',
@@ -52,6 +66,16 @@ def test_round_trip_changes_only_model_and_masked_strings():
     for key in ("stream", "n", "tools", "response_format", "logit_bias", "temperature", "x-vendor-ext", "unknown_key"):
         assert after[key] == before[key]
     assert after["messages"][1]["content"][1] == before["messages"][1]["content"][1]
+
+
+def test_every_string_is_scanned_except_structural_values_and_base64_media():
+    parsed = parse_body(MANY_FIELDS, "chat")
+    texts = parsed.texts()
+    for scanned in ("u1", "中文 中", "/slash", "x-vendor-ext", "unknown_key", "deep"):
+        assert scanned in texts
+    for skipped in ("auto", "system", "user", "text", "image_url", "low", "function", "object", "number",
+                    "json_schema", "data:image/png;base64,iVBORw0KGgo=", "messages", "content", "tools"):
+        assert skipped not in texts
 
 
 def test_rewrite_without_changes_is_byte_identical():
@@ -75,25 +99,27 @@ def test_non_string_model_counts_as_missing_and_is_replaced():
     assert rewrite(body, parsed, "small", {}) == b'{"model": "small", "prompt": "hi"}'
 
 
-def test_duplicate_keys_follow_json_loads_last_wins():
-    body = (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "first"}],'
-            b' "model": "auto", "messages": [{"role": "user", "content": "second"}]}')
-    parsed = parse_body(body, "chat")
-    assert parsed.requested_model == "auto"
-    assert [f.text for f in parsed.fields] == ["second"]
-    out = rewrite(body, parsed, "m", {0: "2nd"})
-    assert out == (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "first"}],'
-                   b' "model": "m", "messages": [{"role": "user", "content": "2nd"}]}')
+@pytest.mark.parametrize("body", [
+    b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "a"}], "model": "auto"}',
+    b'{"messages": [{"role": "user", "content": "' + SECRET.encode() + b'", "content": "hi"}]}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "meta": {"a": 1, "\\u0061": 2}}',
+    b'{"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", '
+    b'"arguments": "{\\"to\\": \\"x\\", \\"to\\": \\"y\\"}"}}]}]}',
+])
+def test_a_key_repeated_in_one_object_is_refused_wherever_it_is(body):
+    with pytest.raises(DuplicateKey) as info:
+        parse_body(body, "chat")
+    assert info.value.reason == "duplicate_key" and SECRET not in str(info.value)
 
 
 def test_escaped_key_names_are_recognised():
     body = b'{"mod\\u0065l": "auto", "m\\u0065ssages": [{"r\\u006fle": "user", "content": "hi"}]}'
     parsed = parse_body(body, "chat")
     assert parsed.requested_model == "auto"
-    assert parsed.fields[0].role == "user" and parsed.fields[0].text == "hi"
+    assert parsed.texts() == ["hi"] and parsed.category_text() == "hi"
 
 
-def test_content_parts_only_text_parts_are_read_and_changed():
+def test_content_parts_every_string_is_scanned_and_only_text_parts_are_the_category_input():
     body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
         {"type": "text", "text": "first part"},
@@ -103,12 +129,61 @@ def test_content_parts_only_text_parts_are_read_and_changed():
         "not an object",
     ]}]}).encode()
     parsed = parse_body(body, "chat")
-    assert [(f.part_index, f.text) for f in parsed.fields] == [(1, "first part"), (3, "second part")]
+    assert parsed.texts() == ["https://x/y.png", "first part", "AAAA", "not a text part", "second part",
+                              "not an object"]
     assert parsed.category_text() == "first part\nsecond part"
-    out = json.loads(rewrite(body, parsed, None, {1: "2nd"}))
+    out = json.loads(rewrite(body, parsed, None, {field(parsed, "second part").index: "2nd"}))
     parts = out["messages"][0]["content"]
     assert parts[3]["text"] == "2nd"
     assert parts[2]["text"] == "not a text part" and parts[0] == json.loads(body)["messages"][0]["content"][0]
+
+
+def test_tool_call_arguments_are_masked_inside_and_stay_valid_json():
+    arguments = json.dumps({"email": "jo@example.com", "card": 4111111111111111, "note": "call Ann"})
+    body = json.dumps({"model": "auto", "messages": [
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "lookup", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "found jo@example.com"},
+        {"role": "user", "content": "thanks"}]}).encode()
+    parsed = parse_body(body, "chat")
+    email = field(parsed, "jo@example.com")
+    card = field(parsed, "4111111111111111")
+    assert email.doc == card.doc == 1 and card.number
+    assert "found jo@example.com" in parsed.texts() and "c1" not in parsed.texts()
+    out = json.loads(rewrite(body, parsed, None, {email.index: "[EMAIL]", card.index: "****1111"}))
+    inner = json.loads(out["messages"][0]["tool_calls"][0]["function"]["arguments"])
+    assert inner == {"email": "[EMAIL]", "card": "****1111", "note": "call Ann"}
+
+
+def test_unknown_keys_and_long_numbers_are_scanned_short_numbers_are_not():
+    body = b'{"model": "x", "input": "hi", "metadata": {"jo@example.com": 123456789, "k": 12345678, "id": 123456789012}}'
+    parsed = parse_body(body, "generic")
+    assert parsed.texts() == ["hi", "jo@example.com", "123456789", "k"]
+
+
+def test_json_nested_deeper_than_the_walk_follows_is_refused():
+    body = b'{"prompt": "hi", "x": ' + b"[" * 100 + b"]" * 100 + b"}"
+    with pytest.raises(TooDeep):
+        parse_body(body, "completions")
+
+
+@pytest.mark.parametrize("model", ["a" * 257, r"auto\u0000", r"m\r\nx-selected-model: math", r"caf\u00e9", ""])
+def test_a_model_name_no_header_can_carry_is_refused(model):
+    body = b'{"model": "' + model.encode() + b'", "prompt": "hi"}'
+    with pytest.raises(InvalidModel):
+        parse_body(body, "completions")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_bodies_in_any_json_encoding_are_read_and_rewritten_in_that_encoding(encoding):
+    text = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "Mail jo@example.com é"}]},
+                      ensure_ascii=False)
+    body = text.encode(encoding)
+    parsed = parse_body(body, "chat")
+    email = field(parsed, "Mail jo@example.com é")
+    out = rewrite(body, parsed, "m", {email.index: "Mail [EMAIL] é"})
+    assert out.decode(encoding) == text.replace("jo@example.com", "[EMAIL]").replace('"auto"', '"m"')
+    assert out[:4] == body[:4]
 
 
 def chat(*messages: tuple[str, object]) -> bytes:
@@ -128,24 +203,51 @@ def test_category_text_is_empty_without_user_text():
     assert parse_body(chat(("system", "only a system prompt")), "chat").category_text() == ""
 
 
-def test_pii_fields_follow_roles_and_skip_empty_text():
-    body = chat(("system", "s"), ("developer", "d"), ("user", "u"), ("assistant", "a"), ("tool", "t"), ("user", ""),
-                ("assistant", None))
+def test_every_role_is_scanned_and_the_user_role_is_found_whatever_its_case():
+    body = chat(("system", "s"), ("developer", "d"), ("User", "u"), ("assistant", "a"), ("tool", "t"), ("user", ""),
+                ("assistant", None), ("", "no role"))
     parsed = parse_body(body, "chat")
-    assert [f.role for f in parsed.pii_fields({"system", "developer", "user"})] == ["system", "developer", "user"]
-    assert [f.text for f in parsed.pii_fields({"assistant", "tool"})] == ["a", "t"]
-    assert [f.message_index for f in parsed.fields] == [0, 1, 2, 3, 4, 5]
+    assert parsed.texts() == ["s", "d", "u", "a", "t", "no role"]
+    assert parsed.category_text() == "u"
+    unnamed = parse_body(b'{"messages": [{"content": "no role at all"}]}', "chat")
+    assert unnamed.texts() == ["no role at all"] and unnamed.category_text() == ""
 
 
 def test_completions_prompt_string_and_list():
     single = parse_body(b'{"model": "auto", "prompt": "Once upon"}', "completions")
-    assert [(f.role, f.part_index, f.text) for f in single.fields] == [(None, None, "Once upon")]
+    assert single.texts() == ["Once upon"]
     many = parse_body(b'{"prompt": ["a", 7, "b"], "max_tokens": 5}', "completions")
-    assert [(f.part_index, f.text) for f in many.fields] == [(0, "a"), (2, "b")]
+    assert many.texts() == ["a", "b"]
     assert many.category_text() == "a\nb"
-    assert [f.text for f in many.pii_fields(set())] == ["a", "b"]
     out = rewrite(b'{"prompt": ["a", 7, "b"], "max_tokens": 5}', many, "m", {1: "B"})
     assert out == b'{"model":"m","prompt": ["a", 7, "B"], "max_tokens": 5}'
+
+
+def test_responses_api_input_and_instructions_are_scanned_and_the_latest_user_input_is_classified():
+    body = json.dumps({"model": "auto", "instructions": "You are Ann's helper", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "first"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "reply"}]},
+        {"type": "function_call_output", "call_id": "c", "output": "{\"email\": \"jo@example.com\"}"},
+        {"role": "user", "content": "second"}]}).encode()
+    parsed = parse_body(body, "responses")
+    assert parsed.texts() == ["You are Ann's helper", "first", "reply", "email", "jo@example.com", "second"]
+    assert parsed.category_text() == "second"
+    assert parse_body(b'{"model": "auto", "input": "just text"}', "responses").category_text() == "just text"
+
+
+def test_messages_api_system_blocks_tool_use_and_tool_results_are_scanned():
+    body = json.dumps({"model": "auto", "max_tokens": 10, "system": [{"type": "text", "text": "sys Ann"}],
+                       "messages": [
+                           {"role": "user", "content": "question one"},
+                           {"role": "assistant", "content": [
+                               {"type": "tool_use", "id": "t1", "name": "find", "input": {"who": "Bob Stone"}}]},
+                           {"role": "user", "content": [
+                               {"type": "tool_result", "tool_use_id": "t1", "content": "bob@example.com"},
+                               {"type": "text", "text": "question two"}]}]}).encode()
+    parsed = parse_body(body, "messages")
+    assert parsed.texts() == ["sys Ann", "question one", "find", "who", "Bob Stone", "bob@example.com",
+                              "question two"]
+    assert parsed.category_text() == "question two"
 
 
 def test_escapes_decode_to_the_text_models_see():
@@ -182,7 +284,8 @@ def test_lone_surrogates_stay_escaped_when_reencoded():
         (b" \r\n\t", EmptyBody, "empty_body"),
         (b'{"prompt": "' + SECRET.encode() + b'\xff"}', NotUtf8, "not_utf8"),
         (b'{"prompt": "' + SECRET.encode() + b'"', NotJson, "not_json"),
-        (b"\xef\xbb\xbf{}", NotJson, "not_json"),
+        (b"\xef\xbb\xbf{}", NoText, "no_text"),
+        (b'{"prompt": "' + SECRET.encode() + b'", "prompt": "x"}', DuplicateKey, "duplicate_key"),
         (b'{"prompt": "' + SECRET.encode() + b'"} trailing', NotJson, "not_json"),
         (b'{"n": ' + b"9" * 5000 + b"}", NotJson, "not_json"),
         (b"[" * 100000 + b"]" * 100000, NotJson, "not_json"),
@@ -190,11 +293,8 @@ def test_lone_surrogates_stay_escaped_when_reencoded():
         (b'"' + SECRET.encode() + b'"', NotObject, "not_object"),
         (b"null", NotObject, "not_object"),
         (b'{"model": "auto"}', NoText, "no_text"),
-        (b'{"messages": "' + SECRET.encode() + b'"}', NoText, "no_text"),
         (b'{"messages": []}', NoText, "no_text"),
         (b'{"messages": [{"role": "user", "content": null}, {"role": "user", "content": ""}]}', NoText, "no_text"),
-        (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}',
-         NoText, "no_text"),
     ],
 )
 def test_unreadable_chat_bodies_raise_the_matching_request_error(body, error, reason):
@@ -206,8 +306,8 @@ def test_unreadable_chat_bodies_raise_the_matching_request_error(body, error, re
 
 
 @pytest.mark.parametrize("body", [b'{"prompt": [1, 2, 3]}', b'{"prompt": [[1, 2], [3]]}', b'{"prompt": ""}',
-                                  b'{"messages": [{"role": "user", "content": "hi"}]}'])
-def test_completions_without_string_prompts_have_no_text(body):
+                                  b'{"model": "auto", "temperature": 0.5}'])
+def test_completions_without_any_text_have_no_text(body):
     with pytest.raises(NoText):
         parse_body(body, "completions")
 
@@ -264,30 +364,81 @@ def test_random_bodies_read_and_rewrite_exactly_what_json_loads_sees():
         document = {"tools": _random_json(rng), "model": "auto", "messages": messages, "x": _random_json(rng)}
         body = _random_dumps(rng, dict(rng.sample(list(document.items()), len(document)))).encode()
         parsed = parse_body(body, "chat")
-        expected = []
-        for m_index, message in enumerate(messages):
-            content = message["content"]
-            if isinstance(content, str):
-                expected.append((message["role"], m_index, None, content))
-            else:
-                expected += [(message["role"], m_index, p, part["text"]) for p, part in enumerate(content)
-                             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)]
-        assert [(f.role, f.message_index, f.part_index, f.text) for f in parsed.fields] == expected
+        assert parsed.texts() == list(_expected_texts(json.loads(body)))
         assert rewrite(body, parsed, None, {}) == body
-        new_texts = {f.index: f"[{f.index}]{f.text[::-1]}" for f in parsed.fields if rng.random() < 0.7}
+        new_texts = {f.index: f"<{f.index}>{f.text[::-1]}" for f in parsed.fields if rng.random() < 0.7}
         out = rewrite(body, parsed, "routed", new_texts)
-        changed = json.loads(body)
-        changed["model"] = "routed"
-        for f in parsed.fields:
-            if f.index in new_texts:
-                target = changed["messages"][f.message_index]
-                if f.part_index is None:
-                    target["content"] = new_texts[f.index]
-                else:
-                    target["content"][f.part_index]["text"] = new_texts[f.index]
-        assert json.loads(out) == changed
-        unchanged = [body.decode()[end:start] for (_, end), (start, _) in zip(
-            [(0, 0)] + sorted([parsed.model_span] + [f.span for f in parsed.fields if f.index in new_texts]),
-            sorted([parsed.model_span] + [f.span for f in parsed.fields if f.index in new_texts]) + [(len(body.decode()), 0)],
-            strict=True)]
-        assert all(piece in out.decode() for piece in unchanged)
+        changed = iter(new_texts.get(i) for i in range(len(parsed.fields)))
+        expected = _transformed(json.loads(body), changed)
+        expected["model"] = "routed"
+        assert _inner_parsed(json.loads(out)) == expected
+        assert next(changed, "end") == "end"
+
+
+def _inner_json(text: str) -> object | None:
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        return value if isinstance(value, (dict, list)) else None
+    return None
+
+
+def _expected_texts(value: object, key: str | None = None):
+    """The walk's rule, on the decoded document: every string but structural values, every unknown key,
+    long numbers, and strings that hold JSON walked inside."""
+    from sidecar.request import KNOWN_KEYS, STRUCTURAL_KEYS
+
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k and k not in KNOWN_KEYS:
+                yield k
+            yield from _expected_texts(v, k)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _expected_texts(item, key)
+    elif isinstance(value, str) and value and key not in STRUCTURAL_KEYS:
+        inner = _inner_json(value)
+        if inner is not None:
+            yield from _expected_texts(inner)
+        else:
+            yield value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in STRUCTURAL_KEYS:
+        raw = json.dumps(value)
+        if sum(c.isdigit() for c in raw) >= 9:
+            yield raw
+
+
+def _transformed(value: object, changes, key: str | None = None) -> object:
+    """`value` with each scanned text replaced by the next of `changes` (None: kept), strings that hold JSON
+    turned into what they hold."""
+    from sidecar.request import KNOWN_KEYS, STRUCTURAL_KEYS
+
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            new_key = (next(changes) or k) if k and k not in KNOWN_KEYS else k
+            out[new_key] = _transformed(v, changes, k)
+        return out
+    if isinstance(value, list):
+        return [_transformed(item, changes, key) for item in value]
+    if isinstance(value, str) and value and key not in STRUCTURAL_KEYS:
+        inner = _inner_json(value)
+        return _transformed(inner, changes) if inner is not None else (next(changes) or value)
+    long_number = isinstance(value, (int, float)) and not isinstance(value, bool) and key not in STRUCTURAL_KEYS \
+        and sum(c.isdigit() for c in json.dumps(value)) >= 9
+    return (next(changes) or value) if long_number else value
+
+
+def _inner_parsed(value: object, key: str | None = None) -> object:
+    from sidecar.request import STRUCTURAL_KEYS
+
+    if isinstance(value, dict):
+        return {k: _inner_parsed(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_inner_parsed(item, key) for item in value]
+    if isinstance(value, str) and key not in STRUCTURAL_KEYS:
+        inner = _inner_json(value)
+        return _inner_parsed(inner) if inner is not None else value
+    return value

@@ -21,6 +21,7 @@ from sidecar.router import Router, TextDecision
 from tests.fakes import FakeEngine
 
 CARD = "4111 1111 1111 1111"  # Luhn-valid Visa test number
+OPEN = {"inference": "fail_open"}
 
 
 def make_config(**sections) -> Config:
@@ -126,9 +127,60 @@ async def test_multibyte_text_is_masked_at_exact_offsets():
     assert json.loads(d.body)["messages"][0]["content"] == "😀 我是[PERSON], 邮箱 [EMAIL_ADDRESS] 👍🏽 谢谢"
 
 
-async def test_assistant_text_is_not_scanned_by_default():
-    d = await router().decide(chat(("assistant", "Hi John Smith"), ("user", "hello"), model="gpt-4o"), "chat")
-    assert (d.action, d.body) == ("allow", None)
+async def test_every_role_and_tool_call_argument_is_scanned():
+    body = json.dumps({"model": "gpt-4o", "messages": [
+        {"role": "assistant", "content": "Hi John Smith", "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "mail", "arguments": json.dumps({"to": "js@x.org"})}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "sent to Jane Doe"},
+        {"role": "User", "content": "hello"}]}).encode()
+    d = await router().decide(body, "chat")
+    out = json.loads(d.body)
+    assert d.action == "mask" and b"John Smith" not in d.body and b"Jane Doe" not in d.body
+    assert json.loads(out["messages"][0]["tool_calls"][0]["function"]["arguments"]) == {"to": "[EMAIL_ADDRESS]"}
+    assert out["messages"][1]["content"] == "sent to [PERSON]"
+
+
+async def test_pattern_recognizers_run_beside_the_model():
+    """An SSN and an IP the (fake) model does not know are masked by the pattern recognizers."""
+    engine = FakeEngine(pii_scores={"EMAIL_ADDRESS": 0.99, "CREDIT_CARD": 0.95, "PHONE_NUMBER": 0.1, "PERSON": 0.85})
+    d = await router(engine).decide(chat(("user", "SSN 536-22-8714 from 10.1.2.3")), "chat")
+    assert json.loads(d.body)["messages"][0]["content"] == "SSN [US_SSN] from [IP_ADDRESS]"
+    off = await router(pii={"patterns": "off"}).decide(chat(("user", "SSN 536-22-8714 from 10.1.2.3")), "chat")
+    assert off.body is None or b"536-22-8714" in off.body
+
+
+async def test_a_body_on_another_api_is_scanned_but_not_routed():
+    d = await router().decide(b'{"model": "embed", "input": ["mail js@x.org"]}', "generic")
+    assert (d.model, d.route_reason, d.rewrite_model) == (None, "unrouted", False)
+    assert d.body == b'{"model": "embed", "input": ["mail [EMAIL_ADDRESS]"]}'
+
+
+async def test_a_gzip_body_is_read_and_forwarded_decompressed_only_when_changed():
+    import gzip
+
+    body = chat(("user", "mail js@x.org"), model="gpt-4o")
+    d = await router().decide(gzip.compress(body), "chat", "gzip")
+    assert d.decompressed and d.body == body.replace(b"js@x.org", b"[EMAIL_ADDRESS]")
+    clean = await router().decide(gzip.compress(chat(("user", "hello"), model="gpt-4o")), "chat", "gzip")
+    assert (clean.body, clean.decompressed) == (None, False)
+
+
+async def test_lone_surrogates_reach_the_models_as_replacement_characters_at_the_same_offsets():
+    engine = FakeEngine()
+    d = await router(engine).decide(b'{"model": "gpt-4o", "messages": [{"role": "user", "content": '
+                                    b'"\\ud800 mail js@x.org"}]}', "chat")
+    assert "\ufffd mail js@x.org" in engine.texts
+    assert json.loads(d.body)["messages"][0]["content"] == "\ud800 mail [EMAIL_ADDRESS]"
+
+
+async def test_the_deadline_grows_with_the_body_up_to_its_cap():
+    engine = FakeEngine()
+    r = router(engine, failure={"timeout_ms": 100, "timeout_ms_per_kib": 10, "max_timeout_ms": 500})
+    loop = asyncio.get_running_loop()
+    for size, budget in ((100, 0.1), (20_000, 0.1 + 0.01 * 20_000 / 1024), (200_000, 0.5)):
+        before = loop.time()
+        await r.decide(chat(("user", "x" * size), model="gpt-4o"), "chat")
+        assert before + budget - 0.05 < engine.deadlines[-1] <= loop.time() + budget
 
 
 async def test_category_input_all_user_classifies_every_user_message():
@@ -161,7 +213,7 @@ async def test_an_engine_that_detects_no_pii_is_not_asked():
 
 async def test_a_single_call_still_meets_the_deadline_and_is_cancelled():
     engine = FakeEngine(has_category_model=False, pii_delay_s=60)
-    d = await router(engine, failure={"timeout_ms": 20}).decide(chat(("user", "Solve it")), "chat")
+    d = await router(engine, failure={"timeout_ms": 20, **OPEN}).decide(chat(("user", "Solve it")), "chat")
     assert (d.action, d.error, d.model) == ("degraded", "timeout", "small")
     assert engine.calls["cancelled:detect_pii"] == 1
 
@@ -185,33 +237,35 @@ async def test_unreadable_body_raises_request_error():
         await router().decide(b"{not json", "chat")
 
 
-async def test_fail_open_degrades_to_default_and_masks_only_checksummed_numbers():
+async def test_fail_open_degrades_to_default_and_masks_only_what_the_recognizers_find():
     engine = FakeEngine(error=InferenceError("model crashed"))
     body = chat(("user", f"Solve it. Card {CARD}, mail js@x.org, I'm John Smith"))
-    d = await router(engine).decide(body, "chat")
+    d = await router(engine, failure=OPEN).decide(body, "chat")
     assert (d.action, d.model, d.rewrite_model, d.route_reason, d.error) == (
         "degraded", "small", True, "degraded", "inference_error")
     assert (d.category, d.confidence) == (None, None)
-    assert d.entity_types == ("CREDIT_CARD",)
+    assert d.entity_types == ("CREDIT_CARD", "EMAIL_ADDRESS")
     content = json.loads(d.body)["messages"][0]["content"]
-    assert content == "Solve it. Card [CREDIT_CARD], mail js@x.org, I'm John Smith"
+    assert content == "Solve it. Card [CREDIT_CARD], mail [EMAIL_ADDRESS], I'm John Smith"
 
 
 async def test_fail_open_keeps_the_client_model():
     engine = FakeEngine(error=Overloaded("queue full"))
-    d = await router(engine).decide(chat(("user", "nothing sensitive"), model="gpt-4o"), "chat")
+    d = await router(engine, failure=OPEN).decide(chat(("user", "nothing sensitive"), model="gpt-4o"), "chat")
     assert (d.action, d.model, d.rewrite_model, d.error, d.body) == ("degraded", "gpt-4o", False, "overloaded", None)
 
 
 async def test_fail_open_still_blocks_checksummed_numbers_under_block_policy():
     engine = FakeEngine(error=InferenceError("down"))
-    d = await router(engine, pii={"default_policy": {"action": "block"}}).decide(chat(("user", f"card {CARD}")), "chat")
+    d = await router(engine, failure=OPEN, pii={"default_policy": {"action": "block"}}).decide(
+        chat(("user", f"card {CARD}")), "chat")
     assert (d.action, d.error, d.entity_types, d.body) == ("block", "inference_error", ("CREDIT_CARD",), None)
 
 
-async def test_fail_open_without_checksums_masks_nothing():
+async def test_fail_open_without_recognizers_masks_nothing():
     engine = FakeEngine(error=InferenceError("down"))
-    d = await router(engine, pii={"checksums": False}).decide(chat(("user", f"card {CARD}")), "chat")
+    d = await router(engine, failure=OPEN, pii={"checksums": False, "patterns": "off"}).decide(
+        chat(("user", f"card {CARD}")), "chat")
     assert d.entity_types == () and json.loads(d.body)["messages"][0]["content"] == f"card {CARD}"
 
 
@@ -225,21 +279,22 @@ async def test_fail_closed_reraises_inference_errors(error):
 async def test_deadline_fails_closed_and_cancels_the_calls_in_flight():
     engine = FakeEngine(delay_s=60)
     r = router(engine, failure={"inference": "fail_closed", "timeout_ms": 20})
-    with pytest.raises(InferenceTimeout, match="20 ms"):
+    with pytest.raises(InferenceTimeout, match="deadline"):
         await r.decide(chat(("system", "a"), ("user", "Solve it")), "chat")
     assert engine.calls["cancelled:classify"] == 1 and engine.calls["cancelled:detect_pii"] == 2
 
 
 async def test_deadline_under_fail_open_gives_a_timeout_degraded_decision():
     engine = FakeEngine(pii_delay_s=60)
-    d = await router(engine, failure={"timeout_ms": 20}).decide(chat(("user", "Solve it")), "chat")
+    d = await router(engine, failure={"timeout_ms": 20, **OPEN}).decide(chat(("user", "Solve it")), "chat")
     assert (d.action, d.error, d.model) == ("degraded", "timeout", "small")
     assert engine.calls["cancelled:detect_pii"] == 1
 
 
 async def test_one_failed_call_cancels_the_others():
     engine = FakeEngine(classify_error=Overloaded("full"), pii_delay_s=60)
-    d = await router(engine, failure={"timeout_ms": 60_000}).decide(chat(("user", "Solve it")), "chat")
+    d = await router(engine, failure={"timeout_ms": 60_000, "max_timeout_ms": 60_000, **OPEN}).decide(
+        chat(("user", "Solve it")), "chat")
     assert d.error == "overloaded"
     assert engine.calls["cancelled:detect_pii"] == 1
 
@@ -263,7 +318,7 @@ async def test_decide_text_with_client_model_and_empty_model():
 
 async def test_decide_text_follows_the_failure_policy():
     engine = FakeEngine(error=InferenceError("down"))
-    t = await router(engine).decide_text(f"card {CARD}")
+    t = await router(engine, failure=OPEN).decide_text(f"card {CARD}")
     assert (t.action, t.model, t.category, t.error, t.masked_text) == (
         "degraded", "small", None, "inference_error", "card [CREDIT_CARD]")
     with pytest.raises(InferenceError):
@@ -299,7 +354,8 @@ def test_decide_texts_with_client_model_skips_classification():
 
 async def test_a_cancelled_request_cancels_its_inference():
     engine = FakeEngine(delay_s=60)
-    task = asyncio.ensure_future(router(engine, failure={"timeout_ms": 60_000}).decide(chat(("user", "Solve")), "chat"))
+    failure = {"timeout_ms": 60_000, "max_timeout_ms": 60_000}
+    task = asyncio.ensure_future(router(engine, failure=failure).decide(chat(("user", "Solve")), "chat"))
     while engine.calls["detect_pii"] == 0:
         await asyncio.sleep(0)
     task.cancel()
@@ -318,7 +374,7 @@ def padded_chat(n_bytes: int, text: str = f"Solve it. Card {CARD}.") -> bytes:
 
 async def test_a_body_over_max_inspect_bytes_is_degraded_at_once_without_the_models():
     engine = FakeEngine()
-    r = router(engine, failure={"max_inspect_bytes": 4096})
+    r = router(engine, failure={"max_inspect_bytes": 4096, **OPEN})
     d = await r.decide(padded_chat(8192), "chat")
     assert (d.action, d.error, d.model, d.route_reason) == ("degraded", "too_large", "small", "degraded")
     assert engine.calls.total() == 0
@@ -338,7 +394,7 @@ async def test_a_body_over_max_inspect_bytes_under_fail_closed_is_refused_unread
 
 async def test_decide_text_applies_the_size_guard_to_the_texts_utf8_length():
     engine = FakeEngine()
-    t = await router(engine, failure={"max_inspect_bytes": 4096}).decide_text("é" * 2100 + f" {CARD}")
+    t = await router(engine, failure={"max_inspect_bytes": 4096, **OPEN}).decide_text("é" * 2100 + f" {CARD}")
     assert (t.action, t.error, t.masked_text[-13:]) == ("degraded", "too_large", "[CREDIT_CARD]")
     assert engine.calls.total() == 0
     with pytest.raises(BodyTooLarge):
@@ -356,7 +412,7 @@ def test_max_inspect_bytes_defaults_to_one_mebibyte_and_is_validated():
 async def test_parsing_counts_against_the_deadline():
     """The models get the deadline less what parsing took: a deadline already spent degrades at once."""
     engine = FakeEngine(delay_s=60)
-    r = router(engine, failure={"timeout_ms": 1})
+    r = router(engine, failure={"timeout_ms": 1, "timeout_ms_per_kib": 0, **OPEN})
     d = await asyncio.wait_for(r.decide(padded_chat(300_000), "chat"), 5)
     assert (d.action, d.error) == ("degraded", "timeout")
 
@@ -400,7 +456,8 @@ async def test_a_4mb_body_is_answered_degraded_with_the_card_masked_within_the_d
     """With timeout_ms 250 the answer used to take 8-10 s (tokenizing 4 MB with the GIL held, a Python loop
     per digit group in the fallback), and the event loop stood still for most of it. Bounds are generous:
     this machine may be busy; a bound that is hit is a regression, not noise."""
-    failure = {"timeout_ms": 250} | ({"max_inspect_bytes": max_inspect} if max_inspect else {})
+    failure = {"timeout_ms": 250, "timeout_ms_per_kib": 0, **OPEN} | (
+        {"max_inspect_bytes": max_inspect} if max_inspect else {})
     r = Router(make_config(failure=failure, pii={"default_policy": {"score_threshold": 0.99}}), tiny_engine)
     filler = "The court held that the contract was void for lack of consideration, said John Smith. "
     text = filler * (4_000_000 // len(filler))
@@ -412,7 +469,8 @@ async def test_a_4mb_body_is_answered_degraded_with_the_card_masked_within_the_d
     started = asyncio.get_running_loop().time()
     d, stalled = await stalls_while(asyncio.wait_for(r.decide(body, "chat"), 5))
     elapsed = asyncio.get_running_loop().time() - started
-    assert (d.action, d.error) == ("degraded", "timeout" if max_inspect else "too_large")
+    assert d.action == "degraded"
+    assert d.error in (("timeout", "overloaded") if max_inspect else ("too_large",))
     assert d.entity_counts == {"CREDIT_CARD": 1}
     last = json.loads(d.body)["messages"][-1]["content"]
     assert CARD not in d.body.decode() and last.endswith("Pay with [CREDIT_CARD] today.")

@@ -111,7 +111,7 @@ async def test_classify_text_over_max_inspect_bytes_is_invalid_argument_under_fa
 
 
 async def test_classify_under_fail_open_answers_degraded(start):
-    sc = await start(engine=FakeEngine(error=InferenceTimeout("slow")))
+    sc = await start(make_config(failure={"inference": "fail_open"}), engine=FakeEngine(error=InferenceTimeout("slow")))
     resp = await sc.router_api.Classify(router_pb2.ClassifyRequest(text="Solve it."))
     assert (resp.action, resp.model) == ("degraded", "general")
 
@@ -154,8 +154,9 @@ async def test_reflection_can_be_turned_off(start):
 
 
 async def test_bodies_above_grpcs_default_4mib_are_accepted_and_returned(start):
-    # No inference on the big text (no category model, user text not scanned): this is about message sizes.
-    sc = await start(make_config(pii={"roles": ["system"]}), engine=FakeEngine(has_category_model=False))
+    # No inference on the big text (no category model, over max_inspect_bytes under fail_open: the recognizers
+    # alone scan it): this is about message sizes.
+    sc = await start(make_config(failure={"inference": "fail_open"}), engine=FakeEngine(has_category_model=False))
     text = "Solve the equation. " + "lorem ipsum " * (5 * 1024 * 1024 // 12)
     _, resp = await chat_request(sc.ext_proc, chat_body(text))
     assert set_headers(resp)["x-selected-model"] == "general"
@@ -195,7 +196,7 @@ def test_routing_categories_must_be_labels_of_the_category_model():
 
 
 async def test_reload_swaps_config_without_dropping_an_in_flight_stream(start, tmp_path):
-    path = write_config(tmp_path / "router.yaml", failure={"timeout_ms": 5000})
+    path = write_config(tmp_path / "router.yaml", failure={"timeout_ms": 5000, "max_timeout_ms": 5000})
     engines = []
 
     def factory(_c, _m):
@@ -208,7 +209,7 @@ async def test_reload_swaps_config_without_dropping_an_in_flight_stream(start, t
     pending = asyncio.ensure_future(in_flight.send(body_msg(chat_body("Solve the integral."))))
     await asyncio.sleep(0.05)
 
-    write_config(path, routing={"categories": {**CATEGORIES, "math": "math-v2"}}, failure={"timeout_ms": 5000})
+    write_config(path, routing={"categories": {**CATEGORIES, "math": "math-v2"}}, failure={"timeout_ms": 5000, "max_timeout_ms": 5000})
     assert await sc.server.reload()
 
     old_answer = await pending
@@ -307,7 +308,7 @@ async def test_sighup_reloads_and_sigterm_drains(tmp_path):
 
 
 async def test_drain_lets_an_in_flight_stream_finish(start):
-    sc = await start(make_config(failure={"timeout_ms": 5000}), engine=FakeEngine(delay_s=0.3))
+    sc = await start(make_config(failure={"timeout_ms": 5000, "max_timeout_ms": 5000}), engine=FakeEngine(delay_s=0.3))
     ex = Exchange(sc.ext_proc)
     await ex.send(headers_msg())
     pending = asyncio.ensure_future(ex.send(body_msg(chat_body("Solve it."))))
