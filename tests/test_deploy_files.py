@@ -215,7 +215,9 @@ def test_ext_proc_sends_headers_and_the_buffered_body_only():
 def test_timeouts_and_limits_leave_the_sidecar_room_to_decide():
     seconds = float(ext_proc()["message_timeout"].rstrip("s"))
     buffer_limit = ENVOY["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"]
-    assert ROUTER.failure.timeout_ms / 1000 < seconds
+    assert ROUTER.failure.max_timeout_ms / 1000 < seconds
+    assert ROUTER.failure.timeout_s(buffer_limit) < seconds
+    assert float(ext_proc()["grpc_service"]["timeout"].rstrip("s")) > seconds
     assert buffer_limit < ROUTER.server.max_message_bytes
     grace = SIDECAR_K8S[("Deployment", "sidecar")]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > ROUTER.server.grace_period_s
@@ -223,6 +225,40 @@ def test_timeouts_and_limits_leave_the_sidecar_room_to_decide():
 
 def test_failure_modes_of_envoy_and_sidecar_are_both_open_or_both_closed():
     assert ext_proc()["failure_mode_allow"] == (ROUTER.failure.inference == "fail_open")
+
+
+def test_the_shipped_pair_masks_or_refuses():
+    """Nothing unread reaches a backend under the shipped files: Envoy refuses when the sidecar cannot answer,
+    the sidecar refuses what it cannot read or decide, and the recognizers run beside the model."""
+    assert ext_proc()["failure_mode_allow"] is False
+    assert ROUTER.failure.inference == "fail_closed" and ROUTER.failure.bad_body == "reject"
+    assert ROUTER.pii.patterns == "always"
+
+
+AVAILABILITY_ROUTER = {("failure", "inference"): "fail_open", ("failure", "bad_body"): "pass"}
+
+
+def test_the_availability_first_pair_differs_from_the_shipped_pair_only_in_its_failure_switches():
+    shipped = yaml.safe_load((DEPLOY / "router.yaml").read_text(encoding="utf-8"))
+    opt_in = yaml.safe_load((DEPLOY / "router-availability-first.yaml").read_text(encoding="utf-8"))
+    for (section, key), value in AVAILABILITY_ROUTER.items():
+        assert opt_in[section].pop(key) == value
+        shipped[section].pop(key)
+    assert opt_in == shipped
+    envoy = yaml.safe_load((DEPLOY / "envoy.yaml").read_text(encoding="utf-8"))
+    envoy_opt_in = yaml.safe_load((DEPLOY / "envoy-availability-first.yaml").read_text(encoding="utf-8"))
+    manager = envoy_opt_in["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [opt_in_filter] = [f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
+    assert opt_in_filter["typed_config"]["failure_mode_allow"] is True
+    opt_in_filter["typed_config"]["failure_mode_allow"] = False
+    assert envoy_opt_in == envoy
+    load_config(DEPLOY / "router-availability-first.yaml")
+
+
+def test_envoy_normalises_paths_before_routing_and_the_sidecar_see_them():
+    manager = hcm()
+    assert manager["normalize_path"] is True and manager["merge_slashes"] is True
+    assert manager["path_with_escaped_slashes_action"] == "UNESCAPE_AND_FORWARD"
 
 
 def test_client_copies_of_the_sidecars_headers_are_removed_before_routing():

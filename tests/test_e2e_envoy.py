@@ -243,7 +243,8 @@ def test_a_client_cannot_choose_the_backend_with_router_headers(gateway):
     assert len(reached) == 1  # the same backend whichever one the client named
 
 
-@pytest.mark.parametrize("path, body", [("/v1/models", None), (CHAT, b"{not json")])
+@pytest.mark.parametrize("path, body", [("/v1/models", None),
+                                        ("/v1/embeddings", b'{"model": "e", "input": "plain text"}')])
 def test_forged_router_headers_are_dropped_on_unrouted_requests(gateway, path, body):
     forged = {h: "forged" for h in OWNED_HEADERS} | {"x-selected-model": "math-expert"}
     call(gateway, path, body, headers=forged)
@@ -262,11 +263,21 @@ def test_get_models_passes_through_to_the_default_backend(gateway):
     assert router_headers(got) == {}
 
 
-def test_other_post_paths_pass_through_unchanged(gateway):
-    body = json.dumps({"model": "embed", "input": "unscanned text"}).encode()
-    call(gateway, "/v1/embeddings", body)
+def test_bodies_on_other_paths_are_scanned_and_masked_but_not_routed(gateway):
+    card = luhn_card(random.Random(11))
+    body = json.dumps({"model": "embed", "input": [f"card {card}", "plain"]}).encode()
+    call(gateway, "/v1/embeddings", body)  # the mock serves no embeddings (404): what it received is the point
     got = only(gateway.received())
-    assert got.backend == DEFAULT_MODEL and got.body == body and router_headers(got) == {}
+    assert got.backend == DEFAULT_MODEL and got.body == masked(body, [card], [])
+    assert router_headers(got) == {"x-router-action": "mask", "x-router-reason": "unrouted",
+                                   "x-router-pii": "CREDIT_CARD"}
+
+
+@pytest.mark.parametrize("path", ["//v1/chat/completions", "/v1/./chat/completions", "/v1/chat%2Fcompletions"])
+def test_paths_envoy_normalises_to_chat_are_routed_as_chat(gateway, path):
+    status, _, _ = call(gateway, path, chat(SUBJECTS[0]))
+    got = only(gateway.received())
+    assert status == 200 and got.path == CHAT and got.headers["x-router-reason"] == "category"
 
 
 # --- bodies the sidecar cannot read --------------------------------------------------------------------------
@@ -280,15 +291,20 @@ BAD_BODIES = {
 }
 
 
-@pytest.mark.parametrize("reason", list(BAD_BODIES))
-def test_unreadable_bodies_pass_unchanged_to_the_default_backend_marked_skipped(gateway, reason):
-    """failure.bad_body: pass (router.yaml): the backend decides what to answer (OpenAI servers: 400)."""
-    body = BAD_BODIES[reason]
-    status, _, _ = call(gateway, CHAT, body)
-    got = only(gateway.received())
-    assert got.backend == DEFAULT_MODEL and got.body == body
-    assert router_headers(got) == {"x-router-action": "skipped", "x-router-reason": reason}
-    assert status == (200 if reason == "no_text" else 400)  # the mock answers like an OpenAI server
+def test_unreadable_bodies_pass_unchanged_marked_skipped_under_bad_body_pass(gateway):
+    """The availability-first opt-in (bad_body: pass): the backend decides what to answer (OpenAI servers:
+    400). Under the shipped config these are refused (below)."""
+    gateway.reload_sidecar({"failure": {"bad_body": "pass"}})
+    try:
+        for reason, body in BAD_BODIES.items():
+            gateway.clear_received()
+            status, _, _ = call(gateway, CHAT, body)
+            got = only(gateway.received())
+            assert got.backend == DEFAULT_MODEL and got.body == body
+            assert router_headers(got) == {"x-router-action": "skipped", "x-router-reason": reason}
+            assert status == (200 if reason == "no_text" else 400)  # the mock answers like an OpenAI server
+    finally:
+        gateway.reload_sidecar()
 
 
 def test_a_body_over_envoys_buffer_limit_gets_413_and_reaches_no_backend(gateway):
@@ -298,11 +314,25 @@ def test_a_body_over_envoys_buffer_limit_gets_413_and_reaches_no_backend(gateway
     assert gateway.received() == []
 
 
-def test_a_2mb_body_reaches_the_backend_with_its_cards_masked_never_in_clear(gateway):
-    """Over failure.max_inspect_bytes (1 MiB) and under Envoy's buffer limit (4 MiB): the sidecar answers at
-    once, degraded, masking what the checksums find. Before the size guard and the deadline covering the
-    whole decision, such a body was answered after Envoy's 1 s message_timeout and Envoy forwarded it as
-    sent, card and all."""
+def test_a_2mb_body_is_refused_413_unread_under_the_shipped_config(gateway):
+    body = chat("The court held that the contract was void. " * 50_000 + luhn_card(random.Random(5)))
+    assert 2 * 1024 * 1024 < len(body) < BUFFER_LIMIT
+    status, headers, answer = call(gateway, CHAT, body)
+    assert (status, headers["x-router-reason"], json.loads(answer)["error"]["code"]) == (413, "too_large", "too_large")
+    assert gateway.received() == []
+
+
+def test_a_2mb_body_under_fail_open_reaches_the_backend_with_its_cards_masked_never_in_clear(gateway):
+    """Over failure.max_inspect_bytes (1 MiB) and under Envoy's buffer limit (4 MiB), availability first: the
+    sidecar answers at once, degraded, masking what the recognizers find."""
+    gateway.reload_sidecar({"failure": {"inference": "fail_open"}})
+    try:
+        _check_2mb_body_degraded(gateway)
+    finally:
+        gateway.reload_sidecar()
+
+
+def _check_2mb_body_degraded(gateway: Stack) -> None:
     rng = random.Random(4)
     card, spaced_card = luhn_card(rng), luhn_card(rng)
     spaced = " ".join(spaced_card[i:i + 4] for i in range(0, 16, 4))
@@ -323,19 +353,18 @@ def test_a_2mb_body_reaches_the_backend_with_its_cards_masked_never_in_clear(gat
     assert len(got.body) == len(body)  # masked in place, nothing else changed
 
 
-def test_an_answer_later_than_message_timeout_is_logged_unanswered(gateway):
-    """With the deadline raised past Envoy's message_timeout (1 s), the size guard off and every batch held
-    back a full second (so even a GPU cannot answer in time), Envoy stops waiting, resets the stream and
-    (failure_mode_allow) forwards the body as sent. The sidecar must log that request as unanswered, not as
-    skipped/no_body."""
+def test_an_answer_later_than_message_timeout_is_refused_by_envoy_and_logged_unanswered(gateway):
+    """With the deadline raised past Envoy's message_timeout (3 s) and every batch held back longer than
+    that, Envoy stops waiting and resets the stream; with the shipped failure_mode_allow: false it refuses
+    the request instead of forwarding it unread. The sidecar must log that request as unanswered."""
     sidecar_log = gateway.logs()["sidecar"]
-    gateway.reload_sidecar({"failure": {"timeout_ms": 20_000, "max_inspect_bytes": 8 * 1024 * 1024},
+    gateway.reload_sidecar({"failure": {"timeout_ms": 20_000, "max_timeout_ms": 20_000,
+                                        "max_inspect_bytes": 8 * 1024 * 1024},
                             "batching": {"max_wait_ms": 1000, "max_batch_size": 1024}})
     try:
         body = chat("The court held that the contract was void. " * 25_000, model=MASKING[0])
         status, _, _ = call(gateway, CHAT, body, headers={"x-request-id": "too-late"})
-        got = only(gateway.received())
-        assert status == 200 and got.body == body and router_headers(got) == {}  # Envoy went on without it
+        assert status >= 500 and gateway.received() == []  # Envoy gave up on the answer and forwarded nothing
         deadline = time.monotonic() + 30
         while not (events := [e for e in sidecar_events(sidecar_log) if e.get("request_id") == "too-late"]):
             assert time.monotonic() < deadline, "the sidecar never logged the request"
@@ -356,39 +385,30 @@ def sidecar_events(log: Path) -> list[dict]:
     return events
 
 
-def test_bad_body_reject_answers_400_and_reaches_no_backend(gateway):
-    gateway.reload_sidecar({"failure": {"bad_body": "reject"}})
-    try:
-        for reason, body in BAD_BODIES.items():
-            status, headers, answer = call(gateway, CHAT, body)
-            assert (status, headers["x-router-action"], headers["x-router-reason"]) == (400, "rejected", reason)
-            assert json.loads(answer)["error"]["code"] == reason
-        assert call(gateway, CHAT, chat("x" * (BUFFER_LIMIT + 1024)))[0] == 413
-        assert gateway.received() == []
-    finally:
-        gateway.reload_sidecar()
+def test_unreadable_bodies_are_refused_400_and_reach_no_backend(gateway):
+    for reason, body in BAD_BODIES.items():
+        status, headers, answer = call(gateway, CHAT, body)
+        assert (status, headers["x-router-action"], headers["x-router-reason"]) == (400, "rejected", reason)
+        assert json.loads(answer)["error"]["code"] == reason
+    assert call(gateway, CHAT, chat("x" * (BUFFER_LIMIT + 1024)))[0] == 413
+    assert gateway.received() == []
 
 
 # --- the sidecar down ----------------------------------------------------------------------------------------
 
-def test_with_the_sidecar_killed_envoy_forwards_requests_unchanged_then_recovers(gateway):
-    """envoy.yaml's failure_mode_allow: true: with no sidecar, requests go on as sent (unmasked) to the
-    default backend, and client copies of the router headers still do not route; once the sidecar is
-    back, requests are classified and masked again."""
+def test_with_the_sidecar_killed_envoy_refuses_requests_then_recovers(gateway):
+    """envoy.yaml's failure_mode_allow: false: with no sidecar, requests are refused, never forwarded
+    unread; once the sidecar is back, requests are classified and masked again."""
     card = luhn_card(random.Random(1))
     body = chat(f"{SUBJECTS[0]} Pay with {card}.", model="auto")
-    allowed_before = gateway.envoy_stats("http.llm_gateway.ext_proc.failure_mode_allowed")
     gateway.kill_sidecar()
     try:
         status, _, _ = call(gateway, CHAT, body, headers={"x-selected-model": "math-expert"})
-        got = only(gateway.received())
-        assert status == 200 and got.backend == DEFAULT_MODEL
-        assert got.body == body and router_headers(got) == {}
-        assert call(gateway, "/v1/models")[0] == 200
-        allowed_after = gateway.envoy_stats("http.llm_gateway.ext_proc.failure_mode_allowed")
-        assert sum(allowed_after.values()) >= sum(allowed_before.values()) + 2
+        assert status >= 500 and gateway.received() == []
+        assert call(gateway, "/v1/models")[0] >= 500
     finally:
         gateway.start_sidecar()
+    gateway.wait_envoy_sees_sidecar(healthy=True)
     gateway.clear_received()
     body = chat(f"{SUBJECTS[0]} Pay with {card}.", model=MASKING[0])
     status, _, _ = call(gateway, CHAT, body)
@@ -397,9 +417,9 @@ def test_with_the_sidecar_killed_envoy_forwards_requests_unchanged_then_recovers
     assert got.body == masked(body, [card], [])
 
 
-async def test_requests_in_flight_when_the_sidecar_dies_all_get_an_answer(gateway):
-    """Each request is either processed (masked) or, once the sidecar is gone, forwarded as sent: never
-    an error, never a mixture."""
+async def test_requests_in_flight_when_the_sidecar_dies_are_masked_or_refused(gateway):
+    """Each request is either processed (masked) or, once the sidecar is gone, refused by Envoy: never
+    forwarded unread, never a mixture."""
     rng = random.Random(2)
     cards = [luhn_card(rng) for _ in range(60)]
     bodies = [chat(f"Request {i}: pay with {c}. {SUBJECTS[i % len(SUBJECTS)]}", model=MASKING[i % len(MASKING)])
@@ -417,19 +437,17 @@ async def test_requests_in_flight_when_the_sidecar_dies_all_get_an_answer(gatewa
             statuses = await asyncio.gather(*tasks)
     finally:
         gateway.start_sidecar()
-    assert statuses == [200] * len(bodies)
     received = Counter(r.body for r in gateway.received())
-    for body, card in zip(bodies, cards, strict=True):
-        assert received[body] + received[masked(body, [card], [])] == 1
+    for body, card, status in zip(bodies, cards, statuses, strict=True):
+        assert received[body] == 0, "a body went on unread"
+        assert received[masked(body, [card], [])] == (1 if status == 200 else 0), status
 
 
 # --- load ----------------------------------------------------------------------------------------------------
 
 async def test_200_concurrent_requests_each_reach_their_backend_with_their_own_masked_body(gateway):
-    """Many requests in flight at once each get their own routing and masking. At most 64 at a time: with all
-    200 at once on two slowed CPU cores, one request once reached the default backend unprocessed, most
-    likely past Envoy's message_timeout, where Envoy forwards by design (failure_mode_allow); that
-    behaviour has its own tests above."""
+    """Many requests in flight at once (at most 64) each get their own routing and masking, or a 503 the
+    client may retry when the sidecar sheds load; none goes on unread."""
     rng = random.Random(3)
     requests = []
     for i in range(200):
@@ -446,12 +464,16 @@ async def test_200_concurrent_requests_each_reach_their_backend_with_their_own_m
 
         answers = await asyncio.gather(*(post(body) for _, body, _ in requests))
     ext_proc = {k: v for k, v in gateway.envoy_stats("http.llm_gateway.ext_proc").items() if v}
+    served = []
     for (backend, _, expected), (status, answered_by, answer) in zip(requests, answers, strict=True):
+        if status == 503:  # shed, or past its deadline: refused, never forwarded unread
+            assert json.loads(answer)["error"]["code"] in ("overloaded", "timeout"), ext_proc
+            continue
         assert (status, answered_by) == (200, backend), ext_proc
         quoted = json.loads(expected)["messages"][0]["content"]
         assert json.loads(answer)["choices"][0]["message"]["content"] == f"[{backend}] received: {quoted}"
+        served.append((backend, expected))
+    assert served, "every request was refused"
     received = gateway.received()
-    assert len(received) == len(requests)
-    by_backend = {(r.backend, r.body) for r in received}
-    assert by_backend == {(backend, expected) for backend, _, expected in requests}
-    assert {r.headers["x-router-action"] for r in received} <= {"mask", "degraded"}
+    assert {(r.backend, r.body) for r in received} == set(served) and len(received) == len(served)
+    assert {r.headers["x-router-action"] for r in received} == {"mask"}
