@@ -72,6 +72,12 @@ class InvalidModel(RequestError):
     reason = "invalid_model"
 
 
+class PiiInField(RequestError):
+    """Personal data where it cannot be masked: a structural value (``model``, ids, ``role``) or the URL."""
+
+    reason = "pii_in_field"
+
+
 class UnsupportedEncoding(RequestError):
     """A ``Content-Encoding`` the sidecar cannot undo (answered 415), or a charset it cannot read."""
 

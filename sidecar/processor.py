@@ -151,15 +151,16 @@ class Processor:
         return self.refuse_url_pii() or mutations.strip_owned_headers(clear_route_cache=spoofed)
 
     def refuse_url_pii(self) -> ProcessingResponse | None:
-        """A 400 when the query string carries personal data the recognizers find (it cannot be masked)."""
-        if not self.path or "?" not in self.path:
+        """A 400 when the URL (path segments, query values) carries personal data the recognizers find, or
+        free text: a URL cannot be masked."""
+        if not self.path:
             return None
-        types = self.app.router.url_pii(self.path.split("?", 1)[1])
+        types = self.app.router.url_pii(self.path)
         if not types:
             return None
         self.record(action="rejected", reason="pii_in_url")
-        message = (f"The request URL contains personal data ({', '.join(types)}). Send it in the body, "
-                   f"where it can be masked, or leave it out.")
+        message = (f"The request URL contains personal data or free text ({', '.join(types)}). Send it in "
+                   f"the body, where it can be masked, or leave it out.")
         return mutations.bad_request_response("pii_in_url", message)
 
     async def request_body(self, msg: HttpBody) -> ProcessingResponse:
@@ -219,8 +220,10 @@ class RoutingProcessor(Processor):
         spoofed = self.see_headers(msg)
         if (refused := self.refuse_url_pii()) is not None:
             return refused
-        if msg.end_of_stream and self.kind != KIND_GENERIC:
-            return self.bad_body(EmptyBody("the request has no body"), mutations.REQUEST_HEADERS)
+        if msg.end_of_stream:
+            if self.kind != KIND_GENERIC:
+                return self.bad_body(EmptyBody("the request has no body"), mutations.REQUEST_HEADERS)
+            self.finished = True  # a bodyless request on another path (GET /v1/models): nothing to read
         return mutations.strip_owned_headers(clear_route_cache=spoofed)
 
     async def request_body(self, msg: HttpBody) -> ProcessingResponse:

@@ -434,3 +434,29 @@ def find_each(texts: Sequence[str], recognizers: Iterable[Recognizer] | None = N
         i = bisect_right(starts, span.start) - 1
         out[i].append(span.shifted(-starts[i]))
     return out
+
+
+# --- the key as context ------------------------------------------------------------------------------------
+
+CONTEXT = "context"
+_CONTEXT_SCORE = 0.9
+_KEY_LABELS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p, re.IGNORECASE), label) for p, label in (
+    (r"ssn|social.?security|tax.?id|tin\b", US_SSN),
+    (r"phone|mobile|cell|\btel|fax|msisdn", PHONE_NUMBER),
+    (r"card|\bpan\b", CREDIT_CARD),
+    (r"iban|account|acct|routing", IBAN_CODE),
+    (r"passport|licen[cs]e|national.?id|id.?number|nhs", "ID_NUMBER"),
+))
+_ID_LIKE = re.compile(r"[0-9 ()+.\-]{6,64}")
+
+
+def context_spans(key: str | None, text: str) -> list[Span]:
+    """The whole of `text` when its key names a kind of identifying number (``"ssn": 536222026``,
+    ``"phone": "4155550125"``) and it is such a number (6 or more digits, with only separators): the
+    pattern recognizers need separators or context words in the text, and a JSON key is context too."""
+    if key is None or len(text) > 64 or not _ID_LIKE.fullmatch(text) or sum(c.isdigit() for c in text) < 6:
+        return []
+    for pattern, label in _KEY_LABELS:
+        if pattern.search(key):
+            return [Span(label, 0, len(text), _CONTEXT_SCORE, CONTEXT)]
+    return []

@@ -90,6 +90,9 @@ class TextField:
     span: tuple[int, int]
     number: bool = False
     """A JSON number token (its digits are the text); masked, it becomes a string."""
+    key: str | None = None
+    """The key it sits under (for an array item, the array's key; for a key itself, None): context for the
+    recognizers (``"ssn": 536222026``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,9 @@ class ParsedRequest:
     """``json.loads`` of the body: what the category input is read from."""
     docs: tuple[Doc, ...]
     fields: tuple[TextField, ...]
+    structural: tuple[str, ...]
+    """The string values under structural keys (not masked: the recognizers check them, and a body with
+    personal data there is refused)."""
     requested_model: str | None
     """The client's ``model`` when it is a string; None when missing or not a string."""
     model_span: tuple[int, int] | None
@@ -158,6 +164,7 @@ def parse_body(body: bytes, kind: Kind) -> ParsedRequest:
         document=document,
         docs=tuple(walk.docs),
         fields=tuple(walk.fields),
+        structural=tuple(walk.structural),
         requested_model=requested if isinstance(requested, str) else None,
         model_span=model,
         object_start=start,
@@ -225,6 +232,7 @@ class _Walk:
     def __init__(self) -> None:
         self.docs: list[Doc] = []
         self.fields: list[TextField] = []
+        self.structural: list[str] = []
         self.top_model: tuple[int, int] | None = None
 
     def doc(self, source: str, parent: int | None = None, span: tuple[int, int] | None = None) -> None:
@@ -232,8 +240,8 @@ class _Walk:
         doc = len(self.docs) - 1
         self._value(source, _WS.match(source).end(), doc, None, 0)
 
-    def _add(self, doc: int, text: str, span: tuple[int, int], number: bool = False) -> None:
-        self.fields.append(TextField(len(self.fields), doc, text, span, number))
+    def _add(self, doc: int, text: str, span: tuple[int, int], number: bool = False, key: str | None = None) -> None:
+        self.fields.append(TextField(len(self.fields), doc, text, span, number, key))
 
     def _value(self, s: str, pos: int, doc: int, key: str | None, depth: int) -> int:
         """Walk the value at `pos` (under `key`); returns where it ends."""
@@ -250,7 +258,7 @@ class _Walk:
         if m is not None:
             digits = len(_DIGITS.findall(m.group())) if m.end() - pos >= LONG_NUMBER_DIGITS else 0
             if digits >= LONG_NUMBER_DIGITS and key not in STRUCTURAL_KEYS:
-                self._add(doc, m.group(), (pos, m.end()), number=True)
+                self._add(doc, m.group(), (pos, m.end()), number=True, key=key)
             return m.end()
         return _LITERAL.match(s, pos).end()
 
@@ -293,13 +301,16 @@ class _Walk:
             pos = after.end()
 
     def _string(self, text: str, span: tuple[int, int], doc: int, key: str | None) -> None:
-        if key in STRUCTURAL_KEYS or not text:
+        if not text:
+            return
+        if key in STRUCTURAL_KEYS:
+            self.structural.append(text)
             return
         if text.lstrip()[:1] in ("{", "[") and self._inner(text, span, doc):
             return
         if text.startswith("data:") and _MEDIA_DATA_URL.match(text):
             return
-        self._add(doc, text, span)
+        self._add(doc, text, span, key=key)
 
     def _inner(self, text: str, span: tuple[int, int], doc: int) -> bool:
         """Walk a string that holds a JSON object or array (tool-call arguments) as a document of its own;

@@ -17,7 +17,7 @@ class Span:
     start: int
     end: int
     score: float
-    source: str = "model"  # "model", "checksum" or "pattern"
+    source: str = "model"  # "model", "checksum", "pattern" or "context" (the JSON key)
 
     def __post_init__(self) -> None:
         if self.start < 0 or self.end <= self.start:

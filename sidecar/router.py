@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 from sidecar.body import decompress
 from sidecar.config import Config
-from sidecar.errors import BodyTooLarge, InferenceError, InferenceTimeout, NoText
+from sidecar.errors import BodyTooLarge, InferenceError, InferenceTimeout, NoText, PiiInField
 from sidecar.masking import anonymize, resolve_conflicts
 from sidecar.policy import (
     PiiVerdict,
@@ -42,9 +43,13 @@ from sidecar.policy import (
     needs_category,
     pii_verdict,
 )
-from sidecar.recognizers import CHECKSUM_NAMES, PATTERN_NAMES, default_recognizers, find_each
+from sidecar.recognizers import CHECKSUM_NAMES, PATTERN_NAMES, context_spans, default_recognizers, find_each
 from sidecar.request import ROUTED_KINDS, Kind, ParsedRequest, model_safe, parse_body, rewrite
 from sidecar.results import CategoryResult, PiiResult, Span
+
+FREE_TEXT = "FREE_TEXT"
+"""What `Router.url_pii` reports for whitespace in a URL part."""
+_WHITESPACE = re.compile(r"\s")
 
 # Bodies (and Classify texts) above this many bytes are parsed, scanned and rewritten on a worker thread:
 # at 30-60 ms per MB on a busy 2-core machine those steps would otherwise hold the event loop.
@@ -129,11 +134,27 @@ class Router:
         self._fallback = default_recognizers(fallback) if fallback else ()
         self._recognizers = default_recognizers(CHECKSUM_NAMES + PATTERN_NAMES)
 
-    def url_pii(self, query: str) -> tuple[str, ...]:
-        """Entity types the recognizers find in a URL's query string (decoded): a query reaches the backend
-        and its logs as sent, and the sidecar cannot mask it, so such a request is refused."""
-        decoded = unquote_plus(query)
-        return tuple(sorted({s.label for s in find_each([decoded], self._recognizers)[0]}))
+    def url_pii(self, path: str) -> tuple[str, ...]:
+        """What makes a URL unfit to forward: the entity types the recognizers find in its path segments and
+        query values (decoded), and ``FREE_TEXT`` for a segment or value with whitespace in it (a name, a
+        sentence: no LLM API puts such text in a URL). A URL reaches the backend and its logs as sent and
+        cannot be masked, so such a request is refused."""
+        raw, _, query = path.partition("?")
+        parts = [unquote(raw)] + [unquote_plus(p) for pair in query.split("&") for p in pair.split("=", 1) if p]
+        types = {s.label for spans in find_each(parts, self._recognizers) for s in spans}
+        if any(_WHITESPACE.search(p) for p in parts):
+            types.add(FREE_TEXT)
+        return tuple(sorted(types))
+
+    def _read(self, body: bytes, kind: Kind) -> ParsedRequest:
+        """Parse the body and refuse personal data under structural keys, which is never masked."""
+        parsed = parse_body(body, kind)
+        if parsed.structural:
+            found = {s.label for spans in find_each(parsed.structural, self._recognizers) for s in spans}
+            if found:
+                raise PiiInField(f"personal data ({', '.join(sorted(found))}) in a field that is not masked "
+                                 f"(model, role, type, ids); send it in message text, or leave it out")
+        return parsed
 
     async def decide(self, body: bytes, kind: Kind, content_encoding: str | None = None) -> Decision:
         """The decision for one request body; `RequestError` for unreadable bodies, `InferenceError` when the
@@ -147,7 +168,7 @@ class Router:
             body = await asyncio.to_thread(decompress, body, content_encoding, self._max_inspect) if heavy \
                 else decompress(body, content_encoding, self._max_inspect)
             heavy = heavy or len(body) > _OFF_LOOP_BYTES
-        parsed = await asyncio.to_thread(parse_body, body, kind) if heavy else parse_body(body, kind)
+        parsed = await asyncio.to_thread(self._read, body, kind) if heavy else self._read(body, kind)
         timings = {"parse": _ms_since(started)}
         routable = kind in ROUTED_KINDS
         routed = routable and needs_category(parsed.requested_model, self.config.routing)
@@ -157,7 +178,9 @@ class Router:
                                                 parsed.requested_model, routed, too_large)
         if not routable:
             route = Route(None, rewrite=False, reason="unrouted")
-        finish = (body, parsed, route, texts, spans, error is not None)
+        context = [context_spans(f.key, f.text) for f in parsed.fields if f.key is not None]
+        extra = [context_spans(f.key, f.text) for f in parsed.fields] if any(context) else None
+        finish = (body, parsed, route, texts, spans, error is not None, extra)
         outcome, action, new_body = await asyncio.to_thread(self._finish, *finish) if heavy else self._finish(*finish)
         timings["total"] = _ms_since(started)
         return Decision(
@@ -287,9 +310,11 @@ class Router:
         return error
 
     def _finish(self, body: bytes, parsed: ParsedRequest, route: Route, texts: list[str],
-                spans: list[list[Span]] | None, degraded: bool) -> tuple[_Outcome, str, bytes | None]:
-        """The PII policy applied (to the recognizers' spans when the models gave none) and the new body."""
-        outcome = self._outcome(route, texts, spans)
+                spans: list[list[Span]] | None, degraded: bool,
+                extra: list[list[Span]] | None = None) -> tuple[_Outcome, str, bytes | None]:
+        """The PII policy applied (to the recognizers' spans when the models gave none, and to `extra`, the
+        spans the fields' keys give) and the new body."""
+        outcome = self._outcome(route, texts, spans, extra)
         action = outcome.action(degraded)
         new_body = None
         if action != "block":
@@ -298,13 +323,18 @@ class Router:
                 new_body = rewrite(body, parsed, route.model if route.rewrite else None, changed)
         return outcome, action, new_body
 
-    def _outcome(self, route: Route, texts: list[str], spans: list[list[Span]] | None) -> _Outcome:
-        """Model spans plus the recognizers beside them, or the fallback recognizers alone (spans None)."""
+    def _outcome(self, route: Route, texts: list[str], spans: list[list[Span]] | None,
+                 extra: list[list[Span]] | None = None) -> _Outcome:
+        """Model spans plus the recognizers beside them, or the fallback recognizers alone (spans None),
+        plus `extra`."""
         recognizers = self._fallback if spans is None else self._beside_model
         if recognizers:
             found = find_each(texts, recognizers)
             spans = found if spans is None else [s + f for s, f in zip(spans, found, strict=True)]
-        return self._apply(route, texts, spans if spans is not None else [[] for _ in texts])
+        spans = spans if spans is not None else [[] for _ in texts]
+        if extra is not None:
+            spans = [s + e for s, e in zip(spans, extra, strict=True)]
+        return self._apply(route, texts, spans)
 
     def _route(self, category: CategoryResult | None, requested: str | None, routed: bool, category_text: str) -> Route:
         if routed and not category_text:

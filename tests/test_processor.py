@@ -421,9 +421,12 @@ async def test_trailers_and_response_phases_get_typed_answers(start):
 
 
 async def test_other_paths_answer_every_phase_and_only_bodies_are_scanned(start):
-    sc = await start()
+    metrics = Metrics()
+    sc = await start(metrics=metrics)
     [headers] = await run_stream(sc.ext_proc, [headers_msg("/v1/models", end_of_stream=True)])
     assert headers.WhichOneof("response") == "request_headers" and not set_headers(headers)
+    await until(lambda: metrics.registry.get_sample_value("sidecar_active_streams") == 0)
+    assert metrics.registry.get_sample_value("sidecar_request_errors_total", {"reason": "no_body"}) is None
     answers = await run_stream(sc.ext_proc, [headers_msg("/v1/embeddings"),
                                              body_msg(b'{"model": "e", "input": "mail bob@example.com"}'),
                                              *other_phase_msgs()])
@@ -457,7 +460,8 @@ async def test_responses_and_messages_apis_are_routed_and_masked(start, path, bo
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions?user=bob%40example.com", "/v1/models?card=4111+1111+1111+1111",
-                                  "/v1/files?ip=10.1.2.3"])
+                                  "/v1/files?ip=10.1.2.3", "/v1/users/bob@example.com/chat",
+                                  "/v1/cards/4246374584469162/balance", "/v1/chat/completions?customer=Margaret%20Sanders"])
 async def test_a_url_whose_query_carries_personal_data_is_refused(start, path):
     sc = await start()
     [resp] = await run_stream(sc.ext_proc, [headers_msg(path)])

@@ -16,6 +16,7 @@ from sidecar.errors import (
     NoText,
     NotJson,
     Overloaded,
+    PiiInField,
 )
 from sidecar.router import Router, TextDecision
 from tests.fakes import FakeEngine
@@ -145,8 +146,28 @@ async def test_pattern_recognizers_run_beside_the_model():
     engine = FakeEngine(pii_scores={"EMAIL_ADDRESS": 0.99, "CREDIT_CARD": 0.95, "PHONE_NUMBER": 0.1, "PERSON": 0.85})
     d = await router(engine).decide(chat(("user", "SSN 536-22-8714 from 10.1.2.3")), "chat")
     assert json.loads(d.body)["messages"][0]["content"] == "SSN [US_SSN] from [IP_ADDRESS]"
-    off = await router(pii={"patterns": "off"}).decide(chat(("user", "SSN 536-22-8714 from 10.1.2.3")), "chat")
-    assert off.body is None or b"536-22-8714" in off.body
+    off = await router(engine, pii={"patterns": "off"}).decide(chat(("user", "SSN 536-22-8714 from 10.1.2.3")), "chat")
+    assert b"536-22-8714" in off.body and b"10.1.2.3" in off.body
+
+
+async def test_a_long_number_under_a_key_that_names_it_is_masked_as_what_the_key_says():
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "update my record"}],
+                       "metadata": {"ssn": 536222026, "phone": "4155550125", "order": 123456789}}).encode()
+    engine = FakeEngine(pii_scores={"EMAIL_ADDRESS": 0.99, "CREDIT_CARD": 0.95, "PHONE_NUMBER": 0.1, "PERSON": 0.85})
+    d = await router(engine).decide(body, "chat")
+    meta = json.loads(d.body)["metadata"]
+    assert meta == {"ssn": "[US_SSN]", "phone": "[PHONE_NUMBER]", "order": 123456789}
+
+
+@pytest.mark.parametrize("field", ['"model": "bob@example.com"', '"tool_call_id": "4111 1111 1111 1111"',
+                                   '"role": "user 536-22-8714"'])
+async def test_personal_data_in_a_structural_field_is_refused(field):
+    body = ('{' + field + ', "messages": [{"role": "user", "content": "hi"}]}').encode()
+    if '"role"' in field:
+        body = b'{"messages": [{' + field.encode() + b', "content": "hi"}]}'
+    with pytest.raises(PiiInField) as info:
+        await router().decide(body, "chat")
+    assert "example.com" not in str(info.value) and "4111" not in str(info.value)
 
 
 async def test_a_body_on_another_api_is_scanned_but_not_routed():

@@ -177,7 +177,8 @@ def make_app(name: str) -> web.Application:
 
 async def serve(name: str, host: str, port: int) -> None:
     """Listen until SIGTERM/SIGINT; print the bound address once ready."""
-    runner = web.AppRunner(make_app(name), access_log=None, handle_signals=False)
+    # auto_decompress off: the record is the bytes as they arrived (a gzip body stays gzip), not what aiohttp made of them.
+    runner = web.AppRunner(make_app(name), access_log=None, handle_signals=False, auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
