@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from json.decoder import scanstring
 from typing import Any, Literal
 
@@ -58,6 +58,11 @@ KNOWN_KEYS = STRUCTURAL_KEYS | frozenset({
 })
 """Keys the chat, completions, Responses and Messages APIs define: not scanned as text themselves (their
 values are). Any other key may be client data (``{"jane@example.com": ...}``) and is scanned."""
+
+TOOL_PARENTS = frozenset({"function", "tools", "functions"})
+TOOL_TYPES = frozenset({"function", "tool_use", "server_tool_use", "function_call", "custom", "custom_tool_call",
+                        "mcp_call", "mcp_tool_use"})
+"""Objects whose ``name`` names a tool or function: under these keys, or of these types."""
 
 MAX_DEPTH = 64
 """JSON nesting the walk follows; deeper bodies are refused (no API needs more)."""
@@ -156,14 +161,14 @@ def parse_body(body: bytes, kind: Kind) -> ParsedRequest:
     requested = document.get("model")
     if kind in ROUTED_KINDS:
         _check_model(requested)
-        if not walk.fields:
+        if len(walk.fields) == len(walk.dropped):
             raise NoText("request body has no text to read")
     return ParsedRequest(
         kind=kind,
         body_text=decoded,
         document=document,
         docs=tuple(walk.docs),
-        fields=tuple(walk.fields),
+        fields=walk.kept_fields(),
         structural=tuple(walk.structural),
         requested_model=requested if isinstance(requested, str) else None,
         model_span=model,
@@ -233,12 +238,21 @@ class _Walk:
         self.docs: list[Doc] = []
         self.fields: list[TextField] = []
         self.structural: list[str] = []
+        self.dropped: set[int] = set()
+        """Fields found to be structural once their object was read (tool names); left out at the end."""
         self.top_model: tuple[int, int] | None = None
 
     def doc(self, source: str, parent: int | None = None, span: tuple[int, int] | None = None) -> None:
         self.docs.append(Doc(source, parent, span))
         doc = len(self.docs) - 1
         self._value(source, _WS.match(source).end(), doc, None, 0)
+
+    def kept_fields(self) -> tuple[TextField, ...]:
+        """The fields, less the dropped ones, numbered anew."""
+        if not self.dropped:
+            return tuple(self.fields)
+        kept = [f for i, f in enumerate(self.fields) if i not in self.dropped]
+        return tuple(replace(f, index=i) for i, f in enumerate(kept))
 
     def _add(self, doc: int, text: str, span: tuple[int, int], number: bool = False, key: str | None = None) -> None:
         self.fields.append(TextField(len(self.fields), doc, text, span, number, key))
@@ -247,7 +261,7 @@ class _Walk:
         """Walk the value at `pos` (under `key`); returns where it ends."""
         c = s[pos]
         if c == "{":
-            return self._object(s, pos, doc, depth + 1)
+            return self._object(s, pos, doc, key, depth + 1)
         if c == "[":
             return self._array(s, pos, doc, key, depth + 1)
         if c == '"':
@@ -262,13 +276,16 @@ class _Walk:
             return m.end()
         return _LITERAL.match(s, pos).end()
 
-    def _object(self, s: str, pos: int, doc: int, depth: int) -> int:
+    def _object(self, s: str, pos: int, doc: int, parent: str | None, depth: int) -> int:
+        """An object under key `parent`; a tool's or function's ``name`` in it is structural (an identifier
+        the backend resolves: masking it would break the call)."""
         if depth > MAX_DEPTH:
             raise TooDeep(f"request body nests JSON deeper than {MAX_DEPTH} levels")
         pos = _WS.match(s, pos + 1).end()
         if s[pos] == "}":
             return pos + 1
         seen: set[str] = set()
+        name_field = kind = None
         while True:
             key, key_end = scanstring(s, pos + 1)
             if key in seen:
@@ -277,13 +294,21 @@ class _Walk:
             if key not in KNOWN_KEYS and key:
                 self._add(doc, key, (pos, key_end))
             pos = _COLON.match(s, key_end).end()
+            before = len(self.fields)
             if key == "model" and doc == 0 and depth == 1:
                 self.top_model = (pos, self._value(s, pos, doc, key, depth))
                 end = self.top_model[1]
             else:
                 end = self._value(s, pos, doc, key, depth)
+            if key == "name" and len(self.fields) == before + 1:
+                name_field = before
+            elif key == "type" and s[pos] == '"':
+                kind = s[pos + 1 : end - 1]
             after = _NEXT.match(s, end)
             if after.group(1) == "}":
+                if name_field is not None and (parent in TOOL_PARENTS or kind in TOOL_TYPES):
+                    self.dropped.add(name_field)
+                    self.structural.append(self.fields[name_field].text)
                 return after.start(1) + 1
             pos = after.end()
 

@@ -44,7 +44,7 @@ from sidecar.policy import (
     pii_verdict,
 )
 from sidecar.recognizers import CHECKSUM_NAMES, PATTERN_NAMES, context_spans, default_recognizers, find_each
-from sidecar.request import ROUTED_KINDS, Kind, ParsedRequest, model_safe, parse_body, rewrite
+from sidecar.request import ROUTED_KINDS, Kind, ParsedRequest, TextField, model_safe, parse_body, rewrite
 from sidecar.results import CategoryResult, PiiResult, Span
 
 FREE_TEXT = "FREE_TEXT"
@@ -174,8 +174,11 @@ class Router:
         routed = routable and needs_category(parsed.requested_model, self.config.routing)
         category_text = parsed.category_text(self.config.routing.category_input) if routed else ""
         texts = parsed.texts()
-        route, spans, error = await self._judge(category_text, texts, len(body), loop_started, timings,
+        model_texts, shifts = with_keys(parsed.fields)
+        route, spans, error = await self._judge(category_text, model_texts, len(body), loop_started, timings,
                                                 parsed.requested_model, routed, too_large)
+        if spans is not None and any(shifts):
+            spans = [_unshift(s, shift) for s, shift in zip(spans, shifts, strict=True)]
         if not routable:
             route = Route(None, rewrite=False, reason="unrouted")
         context = [context_spans(f.key, f.text) for f in parsed.fields if f.key is not None]
@@ -378,6 +381,35 @@ class Router:
             route_reason=route.reason,
             error=error,
         )
+
+
+PROSE_KEYS = frozenset({"content", "text", "prompt", "input", "instructions", "system", "output", "description"})
+"""Keys whose values are prose: their key adds nothing for the model."""
+KEYED_CHARS = 64
+"""Values up to this long are shown to the PII model after their key (``customer: Edward Jackson``)."""
+
+
+def with_keys(fields: Sequence[TextField]) -> tuple[list[str], list[int]]:
+    """What the PII model reads for each field, and how many characters were put before its text. A short
+    value reads as a fragment; after its key it reads as the record it is: on the bundled model "Edward
+    Jackson" alone was tagged PERSON on "Edward" only, "customer: Edward Jackson" whole."""
+    texts, shifts = [], []
+    for f in fields:
+        if f.key is not None and f.key not in PROSE_KEYS and len(f.text) <= KEYED_CHARS and not f.number:
+            prefix = f"{f.key[:KEYED_CHARS]}: "
+            texts.append(prefix + f.text)
+            shifts.append(len(prefix))
+        else:
+            texts.append(f.text)
+            shifts.append(0)
+    return texts, shifts
+
+
+def _unshift(spans: list[Span], shift: int) -> list[Span]:
+    """Spans over ``prefix + text`` moved onto `text`; what lay in the prefix alone is dropped."""
+    if not shift:
+        return spans
+    return [Span(s.label, max(s.start - shift, 0), s.end - shift, s.score, s.source) for s in spans if s.end > shift]
 
 
 def _retrieve(task: asyncio.Future) -> None:

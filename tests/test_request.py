@@ -155,6 +155,18 @@ def test_tool_call_arguments_are_masked_inside_and_stay_valid_json():
     assert inner == {"email": "[EMAIL]", "card": "****1111", "note": "call Ann"}
 
 
+def test_tool_and_function_names_are_structural_and_a_participant_name_is_text():
+    body = json.dumps({"model": "auto", "messages": [
+        {"role": "user", "name": "alice_j", "content": "hi"},
+        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                              "function": {"name": "lookup", "arguments": "{}"}}]}],
+        "tools": [{"type": "function", "function": {"name": "lookup", "description": "Find Ann"}}]}).encode()
+    parsed = parse_body(body, "chat")
+    assert parsed.texts() == ["alice_j", "hi", "Find Ann"]
+    assert [f.index for f in parsed.fields] == [0, 1, 2]
+    assert parsed.structural.count("lookup") == 2
+
+
 def test_unknown_keys_and_long_numbers_are_scanned_short_numbers_are_not():
     body = b'{"model": "x", "input": "hi", "metadata": {"jo@example.com": 123456789, "k": 12345678, "id": 123456789012}}'
     parsed = parse_body(body, "generic")
@@ -245,8 +257,8 @@ def test_messages_api_system_blocks_tool_use_and_tool_results_are_scanned():
                                {"type": "tool_result", "tool_use_id": "t1", "content": "bob@example.com"},
                                {"type": "text", "text": "question two"}]}]}).encode()
     parsed = parse_body(body, "messages")
-    assert parsed.texts() == ["sys Ann", "question one", "find", "who", "Bob Stone", "bob@example.com",
-                              "question two"]
+    assert parsed.texts() == ["sys Ann", "question one", "who", "Bob Stone", "bob@example.com", "question two"]
+    assert "find" in parsed.structural  # a tool's name is an identifier: masking it would break the call
     assert parsed.category_text() == "question two"
 
 

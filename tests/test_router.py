@@ -150,6 +150,15 @@ async def test_pattern_recognizers_run_beside_the_model():
     assert b"536-22-8714" in off.body and b"10.1.2.3" in off.body
 
 
+async def test_a_short_value_reaches_the_pii_model_after_its_key_and_spans_land_on_the_value():
+    engine = FakeEngine()
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+                       "metadata": {"customer": "Jane Doe", "note": "x" * 80}}).encode()
+    d = await router(engine).decide(body, "chat")
+    assert "customer: Jane Doe" in engine.texts and "x" * 80 in engine.texts and "hi" in engine.texts
+    assert json.loads(d.body)["metadata"]["customer"] == "[PERSON]"
+
+
 async def test_a_long_number_under_a_key_that_names_it_is_masked_as_what_the_key_says():
     body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "update my record"}],
                        "metadata": {"ssn": 536222026, "phone": "4155550125", "order": 123456789}}).encode()
