@@ -78,8 +78,10 @@ def load_engine(config: Config, metrics: Metrics | None) -> Any:
     """The real Engine for `config`, with batch observations wired to `metrics`."""
     from sidecar.inference.engine import Engine
 
-    on_batch = metrics.observe_batch if metrics is not None else None
-    return Engine.load(config.models, config.batching, checksums=config.pii.checksums, on_batch=on_batch)
+    if metrics is None:
+        return Engine.load(config.models, config.batching, checksums=config.pii.checksums)
+    return Engine.load(config.models, config.batching, checksums=config.pii.checksums,
+                       on_batch=metrics.observe_batch, on_shed=metrics.observe_shed)
 
 
 def check_categories(config: Config, labels: list[str] | None) -> None:

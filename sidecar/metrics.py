@@ -52,6 +52,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.active_streams = Gauge(
             "sidecar_active_streams", "ext_proc streams open now.", registry=r)
+        self.shed = Counter(
+            "sidecar_shed", "Requests refused at admission, by model and reason (deadline: the queue could not "
+            "meet it; queue_full).", ["model", "reason"], registry=r)
         self.reloads = Counter(
             "sidecar_reloads", "Config and model reloads, by result.", ["result"], registry=r)
 
@@ -72,6 +75,10 @@ class Metrics:
         self.request_errors.labels(reason=reason).inc()
         if seconds is not None:
             self.decision_seconds.observe(seconds)
+
+    def observe_shed(self, model: str, reason: str) -> None:
+        """The Engine's ``on_shed`` callback: a request refused at admission."""
+        self.shed.labels(model=model, reason=reason).inc()
 
     def observe_batch(self, model: str, batch_size: int, tokens: int, infer_ms: float) -> None:
         """The Engine's ``on_batch`` callback; called from batcher worker threads (collectors are thread-safe)."""

@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 
 from sidecar.config import ModelConfig
-from sidecar.errors import ModelLoadError
-from sidecar.inference.backends import Backend, OnnxBackend, TorchBackend, cuda_device_count, open_backend
+from sidecar.errors import InferenceCancelled, ModelLoadError
+from sidecar.inference.backends import (
+    Backend,
+    OnnxBackend,
+    StopToken,
+    TorchBackend,
+    cuda_device_count,
+    open_backend,
+    release_freed_memory,
+    session_options,
+)
 from sidecar.inference.model_dir import ModelDir
 from tests.conftest import CATEGORY_LABELS, PII_LABELS
 from tests.inference_fakes import onnx_copy
@@ -158,3 +167,36 @@ def test_auto_on_a_gpu_runs_fp32_onnx_on_the_cuda_provider(onnx_pii_dir):
     config = ModelConfig(path=str(onnx_pii_dir))
     backend = open_backend(ModelDir.read(onnx_pii_dir), config)
     assert backend.name == "onnx" and backend.providers[0] == "CUDAExecutionProvider"
+
+
+def test_an_onnx_pass_asked_to_stop_raises_inference_cancelled_and_the_session_keeps_serving(onnx_pii_dir):
+    backend = open_backend(ModelDir.read(onnx_pii_dir), cpu(onnx_pii_dir, "onnx"))
+    assert backend.stoppable
+    ids, mask = batch([1, 40, 41, 42, 2], [1, 50, 2])
+    stop = StopToken()
+    stop.stop()  # ONNX Runtime reads the flag between operators; set before the pass, it stops at once
+    with pytest.raises(InferenceCancelled, match="stopped"):
+        backend.run(ids, mask, stop)
+    np.testing.assert_array_equal(backend.run(ids, mask, StopToken()), backend.run(ids, mask))
+
+
+def test_a_stop_token_runs_its_hooks_once_whenever_they_were_added():
+    stop, seen = StopToken(), []
+    stop.on_stop(lambda: seen.append("before"))
+    stop.stop()
+    stop.on_stop(lambda: seen.append("after"))
+    stop.stop()
+    assert seen == ["before", "after"] and stop.stopped
+
+
+def test_onnx_sessions_do_not_keep_a_growing_cpu_arena():
+    assert not session_options().enable_cpu_mem_arena
+
+
+def test_freed_heap_memory_goes_back_to_the_os_only_once_the_process_has_grown():
+    from sidecar.inference import backends
+
+    if backends._malloc_trim() is None or backends._rss_bytes() is None:
+        pytest.skip("needs glibc and /proc")
+    assert release_freed_memory(slack=0)  # grown by at least nothing: trimmed
+    assert not release_freed_memory(slack=1 << 40)

@@ -1,12 +1,14 @@
 import asyncio
 import threading
+import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from sidecar.config import BatchingConfig
-from sidecar.errors import InferenceError, Overloaded
-from sidecar.inference.batcher import Batcher, WindowResult, pad, plan_batches, summarize
+from sidecar.errors import InferenceCancelled, InferenceError, InferenceTimeout, Overloaded
+from sidecar.inference.batcher import Batcher, PassCost, WindowResult, pad, plan_batches, summarize
 from tests.inference_fakes import Fingerprint, fingerprint_logits
 
 LABELS = 3
@@ -265,3 +267,188 @@ async def test_a_failure_while_logging_a_model_error_still_answers_the_caller(ma
         await asyncio.wait_for(batcher.infer([row(1, 2)]), 5.0)
     [result] = await asyncio.wait_for(batcher.infer([row(3, 4)]), 5.0)
     assert np.allclose(result.logits, expected(row(3, 4)))
+
+
+# Deadlines, admission, the taking order and stopping passes.
+
+
+def slow(per_token_s: float) -> PassCost:
+    """A cost model that prices every token at `per_token_s` (and a pass at 32 tokens) and learns nothing
+    from the fake's instant passes while a test reads it."""
+    cost = PassCost(32, per_token_s)
+    cost.observe = lambda *_: None
+    return cost
+
+
+async def test_a_request_whose_deadline_cannot_be_met_is_refused_at_once_and_queues_nothing():
+    backend = Fingerprint(LABELS, gate=threading.Event())
+    shed = []
+    batcher = Batcher("pii", backend, BatchingConfig(max_wait_ms=0), pad_id=0, cost=slow(0.01),
+                      on_shed=lambda *a: shed.append(a))
+    try:
+        first = await hold_worker(batcher, backend)
+        ahead = asyncio.create_task(batcher.infer([row(*range(1, 9))] * 4))  # 32 tokens, taken first
+        await until(lambda: batcher.queued == 4)
+        loop = asyncio.get_running_loop()
+        refused = r"cannot meet the deadline \(estimated \d+ ms, \d+ ms available\)"
+        with pytest.raises(Overloaded, match=refused):  # it needs (32 + 40 + 32) x 10 ms and more
+            await batcher.infer([row(*range(1, 41))], deadline=loop.time() + 0.5)
+        assert batcher.queued == 4 and shed == [("pii", "deadline")] and batcher.shed == 1
+        backend.gate.set()
+        await asyncio.gather(first, ahead)
+    finally:
+        backend.gate.set()
+        batcher.close()
+    assert tuple(range(1, 41)) not in backend.rows_seen()
+
+
+async def test_admission_refuses_only_past_the_estimate_itself():
+    batcher = Batcher("pii", Fingerprint(LABELS), BatchingConfig(max_wait_ms=0), pad_id=0, cost=slow(0.001))
+    try:
+        loop = asyncio.get_running_loop()
+        assert batcher.estimate_s(8, 1) == pytest.approx((8 + 32) * 0.001)  # idle: its own pass only
+        [result] = await batcher.infer([row(*range(1, 9))], deadline=loop.time() + 0.040 + 0.005)
+        assert np.allclose(result.logits, expected(row(*range(1, 9))))
+        with pytest.raises(Overloaded):
+            await batcher.infer([row(*range(1, 9))], deadline=loop.time() + 0.040 - 0.005)
+    finally:
+        batcher.close()
+
+
+async def test_at_light_load_nothing_is_refused(make):
+    backend = Fingerprint(LABELS)
+    batcher = make(backend, max_wait_ms=0)
+    loop = asyncio.get_running_loop()
+    for i in range(20):  # one at a time, then bursts, each with the router's 250 ms
+        await batcher.infer([row(i + 1, i + 2)], deadline=loop.time() + 0.25)
+    for _ in range(5):
+        burst = [batcher.infer([row(*range(1, 60 + i))], deadline=loop.time() + 0.25) for i in range(32)]
+        await asyncio.gather(*burst)
+    assert batcher.shed == 0
+
+
+async def test_a_short_request_queued_after_a_long_one_runs_before_the_long_ones_remaining_windows(make):
+    backend = Fingerprint(LABELS, gate=threading.Event())
+    batcher = make(backend, max_batch_tokens=16, max_wait_ms=0)  # one 16-token window per pass
+    long = [row(*range(20 * i + 1, 20 * i + 17)) for i in range(5)]
+    long_task = asyncio.create_task(batcher.infer(long))
+    await asyncio.to_thread(backend.entered.wait, 10)  # the long request's first window is running
+    short = asyncio.create_task(batcher.infer([row(7, 7, 7)]))
+    await until(lambda: batcher.queued == 5)
+    backend.gate.set()
+    await asyncio.gather(long_task, short)
+    passes = [c[0].tolist() for c in backend.calls]
+    assert len(passes) == 6 and passes[0] == long[0].tolist()
+    assert passes[1][:3] == [7, 7, 7]  # next, before the long request's four other windows
+
+
+async def test_equal_requests_are_taken_oldest_first(make):
+    backend = Fingerprint(LABELS, gate=threading.Event())
+    batcher = make(backend, max_batch_size=1)
+    first = await hold_worker(batcher, backend)
+    tasks: list[asyncio.Task] = []
+    for i in (5, 3, 4):  # same size, queued in this order
+        tasks.append(asyncio.create_task(batcher.infer([row(i, i)])))
+        queued = len(tasks)
+        await until(lambda: batcher.queued == queued)  # noqa: B023 (awaited before `queued` changes)
+    backend.gate.set()
+    await asyncio.gather(first, *tasks)
+    assert [c[0].tolist() for c in backend.calls[1:]] == [[5, 5], [3, 3], [4, 4]]
+
+
+async def test_a_request_whose_deadline_passes_in_the_queue_fails_with_timeout_and_never_runs(make):
+    backend = Fingerprint(LABELS, gate=threading.Event())
+    batcher = make(backend)
+    first = await hold_worker(batcher, backend)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 0.02
+    doomed = asyncio.create_task(batcher.infer([row(6, 6, 6)], deadline=deadline))
+    await until(lambda: batcher.queued == 1 and loop.time() > deadline)  # a clock condition, not a sleep
+    backend.gate.set()
+    with pytest.raises(InferenceTimeout, match="deadline passed before this request ran"):
+        await doomed
+    await first
+    assert (6, 6, 6) not in backend.rows_seen()
+
+
+class Stoppable(Fingerprint):
+    """A backend whose passes can be stopped: each pass waits until it is stopped (it then raises, as ONNX
+    Runtime does) or the test opens the backend, and the stops it obeyed are counted."""
+
+    stoppable = True
+
+    def __init__(self, num_labels: int):
+        super().__init__(num_labels)
+        self.gate = SimpleNamespace(set=self.open)  # what the `make` fixture opens at teardown
+        self.stopped = 0
+        self._opened = threading.Event()
+        self._wakes: list[threading.Event] = []
+
+    def open(self) -> None:
+        self._opened.set()
+        for wake in list(self._wakes):
+            wake.set()
+
+    def run(self, input_ids, attention_mask, stop):
+        self.calls.append(input_ids.copy())
+        self.masks.append(attention_mask.copy())
+        wake = threading.Event()
+        self._wakes.append(wake)
+        stop.on_stop(wake.set)
+        if self._opened.is_set():
+            wake.set()
+        self.entered.set()
+        if not wake.wait(10):
+            raise TimeoutError("the test never opened the backend")
+        if stop.stopped:
+            self.stopped += 1
+            raise InferenceCancelled("forward pass stopped")
+        return self.logits(input_ids, attention_mask)
+
+
+async def test_a_caller_cancelled_mid_pass_has_its_pass_stopped_and_the_worker_serves_the_next_request(make):
+    backend = Stoppable(LABELS)
+    batcher = make(backend)
+    doomed = asyncio.create_task(batcher.infer([row(9, 9, 9)]))
+    await asyncio.to_thread(backend.entered.wait, 10)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    await until(lambda: backend.stopped == 1)
+    backend.open()
+    [result] = await batcher.infer([row(4, 5)])
+    assert np.allclose(result.logits, expected(row(4, 5)))
+    assert batcher._thread.is_alive() and backend.stopped == 1
+
+
+async def test_a_pass_shared_with_a_caller_still_waiting_is_not_stopped(make):
+    backend = Stoppable(LABELS)
+    batcher = make(backend, max_wait_ms=0)
+    gone = asyncio.ensure_future(batcher.infer([row(9, 9, 9)]))
+    staying = asyncio.ensure_future(batcher.infer([row(2, 3)]))  # same loop step: same pass
+    await asyncio.to_thread(backend.entered.wait, 10)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    backend.open()
+    [result] = await staying
+    assert np.allclose(result.logits, expected(row(2, 3)))
+    assert backend.stopped == 0 and len(backend.calls) == 1
+
+
+async def test_a_finished_requests_windows_are_not_kept_by_the_batcher(make):
+    batcher = make(Fingerprint(LABELS), max_wait_ms=0)
+    ids = row(1, 2, 3)
+    kept = weakref.ref(ids)
+    await batcher.infer([ids])
+    del ids
+    await until(lambda: kept() is None)
+
+
+def test_pass_cost_replaces_its_seed_with_what_it_measures_then_averages():
+    cost = PassCost(pass_tokens=32, per_token_s=1.0, weight=0.5)
+    cost.observe(96, 0.128)  # (96 + 32) tokens in 128 ms: 1 ms per token, the seed forgotten
+    assert cost.per_token_s == pytest.approx(0.001)
+    cost.observe(96, 0.384)  # 3 ms per token, weighted by a half
+    assert cost.per_token_s == pytest.approx(0.002)
+    assert cost.seconds(100, 2) == pytest.approx(0.002 * (100 + 64))

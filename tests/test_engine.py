@@ -1,6 +1,7 @@
 import asyncio
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -148,8 +149,6 @@ def test_tokenizing_stops_between_calls_once_its_caller_has_gone(encoder):
 
 
 def test_the_category_window_of_a_huge_text_costs_about_one_window(encoder):
-    import time
-
     text = long_mixed_text(4_000_000)
     started = time.perf_counter()
     head = encoder.head_of(text)
@@ -175,14 +174,14 @@ async def test_a_burst_of_requests_shares_one_pass_even_when_tokenized_off_the_l
     text = f"{filler(5)} call 5550100"  # one window
     burst = [text] * 120
     assert sum(map(len, burst)) > 4096  # more than one loop step may tokenize on the loop
-    pii, tagger = fake_pii(max_batch_size=128)
+    pii, tagger = fake_pii(max_batch_size=128, max_batch_tokens=16384)  # room for the whole burst in one take
     hops = []
     to_thread = asyncio.to_thread
     monkeypatch.setattr(asyncio, "to_thread", lambda *a, **k: hops.append(a[0]) or to_thread(*a, **k))
     results = await asyncio.gather(*(pii.detect_pii(t) for t in burst))
     assert len(tagger.calls) == 1 and all(offsets(r) == offsets(results[0]) != [] for r in results)
     assert hops == []  # tokenized and decoded as groups, not a thread hop per request
-    category, fingerprint = fake_category(max_batch_size=128)
+    category, fingerprint = fake_category(max_batch_size=128, max_batch_tokens=16384)
     labels = await asyncio.gather(*(category.classify(t) for t in burst))
     assert len(fingerprint.calls) == 1 and len({r.label for r in labels}) == 1
 
@@ -524,3 +523,102 @@ def test_warm_up_reaches_both_sessions_of_a_backend_that_runs_small_passes_on_on
     engines.append(engine)
     engine.warm_up()
     assert [c.size <= 8 for c in backend.calls] == [True, False]
+
+
+# Deadlines and stopping work for callers that have gone.
+
+
+def priced(engine_model, per_token_s: float) -> None:
+    """Make a model's batcher price every token at `per_token_s`, learning nothing from the fake's passes."""
+    cost = engine_model.batcher.cost
+    cost.per_token_s = per_token_s
+    cost.observe = lambda *_: None
+
+
+async def test_every_async_call_takes_a_deadline_and_refuses_work_that_cannot_meet_it(fake_pii,
+                                                                                       fake_category):
+    loop = asyncio.get_running_loop()
+    pii, _ = fake_pii()
+    category, _ = fake_category()
+    later = loop.time() + 10.0
+    assert offsets(await pii.detect_pii("call 5551234", deadline=later)) == [("PHONE_NUMBER", 5, 12)]
+    [result] = await pii.detect_pii_all(["call 5551234"], deadline=later)
+    assert offsets(result) == [("PHONE_NUMBER", 5, 12)]
+    assert (await category.classify("which court", deadline=later)).label in CATEGORY_LABELS
+    gone = loop.time() - 0.001
+    for call in (pii.detect_pii("call 5551234", deadline=gone), pii.detect_pii_all(["x 1"], deadline=gone),
+                 category.classify("which court", deadline=gone)):
+        with pytest.raises(Overloaded, match="cannot meet the deadline"):
+            await call
+    assert pii._pii.batcher.shed == 2 and category._category.batcher.shed == 1
+
+
+async def test_a_long_text_that_cannot_meet_its_deadline_is_refused_before_it_is_tokenized(fake_pii,
+                                                                                            monkeypatch):
+    engine, tagger = fake_pii()
+    priced(engine._pii, 0.01)
+    tokenized = []
+    monkeypatch.setattr(engine._pii.tokenize, "run", lambda texts: tokenized.append(texts))
+    text = filler(2000)
+    assert len(text) > 4096
+    with pytest.raises(Overloaded, match="cannot meet the deadline"):
+        await engine.detect_pii(text, deadline=asyncio.get_running_loop().time() + 0.25)
+    assert tokenized == [] and tagger.calls == []
+
+
+async def test_refusals_reach_the_on_shed_callback(tiny_pii_dir, engines):
+    model_dir = ModelDir.read(tiny_pii_dir)
+    shed = []
+    engine = Engine(pii=LoadedModel(model_dir, ModelConfig(path=str(tiny_pii_dir)), DigitTagger(model_dir)),
+                    on_shed=lambda *args: shed.append(args))
+    engines.append(engine)
+    with pytest.raises(Overloaded):
+        await engine.detect_pii("call 5551234", deadline=asyncio.get_running_loop().time() - 1.0)
+    assert shed == [("pii", "deadline")]
+
+
+class HeldSession:
+    """A real ONNX Runtime session whose passes wait, once the test holds them, until their RunOptions ask
+    them to stop, then run: ONNX Runtime itself then refuses the pass."""
+
+    def __init__(self, session):
+        self.session = session
+        self.hold = True
+        self.entered = threading.Event()
+        self.errors: list[str] = []
+
+    def run(self, names, feeds, options=None):
+        if self.hold:
+            self.entered.set()
+            for _ in range(1000):  # the batcher's thread stops the pass from the event loop
+                if options is not None and options.terminate:
+                    break
+                time.sleep(0.01)  # polls the flag: ORT offers no callback
+        try:
+            return self.session.run(names, feeds, options)
+        except Exception as e:
+            self.errors.append(str(e))
+            raise
+
+
+async def test_a_caller_cancelled_mid_pass_has_its_onnx_pass_terminated_and_the_next_request_is_served(
+        tiny_pii_dir, tmp_path_factory):
+    onnx_pii = onnx_copy(tiny_pii_dir, tmp_path_factory.getbasetemp())
+    config = ModelConfig(path=str(onnx_pii), runtime="onnx", device="cpu", max_length=32, stride=8,
+                         small_pass_tokens=0)  # every pass on the session the test holds
+    engine = Engine.load(ModelsConfig(pii=config), BatchingConfig(), checksums=False)
+    try:
+        backend = engine._pii.backend
+        held = backend._session = HeldSession(backend._session)
+        doomed = asyncio.create_task(engine.detect_pii("My name is John Smith", deadline=None))
+        await asyncio.to_thread(held.entered.wait, 10)
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        await until(lambda: held.errors != [])
+        assert "terminate" in held.errors[0]
+        held.hold = False
+        result = await engine.detect_pii("My name is John Smith")
+        assert result.timings is not None and engine._pii.batcher._thread.is_alive()
+    finally:
+        engine.close()

@@ -119,3 +119,12 @@ def test_exceptions_are_logged_by_type_and_place_not_message():
     assert fields["error_type"] == "builtins.KeyError"
     assert "user secret" not in json.dumps(fields)
     assert any("test_metrics.py" in frame for frame in fields["error_at"])
+
+
+def test_requests_shed_at_admission_are_counted_by_model_and_reason():
+    metrics = Metrics()
+    metrics.observe_shed("pii", "deadline")
+    metrics.observe_shed("pii", "deadline")
+    metrics.observe_shed("category", "queue_full")
+    assert sample(metrics, "sidecar_shed_total", model="pii", reason="deadline") == 2
+    assert sample(metrics, "sidecar_shed_total", model="category", reason="queue_full") == 1

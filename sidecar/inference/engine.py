@@ -3,8 +3,11 @@
 One Engine holds up to two models (category, PII), each with its own tokenizer, backend and batcher.
 Async calls are what the server uses: they never block the event loop (long texts are tokenized and
 decoded on a worker thread, with the tokenizer's GIL-free batch call, and inference runs on the
-batcher's thread). The ``*_many`` calls are the synchronous, batched path for the offline CLI and
-evaluation.
+batcher's thread). They take an optional `deadline` (event-loop time): work that cannot be done by then
+is refused at once with ``Overloaded`` (a text too long for it before it is even tokenized), and work
+whose caller has gone stops (tokenization at the next piece, inference before the next pass or half-way
+through an ONNX Runtime pass). The ``*_many`` calls are the synchronous, batched path for the offline CLI
+and evaluation.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from sidecar.checksums import find_checksum_spans, find_checksum_spans_each, rec
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.errors import InferenceCancelled, ModelLoadError
 from sidecar.inference.backends import Backend, open_backend, ort_cuda_available
-from sidecar.inference.batcher import Batcher, OnBatch, WindowResult, summarize
+from sidecar.inference.batcher import Batcher, OnBatch, OnShed, WindowResult, summarize
 from sidecar.inference.heads import BioScheme, category_results, decode_bio
 from sidecar.inference.model_dir import TASK_CATEGORY, TASK_PII, ModelDir, ModelDirError
 from sidecar.inference.windows import Encoded, TextEncoder, Window, merge_windows
@@ -140,7 +143,7 @@ class _Model:
     """Everything one model needs at request time, built once."""
 
     def __init__(self, name: str, loaded: LoadedModel, batching: BatchingConfig, on_batch: OnBatch | None,
-                 on_loop: Callable[[int], bool]):
+                 on_loop: Callable[[int], bool], on_shed: OnShed | None = None):
         self.name = name
         self.model_dir = loaded.model_dir
         self.config = loaded.config
@@ -158,7 +161,9 @@ class _Model:
                 configured=loaded.config.max_length,
                 max_position_embeddings=loaded.model_dir.max_position_embeddings,
             )
-        self.batcher = Batcher(name, loaded.backend, batching, loaded.model_dir.pad_token_id, on_batch)
+        self.batcher = Batcher(name, loaded.backend, batching, loaded.model_dir.pad_token_id, on_batch,
+                               on_shed)
+        self.max_token_chars = _longest_token(loaded.model_dir)
         if self.scheme is None:
             self.tokenize = StepGroup(lambda texts, stop: self.encoder.heads_of(texts), on_loop)
         else:
@@ -190,16 +195,19 @@ class Engine:
         batching: BatchingConfig | None = None,
         checksums: bool = True,
         on_batch: OnBatch | None = None,
+        on_shed: OnShed | None = None,
     ):
         batching = batching or BatchingConfig()
         self.checksums = checksums
         self._step_loop: asyncio.AbstractEventLoop | None = None  # the loop whose current step has used
         self._step_chars = 0  # this many characters of on-loop work
-        self._category = _Model("category", category, batching, on_batch, self._on_loop) if category else None
+        self._category = None
+        if category:
+            self._category = _Model("category", category, batching, on_batch, self._on_loop, on_shed)
         self._pii: _Model | None = None
         self._pii_decode = StepGroup(self._decode_pii, self._on_loop, size=lambda job: len(job[0]))
         try:
-            self._pii = _Model("pii", pii, batching, on_batch, self._on_loop) if pii else None
+            self._pii = _Model("pii", pii, batching, on_batch, self._on_loop, on_shed) if pii else None
         except Exception:
             self.close()
             raise
@@ -211,8 +219,10 @@ class Engine:
         batching: BatchingConfig,
         checksums: bool = True,
         on_batch: OnBatch | None = None,
+        on_shed: OnShed | None = None,
     ) -> Engine:
-        """Read the configured model directories and open a backend for each (see ``open_backend``)."""
+        """Read the configured model directories and open a backend for each (see ``open_backend``).
+        `on_batch` sees every forward pass, `on_shed` every refused request (see the batcher)."""
         loaded = {}
         share = sum(c is not None and (c.device == "cpu" or not ort_cuda_available()) for c in (models.category, models.pii))
         for name, task in (("category", TASK_CATEGORY), ("pii", TASK_PII)):
@@ -225,7 +235,7 @@ class Engine:
             except ModelDirError as e:
                 raise ModelLoadError(f"models.{name}: {e}") from e
             loaded[name] = LoadedModel(model_dir, config, open_backend(model_dir, config, cpu_share=share))
-        engine = cls(loaded["category"], loaded["pii"], batching, checksums, on_batch)
+        engine = cls(loaded["category"], loaded["pii"], batching, checksums, on_batch, on_shed)
         try:
             engine.warm_up()
         except ModelLoadError:
@@ -282,9 +292,10 @@ class Engine:
                 raise ModelLoadError(f"models.{model.name}: the first forward pass failed ({type(e).__name__}: {e})") from e
             log.info("model_warmed", model=model.name, ms=round((time.perf_counter() - started) * 1000.0, 1))
 
-    async def classify(self, text: str) -> CategoryResult:
+    async def classify(self, text: str, deadline: float | None = None) -> CategoryResult:
         """The category of `text`, read from its first window. Raises InferenceError (Overloaded when the
-        queue is full); RuntimeError when no category model is configured."""
+        queue is full or cannot answer by `deadline`, event-loop time); RuntimeError when no category model
+        is configured."""
         model = self._category
         if model is None:
             raise RuntimeError("no category model is configured")
@@ -294,7 +305,7 @@ class Engine:
         else:
             [ids] = await model.tokenize.run([text])
         tokenized = time.perf_counter()
-        results = await model.batcher.infer([ids])
+        results = await model.batcher.infer([ids], deadline)
         inferred = time.perf_counter()
         [result] = category_results(results[0].logits, model.labels)
         decoded = time.perf_counter()
@@ -305,16 +316,18 @@ class Engine:
             _timings(results, started, tokenized, inferred, decoded),
         )
 
-    async def detect_pii(self, text: str) -> PiiResult:
+    async def detect_pii(self, text: str, deadline: float | None = None) -> PiiResult:
         """Every entity in `text`, sorted by start, before any policy threshold. The whole text is read in
         overlapping windows. Without a PII model, only checksum spans (if enabled) are returned."""
-        [result] = await self.detect_pii_all([text])
+        [result] = await self.detect_pii_all([text], deadline)
         return result
 
-    async def detect_pii_all(self, texts: Sequence[str]) -> list[PiiResult]:
+    async def detect_pii_all(self, texts: Sequence[str], deadline: float | None = None) -> list[PiiResult]:
         """:meth:`detect_pii` for each of one request's texts, as one job: one tokenization (on a worker
         thread, without the GIL, when the texts are long together), one trip through the batcher, one
-        decoding. A body of a thousand short messages so costs two thread hops, not two thousand."""
+        decoding. A body of a thousand short messages so costs two thread hops, not two thousand.
+        Overloaded when the model cannot answer by `deadline` (event-loop time): for long texts, judged
+        on the fewest tokens they can have before tokenizing them, then on their tokens."""
         model = self._pii
         started = time.perf_counter()
         if model is None:
@@ -326,10 +339,14 @@ class Engine:
                 spans = await asyncio.to_thread(find_checksum_spans_each, texts)
             decode_ms = (time.perf_counter() - started) * 1000.0
             return [PiiResult(s, StageTimings(decode_ms=decode_ms)) for s in spans]
+        chars = sum(map(len, texts))
+        if deadline is not None and chars > _INLINE_CHARS:  # tokenizing 900 KB costs 0.4 s of a core
+            least = chars // model.max_token_chars
+            model.batcher.shed_if_late(least, -(-least // model.encoder.body), deadline)
         prepared = await model.tokenize.run(texts)
         tokenized = time.perf_counter()
         flat = [w.ids for _, windows in prepared for w in windows]
-        results = await model.batcher.infer(flat) if flat else []
+        results = await model.batcher.infer(flat, deadline) if flat else []
         inferred = time.perf_counter()
         per_text: list[list[WindowResult]] = []
         at = 0
@@ -406,6 +423,13 @@ class Engine:
             token_logits = merge_windows(len(encoded), windows, logits)
             spans = decode_bio(token_logits, encoded.offsets, text, model.scheme)
         return reconcile(text, spans) if self.checksums else spans
+
+
+def _longest_token(model_dir: ModelDir) -> int:
+    """Characters one token can cover at most: its vocabulary's longest entry (byte-level BPE spells a
+    byte as one character, and a character is at least one byte), so a text has at least
+    ``len(text) // _longest_token`` tokens."""
+    return max(1, max(map(len, model_dir.load_tokenizer().get_vocab()), default=1))
 
 
 def _pii_windows(model: _Model, texts: Sequence[str],
