@@ -165,9 +165,9 @@ class FailureConfig(_Section):
     timeout_ms: Annotated[float, Field(gt=0)] = 250.0
     """Deadline for the whole decision of a small request (parse, models, masking, rewrite); the models stop
     early enough for the no-model fallback to answer in time."""
-    timeout_ms_per_kib: Annotated[float, Field(ge=0)] = 15.0
+    timeout_ms_per_kib: Annotated[float, Field(ge=0)] = 30.0
     """Added to timeout_ms for every KiB of body, so a long prompt is read whole instead of timing out."""
-    max_timeout_ms: Annotated[float, Field(gt=0)] = 2500.0
+    max_timeout_ms: Annotated[float, Field(gt=0)] = 2600.0
     """Cap of the grown deadline. Keep it below Envoy's message_timeout (3 s in envoy.yaml): an answer Envoy
     no longer waits for is lost."""
     max_inspect_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
