@@ -426,14 +426,23 @@ def find_each(texts: Sequence[str], recognizers: Iterable[Recognizer] | None = N
     """:func:`find_all` of each text, scanned together as one string joined by newlines (no entity spans a
     newline, and a newline counts as a text's edge), so thousands of short texts cost one scan each."""
     recognizers = _ALL if recognizers is None else tuple(recognizers)
-    if len(texts) <= 1:
-        return [find_all(t, recognizers) for t in texts]
-    starts = list(accumulate((len(t) + 1 for t in texts[:-1]), initial=0))
     out: list[list[Span]] = [[] for _ in texts]
-    for span in find_all("\n".join(texts), recognizers):
-        i = bisect_right(starts, span.start) - 1
-        out[i].append(span.shifted(-starts[i]))
+    chosen = [i for i, t in enumerate(texts) if _CANDIDATE.search(t)]  # the rest cannot hold an entity
+    if len(chosen) <= 1:
+        for i in chosen:
+            out[i] = find_all(texts[i], recognizers)
+        return out
+    scanned = [texts[i] for i in chosen]
+    starts = list(accumulate((len(t) + 1 for t in scanned[:-1]), initial=0))
+    for span in find_all("\n".join(scanned), recognizers):
+        at = bisect_right(starts, span.start) - 1
+        out[chosen[at]].append(span.shifted(-starts[at]))
     return out
+
+
+_CANDIDATE = re.compile(r"[0-9@]")
+"""Every entity the recognizers report holds an ASCII digit or an ``@`` (emails, URL credentials): a text
+with neither is skipped without running them (most short values, most prose)."""
 
 
 # --- the key as context ------------------------------------------------------------------------------------
