@@ -505,3 +505,15 @@ async def test_a_4mb_body_is_answered_degraded_with_the_card_masked_within_the_d
     last = json.loads(d.body)["messages"][-1]["content"]
     assert CARD not in d.body.decode() and last.endswith("Pay with [CREDIT_CARD] today.")
     assert elapsed < 5 and stalled < 1.0, (elapsed, stalled)
+
+
+def test_the_removed_pii_roles_setting_is_refused_with_a_migration_hint():
+    with pytest.raises(ConfigError, match="pii.roles: no longer a setting: every text"):
+        make_config(pii={"roles": ["user"]})
+
+
+def test_the_decision_deadline_grows_per_kib_up_to_its_cap_which_must_cover_the_base():
+    failure = make_config(failure={"timeout_ms": 100, "timeout_ms_per_kib": 10, "max_timeout_ms": 300}).failure
+    assert (failure.timeout_s(0), failure.timeout_s(10 * 1024), failure.timeout_s(10 << 20)) == (0.1, 0.2, 0.3)
+    with pytest.raises(ConfigError, match="max_timeout_ms must be at least timeout_ms"):
+        make_config(failure={"timeout_ms": 5000})
