@@ -161,8 +161,9 @@ def summary(config: Config, engine_description: dict, path: Path) -> list[str]:
     policies = ", ".join(f"{m}={p.action}" + (f" (blocks {'/'.join(p.block_entities)})" if p.block_entities else "")
                          for m, p in sorted(config.pii.policies.items())) or "none"
     lines.append(f"pii: default {config.pii.default_policy.action}; per-model {policies}; "
-                 f"checksums {'on' if config.pii.checksums else 'off'}")
-    lines.append(f"failure: inference {f.inference}, timeout {f.timeout_ms:g} ms, bad body {f.bad_body}")
+                 f"checksums {'on' if config.pii.checksums else 'off'}, patterns {config.pii.patterns}")
+    lines.append(f"failure: inference {f.inference}, timeout {f.timeout_ms:g} ms + {f.timeout_ms_per_kib:g} ms/KiB "
+                 f"(at most {f.max_timeout_ms:g} ms), bad body {f.bad_body}, inspect at most {f.max_inspect_bytes} bytes")
     return lines
 
 
