@@ -46,3 +46,25 @@ def corpus_file(path: Path) -> Path:
     lines = CORPUS_LINES * 3 + [r["text"] for r in category_rows(10)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def luhn_card(rng: random.Random) -> str:
+    """A 16-digit Visa-range number that passes Luhn."""
+    from sidecar.checksums import is_valid_card
+
+    digits = [4] + [rng.randrange(10) for _ in range(14)]
+    total = sum(d if i % 2 else (2 * d if 2 * d < 10 else 2 * d - 9) for i, d in enumerate(reversed(digits)))
+    number = "".join(map(str, digits)) + str((10 - total % 10) % 10)
+    assert is_valid_card(number)
+    return number
+
+
+def gb_iban(rng: random.Random) -> str:
+    """A UK IBAN with valid mod-97 check digits."""
+    from sidecar.checksums import is_valid_iban
+
+    bban = "WEST" + "".join(str(rng.randrange(10)) for _ in range(14))
+    numeric = "".join(str(int(c, 36)) for c in bban + "GB00")
+    iban = f"GB{98 - int(numeric) % 97:02d}{bban}"
+    assert is_valid_iban(iban)
+    return iban

@@ -28,10 +28,11 @@ import aiohttp
 import pytest
 import yaml
 
-from sidecar.checksums import find_checksum_spans, is_valid_card, is_valid_iban
+from sidecar.checksums import find_checksum_spans
 from sidecar.demo.stack import ROUTER_CONFIG, Received, Stack
 from sidecar.mutations import OWNED_HEADERS
 from tests.conftest import PII_LABELS, make_untrained_model_dir
+from tests.factories import gb_iban, luhn_card
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(300)]
 
@@ -56,22 +57,6 @@ SUBJECTS = [
 
 # --- data whose masking is exactly predictable -------------------------------------------------------------
 
-def luhn_card(rng: random.Random) -> str:
-    """A 16-digit Visa-range number that passes Luhn."""
-    digits = [4] + [rng.randrange(10) for _ in range(14)]
-    total = sum(d if i % 2 else (2 * d if 2 * d < 10 else 2 * d - 9) for i, d in enumerate(reversed(digits)))
-    number = "".join(map(str, digits)) + str((10 - total % 10) % 10)
-    assert is_valid_card(number)
-    return number
-
-
-def gb_iban(rng: random.Random) -> str:
-    """A UK IBAN with valid mod-97 check digits."""
-    bban = "WEST" + "".join(str(rng.randrange(10)) for _ in range(14))
-    numeric = "".join(str(int(c, 36)) for c in bban + "GB00")
-    iban = f"GB{98 - int(numeric) % 97:02d}{bban}"
-    assert is_valid_iban(iban)
-    return iban
 
 
 def chat(*contents: str, model: str = "auto", roles: tuple[str, ...] | None = None) -> bytes:

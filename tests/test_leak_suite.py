@@ -43,8 +43,8 @@ import pytest
 import yarl
 
 from sidecar.body import decode_text
-from sidecar.checksums import is_valid_card, is_valid_iban
 from sidecar.demo.stack import DEPLOY_DIR, Received, Stack
+from tests.factories import gb_iban, luhn_card
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(300)]
 
@@ -66,22 +66,6 @@ MODELS_FAIL = {"failure": {"timeout_ms": 1, "timeout_ms_per_kib": 0, "max_timeou
 
 # --- planted values ------------------------------------------------------------------------------------------
 
-def luhn_card(rng: random.Random) -> str:
-    """A 16-digit Visa-range number that passes Luhn."""
-    digits = [4] + [rng.randrange(10) for _ in range(14)]
-    total = sum(d if i % 2 else (2 * d if 2 * d < 10 else 2 * d - 9) for i, d in enumerate(reversed(digits)))
-    number = "".join(map(str, digits)) + str((10 - total % 10) % 10)
-    assert is_valid_card(number)
-    return number
-
-
-def gb_iban(rng: random.Random) -> str:
-    """A UK IBAN with valid mod-97 check digits."""
-    bban = "WEST" + "".join(str(rng.randrange(10)) for _ in range(14))
-    numeric = "".join(str(int(c, 36)) for c in bban + "GB00")
-    iban = f"GB{98 - int(numeric) % 97:02d}{bban}"
-    assert is_valid_iban(iban)
-    return iban
 
 
 FIRST_NAMES = ["Alice", "Robert", "Margaret", "Daniel", "Jennifer", "Thomas", "Patricia", "Michael", "Elizabeth",

@@ -420,7 +420,10 @@ class Stack:
         data = merge(merge(data, self.router_overrides), overrides or {})
         if self.router_edit is not None:
             self.router_edit(data)
-        data = merge(data, {"server": {"listen": self.sidecar_address, "metrics_listen": f"{HOST}:{self._metrics_port}"}})
+        # watch_config off: the stack reloads by SIGHUP and waits for that reload; a file watcher's own, later
+        # reload of an earlier write could otherwise be taken for it.
+        data = merge(data, {"server": {"listen": self.sidecar_address, "metrics_listen": f"{HOST}:{self._metrics_port}",
+                                       "watch_config": False}})
         missing = resolve_model_paths(data, self.router_source.parent)
         if missing:
             raise MissingModels(missing)
