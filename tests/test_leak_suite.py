@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote_plus, urlencode, urlsplit
 
@@ -1123,3 +1124,25 @@ async def test_under_load_no_planted_name_reaches_a_backend(shipped, keeper, pha
     found = await asyncio.to_thread(check)
     assert not found, (leak_report(found) + "\n" + run.counts()
                        + f"\n(names of the shapes in NAME_MISSES not checked: {sorted(NAME_MISSES)})")
+
+
+def _status_mib(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+MEMORY_BOUND_MIB = 768
+"""Half the Kubernetes limit (deploy/k8s/sidecar.yaml: 1536Mi); measured peaks under this load: 200-310 MiB."""
+
+
+@pytest.mark.slow
+async def test_under_load_the_sidecars_memory_stays_bounded(shipped, keeper):
+    """The peak RSS (VmHWM) of the sidecar serving the last load phase (64 clients, mixed shapes up to 1 MiB,
+    reloaded mid-load) stays well under the Kubernetes memory limit."""
+    await load_run(shipped, "reloaded", keeper)
+    pid = shipped.processes()["sidecar"]
+    peak, now = _status_mib(pid, "VmHWM"), _status_mib(pid, "VmRSS")
+    print(f"sidecar RSS after load: {now:.0f} MiB, peak {peak:.0f} MiB")
+    assert peak < MEMORY_BOUND_MIB, (peak, now)
