@@ -224,7 +224,7 @@ _SSN = re.compile(
     """,
     re.VERBOSE,
 )
-_SSN_CONTEXT = re.compile(r"(?i)\b(?:ssn|social\s+security)")
+_SSN_CONTEXT = re.compile(r"(?i)\b(?:ssn|social\s+security|tax\s*id|i?tin\b|taxpayer)")
 _SSN_CONTEXT_CHARS = 32
 
 

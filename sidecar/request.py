@@ -4,8 +4,10 @@ What a backend reads is not only the user's message: assistant turns, tool resul
 ``name``, the Responses API's ``input`` and ``instructions``, the Messages API's ``system`` and content
 blocks, and whatever field a new API version adds. So the walk is generic: **every string value is
 scanned except those under a short list of structural keys** (`STRUCTURAL_KEYS`: ``model``, ``role``,
-``type``, ids, enums), and so is every object key the APIs do not define (`KNOWN_KEYS`), and every number
-long enough to be a card, phone or SSN. A string that holds a JSON object or array (tool-call
+``type``, ids, enums; in the body itself only: inside a tool's JSON every value is data), and so is every
+object key the APIs do not define (`KNOWN_KEYS`) unless it is a plain field name, and every number long
+enough to be a card, phone or SSN. Structural values and field names are never masked (that would break
+the request): the recognizers check them, and a hit refuses the request. A string that holds a JSON object or array (tool-call
 ``arguments``) is walked as a JSON document of its own, so masking inside it keeps it valid JSON. Only the
 subject classifier's input is API-specific (`category_text`).
 
@@ -79,8 +81,15 @@ _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][-+]?[0-9]++)?|-
 _LITERAL = re.compile(r"true|false|null")
 _DIGITS = re.compile(r"[0-9]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_MEDIA_DATA_URL = re.compile(r"data:(?:image|audio|video)/[A-Za-z0-9.+-]{1,64};base64,[A-Za-z0-9+/=\r\n]*\Z")
-"""Base64 media (images, audio) carry no text a model could read as such: not scanned."""
+_MEDIA_DATA_URL = re.compile(r"data:(?:image/(?!svg)|audio/|video/)[A-Za-z0-9.+-]{1,64};base64,[A-Za-z0-9+/=\r\n]*\Z")
+"""Base64 media (images, audio) carry no text a model could read as such: not scanned (SVG is text)."""
+BASE64_BLOB_CHARS = 256
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\r\n]++")
+"""A string of at least BASE64_BLOB_CHARS base64 characters (no space) is an attachment, not prose: the model
+would tag pieces of it and destroy it, so it is not scanned."""
+_DIGIT = re.compile(r"[0-9]")
+_IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_.$-]{0,63}")
+"""Object keys of this shape are field names."""
 _MODEL_CHARS = re.compile(r"[\x20-\x7e]{1,256}\Z")
 
 
@@ -271,7 +280,7 @@ class _Walk:
         m = _NUMBER.match(s, pos)
         if m is not None:
             digits = len(_DIGITS.findall(m.group())) if m.end() - pos >= LONG_NUMBER_DIGITS else 0
-            if digits >= LONG_NUMBER_DIGITS and key not in STRUCTURAL_KEYS:
+            if digits >= LONG_NUMBER_DIGITS:  # whatever its key: "id": 4111111111111111 is still a card
                 self._add(doc, m.group(), (pos, m.end()), number=True, key=key)
             return m.end()
         return _LITERAL.match(s, pos).end()
@@ -291,8 +300,11 @@ class _Walk:
             if key in seen:
                 raise DuplicateKey("request body repeats a key in one object; send each key once")
             seen.add(key)
-            if key not in KNOWN_KEYS and key:
-                self._add(doc, key, (pos, key_end))
+            if key and key not in KNOWN_KEYS:
+                if _IDENTIFIER.fullmatch(key):  # a field name ("customer_id"): renaming it would break the JSON's
+                    self.structural.append(key)  # meaning, so the recognizers check it and a hit refuses
+                else:
+                    self._add(doc, key, (pos, key_end))
             pos = _COLON.match(s, key_end).end()
             before = len(self.fields)
             if key == "model" and doc == 0 and depth == 1:
@@ -328,12 +340,13 @@ class _Walk:
     def _string(self, text: str, span: tuple[int, int], doc: int, key: str | None) -> None:
         if not text:
             return
-        if key in STRUCTURAL_KEYS:
+        if key in STRUCTURAL_KEYS and doc == 0:  # inside a tool's JSON every value is data the model reads
             self.structural.append(text)
             return
         if text.lstrip()[:1] in ("{", "[") and self._inner(text, span, doc):
             return
-        if text.startswith("data:") and _MEDIA_DATA_URL.match(text):
+        if (text.startswith("data:") and _MEDIA_DATA_URL.match(text)) or (
+                len(text) >= BASE64_BLOB_CHARS and _BASE64.fullmatch(text) and _DIGIT.search(text)):
             return
         self._add(doc, text, span, key=key)
 

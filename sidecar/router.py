@@ -153,8 +153,10 @@ class Router:
         sentence: no LLM API puts such text in a URL). A URL reaches the backend and its logs as sent and
         cannot be masked, so such a request is refused."""
         raw, _, query = path.partition("?")
-        parts = [unquote(raw)] + [unquote_plus(p) for pair in query.split("&") for p in pair.split("=", 1) if p]
+        pairs = [[unquote_plus(p) for p in pair.split("=", 1)] for pair in query.split("&") if pair]
+        parts = [unquote(raw)] + [p for pair in pairs for p in pair if p]
         types = {s.label for spans in find_each(parts, self._recognizers) for s in spans}
+        types |= {s.label for pair in pairs if len(pair) == 2 for s in context_spans(pair[0], pair[1])}
         if any(_WHITESPACE.search(p) for p in parts):
             types.add(FREE_TEXT)
         return tuple(sorted(types))
@@ -198,6 +200,8 @@ class Router:
         extra = [context_spans(f.key, f.text) for f in parsed.fields] if any(context) else None
         finish = (body, parsed, route, texts, spans, error is not None, extra)
         outcome, action, new_body = await asyncio.to_thread(self._finish, *finish) if heavy else self._finish(*finish)
+        if new_body is None and body is not raw and action != "block":
+            new_body = body  # what was read goes on, never the compressed bytes (their header fields were not)
         timings["total"] = _ms_since(started)
         return Decision(
             action=action,
@@ -344,6 +348,8 @@ class Router:
         """Model spans plus the recognizers beside them, or the fallback recognizers alone (spans None),
         plus `extra`."""
         recognizers = self._fallback if spans is None else self._beside_model
+        if spans is not None:
+            spans = [extend_names(t, s) for t, s in zip(texts, spans, strict=True)]
         if recognizers:
             found = find_each(texts, recognizers)
             spans = found if spans is None else [s + f for s, f in zip(spans, found, strict=True)]
@@ -400,6 +406,29 @@ PROSE_KEYS = frozenset({"content", "text", "prompt", "input", "instructions", "s
 """Keys whose values are prose: their key adds nothing for the model."""
 KEYED_CHARS = 64
 """Values up to this long are shown to the PII model after their key (``customer: Edward Jackson``)."""
+
+
+_NEXT_NAME = re.compile(r"[ \t]{1,2}([A-Z][a-z]+(?:['’-][A-Za-z]+)?)(?![\w@])")
+
+
+def extend_names(text: str, spans: list[Span]) -> list[Span]:
+    """Each PERSON span grown over up to two capitalised words right after it: the bundled model often tags
+    "Margaret" and leaves "Campbell", and a surname alone still identifies."""
+    if not any(s.label == "PERSON" for s in spans):
+        return spans
+    out = []
+    for s in spans:
+        if s.label == "PERSON":
+            end = s.end
+            for _ in range(2):
+                m = _NEXT_NAME.match(text, end)
+                if m is None:
+                    break
+                end = m.end()
+            if end != s.end:
+                s = Span(s.label, s.start, end, s.score, s.source)
+        out.append(s)
+    return out
 
 
 def with_keys(fields: Sequence[TextField]) -> tuple[list[str], list[int]]:

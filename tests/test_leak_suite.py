@@ -23,6 +23,7 @@ and restarted and while it reloads its config.
 from __future__ import annotations
 
 import asyncio
+import base64
 import codecs
 import contextlib
 import gzip
@@ -349,6 +350,10 @@ def body(obj: Any) -> bytes:
     return json.dumps(obj).encode()
 
 
+def dotted(card: str) -> str:
+    return ".".join(card[i:i + 4] for i in range(0, 16, 4))
+
+
 def chat(messages: list[Any], *, model: str = MODEL, **extra: Any) -> Req:
     return Req(CHAT, body({"model": model, "messages": messages, **extra}))
 
@@ -360,6 +365,9 @@ def user(content: Any) -> dict[str, Any]:
 QUESTION = "What is the capital of France?"
 FILLER = ("The committee reviewed the quarterly figures and agreed to revisit the budget next month, "
           "once the new supplier contracts have been signed and the audit is complete. ")
+BUSINESS_PROSE = ("Our team has been reviewing the quarterly figures and the outlook for the coming year looks "
+                  "stable, with modest growth expected in most regions and continued investment in "
+                  "infrastructure.")
 PARAGRAPH = ("Photosynthesis converts light energy into chemical energy stored in glucose. In the light reactions, "
              "water is split and oxygen is released, while ATP and NADPH are produced. The Calvin cycle then fixes "
              "carbon dioxide into sugars. Historians still debate why the Western Roman Empire fell: economic "
@@ -516,6 +524,25 @@ SHAPES: list[Shape] = [
           lambda p: chat([user(QUESTION), tool_call("{}"), {"role": "tool", "tool_call_id": "call_1",
                                                           "content": json.dumps({"result": {"summary": p.sentence()}})}])),
     Shape("chat-user-field", lambda p: chat([user(QUESTION)], user=p.sentence())),
+    # Tool output whose free text sits under keys that are structural in the API itself (FastAPI's "detail",
+    # CRM "status"/"type"/"id"): inside a tool's JSON every value is data the backend model reads.
+    Shape("chat-tool-output-under-api-keys", lambda p: chat([user(QUESTION), tool_call("{}"), {
+        "role": "tool", "tool_call_id": "call_1", "content": json.dumps({
+            "detail": f"No active policy found for {p.name}", "status": f"Email me at {p.email}.",
+            "type": f"Call me on {p.phone}.", "id": int(p.card), "format": f"My SSN is {p.ssn}.",
+            "voice": f"Wire the refund to {p.iban}.", "media_type": f"My laptop's IP address is {p.ip}."})}])),
+    Shape("responses-function-output-under-api-keys", lambda p: Req(RESPONSES, body({"model": MODEL, "input": [
+        {"role": "user", "content": QUESTION},
+        {"type": "function_call_output", "call_id": "c1", "output": json.dumps(
+            {"type": f"Joint account of {p.name}", "status": p.sentence()})}]}))),
+    Shape("chat-name-in-business-prose", lambda p: chat([user(
+        BUSINESS_PROSE * 3 + f" The account manager is {p.name}. " + BUSINESS_PROSE * 3 + " " + p.sentence())])),
+    Shape("chat-tax-id-without-separators", lambda p: chat([user(
+        f"Tax ID {p.ssn.replace('-', '')} please file it. " + p.sentence())])),
+    Shape("chat-svg-image-with-text", lambda p: chat([user([
+        {"type": "text", "text": p.sentence()},
+        {"type": "image_url", "image_url": {"url": "data:image/svg+xml;base64," + base64.b64encode(
+            f"<svg><text>{p.name} {p.email}</text></svg>".encode()).decode()}}])]), json_out=True),
     Shape("chat-metadata-values", lambda p: chat([user(QUESTION)], metadata={
         "customer": f"My name is {p.name}.", **p.structured, "note": p.sentence()})),
     Shape("chat-metadata-keys", lambda p: chat([user(QUESTION)], metadata={v: "1" for v in p.parts()})),
@@ -526,7 +553,10 @@ SHAPES: list[Shape] = [
     Shape("chat-unknown-vendor-keys", lambda p: chat([user(QUESTION)], x_vendor_extension={
         "notes": p.sentence(), "list": p.parts()}, extra_body={"context": p.sentence()})),
     Shape("chat-planted-object-keys", lambda p: chat([user(QUESTION)], **{v: i for i, v in enumerate(p.parts())})),
-    Shape("chat-planted-bare-keys", lambda p: chat([user(f"My name is {p.name}.")], **{v: 1 for v in p.structured.values()})),
+    # Keys that are personal data: masked where they cannot be field names (an email), but an identifier-shaped
+    # one (the IBAN) is a field name the sidecar will not rename: the request is refused.
+    Shape("chat-planted-bare-keys", lambda p: chat([user(f"My name is {p.name}.")], **{v: 1 for v in p.structured.values()}),
+          expect="refuse", status=400),
     Shape("chat-long-numbers", lambda p: Req(CHAT, body({
         "model": MODEL, "messages": [user(f"My name is {p.name}. Email {p.email}, IBAN {p.iban}, IP {p.ip}.")],
         "card": int(p.card), "ssn": int(p.ssn.replace("-", "")),
@@ -615,6 +645,9 @@ SHAPES: list[Shape] = [
           expect="refuse", status=400, load=False),
     Shape("path-segment-with-card-no-body", lambda p: Req(f"/v1/cards/{p.card}/balance", None, method="GET"),
           expect="refuse", status=400, load=False),
+    Shape("path-query-values-named-by-their-keys", lambda p: Req(
+        f"{CHAT}?phone={re.sub(r'[^0-9]', '', p.phone)[1:]}&ssn={p.ssn.replace('-', '')}&card={dotted(p.card)}",
+        body({"model": MODEL, "messages": [user(QUESTION)]})), expect="refuse", status=400, load=False),
     Shape("form-encoded-chat-body", lambda p: Req(CHAT, form(p), {"content-type": "application/x-www-form-urlencoded"}),
           expect="refuse", status=400),
     Shape("form-encoded-other-path", lambda p: Req("/v2/submit", form(p),
@@ -787,7 +820,10 @@ def shipped(keeper):
         yield running
 
 
-NAME_MISSES: dict[str, str] = {}
+NAME_MISSES: dict[str, str] = {
+    "chat-name-in-business-prose": "a full name between sentences of business prose is not tagged at all, with "
+                                   "512-, 256- or 128-token windows alike (found by the adversarial review)",
+}
 """Shapes whose planted name the bundled PII model does not mask (shape id -> what it does): issue 13. Empty
 since short values reach the model after their key ("customer: Edward Jackson", which it tags whole; alone,
 "Edward Jackson" lost only "Edward"). The

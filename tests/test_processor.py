@@ -461,7 +461,9 @@ async def test_responses_and_messages_apis_are_routed_and_masked(start, path, bo
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions?user=bob%40example.com", "/v1/models?card=4111+1111+1111+1111",
                                   "/v1/files?ip=10.1.2.3", "/v1/users/bob@example.com/chat",
-                                  "/v1/cards/4246374584469162/balance", "/v1/chat/completions?customer=Margaret%20Sanders"])
+                                  "/v1/cards/4246374584469162/balance", "/v1/chat/completions?customer=Margaret%20Sanders",
+                                  "/v1/chat/completions?phone=4155550123", "/v1/x?card=4111.1111.1111.1111",
+                                  "/v1/x?ssn=536222026"])
 async def test_a_url_whose_query_carries_personal_data_is_refused(start, path):
     sc = await start()
     [resp] = await run_stream(sc.ext_proc, [headers_msg(path)])

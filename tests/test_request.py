@@ -71,8 +71,10 @@ def test_round_trip_changes_only_model_and_masked_strings():
 def test_every_string_is_scanned_except_structural_values_and_base64_media():
     parsed = parse_body(MANY_FIELDS, "chat")
     texts = parsed.texts()
-    for scanned in ("u1", "中文 中", "/slash", "x-vendor-ext", "unknown_key", "deep"):
+    for scanned in ("u1", "中文 中", "/slash"):
         assert scanned in texts
+    for field_name in ("x-vendor-ext", "unknown_key", "deep"):  # field names: checked, never masked
+        assert field_name not in texts and field_name in parsed.structural
     for skipped in ("auto", "system", "user", "text", "image_url", "low", "function", "object", "number",
                     "json_schema", "data:image/png;base64,iVBORw0KGgo=", "messages", "content", "tools"):
         assert skipped not in texts
@@ -170,7 +172,25 @@ def test_tool_and_function_names_are_structural_and_a_participant_name_is_text()
 def test_unknown_keys_and_long_numbers_are_scanned_short_numbers_are_not():
     body = b'{"model": "x", "input": "hi", "metadata": {"jo@example.com": 123456789, "k": 12345678, "id": 123456789012}}'
     parsed = parse_body(body, "generic")
-    assert parsed.texts() == ["hi", "jo@example.com", "123456789", "k"]
+    assert parsed.texts() == ["hi", "jo@example.com", "123456789", "123456789012"]
+    assert "k" in parsed.structural
+
+
+def test_inside_a_tools_json_structural_keys_hold_data_and_are_scanned():
+    output = json.dumps({"detail": "No policy for Robert Johnson", "status": "closed by Ann", "id": 4111111111111111})
+    body = json.dumps({"model": "auto", "messages": [{"role": "tool", "tool_call_id": "c", "content": output},
+                                                     {"role": "user", "content": "why?"}]}).encode()
+    parsed = parse_body(body, "chat")
+    assert parsed.texts() == ["No policy for Robert Johnson", "closed by Ann", "4111111111111111", "why?"]
+
+
+def test_base64_attachments_are_not_scanned_but_svg_images_are():
+    blob = "QUJD0123" * 50
+    svg = "data:image/svg+xml;base64," + "PHN2Zz4=" * 4
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": blob}}, {"type": "image_url", "image_url": {"url": svg}},
+        {"type": "text", "text": "read it"}]}]}).encode()
+    assert parse_body(body, "chat").texts() == [svg, "read it"]
 
 
 def test_json_nested_deeper_than_the_walk_follows_is_refused():
@@ -242,7 +262,7 @@ def test_responses_api_input_and_instructions_are_scanned_and_the_latest_user_in
         {"type": "function_call_output", "call_id": "c", "output": "{\"email\": \"jo@example.com\"}"},
         {"role": "user", "content": "second"}]}).encode()
     parsed = parse_body(body, "responses")
-    assert parsed.texts() == ["You are Ann's helper", "first", "reply", "email", "jo@example.com", "second"]
+    assert parsed.texts() == ["You are Ann's helper", "first", "reply", "jo@example.com", "second"]
     assert parsed.category_text() == "second"
     assert parse_body(b'{"model": "auto", "input": "just text"}', "responses").category_text() == "just text"
 
@@ -257,7 +277,7 @@ def test_messages_api_system_blocks_tool_use_and_tool_results_are_scanned():
                                {"type": "tool_result", "tool_use_id": "t1", "content": "bob@example.com"},
                                {"type": "text", "text": "question two"}]}]}).encode()
     parsed = parse_body(body, "messages")
-    assert parsed.texts() == ["sys Ann", "question one", "who", "Bob Stone", "bob@example.com", "question two"]
+    assert parsed.texts() == ["sys Ann", "question one", "Bob Stone", "bob@example.com", "question two"]
     assert "find" in parsed.structural  # a tool's name is an identifier: masking it would break the call
     assert parsed.category_text() == "question two"
 
@@ -397,60 +417,68 @@ def _inner_json(text: str) -> object | None:
     return None
 
 
-def _expected_texts(value: object, key: str | None = None):
-    """The walk's rule, on the decoded document: every string but structural values, every unknown key,
-    long numbers, and strings that hold JSON walked inside."""
-    from sidecar.request import KNOWN_KEYS, STRUCTURAL_KEYS
+def _scanned_key(k: str) -> bool:
+    from sidecar.request import _IDENTIFIER, KNOWN_KEYS
 
+    return bool(k) and k not in KNOWN_KEYS and not _IDENTIFIER.fullmatch(k)
+
+
+def _structural(key: str | None, top: bool) -> bool:
+    from sidecar.request import STRUCTURAL_KEYS
+
+    return top and key in STRUCTURAL_KEYS
+
+
+def _long_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and sum(c.isdigit() for c in json.dumps(value)) >= 9
+
+
+def _expected_texts(value: object, key: str | None = None, top: bool = True):
+    """The walk's rule, on the decoded document: every string but structural values (in the body itself),
+    every unknown key that is not a plain field name, long numbers, and strings that hold JSON walked
+    inside."""
     if isinstance(value, dict):
         for k, v in value.items():
-            if k and k not in KNOWN_KEYS:
+            if _scanned_key(k):
                 yield k
-            yield from _expected_texts(v, k)
+            yield from _expected_texts(v, k, top)
     elif isinstance(value, list):
         for item in value:
-            yield from _expected_texts(item, key)
-    elif isinstance(value, str) and value and key not in STRUCTURAL_KEYS:
+            yield from _expected_texts(item, key, top)
+    elif isinstance(value, str) and value and not _structural(key, top):
         inner = _inner_json(value)
         if inner is not None:
-            yield from _expected_texts(inner)
+            yield from _expected_texts(inner, None, False)
         else:
             yield value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in STRUCTURAL_KEYS:
-        raw = json.dumps(value)
-        if sum(c.isdigit() for c in raw) >= 9:
-            yield raw
+    elif _long_number(value):
+        yield json.dumps(value)
 
 
-def _transformed(value: object, changes, key: str | None = None) -> object:
+def _transformed(value: object, changes, key: str | None = None, top: bool = True) -> object:
     """`value` with each scanned text replaced by the next of `changes` (None: kept), strings that hold JSON
     turned into what they hold."""
-    from sidecar.request import KNOWN_KEYS, STRUCTURAL_KEYS
-
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            new_key = (next(changes) or k) if k and k not in KNOWN_KEYS else k
-            out[new_key] = _transformed(v, changes, k)
+            new_key = (next(changes) or k) if _scanned_key(k) else k
+            out[new_key] = _transformed(v, changes, k, top)
         return out
     if isinstance(value, list):
-        return [_transformed(item, changes, key) for item in value]
-    if isinstance(value, str) and value and key not in STRUCTURAL_KEYS:
+        return [_transformed(item, changes, key, top) for item in value]
+    if isinstance(value, str) and value and not _structural(key, top):
         inner = _inner_json(value)
-        return _transformed(inner, changes) if inner is not None else (next(changes) or value)
-    long_number = isinstance(value, (int, float)) and not isinstance(value, bool) and key not in STRUCTURAL_KEYS \
-        and sum(c.isdigit() for c in json.dumps(value)) >= 9
-    return (next(changes) or value) if long_number else value
+        return _transformed(inner, changes, None, False) if inner is not None else (next(changes) or value)
+    return (next(changes) or value) if _long_number(value) else value
 
 
-def _inner_parsed(value: object, key: str | None = None) -> object:
-    from sidecar.request import STRUCTURAL_KEYS
-
+def _inner_parsed(value: object, key: str | None = None, top: bool = True) -> object:
     if isinstance(value, dict):
-        return {k: _inner_parsed(v, k) for k, v in value.items()}
+        return {k: _inner_parsed(v, k, top) for k, v in value.items()}
     if isinstance(value, list):
-        return [_inner_parsed(item, key) for item in value]
-    if isinstance(value, str) and key not in STRUCTURAL_KEYS:
+        return [_inner_parsed(item, key, top) for item in value]
+    if isinstance(value, str) and not _structural(key, top):
         inner = _inner_json(value)
-        return _inner_parsed(inner) if inner is not None else value
+        return _inner_parsed(inner, None, False) if inner is not None else value
     return value

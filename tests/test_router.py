@@ -185,14 +185,24 @@ async def test_a_body_on_another_api_is_scanned_but_not_routed():
     assert d.body == b'{"model": "embed", "input": ["mail [EMAIL_ADDRESS]"]}'
 
 
-async def test_a_gzip_body_is_read_and_forwarded_decompressed_only_when_changed():
+async def test_a_gzip_body_is_read_and_forwarded_decompressed():
+    """Decompressed even when nothing changed: the gzip header's file name and comment fields, which nobody
+    reads, never go on."""
     import gzip
 
     body = chat(("user", "mail js@x.org"), model="gpt-4o")
     d = await router().decide(gzip.compress(body), "chat", "gzip")
     assert d.decompressed and d.body == body.replace(b"js@x.org", b"[EMAIL_ADDRESS]")
-    clean = await router().decide(gzip.compress(chat(("user", "hello"), model="gpt-4o")), "chat", "gzip")
-    assert (clean.body, clean.decompressed) == (None, False)
+    plain = chat(("user", "hello"), model="gpt-4o")
+    clean = await router().decide(gzip.compress(plain), "chat", "gzip")
+    assert (clean.body, clean.decompressed) == (plain, True)
+
+
+async def test_a_persons_name_is_grown_over_the_capitalised_words_after_it():
+    engine = FakeEngine(names=("Margaret",))
+    d = await router(engine).decide(chat(("user", "The account manager is Margaret Campbell Smith, ok?"),
+                                         model="gpt-4o"), "chat")
+    assert json.loads(d.body)["messages"][0]["content"] == "The account manager is [PERSON], ok?"
 
 
 async def test_lone_surrogates_reach_the_models_as_replacement_characters_at_the_same_offsets():
