@@ -69,11 +69,26 @@ def _value(h) -> str:
 _OWNED = frozenset(mutations.OWNED_HEADERS)
 
 
-def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | None, bool]:
-    """``(:path, x-request-id, content-encoding, spoofed)`` in one pass; spoofed: the client sent a header
-    the sidecar owns. Repeated content-encoding headers are joined, as HTTP lists are."""
+PROTOCOL_HEADERS = frozenset({
+    ":authority", ":method", ":scheme", "host", "accept", "accept-encoding", "accept-language", "content-type",
+    "content-length", "user-agent", "authorization", "proxy-authorization", "cookie", "connection", "te",
+    "expect", "via", "forwarded", "traceparent", "tracestate", "baggage", "openai-organization",
+    "openai-project", "openai-beta", "anthropic-version", "anthropic-beta", "x-api-key", "api-key", "referer",
+    "origin", "cache-control", "pragma", "keep-alive", "upgrade", "transfer-encoding",
+})
+PROTOCOL_PREFIXES = ("x-forwarded-", "x-envoy-", "x-stainless-", "x-b3-", "sec-", "x-amzn-", "x-datadog-")
+"""Headers of the protocol, the proxies and the SDKs, and credentials (secrets, not personal data: strip them
+with Envoy if backends must not see them). Every other header value reaches the backend as sent and cannot be
+masked, so the recognizers check it."""
+
+
+def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | None, bool, list[str]]:
+    """``(:path, x-request-id, content-encoding, spoofed, other values)`` in one pass; spoofed: the client
+    sent a header the sidecar owns; other values: those of headers that are not protocol headers. Repeated
+    content-encoding headers are joined, as HTTP lists are."""
     path = request_id = encoding = None
     spoofed = False
+    other: list[str] = []
     for h in headers.headers.headers:
         key = h.key.lower()
         if key == PATH_HEADER:
@@ -84,7 +99,9 @@ def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | No
             encoding = _value(h) if encoding is None else f"{encoding}, {_value(h)}"
         elif key in _OWNED:
             spoofed = True
-    return path, request_id, encoding, spoofed
+        elif key not in PROTOCOL_HEADERS and not key.startswith(PROTOCOL_PREFIXES):
+            other.append(_value(h))
+    return path, request_id, encoding, spoofed, other
 
 
 def attribute_path(request: ProcessingRequest) -> str | None:
@@ -120,6 +137,7 @@ class Processor:
         self.response_body_mode = response_body_mode
         self.path: str | None = None
         self.content_encoding: str | None = None
+        self.header_values: list[str] = []
         self._request_id: str | None = None
         self.started = time.perf_counter()
         self.finished = False
@@ -140,7 +158,7 @@ class Processor:
     def see_headers(self, headers: HttpHeaders) -> bool:
         """Remember path, request id and content encoding; True when the client sent any header the sidecar
         owns."""
-        path, request_id, encoding, spoofed = read_headers(headers)
+        path, request_id, encoding, spoofed, self.header_values = read_headers(headers)
         self.path = path or self.path
         self.content_encoding = encoding
         self._request_id = request_id or self._request_id
@@ -152,7 +170,12 @@ class Processor:
 
     def refuse_url_pii(self) -> ProcessingResponse | None:
         """A 400 when the URL (path segments, query values) carries personal data the recognizers find, or
-        free text: a URL cannot be masked."""
+        free text, or a non-protocol header carries personal data: neither can be masked."""
+        if self.header_values and (types := self.app.router.header_pii(self.header_values)):
+            self.record(action="rejected", reason="pii_in_header")
+            message = (f"A request header contains personal data ({', '.join(types)}). Send it in the body, "
+                       f"where it can be masked, or leave it out.")
+            return mutations.bad_request_response("pii_in_header", message)
         if not self.path:
             return None
         types = self.app.router.url_pii(self.path)

@@ -147,6 +147,10 @@ class Router:
             self._clean_paths.add(path)
         return found
 
+    def header_pii(self, values: list[str]) -> tuple[str, ...]:
+        """Entity types the recognizers find in header values (which reach the backend as sent)."""
+        return tuple(sorted({s.label for spans in find_each(values, self._recognizers) for s in spans}))
+
     def _url_pii(self, path: str) -> tuple[str, ...]:
         """What makes a URL unfit to forward: the entity types the recognizers find in its path segments and
         query values (decoded), and ``FREE_TEXT`` for a segment or value with whitespace in it (a name, a

@@ -648,6 +648,9 @@ SHAPES: list[Shape] = [
     Shape("path-query-values-named-by-their-keys", lambda p: Req(
         f"{CHAT}?phone={re.sub(r'[^0-9]', '', p.phone)[1:]}&ssn={p.ssn.replace('-', '')}&card={dotted(p.card)}",
         body({"model": MODEL, "messages": [user(QUESTION)]})), expect="refuse", status=400, load=False),
+    Shape("headers-with-personal-data", lambda p: Req(CHAT, body({"model": MODEL, "messages": [user(QUESTION)]}), {
+        "x-user-email": p.email, "x-user-phone": p.phone, "x-card": p.card, "x-ssn": p.ssn, "x-iban": p.iban,
+        "x-client-ip": p.ip}), expect="refuse", status=400, load=False),
     Shape("form-encoded-chat-body", lambda p: Req(CHAT, form(p), {"content-type": "application/x-www-form-urlencoded"}),
           expect="refuse", status=400),
     Shape("form-encoded-other-path", lambda p: Req("/v2/submit", form(p),
