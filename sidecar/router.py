@@ -200,8 +200,8 @@ class Router:
             spans = [_unshift(s, shift) for s, shift in zip(spans, shifts, strict=True)]
         if not routable:
             route = Route(None, rewrite=False, reason="unrouted")
-        context = [context_spans(f.key, f.text) for f in parsed.fields if f.key is not None]
-        extra = [context_spans(f.key, f.text) for f in parsed.fields] if any(context) else None
+        extra: list[list[Span]] | None = [context_spans(f.key, f.text) for f in parsed.fields]
+        extra = extra if any(extra) else None
         finish = (body, parsed, route, texts, spans, error is not None, extra)
         outcome, action, new_body = await asyncio.to_thread(self._finish, *finish) if heavy else self._finish(*finish)
         if new_body is None and body is not raw and action != "block":
