@@ -38,7 +38,7 @@ DEMO_ARGS ?=
 demo: install
 	$(PY) -m sidecar.demo $(DEMO_ARGS)
 
-# Benchmarks on the bundled models (about 10 minutes on 2 CPU cores): bench/results/*.json, *.png and
+# Benchmarks on the bundled models (about 11 minutes on 2 CPU cores): bench/results/*.json, *.png and
 # summary.md. Uses wrk when installed (apt-get install wrk), else bench/loadgen.py, and counts the request
 # path's instructions when valgrind is installed. The fp32 and PyTorch comparisons need the full builds in
 # build/models (`make models`); without them those rows are skipped.
@@ -47,6 +47,7 @@ bench: install
 	$(PY) bench/naive.py
 	$(PY) bench/envoy.py
 	$(PY) bench/request_path.py --callgrind
+	$(PY) bench/long_prompts.py
 	$(PY) bench/report.py
 
 clean:

@@ -85,12 +85,12 @@ def long_prompts(stack: Stack, sizes_kib: list[int]) -> list[dict]:
     return rows
 
 
-def small_p50(stack: Stack, count: int = 30) -> float:
+def small_p50(stack: Stack, count: int) -> float:
     times = [post(stack.url + CHAT, small(i))[1] for i in range(count)]
     return round(statistics.median(times) * 1000, 2)
 
 
-def after_big(stack: Stack, big_kib: int, count: int = 30) -> dict:
+def after_big(stack: Stack, big_kib: int, count: int) -> dict:
     """Send one big request and, while it is still being handled, `count` small ones one after another."""
     with ThreadPoolExecutor(1) as pool:
         big = pool.submit(post, stack.url + CHAT, prompt(big_kib * 1024))
@@ -105,7 +105,7 @@ def after_big(stack: Stack, big_kib: int, count: int = 30) -> dict:
             "small_max_ms": round(max(times) * 1000, 2)}
 
 
-def burst(stack: Stack, clients: int = 64, requests: int = 640) -> dict:
+def burst(stack: Stack, clients: int, requests: int) -> dict:
     sizes = [200, 2_000, 20_000, 60_000]
     bodies = [prompt(sizes[i % len(sizes)]) for i in range(requests)]
     with ThreadPoolExecutor(clients) as pool:
@@ -114,11 +114,15 @@ def burst(stack: Stack, clients: int = 64, requests: int = 640) -> dict:
             "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes-kib", type=int, nargs="+", default=[1, 4, 16, 32, 64, 96, 128, 192, 256, 512])
+    p.add_argument("--small", type=int, default=30, help="small requests per latency measurement")
+    p.add_argument("--big-kib", type=int, nargs="*", default=[512, 1024], help="the big requests small ones follow")
+    p.add_argument("--clients", type=int, default=64, help="concurrent clients in the burst")
+    p.add_argument("--burst", type=int, default=640, help="requests in the burst")
     p.add_argument("--out", type=Path, default=RESULTS / "long_prompts.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     result: dict = {"machine": machine()}
     with Stack(ready_timeout_s=180) as stack:
         pid = stack.processes()["sidecar"]
@@ -128,17 +132,18 @@ def main() -> None:
         whole = [r["kib"] for r in result["long_prompts"] if r["status"] in (200, 403) and not r["leaked"]]
         result["largest_read_whole_kib"] = max(whole, default=0)
         result["rss_mib"]["after_long_prompts"] = rss_mib(pid)
-        result["small_p50_ms_before"] = small_p50(stack)
-        result["after_big"] = [after_big(stack, kib) for kib in (512, 1024)]
-        result["small_p50_ms_after"] = small_p50(stack)
+        result["small_p50_ms_before"] = small_p50(stack, args.small)
+        result["after_big"] = [after_big(stack, kib, args.small) for kib in args.big_kib]
+        result["small_p50_ms_after"] = small_p50(stack, args.small)
         stack.clear_received()
-        result["burst"] = burst(stack)
+        result["burst"] = burst(stack, args.clients, args.burst)
         result["burst"]["leaked"] = leaked(stack)
         result["rss_mib"]["after_burst"] = rss_mib(pid)
         result["leaked_anywhere"] = any(r["leaked"] for r in result["long_prompts"]) or bool(result["burst"]["leaked"])
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     write_json(args.out, result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

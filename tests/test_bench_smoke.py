@@ -22,7 +22,8 @@ from tests.factories import category_rows, write_jsonl
 from tests.inference_fakes import onnx_copy
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["inference", "naive", "envoy", "report", "loadgen", "make_model", "multitask", "request_path"]
+SCRIPTS = ["inference", "naive", "envoy", "report", "loadgen", "make_model", "multitask", "request_path",
+           "long_prompts"]
 CATEGORIES = list(yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8"))["routing"]["categories"])
 PII_ROWS = [
     {"text": "Write to john.smith@example.com about the invoice.", "spans": [{"start": 9, "end": 31, "label": "EMAIL_ADDRESS"}]},
@@ -129,6 +130,19 @@ def test_request_path_times_the_sidecars_own_work_per_request(results):
     doc = json.loads((results / "request_path.json").read_text())
     assert doc["us_per_request"] > 0 and len(doc["rounds_us"]) == 2
     assert doc["machine"]["speed_probe_ms"] > 0 and "callgrind" not in doc
+
+
+@pytest.mark.envoy
+def test_long_prompts_reads_prompts_whole_or_refuses_them_and_nothing_leaks(results):
+    """Through the shipped stack and bundled models: the planted values never reach a backend, whatever the
+    size, and each phase is recorded."""
+    run("long_prompts", "--sizes-kib", "1", "8", "--small", "3", "--big-kib", "1024", "--clients", "4",
+        "--burst", "8", "--out", str(results / "long_prompts.json"))
+    doc = json.loads((results / "long_prompts.json").read_text())
+    assert [r["kib"] for r in doc["long_prompts"]] == [1, 8] and doc["long_prompts"][0]["status"] == 200
+    assert doc["leaked_anywhere"] is False and doc["largest_read_whole_kib"] >= 1
+    assert doc["after_big"][0]["big_status"] == 413 and sum(doc["burst"]["statuses"].values()) == 8
+    assert doc["rss_mib"]["idle"] > 0
 
 
 def test_a_full_build_counts_as_the_shipped_model_only_with_the_same_int8_file(tmp_path):
