@@ -19,9 +19,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsConfig(_Section):
+    """TLS on the gRPC server, so request bodies never cross the network in clear between Envoy and the
+    sidecar. The files are re-read when they change (a rotated certificate needs no restart)."""
+
+    cert_file: str
+    """PEM certificate chain of the server."""
+    key_file: str
+    """PEM private key of the server."""
+    client_ca_file: str | None = None
+    """PEM CA bundle: when set, clients (Envoy) must present a certificate it signed (mutual TLS)."""
+
+
 class ServerConfig(_Section):
     listen: str = "0.0.0.0:50051"
     """gRPC address for ext_proc, the Classify API, health checking and reflection."""
+    tls: TlsConfig | None = None
+    """null: plaintext HTTP/2 (loopback, or a Unix socket in Envoy's own pod); else TLS (see TlsConfig)."""
+    classify_api: bool = True
+    """The Router.Classify API (it answers with the PII it finds): turn it off where callers other than
+    operators can reach the port."""
     metrics_listen: str | None = "0.0.0.0:9090"
     """HTTP address for Prometheus metrics; null turns the endpoint off."""
     max_message_bytes: Annotated[int, Field(ge=64 * 1024)] = 8 * 1024 * 1024
@@ -29,6 +46,7 @@ class ServerConfig(_Section):
     grace_period_s: Annotated[float, Field(ge=0)] = 10.0
     """How long in-flight streams get to finish on shutdown."""
     reflection: bool = True
+    """gRPC server reflection (service discovery for grpcurl and the like)."""
     watch_config: bool = True
     """Reload when the config file changes (SIGHUP always reloads)."""
 

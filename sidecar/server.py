@@ -28,6 +28,7 @@ from sidecar.logs import configure_logging, exception_fields, get_logger
 from sidecar.metrics import Metrics, MetricsServer, start_metrics_server
 from sidecar.processor import ExternalProcessorServicer
 from sidecar.router import TextDecision
+from sidecar.tls import ReloadingCertificates
 
 log = get_logger("sidecar.server")
 
@@ -38,7 +39,7 @@ HEALTH_SERVICES = ("", EXT_PROC_SERVICE, ROUTER_SERVICE)
 LOAD_ERRORS = (ConfigError, ModelLoadError, ModelDirError)
 """What a bad config or model directory raises; anything else is a bug and propagates."""
 
-RESTART_ONLY = ("listen", "metrics_listen", "max_message_bytes", "reflection")
+RESTART_ONLY = ("listen", "metrics_listen", "max_message_bytes", "reflection", "tls", "classify_api")
 """server.* settings a reload cannot change on a running server."""
 
 
@@ -117,7 +118,11 @@ class SidecarServer:
         server = self._grpc_server()
         try:
             try:
-                port = server.add_insecure_port(self.listen)
+                tls = self.config.server.tls
+                if tls is None:
+                    port = server.add_insecure_port(self.listen)
+                else:
+                    port = server.add_secure_port(self.listen, ReloadingCertificates(tls).credentials())
             except RuntimeError as e:
                 raise ConfigError("server.listen", f"cannot listen on {self.listen} ({e})") from None
             if self.config.server.metrics_listen:
@@ -130,7 +135,7 @@ class SidecarServer:
             app.close()
             raise
         self._server, self.port = server, port
-        for name in HEALTH_SERVICES:
+        for name in self._services():
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", listen=self.listen, port=port, metrics_port=self.metrics_port,
                  models=app.engine.describe(), reflection=self.config.server.reflection)
@@ -146,12 +151,17 @@ class SidecarServer:
         ])
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
             ExternalProcessorServicer(self.apps, self.metrics), server)
-        router_pb2_grpc.add_RouterServicer_to_server(RouterApiServicer(self.apps), server)
+        if self.config.server.classify_api:
+            router_pb2_grpc.add_RouterServicer_to_server(RouterApiServicer(self.apps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.config.server.reflection:
-            reflection.enable_server_reflection(
-                (EXT_PROC_SERVICE, ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            named = tuple(n for n in self._services() if n) + (health.SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(named, server)
         return server
+
+    def _services(self) -> tuple[str, ...]:
+        """The health-checked service names: the server (""), ext_proc, and the Router API when it is on."""
+        return tuple(n for n in HEALTH_SERVICES if n != ROUTER_SERVICE or self.config.server.classify_api)
 
     @property
     def metrics_port(self) -> int | None:
