@@ -7,7 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint proto proto-check models demo bench clean
+# Policy scanners for deploy/ in a venv of their own: their many dependencies stay out of the project's.
+TOOLS ?= .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
+
+.PHONY: install test policy lint proto proto-check models demo bench clean
 
 install: $(STAMP)
 
@@ -18,7 +22,19 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: install
+$(TOOLS_STAMP): Makefile
+	test -x $(TOOLS)/bin/python || python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q --upgrade pip
+	$(TOOLS)/bin/python -m pip install -q "checkov>=3.2,<4" "kubernetes-validate>=1.31"
+	touch $(TOOLS_STAMP)
+
+# deploy/ passes checkov (Kubernetes, kustomize and Dockerfile policies; skips carry their reason in the
+# manifest) and kubernetes-validate --strict, or the tests do not run.
+policy: $(TOOLS_STAMP)
+	$(TOOLS)/bin/checkov -d deploy --quiet --compact
+	$(TOOLS)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
+
+test: install policy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
@@ -51,4 +67,4 @@ bench: install
 	$(PY) bench/report.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) $(TOOLS) .pytest_cache build dist *.egg-info

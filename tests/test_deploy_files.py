@@ -179,7 +179,8 @@ def test_envoys_listener_and_admin_ports_match_compose_and_k8s():
     admin = ENVOY["admin"]["address"]["socket_address"]["port_value"]
     ports = container_ports(ENVOY_K8S[("Deployment", "envoy")])
     assert compose_ports("envoy") == {listener}
-    assert ports == {"http": listener, "admin": admin}
+    assert ports == {"http": listener}  # the admin port is not exposed: it listens on loopback only
+    assert ENVOY["admin"]["address"]["socket_address"]["address"] == "127.0.0.1" and admin
     assert container(ENVOY_K8S[("Deployment", "envoy")])["readinessProbe"]["tcpSocket"]["port"] == listener
 
 
@@ -190,7 +191,7 @@ def test_every_deployment_runs_the_sidecar_on_the_same_config_path():
     assert f"./router.yaml:{CONFIG_IN_IMAGE}:ro" in COMPOSE["services"]["sidecar"]["volumes"]
     deployment = container(SIDECAR_K8S[("Deployment", "sidecar")])
     assert deployment["args"][-1] == CONFIG_IN_IMAGE
-    assert {m["mountPath"] for m in deployment["volumeMounts"]} == {CONFIG_IN_IMAGE}
+    assert {m["mountPath"] for m in deployment["volumeMounts"]} == {CONFIG_IN_IMAGE, "/tmp"}  # /tmp: emptyDir
     for dockerfile in DOCKERFILES:
         text = dockerfile.read_text()
         assert f'CMD ["serve", "--config", "{CONFIG_IN_IMAGE}"]' in text
@@ -272,3 +273,22 @@ def test_the_access_log_records_the_sidecars_decision():
     logged = {m.group(1).lower() for v in fields.values() for m in re.finditer(r"%REQ\(([^)]+)\)%", v)}
     assert set(OWNED_HEADERS) - {"x-router-confidence"} <= logged
     assert fields["reason"] == "%REQ(X-ROUTER-REASON)%"
+
+
+def test_pods_run_as_non_root_on_a_read_only_root_filesystem_without_capabilities_or_a_token():
+    for manifests, name in ((SIDECAR_K8S, "sidecar"), (ENVOY_K8S, "envoy")):
+        pod = manifests[("Deployment", name)]["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        c = pod["containers"][0]
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}}
+        assert {"cpu", "memory"} <= c["resources"]["limits"].keys() and {"cpu", "memory"} <= c["resources"]["requests"].keys()
+
+
+def test_only_envoy_reaches_the_sidecar_and_the_sidecar_reaches_nothing():
+    policy = SIDECAR_K8S[("NetworkPolicy", "sidecar")]["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["egress"] == []
+    grpc_rule = next(r for r in policy["ingress"] if r["ports"][0]["port"] == 50051)
+    assert grpc_rule["from"] == [{"podSelector": {"matchLabels": {"app": "llm-gateway"}}}]
+    assert SIDECAR_K8S[("PodDisruptionBudget", "sidecar")]["spec"]["minAvailable"] == 1
