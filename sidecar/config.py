@@ -36,6 +36,9 @@ class ServerConfig(_Section):
     """gRPC address for ext_proc, the Classify API, health checking and reflection."""
     tls: TlsConfig | None = None
     """null: plaintext HTTP/2 (loopback, or a Unix socket in Envoy's own pod); else TLS (see TlsConfig)."""
+    health_listen: str | None = None
+    """A second, plaintext gRPC address that serves only health checking (the same statuses): for probes that
+    cannot speak TLS (Kubernetes' gRPC probes) when ``tls`` is on. Nothing else is reachable there."""
     classify_api: bool = True
     """The Router.Classify API (it answers with the PII it finds): turn it off where callers other than
     operators can reach the port."""

@@ -39,7 +39,7 @@ HEALTH_SERVICES = ("", EXT_PROC_SERVICE, ROUTER_SERVICE)
 LOAD_ERRORS = (ConfigError, ModelLoadError, ModelDirError)
 """What a bad config or model directory raises; anything else is a bug and propagates."""
 
-RESTART_ONLY = ("listen", "metrics_listen", "max_message_bytes", "reflection", "tls", "classify_api")
+RESTART_ONLY = ("listen", "metrics_listen", "max_message_bytes", "reflection", "tls", "classify_api", "health_listen")
 """server.* settings a reload cannot change on a running server."""
 
 
@@ -97,6 +97,8 @@ class SidecarServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self._metrics_server: MetricsServer | None = None
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
@@ -128,8 +130,11 @@ class SidecarServer:
             if self.config.server.metrics_listen:
                 self._metrics_server = start_metrics_server(self.config.server.metrics_listen, self.metrics)
             await server.start()
+            await self._start_health_server()
         except BaseException:
             await server.stop(None)
+            if self._health_server is not None:
+                await self._health_server.stop(None)
             if self._metrics_server is not None:
                 self._metrics_server.close()
             app.close()
@@ -158,6 +163,19 @@ class SidecarServer:
             named = tuple(n for n in self._services() if n) + (health.SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(named, server)
         return server
+
+    async def _start_health_server(self) -> None:
+        """The plaintext health-only port (``server.health_listen``), when configured."""
+        listen = self.config.server.health_listen
+        if listen is None:
+            return
+        self._health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        try:
+            self.health_port = self._health_server.add_insecure_port(listen)
+        except RuntimeError as e:
+            raise ConfigError("server.health_listen", f"cannot listen on {listen} ({e})") from None
+        await self._health_server.start()
 
     def _services(self) -> tuple[str, ...]:
         """The health-checked service names: the server (""), ext_proc, and the Router API when it is on."""
@@ -253,6 +271,8 @@ class SidecarServer:
         log.info("draining", grace_s=grace)
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

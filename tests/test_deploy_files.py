@@ -25,6 +25,7 @@ ENVOY = yaml.safe_load((DEPLOY / "envoy.yaml").read_text(encoding="utf-8"))
 COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))
 KUSTOMIZATION = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text(encoding="utf-8"))
 LAYOUT = envoy_layout(ENVOY)
+MTLS_ROUTER = load_config(DEPLOY / "router-mtls.yaml")
 DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda"]
 CONFIG_IN_IMAGE = "/app/deploy/router.yaml"
 
@@ -108,7 +109,7 @@ def test_kustomization_resources_and_config_files_exist():
         assert (DEPLOY / resource).is_file(), resource
     for generator in KUSTOMIZATION["configMapGenerator"]:
         for file in generator["files"]:
-            assert (DEPLOY / file).is_file(), file
+            assert (DEPLOY / file.split("=")[-1]).is_file(), file  # `key=file` names the ConfigMap key
 
 
 # --- models, routes, clusters, services --------------------------------------------------------------------
@@ -161,7 +162,8 @@ def test_the_sidecar_grpc_port_is_the_same_everywhere():
     assert all(SIDECAR_PORT in exposed(d) for d in DOCKERFILES)
     assert container_ports(deployment)["grpc"] == service_ports["grpc"]["port"] == SIDECAR_PORT
     assert service_ports["grpc"]["targetPort"] == "grpc"
-    assert probes == [SIDECAR_PORT, SIDECAR_PORT]
+    health_port = port_of(MTLS_ROUTER.server.health_listen)  # k8s probes speak no TLS: the health-only port
+    assert probes == [health_port, health_port] and container_ports(deployment)["health"] == health_port
     healthcheck = [line for line in DOCKERFILES[0].read_text().splitlines() if line.startswith("HEALTHCHECK")]
     assert all(f"127.0.0.1:{SIDECAR_PORT}" in line for line in healthcheck)
 
@@ -191,7 +193,7 @@ def test_every_deployment_runs_the_sidecar_on_the_same_config_path():
     assert f"./router.yaml:{CONFIG_IN_IMAGE}:ro" in COMPOSE["services"]["sidecar"]["volumes"]
     deployment = container(SIDECAR_K8S[("Deployment", "sidecar")])
     assert deployment["args"][-1] == CONFIG_IN_IMAGE
-    assert {m["mountPath"] for m in deployment["volumeMounts"]} == {CONFIG_IN_IMAGE, "/tmp"}  # /tmp: emptyDir
+    assert {m["mountPath"] for m in deployment["volumeMounts"]} == {CONFIG_IN_IMAGE, "/tmp", "/etc/sidecar/tls"}
     for dockerfile in DOCKERFILES:
         text = dockerfile.read_text()
         assert f'CMD ["serve", "--config", "{CONFIG_IN_IMAGE}"]' in text
@@ -292,3 +294,22 @@ def test_only_envoy_reaches_the_sidecar_and_the_sidecar_reaches_nothing():
     grpc_rule = next(r for r in policy["ingress"] if r["ports"][0]["port"] == 50051)
     assert grpc_rule["from"] == [{"podSelector": {"matchLabels": {"app": "llm-gateway"}}}]
     assert SIDECAR_K8S[("PodDisruptionBudget", "sidecar")]["spec"]["minAvailable"] == 1
+
+
+def test_kubernetes_runs_the_mutual_tls_pair_which_differs_from_the_plaintext_pair_only_in_tls():
+    """Request bodies never cross the Envoy-sidecar hop in clear in Kubernetes; the -mtls pair is router.yaml
+    and envoy.yaml plus the TLS settings, nothing else."""
+    generated = {g["name"]: g["files"] for g in KUSTOMIZATION["configMapGenerator"]}
+    assert generated == {"sidecar-config": ["router.yaml=router-mtls.yaml"],
+                         "envoy-config": ["envoy.yaml=envoy-mtls.yaml"]}
+    shipped = yaml.safe_load((DEPLOY / "router.yaml").read_text(encoding="utf-8"))
+    mtls = yaml.safe_load((DEPLOY / "router-mtls.yaml").read_text(encoding="utf-8"))
+    tls, health = mtls["server"].pop("tls"), mtls["server"].pop("health_listen")
+    assert mtls == shipped and tls["client_ca_file"] and health
+    envoy_mtls = yaml.safe_load((DEPLOY / "envoy-mtls.yaml").read_text(encoding="utf-8"))
+    [sidecar] = [c for c in envoy_mtls["static_resources"]["clusters"] if c["name"] == LAYOUT.sidecar_cluster]
+    socket = sidecar.pop("transport_socket")["typed_config"]
+    assert socket["common_tls_context"]["tls_certificates"] and socket["common_tls_context"]["validation_context"]
+    assert envoy_mtls == ENVOY
+    mounts = {m["mountPath"] for m in container(SIDECAR_K8S[("Deployment", "sidecar")])["volumeMounts"]}
+    assert {tls["cert_file"].rsplit("/", 1)[0]} <= mounts

@@ -33,9 +33,11 @@ def make_ca(folder: Path, name: str) -> tuple[Path, Path]:
 
 
 def issue(folder: Path, ca: tuple[Path, Path], name: str, *, server: bool) -> tuple[Path, Path]:
-    """A certificate for `name` signed by `ca`; a server one is valid for localhost and 127.0.0.1."""
+    """A certificate for `name` signed by `ca`; a server one is valid for `sidecar` (the name Envoy checks),
+    localhost and 127.0.0.1."""
     key, csr, cert, ext = (folder / f"{name}.{s}" for s in ("key", "csr", "pem", "ext"))
-    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n" if server else "extendedKeyUsage=clientAuth\n")
+    ext.write_text("subjectAltName=DNS:sidecar,DNS:localhost,IP:127.0.0.1\n" if server
+                   else "extendedKeyUsage=clientAuth\n")
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key.name, "-out", csr.name, "-subj", f"/CN={name}",
             cwd=folder)
     openssl("x509", "-req", "-in", csr.name, "-CA", ca[1].name, "-CAkey", ca[0].name, "-CAcreateserial",
@@ -137,3 +139,53 @@ async def test_the_classify_api_and_reflection_can_be_turned_off():
             assert await health_check(channel) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(grace_s=0)
+
+
+async def test_a_plaintext_health_port_answers_health_checks_and_nothing_else(pki):
+    key, cert = pki["server"]
+    server = await started(tls={"cert_file": str(cert), "key_file": str(key)}, health_listen="127.0.0.1:0",
+                           classify_api=True)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as probe:
+            assert await health_check(probe) == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await router_pb2_grpc.RouterStub(probe).Classify(router_pb2.ClassifyRequest(text="hi"), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(grace_s=0)
+
+
+@pytest.mark.envoy
+def test_through_envoy_the_mutual_tls_pair_masks_requests_and_the_hop_refuses_plaintext(pki, tmp_path):
+    """deploy/envoy-mtls.yaml + router-mtls.yaml (the Kubernetes default) with certificates made here: a
+    request goes Envoy -> sidecar over mutual TLS and reaches the backend masked; a plaintext client of the
+    sidecar's port gets nothing."""
+    import json
+    import urllib.request
+
+    from sidecar.demo.stack import DEPLOY_DIR, Stack
+
+    certs = tmp_path / "envoy-tls"
+    certs.mkdir()
+    shutil.copy(pki["client"][1], certs / "tls.crt")
+    shutil.copy(pki["client"][0], certs / "tls.key")
+    shutil.copy(pki["ca"][1], certs / "ca.crt")
+    envoy_config = tmp_path / "envoy-mtls.yaml"
+    envoy_config.write_text((DEPLOY_DIR / "envoy-mtls.yaml").read_text().replace("/etc/envoy/tls/", f"{certs}/"))
+    tls = {"cert_file": str(pki["server"][1]), "key_file": str(pki["server"][0]), "client_ca_file": str(pki["ca"][1])}
+    with Stack(envoy_config=envoy_config, router_config=DEPLOY_DIR / "router-mtls.yaml",
+               router_overrides={"server": {"tls": tls}}, ready_timeout_s=180) as stack:
+        stack.wait_envoy_sees_sidecar(healthy=True)
+        body = json.dumps({"model": "general", "messages": [{"role": "user", "content": "Mail bob@example.com"}]})
+        request = urllib.request.Request(stack.url + "/v1/chat/completions", data=body.encode(),
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+        [got] = stack.received()
+        assert b"bob@example.com" not in got.body and b"[EMAIL_ADDRESS]" in got.body
+        import grpc as sync_grpc
+        from grpc_health.v1 import health_pb2 as h
+        from grpc_health.v1 import health_pb2_grpc as g
+
+        with sync_grpc.insecure_channel(stack.sidecar_address) as plain, pytest.raises(sync_grpc.RpcError):
+            g.HealthStub(plain).Check(h.HealthCheckRequest(), timeout=3)

@@ -309,6 +309,7 @@ class Stack:
         self.sidecar_address = ""
         self._sidecar_port = 0
         self._metrics_port = 0
+        self._health_port = 0
         self._children: dict[str, Child] = {}
         self._lock = threading.RLock()
         self._saved_signals: dict[int, Any] = {}
@@ -398,6 +399,7 @@ class Stack:
         self.layout = envoy_layout(self.envoy_data)
         self._sidecar_port = free_port()
         self._metrics_port = free_port()
+        self._health_port = free_port()
         self.sidecar_address = f"{HOST}:{self._sidecar_port}"
         self.metrics_url = f"http://{HOST}:{self._metrics_port}"
         self.write_router_config()
@@ -422,8 +424,11 @@ class Stack:
             self.router_edit(data)
         # watch_config off: the stack reloads by SIGHUP and waits for that reload; a file watcher's own, later
         # reload of an earlier write could otherwise be taken for it.
-        data = merge(data, {"server": {"listen": self.sidecar_address, "metrics_listen": f"{HOST}:{self._metrics_port}",
-                                       "watch_config": False}})
+        server = {"listen": self.sidecar_address, "metrics_listen": f"{HOST}:{self._metrics_port}",
+                  "watch_config": False}
+        if (data.get("server") or {}).get("health_listen"):  # a TLS config's plaintext health port, moved too
+            server["health_listen"] = f"{HOST}:{self._health_port}"
+        data = merge(data, {"server": server})
         missing = resolve_model_paths(data, self.router_source.parent)
         if missing:
             raise MissingModels(missing)
@@ -464,7 +469,9 @@ class Stack:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         child = self._children["sidecar"]
-        with grpc.insecure_channel(self.sidecar_address) as channel:
+        # With TLS on the gRPC port the stack cannot speak it; it asks the plaintext health port instead.
+        address = f"{HOST}:{self._health_port}" if self.config.server.health_listen else self.sidecar_address
+        with grpc.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
 
             def serving() -> bool:
