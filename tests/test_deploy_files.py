@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -313,3 +314,20 @@ def test_kubernetes_runs_the_mutual_tls_pair_which_differs_from_the_plaintext_pa
     assert envoy_mtls == ENVOY
     mounts = {m["mountPath"] for m in container(SIDECAR_K8S[("Deployment", "sidecar")])["volumeMounts"]}
     assert {tls["cert_file"].rsplit("/", 1)[0]} <= mounts
+
+
+def test_serving_imports_no_training_torch_or_test_package():
+    """The serving image installs only the core dependencies (deploy/Dockerfile: `pip install .`): the server's
+    import graph must not reach for PyTorch, transformers, the trainer or the test tools."""
+    code = ("import sys, sidecar.cli, sidecar.server, sidecar.app, sidecar.inference.engine; "
+            "print(sorted(m for m in ('torch', 'transformers', 'trainer', 'faker', 'sklearn', 'aiohttp', "
+            "'datasets', 'accelerate', 'matplotlib', 'pytest') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_images_install_the_serving_dependencies_only():
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert "RUN pip install .\n" in text and "[dev]" not in text and "COPY trainer" not in text
+        assert "USER 10001" in text and "HEALTHCHECK" in text
