@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 TOOLS ?= .venv-tools
 TOOLS_STAMP := $(TOOLS)/.installed
 
-.PHONY: install test policy lint proto proto-check models demo bench clean
+.PHONY: install test test-fast policy lint proto proto-check models demo bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ policy: $(TOOLS_STAMP)
 
 test: install policy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: no real Envoy, no training (about 2 minutes); `make test` is what CI runs.
+test-fast: install
+	$(PY) -m pytest -q -m "not envoy and not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check sidecar trainer tests bench models

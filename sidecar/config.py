@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sidecar.errors import ConfigError
+from sidecar.operators import OperatorConfig, Replace
 
 
 class _Section(BaseModel):
@@ -119,30 +120,6 @@ class RoutingConfig(_Section):
         return v
 
 
-class OperatorConfig(_Section):
-    """How one entity is masked, after Presidio's anonymizer operators."""
-
-    type: Literal["replace", "redact", "mask", "hash"] = "replace"
-    new_value: str | None = None
-    """replace: the text to put in; default ``[ENTITY_TYPE]``."""
-    masking_char: Annotated[str, Field(min_length=1, max_length=1)] = "*"
-    chars_to_mask: Annotated[int, Field(ge=0)] | None = None
-    """mask: how many characters to mask; default all."""
-    chars_to_keep: Annotated[int, Field(ge=0)] | None = None
-    """mask: how many characters to leave visible (at the end; at the start with from_end), masking all the
-    others whatever the value's length: ``4`` shows the last four digits of a card written with or without
-    spaces, of any length. Not together with chars_to_mask."""
-    from_end: bool = False
-    hash_type: Literal["sha256", "sha512", "md5"] = "sha256"
-    salt: str = ""
-
-    @model_validator(mode="after")
-    def _mask_or_keep(self) -> OperatorConfig:
-        if self.chars_to_mask is not None and self.chars_to_keep is not None:
-            raise ValueError("chars_to_mask and chars_to_keep cannot both be set")
-        return self
-
-
 class PiiPolicyConfig(_Section):
     action: Literal["mask", "block", "allow"] = "mask"
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
@@ -151,7 +128,7 @@ class PiiPolicyConfig(_Section):
     block_entities: list[str] = Field(default_factory=list)
     """Entity types that block the request whatever `action` says, so one policy can block card numbers
     for a backend that must never see one and still mask names."""
-    default_operator: OperatorConfig = OperatorConfig()
+    default_operator: OperatorConfig = Replace()
     operators: dict[str, OperatorConfig] = Field(default_factory=dict)
     """Entity type -> operator, overriding default_operator."""
 

@@ -1,58 +1,19 @@
 """Anonymisation after Presidio's anonymizer: conflicting spans are resolved, then each entity is replaced by
 the operator its type is configured with, right to left so earlier offsets stay valid.
 
-Operators are small named functions in `OPERATORS`; `OperatorConfig` (config.py) picks one per entity type.
+Operators are classes in `sidecar.operators`, each with its own parameters; a policy picks one per entity
+type.
 What comes back records where and how each entity was masked, never what it was.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sidecar.config import OperatorConfig, PiiPolicyConfig
+from sidecar.config import PiiPolicyConfig
+from sidecar.operators import OperatorConfig
 from sidecar.results import Span
-
-Operator = Callable[[str, str, OperatorConfig], str]
-"""(value, entity_type, config) -> the text that takes the value's place."""
-
-OPERATORS: dict[str, Operator] = {}
-
-
-def operator(name: str) -> Callable[[Operator], Operator]:
-    def register(fn: Operator) -> Operator:
-        OPERATORS[name] = fn
-        return fn
-
-    return register
-
-
-@operator("replace")
-def replace(value: str, entity_type: str, config: OperatorConfig) -> str:
-    return config.new_value if config.new_value is not None else f"[{entity_type}]"
-
-
-@operator("redact")
-def redact(value: str, entity_type: str, config: OperatorConfig) -> str:
-    return ""
-
-
-@operator("mask")
-def mask(value: str, entity_type: str, config: OperatorConfig) -> str:
-    if config.chars_to_keep is not None:
-        n = max(len(value) - config.chars_to_keep, 0)
-    else:
-        n = len(value) if config.chars_to_mask is None else min(config.chars_to_mask, len(value))
-    if config.from_end:
-        return value[: len(value) - n] + config.masking_char * n
-    return config.masking_char * n + value[n:]
-
-
-@operator("hash")
-def hash_(value: str, entity_type: str, config: OperatorConfig) -> str:
-    data = (config.salt + value).encode("utf-8", "surrogatepass")
-    return hashlib.new(config.hash_type, data, usedforsecurity=False).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +69,7 @@ def anonymize(text: str, spans: Iterable[Span], policy: PiiPolicyConfig) -> Mask
     pos = len(text)
     for span in reversed(resolved):
         config = operator_for(span.label, policy)
-        pieces += [text[span.end : pos], OPERATORS[config.type](text[span.start : span.end], span.label, config)]
+        pieces += [text[span.end : pos], config.apply(text[span.start : span.end], span.label)]
         pos = span.start
         items.append(MaskedItem(span.label, span.start, span.end, config.type))
     pieces.append(text[:pos])

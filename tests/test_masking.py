@@ -7,8 +7,9 @@ import hashlib
 
 import pytest
 
-from sidecar.config import OperatorConfig, PiiPolicyConfig
-from sidecar.masking import OPERATORS, MaskedItem, anonymize, resolve_conflicts
+from sidecar.config import PiiPolicyConfig
+from sidecar.masking import MaskedItem, anonymize, resolve_conflicts
+from sidecar.operators import OPERATORS, Hash, Mask, Redact, Replace
 from sidecar.results import Span
 
 REPLACE = PiiPolicyConfig()
@@ -51,9 +52,9 @@ def test_names_in_chinese_text_are_masked_exactly():
 
 def test_operator_per_entity_type_overrides_the_default():
     policy = PiiPolicyConfig(
-        default_operator=OperatorConfig(type="redact"),
-        operators={"CREDIT_CARD": OperatorConfig(type="mask", chars_to_mask=12, masking_char="#"),
-                   "PERSON": OperatorConfig(type="replace", new_value="<name>")},
+        default_operator=Redact(),
+        operators={"CREDIT_CARD": Mask(chars_to_mask=12, masking_char="#"),
+                   "PERSON": Replace(new_value="<name>")},
     )
     text = "Bob paid with 4111111111111111 from bob@x.io."
     masked = anonymize(text, [find(text, "Bob", "PERSON"), find(text, "4111111111111111", "CREDIT_CARD"),
@@ -63,16 +64,16 @@ def test_operator_per_entity_type_overrides_the_default():
 
 
 def test_mask_from_end_and_over_length():
-    config = OperatorConfig(type="mask", chars_to_mask=4, from_end=True)
-    assert OPERATORS["mask"]("555-0100", "PHONE_NUMBER", config) == "555-****"
-    assert OPERATORS["mask"]("ab", "X", OperatorConfig(type="mask", chars_to_mask=9)) == "**"
-    assert OPERATORS["mask"]("abc", "X", OperatorConfig(type="mask")) == "***"
+    config = Mask(chars_to_mask=4, from_end=True)
+    assert config.apply("555-0100", "PHONE_NUMBER") == "555-****"
+    assert Mask(chars_to_mask=9).apply("ab", "X") == "**"
+    assert Mask().apply("abc", "X") == "***"
 
 
 def test_hash_is_a_salted_hex_digest():
-    config = OperatorConfig(type="hash", hash_type="sha256", salt="pepper")
-    assert OPERATORS["hash"]("a@b.co", "EMAIL_ADDRESS", config) == hashlib.sha256(b"peppera@b.co").hexdigest()
-    assert OPERATORS["hash"]("a@b.co", "X", OperatorConfig(type="hash", hash_type="md5")) == \
+    config = Hash(hash_type="sha256", salt="pepper")
+    assert config.apply("a@b.co", "EMAIL_ADDRESS") == hashlib.sha256(b"peppera@b.co").hexdigest()
+    assert Hash(hash_type="md5").apply("a@b.co", "X") == \
         hashlib.md5(b"a@b.co").hexdigest()
 
 
@@ -118,12 +119,12 @@ def test_no_spans_leaves_text_unchanged():
 @pytest.mark.parametrize("card", ["4111 1111 1111 1111", "4111111111111111", "4111-1111-1111-1111",
                                   "4111 111111 111111111", "3782 822463 10005"])
 def test_chars_to_keep_leaves_only_the_last_four_digits_of_any_card(card):
-    masked = OPERATORS["mask"](card, "CREDIT_CARD", OperatorConfig(type="mask", chars_to_keep=4))
+    masked = Mask(chars_to_keep=4).apply(card, "CREDIT_CARD")
     assert masked == "*" * (len(card) - 4) + card[-4:]
     assert sum(c.isdigit() for c in masked) == 4
-    kept_first = OPERATORS["mask"](card, "CREDIT_CARD", OperatorConfig(type="mask", chars_to_keep=4, from_end=True))
+    kept_first = Mask(chars_to_keep=4, from_end=True).apply(card, "CREDIT_CARD")
     assert kept_first == card[:4] + "*" * (len(card) - 4)
-    assert OPERATORS["mask"]("12", "X", OperatorConfig(type="mask", chars_to_keep=4)) == "12"
+    assert Mask(chars_to_keep=4).apply("12", "X") == "12"
 
 
 def test_chars_to_mask_and_chars_to_keep_exclude_each_other():
@@ -147,3 +148,18 @@ def test_the_shipped_card_operator_shows_at_most_the_last_four_digits(card):
         masked = anonymize(text, [find(text, card, "CREDIT_CARD", 1.0)], policy).text
         visible = "".join(c for c in masked if c.isdigit())
         assert len(visible) <= 4 and card not in masked
+
+
+def test_an_operator_refuses_parameters_another_operator_owns_naming_the_key():
+    from sidecar.config import parse_config
+    from sidecar.errors import ConfigError
+
+    base = {"routing": {"default_model": "m"}}
+    with pytest.raises(ConfigError, match=r"pii.default_policy.operators.EMAIL_ADDRESS.hash.masking_char"):
+        parse_config(base | {"pii": {"default_policy": {"operators": {
+            "EMAIL_ADDRESS": {"type": "hash", "masking_char": "#"}}}}})
+    config = parse_config(base | {"pii": {"default_policy": {"default_operator": {"new_value": "<x>"},
+                                                             "operators": {"CREDIT_CARD": {"type": "mask"}}}}})
+    policy = config.pii.default_policy
+    assert policy.default_operator == Replace(new_value="<x>")  # `type` left out: replace, as it always was
+    assert policy.operators["CREDIT_CARD"] == Mask()
