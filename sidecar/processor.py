@@ -166,9 +166,9 @@ class Processor:
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
         spoofed = self.see_headers(msg)
-        return self.refuse_url_pii() or mutations.strip_owned_headers(clear_route_cache=spoofed)
+        return self.refuse_unmaskable() or mutations.strip_owned_headers(clear_route_cache=spoofed)
 
-    def refuse_url_pii(self) -> ProcessingResponse | None:
+    def refuse_unmaskable(self) -> ProcessingResponse | None:
         """A 400 when the URL (path segments, query values) carries personal data the recognizers find, or
         free text, or a non-protocol header carries personal data: neither can be masked."""
         if self.header_values and (types := self.app.router.header_pii(self.header_values)):
@@ -241,7 +241,7 @@ class RoutingProcessor(Processor):
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
         spoofed = self.see_headers(msg)
-        if (refused := self.refuse_url_pii()) is not None:
+        if (refused := self.refuse_unmaskable()) is not None:
             return refused
         if msg.end_of_stream:
             if self.kind != KIND_GENERIC:

@@ -149,7 +149,7 @@ class Router:
 
     def header_pii(self, values: list[str]) -> tuple[str, ...]:
         """Entity types the recognizers find in header values (which reach the backend as sent)."""
-        return tuple(sorted({s.label for spans in find_each(values, self._recognizers) for s in spans}))
+        return tuple(sorted(self._found_types(values)))
 
     def _url_pii(self, path: str) -> tuple[str, ...]:
         """What makes a URL unfit to forward: the entity types the recognizers find in its path segments and
@@ -159,17 +159,21 @@ class Router:
         raw, _, query = path.partition("?")
         pairs = [[unquote_plus(p) for p in pair.split("=", 1)] for pair in query.split("&") if pair]
         parts = [unquote(raw)] + [p for pair in pairs for p in pair if p]
-        types = {s.label for spans in find_each(parts, self._recognizers) for s in spans}
+        types = self._found_types(parts)
         types |= {s.label for pair in pairs if len(pair) == 2 for s in context_spans(pair[0], pair[1])}
         if any(_WHITESPACE.search(p) for p in parts):
             types.add(FREE_TEXT)
         return tuple(sorted(types))
 
+    def _found_types(self, texts: Sequence[str]) -> set[str]:
+        """The entity types every recognizer finds in `texts`: for what can be refused but never masked."""
+        return {s.label for spans in find_each(texts, self._recognizers) for s in spans}
+
     def _read(self, body: bytes, kind: Kind) -> ParsedRequest:
         """Parse the body and refuse personal data under structural keys, which is never masked."""
         parsed = parse_body(body, kind)
         if parsed.structural:
-            found = {s.label for spans in find_each(parsed.structural, self._recognizers) for s in spans}
+            found = self._found_types(parsed.structural)
             if found:
                 raise PiiInField(f"personal data ({', '.join(sorted(found))}) in a field that is not masked "
                                  f"(model, role, type, ids); send it in message text, or leave it out")
