@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,11 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import datasets  # noqa: E402
+from models.datasets import SPLITS, read_jsonl, write_jsonl  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data"
 SHIPPED = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
            "model.int8.onnx", "eval_results.json", "README.md"]
@@ -37,52 +41,27 @@ def run(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "trainer", *args], check=True)
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def split_data(data: Path, work: Path, synth_train: int, synth_val: int) -> dict[str, Path]:
-    from sklearn.model_selection import train_test_split
-
+    """Every split and derived set (models/datasets.py), written once under `work/data`."""
     d = work / "data"
-    paths = {name: d / f"{name}.jsonl" for name in
-             ("category_train", "category_val", "presidio_train", "presidio_val", "synth_train", "synth_val",
-              "clean_train", "clean_val")}
+    paths = {name: d / f"{name}.jsonl" for name in SPLITS}
     if all(p.exists() for p in paths.values()):
         return paths
-    if all(p.exists() for k, p in paths.items() if not k.startswith("clean")):
-        write_clean(paths)
-        return paths
     d.mkdir(parents=True, exist_ok=True)
-    rows = read_jsonl(data / "mmlu_pro" / "train.jsonl")
-    train, val = train_test_split(rows, test_size=0.1, random_state=42, stratify=[r["label"] for r in rows])
-    write_jsonl(paths["category_train"], [{"text": r["text"], "label": r["label"]} for r in train])
-    write_jsonl(paths["category_val"], [{"text": r["text"], "label": r["label"]} for r in val])
-
-    presidio = json.loads((data / "presidio" / "generated_large.json").read_text(encoding="utf-8"))
-    random.Random(42).shuffle(presidio)
-    n_val = len(presidio) // 10
-    write_jsonl(paths["presidio_val"], presidio[:n_val])
-    write_jsonl(paths["presidio_train"], presidio[n_val:])
-    run("synth-pii", "--count", str(synth_train), "--seed", "1", "--output", str(paths["synth_train"]))
-    run("synth-pii", "--count", str(synth_val), "--seed", "2", "--output", str(paths["synth_val"]))
-    write_clean(paths)
+    for name, count, seed in (("synth_train", synth_train, "1"), ("synth_val", synth_val, "2")):
+        if not paths[name].exists():
+            run("synth-pii", "--count", str(count), "--seed", seed, "--output", str(paths[name]))
+    category_train, category_dev, category_val = datasets.category_rows(data)
+    pii = datasets.pii_rows(data, read_jsonl(paths["synth_train"]), read_jsonl(paths["synth_val"]),
+                            category_train, category_val)
+    sets = {"category_train": category_train, "category_dev": category_dev, "category_val": category_val,
+            "everyday_val": read_jsonl(datasets.EVERYDAY_EVAL), **pii}
+    sets["corpus"] = [{"text": r["text"]} for r in category_train + pii["wnut_train"] + pii["context_train"]]
+    sets["corpus"] += [{"text": r.get("full_text", r.get("text"))} for r in pii["presidio_train"]]
+    sets["corpus"] += [{"text": r["text"]} for r in read_jsonl(paths["synth_train"])]
+    for name, rows in sets.items():
+        write_jsonl(paths[name], rows)
     return paths
-
-
-def write_clean(paths: dict[str, Path], n_train: int = 2500, n_val: int = 300) -> None:
-    """PII-free text (exam questions, from the category splits) with no spans: without it a PII model
-    that has only ever seen texts full of PII learns to tag something in every text."""
-    for split, n in (("train", n_train), ("val", n_val)):
-        rows = read_jsonl(paths[f"category_{split}"])
-        random.Random(7).shuffle(rows)
-        write_jsonl(paths[f"clean_{split}"], [{"text": r["text"], "spans": []} for r in rows[:n]])
 
 
 def tfidf_baseline(train: Path, val: Path) -> dict:
@@ -274,28 +253,27 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "models", help="where every step writes")
     p.add_argument("--out", type=Path, default=ROOT / "models", help="where the shipped models go")
-    p.add_argument("--synth-train", type=int, default=4000)
+    p.add_argument("--synth-train", type=int, default=3000)
     p.add_argument("--synth-val", type=int, default=400)
     p.add_argument("--pretrain-epochs", default="1")
-    p.add_argument("--category-epochs", default="3")
-    p.add_argument("--pii-epochs", default="3")
+    p.add_argument("--category-epochs", default="2")
+    p.add_argument("--pii-epochs", default="2")
     p.add_argument("--only", choices=["category", "pii"], help="build one model")
     args = p.parse_args()
     started = time.time()
     w = args.work
     paths = split_data(args.data, w, args.synth_train, args.synth_val)
-    corpus = [str(paths[k]) for k in ("category_train", "presidio_train", "synth_train")]
     base, encoder = w / "base", w / "encoder"
     if not (base / "config.json").exists():
-        run("base", "--size", "small", "--corpus", *corpus, "--output", str(base))
+        run("base", "--size", "small", "--corpus", str(paths["corpus"]), "--output", str(base))
     if not (encoder / "config.json").exists():
-        run("pretrain", "--base-model", str(base), "--corpus", *corpus, "--output", str(encoder),
+        run("pretrain", "--base-model", str(base), "--corpus", str(paths["corpus"]), "--output", str(encoder),
             "--epochs", args.pretrain_epochs, "--batch-size", "32", "--max-length", "128")
 
     if args.only in (None, "category"):
         cat = w / "category"
         if not (cat / "model.int8.onnx").exists():
-            run("category", "--train", str(paths["category_train"]), "--validation", str(paths["category_val"]),
+            run("category", "--train", str(paths["category_train"]), "--validation", str(paths["category_dev"]),
                 "--base-model", str(encoder), "--output", str(cat), "--max-length", "128",
                 "--epochs", args.category_epochs, "--batch-size", "32", "--learning-rate", "3e-4",
                 "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4",
@@ -309,8 +287,9 @@ def main() -> None:
     if args.only in (None, "pii"):
         pii = w / "pii"
         if not (pii / "model.int8.onnx").exists():
-            run("pii", "--train", str(paths["synth_train"]), str(paths["presidio_train"]), str(paths["clean_train"]),
-                "--validation", str(paths["presidio_val"]), str(paths["synth_val"]), str(paths["clean_val"]),
+            run("pii", "--train", *(str(paths[k]) for k in ("synth_train", "presidio_train", "wnut_train",
+                                                           "context_train", "clean_train")),
+                "--validation", str(paths["synth_val"]),
                 "--base-model", str(encoder), "--output", str(pii), "--max-length", "128",
                 "--epochs", args.pii_epochs, "--batch-size", "16", "--learning-rate", "5e-4",
                 "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4",

@@ -61,8 +61,9 @@ class ModelConfig(_Section):
     runtime: Literal["auto", "onnx", "onnx-int8", "torch"] = "auto"
     """auto: model.int8.onnx on CPU, model.onnx on GPU, PyTorch weights when no ONNX file exists."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_length: Annotated[int, Field(ge=16, le=8192)] = 512
-    """Tokens per window, special tokens included."""
+    max_length: Annotated[int, Field(ge=16, le=8192)] | None = None
+    """Tokens per window, special tokens included. Unset: the window the model was trained at (its
+    ``sidecar_max_length``), else 512; never longer than its position embeddings."""
     stride: Annotated[int, Field(ge=0)] = 64
     """PII windows overlap by this many tokens so entities on a window edge are seen whole."""
     threads: Annotated[int, Field(ge=0)] = 0
@@ -75,7 +76,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _stride_fits(self) -> ModelConfig:
-        if self.stride >= self.max_length - 2:
+        if self.max_length is not None and self.stride >= self.max_length - 2:
             raise ValueError("stride must be smaller than max_length - 2")
         return self
 

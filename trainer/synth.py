@@ -56,6 +56,7 @@ MONTHS = (
     "January", "February", "March", "April", "May", "June",
     "July", "August", "September", "October", "November", "December",
 )
+TITLES = ("Mr.", "Ms.", "Mrs.", "Dr.", "Prof.", "Mr", "Ms", "Dr")
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 # Share of rows by kind; the rest use the English templates.
@@ -104,8 +105,10 @@ def _person(c: _Ctx) -> str:
         return _clean(c.fake.name())
     if r < 0.85:
         return f"{c.fake.first_name()} {c.fake.last_name()}"
-    if c.locale in ("en_US", "en_GB") and r < 0.93:
+    if c.locale in ("en_US", "en_GB") and r < 0.90:
         return f"{c.fake.first_name()} {c.rng.choice('ABCDEFGHJKLMNPRSTW')}. {c.fake.last_name()}"
+    if r < 0.95:  # a title and a surname alone ("Ms. Jones"), as people write to and about others
+        return f"{c.rng.choice(TITLES)} {c.fake.last_name()}"
     return f"{c.fake.last_name()}, {c.fake.first_name()}"
 
 

@@ -211,6 +211,7 @@ def train(data: TaskData, settings: TrainingSettings, options: RunOptions) -> di
 
     best = trainer.model
     best.config.sidecar_task = data.task
+    best.config.sidecar_max_length = max_length  # the window it learnt on is the window it is served at
     _remove_stale_exports(output)
     best.save_pretrained(output)
     tokenizer.save_pretrained(output)

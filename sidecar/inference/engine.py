@@ -28,7 +28,7 @@ from sidecar.inference.backends import Backend, open_backend, ort_cuda_available
 from sidecar.inference.batcher import Batcher, OnBatch, OnShed, WindowResult, summarize
 from sidecar.inference.heads import BioScheme, category_results, decode_bio
 from sidecar.inference.model_dir import TASK_CATEGORY, TASK_PII, ModelDir, ModelDirError
-from sidecar.inference.windows import Encoded, TextEncoder, Window, merge_windows
+from sidecar.inference.windows import Encoded, TextEncoder, Window, merge_windows, window_length
 from sidecar.results import CategoryResult, PiiResult, Span, StageTimings
 
 log = structlog.get_logger(__name__)
@@ -154,7 +154,7 @@ class _Model:
             self.encoder = TextEncoder.for_model(loaded.model_dir, loaded.config.max_length, loaded.config.stride)
         except ModelLoadError as e:
             raise ModelLoadError(f"models.{name}: {e}") from None
-        if self.encoder.max_length < loaded.config.max_length:
+        if self.encoder.max_length < window_length(loaded.model_dir, loaded.config.max_length):
             log.warning(
                 "max_length_clamped",
                 model=name,

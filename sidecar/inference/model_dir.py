@@ -2,8 +2,9 @@
 
 A model directory holds
 
-- ``config.json``: a Hugging Face config with ``id2label``/``label2id`` and ``sidecar_task``
-  (``"category"`` for sequence classification, ``"pii"`` for BIO token classification);
+- ``config.json``: a Hugging Face config with ``id2label``/``label2id``, ``sidecar_task``
+  (``"category"`` for sequence classification, ``"pii"`` for BIO token classification) and
+  ``sidecar_max_length`` (tokens per window in training: the window the sidecar serves it at);
 - ``tokenizer.json`` (+ ``tokenizer_config.json``): a fast tokenizer whose post-processor adds the
   CLS/SEP tokens named in ``config.json``;
 - ``model.safetensors``: PyTorch weights (optional once ONNX files exist);
@@ -77,6 +78,15 @@ class ModelDir:
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(str(self.path / TOKENIZER_FILE))
+
+    @property
+    def trained_length(self) -> int | None:
+        """Tokens per window the model was trained at (``sidecar_max_length``, or the training settings
+        in ``eval_results.json`` for older directories): a model sees text the way it learnt to."""
+        value = self.config.get("sidecar_max_length")
+        if value is None:
+            value = (self.eval_results().get("settings") or {}).get("max_length")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 2 else None
 
     def eval_results(self) -> dict:
         p = self.path / EVAL_FILE

@@ -68,9 +68,10 @@ class TextEncoder:
         self.stride = stride
 
     @classmethod
-    def for_model(cls, model_dir: ModelDir, max_length: int, stride: int) -> TextEncoder:
-        """Windows no longer than the model's position embeddings, whatever the config asks."""
-        length = min(max_length, model_dir.max_position_embeddings)
+    def for_model(cls, model_dir: ModelDir, max_length: int | None, stride: int) -> TextEncoder:
+        """Windows of the configured length, else the length the model was trained at, else 512; never
+        longer than the model's position embeddings, whatever the config asks."""
+        length = min(window_length(model_dir, max_length), model_dir.max_position_embeddings)
         return cls(model_dir.load_tokenizer(), model_dir.cls_token_id, model_dir.sep_token_id, length, stride)
 
     @property
@@ -233,3 +234,11 @@ def _encoded(encoding) -> Encoded:
     # Flattening the list of (start, end) tuples first is twice as fast as np.asarray on the tuples.
     offsets = np.fromiter(chain.from_iterable(encoding.offsets), dtype=np.int64, count=2 * len(ids))
     return Encoded(ids, offsets.reshape(len(ids), 2))
+
+
+DEFAULT_WINDOW = 512
+
+
+def window_length(model_dir: ModelDir, configured: int | None) -> int:
+    """What ``models.<name>.max_length`` means when it is unset."""
+    return configured or model_dir.trained_length or DEFAULT_WINDOW
