@@ -121,17 +121,31 @@ class RoutingConfig(_Section):
         return v
 
 
+# What places a person in context without saying who they are: masked only where a policy asks.
+CONTEXT_ENTITIES = ("LOCATION", "ORGANIZATION", "DATE_TIME", "NRP", "TITLE", "PREFIX", "DOMAIN_NAME")
+
+
 class PiiPolicyConfig(_Section):
     action: Literal["mask", "block", "allow"] = "mask"
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
-    allow_entities: list[str] = Field(default_factory=list)
-    """Entity types this policy lets through untouched."""
+    allow_entities: list[str] = Field(default_factory=lambda: list(CONTEXT_ENTITIES))
+    """Entity types this policy lets through untouched. Default: the context types, which say where, when
+    or with what but not who (``allow_entities: []`` masks them too)."""
     block_entities: list[str] = Field(default_factory=list)
     """Entity types that block the request whatever `action` says, so one policy can block card numbers
     for a backend that must never see one and still mask names."""
     default_operator: OperatorConfig = Replace()
     operators: dict[str, OperatorConfig] = Field(default_factory=dict)
     """Entity type -> operator, overriding default_operator."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_allow(cls, data: object) -> object:
+        """Blocking a context type takes it off the default allow list."""
+        if isinstance(data, dict) and "allow_entities" not in data and isinstance(data.get("block_entities"), list):
+            blocked = set(data["block_entities"])
+            data = {**data, "allow_entities": [e for e in CONTEXT_ENTITIES if e not in blocked]}
+        return data
 
     @model_validator(mode="after")
     def _allow_or_block(self) -> PiiPolicyConfig:

@@ -95,3 +95,22 @@ def test_block_entity_below_threshold_does_not_block():
 def test_an_entity_cannot_be_both_allowed_and_blocked():
     with pytest.raises(ValueError, match="US_SSN in both"):
         PiiPolicyConfig(allow_entities=["US_SSN", "PERSON"], block_entities=["US_SSN"])
+
+
+def test_default_policy_masks_who_and_lets_context_types_through():
+    found = [Span("PERSON", 0, 5, 0.9), Span("LOCATION", 10, 15, 0.9), Span("ORGANIZATION", 20, 25, 0.9),
+             Span("DATE_TIME", 30, 35, 0.9), Span("EMAIL_ADDRESS", 40, 45, 0.9)]
+    verdict = pii_verdict(found, PiiPolicyConfig())
+    assert verdict.action == "mask"
+    assert verdict.types == ("EMAIL_ADDRESS", "PERSON")
+
+
+def test_empty_allow_list_masks_context_types_too():
+    verdict = pii_verdict([Span("LOCATION", 10, 15, 0.9)], PiiPolicyConfig(allow_entities=[]))
+    assert verdict.types == ("LOCATION",)
+
+
+def test_blocking_a_context_type_takes_it_off_the_default_allow_list():
+    policy = PiiPolicyConfig.model_validate({"block_entities": ["LOCATION"]})
+    assert "LOCATION" not in policy.allow_entities and "ORGANIZATION" in policy.allow_entities
+    assert pii_verdict([Span("LOCATION", 0, 5, 0.9)], policy).action == "block"
