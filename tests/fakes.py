@@ -86,6 +86,8 @@ class FakeEngine:
     """Every text passed to any method, in call order (tests may inspect it; the sidecar never logs it)."""
     closed: bool = False
     detects_pii: bool = True
+    called: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by the first call of any method: the request has reached the engine."""
 
     @property
     def category_labels(self) -> list[str] | None:
@@ -141,6 +143,7 @@ class FakeEngine:
     def _record(self, method: str, texts: list[str]) -> None:
         self.calls[method] += 1
         self.texts.extend(texts)
+        self.called.set()
 
     async def _wait(self, method: str, delay: float | None) -> None:
         seconds = self.delay_s if delay is None else delay

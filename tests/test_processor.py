@@ -394,12 +394,13 @@ async def test_unexpected_error_is_answered_on_its_stream_only(start, policy):
 
 
 async def test_a_cancelled_stream_does_not_disturb_a_concurrent_one(start):
-    sc = await start(engine=FakeEngine(delay_s=0.1))
+    engine = FakeEngine(delay_s=0.1)
+    sc = await start(engine=engine)
     doomed = Exchange(sc.ext_proc)
     await doomed.send(headers_msg(request_id="doomed"))
     await doomed.call.write(body_msg(chat_body("Solve the integral.")))
+    await asyncio.wait_for(engine.called.wait(), 5)  # the doomed stream is in the engine when it is cancelled
     healthy = asyncio.ensure_future(chat_request(sc.ext_proc, chat_body("The court ruled."), request_id="ok"))
-    await asyncio.sleep(0.02)
     doomed.call.cancel()
     _, resp = await healthy
     assert set_headers(resp)["x-selected-model"] == "humanities-expert"

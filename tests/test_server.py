@@ -207,7 +207,7 @@ async def test_reload_swaps_config_without_dropping_an_in_flight_stream(start, t
     in_flight = Exchange(sc.ext_proc)
     await in_flight.send(headers_msg(request_id="in-flight"))
     pending = asyncio.ensure_future(in_flight.send(body_msg(chat_body("Solve the integral."))))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(engines[0].called.wait(), 5)  # the request is inside the old engine
 
     write_config(path, routing={"categories": {**CATEGORIES, "math": "math-v2"}}, failure={"timeout_ms": 5000, "max_timeout_ms": 5000})
     assert await sc.server.reload()
@@ -308,11 +308,12 @@ async def test_sighup_reloads_and_sigterm_drains(tmp_path):
 
 
 async def test_drain_lets_an_in_flight_stream_finish(start):
-    sc = await start(make_config(failure={"timeout_ms": 5000, "max_timeout_ms": 5000}), engine=FakeEngine(delay_s=0.3))
+    engine = FakeEngine(delay_s=0.3)
+    sc = await start(make_config(failure={"timeout_ms": 5000, "max_timeout_ms": 5000}), engine=engine)
     ex = Exchange(sc.ext_proc)
     await ex.send(headers_msg())
     pending = asyncio.ensure_future(ex.send(body_msg(chat_body("Solve it."))))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(engine.called.wait(), 5)  # in flight: the drain must wait for it
     stopping = asyncio.ensure_future(sc.server.stop(grace_s=5))
     resp = await pending
     assert set_headers(resp)["x-selected-model"] == "math-expert"
