@@ -127,7 +127,8 @@ def in_context(row: dict, pool: list[str], before: int, after: int, rng: random.
     lead = head + sep if head else ""
     text = lead + row["text"] + (sep + tail if tail else "")
     shift = len(lead)
-    return {"text": text, "spans": [{**s, "start": s["start"] + shift, "end": s["end"] + shift} for s in row["spans"]]}
+    return {"text": text, "spans": [{**s, "start": s["start"] + shift, "end": s["end"] + shift} for s in row["spans"]],
+            "inner": [shift, shift + len(row["text"])]}  # where the PII sentence sits: same spans alone?
 
 
 _NAME_RE = re.compile(r"(?<=[a-z,;:] )[A-Z][a-z]+")

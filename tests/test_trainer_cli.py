@@ -89,7 +89,9 @@ def test_evaluate_category_writes_report_table_and_confusion_matrix(category_mod
     assert code == 0
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["task"] == "category" and report["examples"] == 36
-    assert set(report["metrics"]) == {"accuracy", "f1", "precision", "recall"}
+    assert report["runtime"] == "onnx-int8" and report["max_length"] == 64  # as served: INT8 on CPU, trained window
+    assert report["coverage"][0] == {"threshold": 0.0, "coverage": 1.0, "accuracy": report["accuracy"]}
+    assert report["at_routing_threshold"]["threshold"] == 0.5
     assert sum(row["support"] for row in report["per_class"].values()) == 36
     assert np.asarray(report["confusion_matrix"]["matrix"]).sum() == 36
     png = tmp_path / "r" / "confusion_matrix.png"
@@ -130,9 +132,11 @@ def test_evaluate_pii_reports_entity_scores_per_type(pii_model, capsys, tmp_path
     code, stdout, _ = run_cli(capsys, "evaluate", out, "--data", presidio, "--output", tmp_path / "r.json",
                               "--max-length", "16", "--stride", "4")
     report = json.loads((tmp_path / "r.json").read_text())
-    assert code == 0 and report["task"] == "pii" and report["examples"] == 2
-    assert report["per_type"]["PERSON"]["support"] == 2 and report["per_type"]["PHONE_NUMBER"]["support"] == 1
-    assert "entity_f1" in report["metrics"] and "entity type" in stdout
+    assert code == 0 and report["task"] == "pii" and report["texts"] == 2 and report["runtime"] == "torch"
+    assert report["max_length"] == 16 and report["stride"] == 4
+    assert report["per_type"]["PERSON"]["entities"] == 2 and report["per_type"]["PHONE_NUMBER"]["entities"] == 1
+    assert report["per_type"]["EMAIL_ADDRESS"] == {"entities": 1, "caught": 1.0}  # the email recognizer
+    assert "caught=" in stdout and "entity type" in stdout
     assert not (tmp_path / "confusion_matrix.png").exists()
 
 

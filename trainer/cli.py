@@ -5,8 +5,11 @@
     trainer category --train train.jsonl --base-model pretrained/ --output category/ --int8
     trainer pii --train synth.jsonl presidio.json --base-model pretrained/ --output pii/ --int8
     trainer synth-pii --count 5000 --output synth.jsonl
-    trainer evaluate category/ --data test.jsonl --output report.json
+    trainer evaluate category/ --data test.jsonl --output report.json [--runtime onnx-int8]
     trainer export category/ --int8
+
+``evaluate`` scores a model directory as the sidecar serves it (trainer.served): INT8 ONNX on CPU by
+default, its windows, the pattern recognizers and the default PII policy.
 
 Each subcommand's flags come from argument dataclasses (field help is the flag help). Bad input ends
 with one line, ``error: <file>:<row>: <problem>``, and exit status 2.
@@ -114,19 +117,22 @@ class SynthArguments:
 class EvaluateArguments:
     """Model, data and report."""
 
-    model_dir: str = field(metadata=_arg("model directory made by `trainer category` or `trainer pii`", positional=True))
+    model_dir: str = field(metadata=_arg("model directory made by `trainer category` or `trainer pii` (ONNX files alone will do)", positional=True))
     data: list[str] = field(metadata=_arg("labelled data in any format `trainer category`/`trainer pii` accept"))
+    runtime: Literal["auto", "onnx", "onnx-int8", "torch"] = field(default="auto", metadata=_arg(
+        "what the sidecar serves: auto takes model.int8.onnx on CPU, model.onnx on GPU, PyTorch weights when no ONNX file exists"))
     output: str | None = field(default=None, metadata=_arg("write the report as JSON here"))
     confusion_matrix: str | None = field(default=None, metadata=_arg(
         "category models: confusion-matrix PNG path (default confusion_matrix.png next to --output, else in the current directory)"))
     text_column: str = field(default="text", metadata=_arg("column with the text (category data)"))
     label_column: str = field(default="label", metadata=_arg("column with the label (category data)"))
     dataset_split: str = field(default="train", metadata=_arg("split for datasets directories and Hub ids"))
-    max_length: int | None = field(default=None, metadata=_arg("tokens per input (default: 512 or the model's limit)"))
-    stride: int = field(default=64, metadata=_arg("pii: tokens shared by consecutive windows"))
-    batch_size: int = field(default=32, metadata=_arg("inputs per forward pass"))
+    max_length: int | None = field(default=None, metadata=_arg(
+        "tokens per window, as models.*.max_length in the sidecar config (default: the window the model was trained at, else 512)"))
+    stride: int | None = field(default=None, metadata=_arg("pii: tokens shared by consecutive windows, as models.pii.stride (default: 64)"))
     drop_unknown_labels: bool = field(default=False, metadata=_arg(
-        "skip rows (category) or spans (pii) whose label the model does not have, instead of failing"))
+        "category: skip rows whose label the model does not have, instead of failing (pii: every gold type is scored; "
+        "the recognizers find types the model lacks)"))
 
 
 @dataclass
@@ -254,28 +260,27 @@ def run_synth(ns: argparse.Namespace) -> int:
 
 
 def run_evaluate(ns: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate_dir, format_table
+    """Score the directory as the sidecar serves it (trainer.served) and print and write the report."""
+    from sidecar.errors import ModelLoadError
+    from trainer.evaluate import plot_confusion_matrix
+    from trainer.served import evaluate_served, format_report
 
     args = build(EvaluateArguments, ns)
-    figure = args.confusion_matrix or (
-        Path(args.output).with_name("confusion_matrix.png") if args.output else Path("confusion_matrix.png")
-    )
-    report = evaluate_dir(
-        args.model_dir,
-        args.data,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        split=args.dataset_split,
-        max_length=args.max_length,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        drop_unknown_labels=args.drop_unknown_labels,
-        figure=figure,
-    )
-    _print_metrics(report)
-    table = report.get("per_class") or report.get("per_type")
-    if table:
-        print(format_table(table, "class" if report["task"] == "category" else "entity type"))
+    try:
+        report = evaluate_served(
+            args.model_dir, args.data, args.runtime, args.text_column, args.label_column, args.dataset_split,
+            max_length=args.max_length, stride=args.stride, drop_unknown_labels=args.drop_unknown_labels,
+        )
+    except ModelLoadError as e:  # e.g. --runtime onnx-int8 on a directory without model.int8.onnx
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if "confusion_matrix" in report:
+        figure = args.confusion_matrix or (
+            Path(args.output).with_name("confusion_matrix.png") if args.output else Path("confusion_matrix.png")
+        )
+        cm = report["confusion_matrix"]
+        report["confusion_matrix_png"] = str(plot_confusion_matrix(cm["matrix"], cm["labels"], figure))
+    print(format_report(report))
     if "confusion_matrix_png" in report:
         print(f"confusion matrix: {report['confusion_matrix_png']}")
     if args.output:
@@ -322,7 +327,8 @@ COMMANDS: dict[str, tuple[str, list[type], Callable[[argparse.Namespace], int]]]
     "pii": ("fine-tune a BIO token classifier (text + character spans, or Presidio's format)",
             [ModelArguments, PiiDataArguments, TrainingOverrides], lambda ns: run_training("pii", ns)),
     "synth-pii": ("write synthetic PII text with exact spans (JSONL)", [SynthArguments], run_synth),
-    "evaluate": ("metrics of a model directory on a labelled file", [EvaluateArguments], run_evaluate),
+    "evaluate": ("metrics of a model directory as the sidecar serves it (runtime, windows, recognizers, PII policy) "
+                 "on a labelled file", [EvaluateArguments], run_evaluate),
     "export": ("write model.onnx (+ model.int8.onnx) and check parity with PyTorch", [ExportArguments], run_export),
 }
 
