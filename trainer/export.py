@@ -8,6 +8,11 @@ Inputs are ``input_ids`` and ``attention_mask`` (int64 ``[batch, sequence]``), t
 Node metadata (stack traces with build-machine paths) is dropped, and the weights stay inside the file
 unless they are too big for one protobuf.
 
+Any Hugging Face encoder exports this way, BERT family included: a BERT graph takes no
+``token_type_ids`` input (the model's own all-zero buffer stands in, as in training, where the trainer
+feeds none). A directory trained before the trainer wrote ``cls_token_id``/``sep_token_id`` into
+``config.json`` (BERT configs carry only ``pad_token_id``) gets them from its tokenizer first.
+
 A file is only put in place after ONNX Runtime reproduces the PyTorch logits on a fixed set of texts
 (short, long up to the window, non-ASCII; one padded batch and every row alone). fp32 must match
 within ``tolerance``; dynamic INT8 changes logits by design, so it is judged by how often its argmax
@@ -30,7 +35,17 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from sidecar.inference.model_dir import EVAL_FILE, ONNX_FILE, ONNX_INT8_FILE, TASK_CATEGORY, ModelDir
+from sidecar.inference.model_dir import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    ONNX_FILE,
+    ONNX_INT8_FILE,
+    TASK_CATEGORY,
+    TOKENIZER_FILE,
+    ModelDir,
+    resolve,
+)
+from trainer.train import SPECIAL_TOKEN_IDS, BaseModelError, missing_special_token_ids
 
 log = structlog.get_logger(__name__)
 
@@ -171,6 +186,7 @@ def export_model_dir(
     if not 0.0 <= int8_min_agreement <= 1.0:
         raise ExportError(f"int8_min_agreement must be between 0 and 1, got {int8_min_agreement!r}")
 
+    fill_special_token_ids(resolve(path))
     model_dir = ModelDir.read(path)
     if not model_dir.has_torch_weights:
         raise ExportError(f"{model_dir.path}: no PyTorch weights (model.safetensors); export needs the trained model")
@@ -245,6 +261,40 @@ def export_model_dir(
     return report
 
 
+def fill_special_token_ids(directory: Path) -> dict[str, int]:
+    """Write the CLS/SEP/PAD ids that ``config.json`` lacks, taken from the directory's tokenizer; return them.
+
+    For directories trained before the trainer wrote them (BERT-family bases); ``{}`` when nothing was
+    missing. A directory that is not a model directory is left alone for ``ModelDir.read`` to name.
+    """
+    config_path = directory / CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(config, dict) or not (directory / TOKENIZER_FILE).is_file():
+        return {}
+    if all(isinstance(config.get(k), int) and not isinstance(config.get(k), bool) for k in SPECIAL_TOKEN_IDS):
+        return {}
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # transformers raises OSError, ValueError, ...
+        raise ExportError(f"{directory}: {CONFIG_FILE} lacks special token ids and the tokenizer that would "
+                          f"give them cannot be loaded ({_one_line(e)})") from e
+    try:
+        filled = missing_special_token_ids(config, tokenizer, str(directory))
+    except BaseModelError as e:
+        raise ExportError(str(e)) from e
+    config.update(filled)
+    staged = config_path.with_name(config_path.name + ".tmp")
+    staged.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(staged, config_path)
+    log.info("export_special_token_ids_filled", model=str(directory), **filled)
+    return filled
+
+
 def _load_model(model_dir: ModelDir):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
@@ -286,6 +336,13 @@ def _export_onnx(model, out: Path, model_dir: ModelDir) -> None:
     for node in proto.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
+    # The exporter also records the shapes of initializers as value_info. The quantizer turns a Gemm with
+    # transB (BERT's pooler and classifier) into a MatMul on the transposed weight, and the stale entry
+    # then fails its shape inference; an initializer's shape is in the initializer anyway.
+    initializers = {init.name for init in proto.graph.initializer}
+    kept = [vi for vi in proto.graph.value_info if vi.name not in initializers]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if weight_bytes > EXTERNAL_DATA_BYTES:
         onnx.save_model(proto, out, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -302,7 +359,14 @@ def _quantize(src: Path, dst: Path, workdir: Path) -> None:
     prepared = workdir / "model.prepared.onnx"
     try:
         with _quiet():
-            quant_pre_process(str(src), str(prepared))
+            try:
+                quant_pre_process(str(src), str(prepared))
+            except Exception as e:
+                # ORT's symbolic shape inference cannot broadcast Min(max_positions, sequence) against
+                # sequence: the slice of a position-id buffer (BERT family). ONNX's own inference is enough
+                # for dynamic quantization, and the parity check judges the result either way.
+                log.info("export_symbolic_shape_inference_skipped", model=str(src), reason=_one_line(e))
+                quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
             quantize_dynamic(prepared, dst, weight_type=QuantType.QInt8)
     except Exception as e:
         raise ExportError(f"{src}: INT8 quantization failed ({_one_line(e)})") from e

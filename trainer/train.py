@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +32,8 @@ log = structlog.get_logger(__name__)
 EVAL_FILE = "eval_results.json"
 CHECKPOINTS = "checkpoints"
 BEST_METRIC = "f1"
+SPECIAL_TOKEN_IDS = ("cls_token_id", "sep_token_id", "pad_token_id")
+"""Token ids the sidecar reads from ``config.json``: it wraps every window in CLS ... SEP and pads with PAD."""
 
 
 class BaseModelError(ValueError):
@@ -92,8 +94,45 @@ def load_base(base_model: str, task: str, labels: list[str]):
         raise BaseModelError(f"{base_model}: cannot load the base model ({first})") from e
     if not tokenizer.is_fast:
         raise BaseModelError(f"{base_model}: needs a fast tokenizer (tokenizer.json) for offset mappings")
+    fill_special_token_ids(model.config, tokenizer, base_model)  # before training: a base it cannot serve fails now
     model.config.sidecar_task = task
     return tokenizer, model
+
+
+def missing_special_token_ids(config: Mapping[str, Any], tokenizer, source: str) -> dict[str, int]:
+    """The ids of :data:`SPECIAL_TOKEN_IDS` that `config` lacks, taken from `tokenizer` (a transformers tokenizer).
+
+    ModernBERT configs carry all three; BERT-family configs only ``pad_token_id``, though their tokenizers
+    have ``[CLS]`` and ``[SEP]``. Raises BaseModelError naming `source` when the tokenizer lacks one too.
+    """
+    found: dict[str, int] = {}
+    for key in SPECIAL_TOKEN_IDS:
+        if _is_token_id(config.get(key)):
+            continue
+        value = getattr(tokenizer, key, None)
+        if not _is_token_id(value):
+            token = key.removesuffix("_token_id").upper()
+            raise BaseModelError(
+                f"{source}: the tokenizer has no {token} token and the config no '{key}'; the sidecar wraps "
+                "every window in CLS ... SEP and pads with PAD, so it needs all three token ids"
+            )
+        found[key] = value
+    return found
+
+
+def fill_special_token_ids(config, tokenizer, base_model: str) -> dict[str, int]:
+    """Set the CLS/SEP/PAD ids a transformers `config` lacks from `tokenizer`; return what was set."""
+    current = {key: getattr(config, key, None) for key in SPECIAL_TOKEN_IDS}
+    filled = missing_special_token_ids(current, tokenizer, base_model)
+    for key, value in filled.items():
+        setattr(config, key, value)
+    if filled:
+        log.info("special_token_ids_from_tokenizer", base_model=base_model, **filled)
+    return filled
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def training_arguments(settings: TrainingSettings, output_dir: Path, hw: Hardware):
@@ -210,6 +249,7 @@ def train(data: TaskData, settings: TrainingSettings, options: RunOptions) -> di
     state = trainer.state
 
     best = trainer.model
+    fill_special_token_ids(best.config, tokenizer, options.base_model)  # the sidecar reads them from config.json
     best.config.sidecar_task = data.task
     best.config.sidecar_max_length = max_length  # the window it learnt on is the window it is served at
     _remove_stale_exports(output)
