@@ -159,26 +159,25 @@ def single_task(single: Path) -> dict:
 
 
 def pass_savings(tokenizer, data: Path) -> dict:
-    """Tokens the two served models read per request of the Envoy benchmark's mix (windows of the
-    sidecar's default 512 tokens), against a shared model: the category window of the latest user message
+    """Tokens the two served models read per request of the Envoy benchmark's mix (windows of 512
+    tokens, the sidecar's default for a model that does not say what it was trained at), against a shared model: the category window of the latest user message
     is that message's first PII window, so a shared pass reads only the PII windows."""
     from bench.common import corpus_texts
     from bench.envoy import request_bodies
-    from sidecar.config import ModelConfig
-    from sidecar.inference.windows import window_starts
+    from sidecar.inference.windows import DEFAULT_STRIDE, DEFAULT_WINDOW, window_starts
 
-    served = ModelConfig(path=".")
-    room = served.max_length - 2
+    window, stride = DEFAULT_WINDOW, DEFAULT_STRIDE
+    room = window - 2
     bodies = request_bodies(64, corpus_texts([data / "category_val.jsonl"]),
                             corpus_texts([data / "synth_val.jsonl"], fallback=False))
     separate = shared = 0
     for body in bodies:
         messages = json.loads(body)["messages"]
         lengths = [len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in messages]
-        pii = sum(min(n - start, room) + 2 for n in lengths for start in window_starts(n, room, served.stride))
+        pii = sum(min(n - start, room) + 2 for n in lengths for start in window_starts(n, room, stride))
         separate += pii + min(lengths[-1], room) + 2
         shared += pii
-    return {"requests": len(bodies), "window_tokens": served.max_length,
+    return {"requests": len(bodies), "window_tokens": window,
             "tokens_per_request_separate": round(separate / len(bodies), 1),
             "tokens_per_request_shared": round(shared / len(bodies), 1),
             "share_saved": round(1 - shared / max(separate, 1), 3)}

@@ -64,8 +64,9 @@ class ModelConfig(_Section):
     max_length: Annotated[int, Field(ge=16, le=8192)] | None = None
     """Tokens per window, special tokens included. Unset: the window the model was trained at (its
     ``sidecar_max_length``), else 512; never longer than its position embeddings."""
-    stride: Annotated[int, Field(ge=0)] = 64
-    """PII windows overlap by this many tokens so entities on a window edge are seen whole."""
+    stride: Annotated[int, Field(ge=0)] | None = None
+    """PII windows overlap by this many tokens so entities on a window edge are seen whole. Unset: 64, at
+    most half the window."""
     threads: Annotated[int, Field(ge=0)] = 0
     """Intra-op threads for ONNX Runtime on CPU (or torch's process-wide count). 0: the runtime's default
     for a model that runs alone; two CPU models get half the usable cores each."""
@@ -76,7 +77,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _stride_fits(self) -> ModelConfig:
-        if self.max_length is not None and self.stride >= self.max_length - 2:
+        if self.max_length is not None and self.stride is not None and self.stride >= self.max_length - 2:
             raise ValueError("stride must be smaller than max_length - 2")
         return self
 
@@ -127,6 +128,8 @@ CONTEXT_ENTITIES = ("LOCATION", "ORGANIZATION", "DATE_TIME", "NRP", "TITLE", "PR
 
 class PiiPolicyConfig(_Section):
     action: Literal["mask", "block", "allow"] = "mask"
+    """What a request gets when this policy keeps personal data in it: an `Action` (`sidecar.vocabulary`),
+    spelled as plain strings so that a bad value's error names exactly these three."""
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
     allow_entities: list[str] = Field(default_factory=lambda: list(CONTEXT_ENTITIES))
     """Entity types this policy lets through untouched. Default: the context types, which say where, when

@@ -151,7 +151,8 @@ class _Model:
         self.labels = loaded.model_dir.labels
         try:
             self.scheme = BioScheme.from_labels(self.labels) if loaded.model_dir.task == TASK_PII else None
-            self.encoder = TextEncoder.for_model(loaded.model_dir, loaded.config.max_length, loaded.config.stride)
+            stride = loaded.config.stride if self.scheme is not None else 0  # a category model reads one window
+            self.encoder = TextEncoder.for_model(loaded.model_dir, loaded.config.max_length, stride)
         except ModelLoadError as e:
             raise ModelLoadError(f"models.{name}: {e}") from None
         if self.encoder.max_length < window_length(loaded.model_dir, loaded.config.max_length):

@@ -68,10 +68,12 @@ class TextEncoder:
         self.stride = stride
 
     @classmethod
-    def for_model(cls, model_dir: ModelDir, max_length: int | None, stride: int) -> TextEncoder:
+    def for_model(cls, model_dir: ModelDir, max_length: int | None, stride: int | None) -> TextEncoder:
         """Windows of the configured length, else the length the model was trained at, else 512; never
         longer than the model's position embeddings, whatever the config asks."""
         length = min(window_length(model_dir, max_length), model_dir.max_position_embeddings)
+        if stride is None:  # 64 tokens, at most half a window (a model trained on short windows)
+            stride = min(DEFAULT_STRIDE, (length - 2) // 2)
         return cls(model_dir.load_tokenizer(), model_dir.cls_token_id, model_dir.sep_token_id, length, stride)
 
     @property
@@ -237,6 +239,7 @@ def _encoded(encoding) -> Encoded:
 
 
 DEFAULT_WINDOW = 512
+DEFAULT_STRIDE = 64
 
 
 def window_length(model_dir: ModelDir, configured: int | None) -> int:
