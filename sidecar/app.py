@@ -19,15 +19,9 @@ from sidecar.errors import ConfigError
 from sidecar.logs import get_logger
 from sidecar.metrics import Metrics
 from sidecar.router import Router
+from sidecar.vocabulary import Kind
 
 log = get_logger("sidecar.app")
-
-KIND_CHAT = "chat"
-KIND_COMPLETIONS = "completions"
-KIND_RESPONSES = "responses"
-KIND_MESSAGES = "messages"
-KIND_GENERIC = "generic"
-"""Any other path: a body there is scanned for PII (every string) but not routed."""
 
 
 def normalize_path(path: str) -> str:
@@ -59,16 +53,16 @@ class App:
     router: Router
     generation: int = 0
     loaded_at: float = field(default_factory=time.time)
-    kinds: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, Kind] = field(default_factory=dict)
     """Normalised request path → processor kind, from ``config.paths``."""
     model_names: frozenset[str] = frozenset()
     """Backend model names the config knows: the only ones used as metric labels."""
 
-    def kind_for(self, path: str | None) -> str | None:
-        """The API kind of a request path; `KIND_GENERIC` for any other path, None without a path."""
+    def kind_for(self, path: str | None) -> Kind | None:
+        """The API kind of a request path; `Kind.GENERIC` for any other path, None without a path."""
         if not path:
             return None
-        return self.kinds.get(normalize_path(path), KIND_GENERIC)
+        return self.kinds.get(normalize_path(path), Kind.GENERIC)
 
     def close(self) -> None:
         self.engine.close()
@@ -111,8 +105,8 @@ def build_app(config: Config, metrics: Metrics | None = None, *, engine_factory:
         raise
     paths = config.paths
     kinds = {normalize_path(p): kind for kind, group in (
-        (KIND_CHAT, paths.chat), (KIND_COMPLETIONS, paths.completions), (KIND_RESPONSES, paths.responses),
-        (KIND_MESSAGES, paths.messages)) for p in group}
+        (Kind.CHAT, paths.chat), (Kind.COMPLETIONS, paths.completions), (Kind.RESPONSES, paths.responses),
+        (Kind.MESSAGES, paths.messages)) for p in group}
     return App(config=config, engine=engine, router=router, generation=generation, kinds=kinds,
                model_names=model_names(config))
 

@@ -1,7 +1,7 @@
 """Prometheus metrics, all in one place, on a registry of their own (tests and reloads stay isolated).
 
-Label values come from bounded sets only (actions, configured categories and models, entity types,
-reason codes), never from request content.
+Label values come from bounded sets only (actions: `sidecar.vocabulary.Action`; configured categories and
+models, entity types, reason codes), never from request content.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from sidecar.router import Decision
+    from sidecar.vocabulary import Action
 
 NONE_LABEL = "none"
 OTHER_LABEL = "other"
@@ -69,7 +70,8 @@ class Metrics:
             self.request_errors.labels(reason=decision.error).inc()
         self.decision_seconds.observe(seconds)
 
-    def observe_outcome(self, action: str, reason: str, seconds: float | None = None, model: str | None = None) -> None:
+    def observe_outcome(self, action: Action, reason: str, seconds: float | None = None,
+                        model: str | None = None) -> None:
         """A request answered without a decision: skipped, rejected, or degraded (`reason` is the code)."""
         self.requests.labels(action=action, category=NONE_LABEL, model=model or NONE_LABEL).inc()
         self.request_errors.labels(reason=reason).inc()

@@ -27,6 +27,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
+from sidecar.vocabulary import Action, Phase
+
 if TYPE_CHECKING:
     from sidecar.router import Decision
 
@@ -41,14 +43,6 @@ REASON = "x-router-reason"
 OWNED_HEADERS = (SELECTED_MODEL, CATEGORY, CONFIDENCE, PII, ACTION, REASON)
 CONTENT_ENCODING = "content-encoding"
 RETRY_AFTER = "retry-after"
-
-REQUEST_HEADERS = "request_headers"
-REQUEST_BODY = "request_body"
-REQUEST_TRAILERS = "request_trailers"
-RESPONSE_HEADERS = "response_headers"
-RESPONSE_BODY = "response_body"
-RESPONSE_TRAILERS = "response_trailers"
-PHASES = (REQUEST_HEADERS, REQUEST_BODY, REQUEST_TRAILERS, RESPONSE_HEADERS, RESPONSE_BODY, RESPONSE_TRAILERS)
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -86,10 +80,10 @@ def decision_headers(decision: Decision) -> dict[str, str]:
     return values
 
 
-def continue_response(phase: str, mutation: HeaderMutation | None = None, *, clear_route_cache: bool = False,
+def continue_response(phase: Phase, mutation: HeaderMutation | None = None, *, clear_route_cache: bool = False,
                       body: bytes | None = None) -> ProcessingResponse:
     """A correctly typed answer for `phase` that lets the request go on, optionally changed."""
-    if phase in (REQUEST_TRAILERS, RESPONSE_TRAILERS):
+    if phase in (Phase.REQUEST_TRAILERS, Phase.RESPONSE_TRAILERS):
         return ProcessingResponse(**{phase: TrailersResponse(header_mutation=mutation)})
     common = CommonResponse(
         status=CommonResponse.CONTINUE,
@@ -97,11 +91,11 @@ def continue_response(phase: str, mutation: HeaderMutation | None = None, *, cle
         body_mutation=BodyMutation(body=body) if body is not None else None,
         clear_route_cache=clear_route_cache and mutation is not None and bool(mutation.set_headers or mutation.remove_headers),
     )
-    wrapper = HeadersResponse if phase in (REQUEST_HEADERS, RESPONSE_HEADERS) else BodyResponse
+    wrapper = HeadersResponse if phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS) else BodyResponse
     return ProcessingResponse(**{phase: wrapper(response=common)})
 
 
-def echo_body(phase: str, chunk: HttpBody) -> ProcessingResponse:
+def echo_body(phase: Phase, chunk: HttpBody) -> ProcessingResponse:
     """FULL_DUPLEX_STREAMED and GRPC body modes: Envoy forwards only what the server sends back (a plain
     CONTINUE is a protocol error there, answered with a 500), so a chunk passes by being returned as is."""
     streamed = StreamedBodyResponse(body=chunk.body, end_of_stream=chunk.end_of_stream,
@@ -112,7 +106,8 @@ def echo_body(phase: str, chunk: HttpBody) -> ProcessingResponse:
 
 
 @functools.cache
-def strip_owned_headers(phase: str = REQUEST_HEADERS, *, clear_route_cache: bool = False) -> ProcessingResponse:
+def strip_owned_headers(phase: Phase = Phase.REQUEST_HEADERS, *,
+                        clear_route_cache: bool = False) -> ProcessingResponse:
     """Request headers pass on without any client copy of the sidecar's headers. When the client did send
     one, the route Envoy may already have chosen on it must be cleared too (`clear_route_cache`).
 
@@ -120,9 +115,9 @@ def strip_owned_headers(phase: str = REQUEST_HEADERS, *, clear_route_cache: bool
     return continue_response(phase, owned_headers_mutation(), clear_route_cache=clear_route_cache)
 
 
-def decision_response(decision: Decision, phase: str = REQUEST_BODY) -> ProcessingResponse:
+def decision_response(decision: Decision, phase: Phase = Phase.REQUEST_BODY) -> ProcessingResponse:
     """allow/mask/degraded: routing headers (+ new body and content-length), route cache cleared; block: 403."""
-    if decision.action == "block":
+    if decision.action == Action.BLOCK:
         return blocked_response(decision.entity_types)
     values = decision_headers(decision)
     if decision.body is not None:
@@ -131,14 +126,15 @@ def decision_response(decision: Decision, phase: str = REQUEST_BODY) -> Processi
     return continue_response(phase, owned_headers_mutation(values, remove), clear_route_cache=True, body=decision.body)
 
 
-def skipped_response(reason: str, phase: str = REQUEST_BODY) -> ProcessingResponse:
+def skipped_response(reason: str, phase: Phase = Phase.REQUEST_BODY) -> ProcessingResponse:
     """The request goes on unchanged and unrouted; the headers say it was skipped and why (a code)."""
-    return continue_response(phase, owned_headers_mutation({ACTION: "skipped", REASON: reason}), clear_route_cache=True)
+    values = {ACTION: Action.SKIPPED, REASON: reason}
+    return continue_response(phase, owned_headers_mutation(values), clear_route_cache=True)
 
 
-def degraded_response(default_model: str, reason: str, phase: str = REQUEST_BODY) -> ProcessingResponse:
+def degraded_response(default_model: str, reason: str, phase: Phase = Phase.REQUEST_BODY) -> ProcessingResponse:
     """fail_open without a decision: route to the default model, headers say degraded and why."""
-    values = {SELECTED_MODEL: default_model, ACTION: "degraded", REASON: reason}
+    values = {SELECTED_MODEL: default_model, ACTION: Action.DEGRADED, REASON: reason}
     return continue_response(phase, owned_headers_mutation(values), clear_route_cache=True)
 
 
@@ -147,7 +143,7 @@ def openai_error(message: str, type_: str, code: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "code": code, "param": None}}).encode("utf-8")
 
 
-def immediate_response(status: int, message: str, type_: str, code: str, action: str,
+def immediate_response(status: int, message: str, type_: str, code: str, action: Action,
                        extra: tuple[tuple[str, str], ...] = ()) -> ProcessingResponse:
     """Envoy answers the client directly with `status` and an OpenAI-style JSON error; nothing goes upstream."""
     headers = HeaderMutation(set_headers=[header("content-type", "application/json"), header(ACTION, action),
@@ -164,7 +160,7 @@ def blocked_response(entity_types: tuple[str, ...] | list[str]) -> ProcessingRes
     """403 naming the entity types found; the values themselves are never echoed."""
     types = ", ".join(sorted(set(entity_types))) or "personal data"
     message = f"The request was blocked because it contains personal data ({types}). Remove it and try again."
-    return immediate_response(403, message, "invalid_request_error", "pii_detected", "block")
+    return immediate_response(403, message, "invalid_request_error", "pii_detected", Action.BLOCK)
 
 
 BAD_BODY_STATUS = {"unsupported_encoding": 415, "not_buffered": 413, "too_large": 413}
@@ -174,17 +170,18 @@ BAD_BODY_STATUS = {"unsupported_encoding": 415, "not_buffered": 413, "too_large"
 def bad_request_response(reason: str, message: str) -> ProcessingResponse:
     """400 (415 for an encoding, 413 for size) for a body the sidecar cannot read, under
     ``failure.bad_body: reject``."""
-    return immediate_response(BAD_BODY_STATUS.get(reason, 400), message, "invalid_request_error", reason, "rejected")
+    status = BAD_BODY_STATUS.get(reason, 400)
+    return immediate_response(status, message, "invalid_request_error", reason, Action.REJECTED)
 
 
 def too_large_response(reason: str, message: str) -> ProcessingResponse:
     """413 for a body over ``failure.max_inspect_bytes``: it is not inspected, so it is not forwarded either."""
-    return immediate_response(413, message, "invalid_request_error", reason, "rejected")
+    return immediate_response(413, message, "invalid_request_error", reason, Action.REJECTED)
 
 
 def unavailable_response(reason: str, retry_after_s: int = 1) -> ProcessingResponse:
     """503 with Retry-After: the request could not be inspected (overload, deadline, model failure, or an
     unexpected error), so it is not forwarded."""
     message = "The request router is temporarily unable to process requests. Retry later."
-    return immediate_response(503, message, "server_error", reason, "rejected",
+    return immediate_response(503, message, "server_error", reason, Action.REJECTED,
                               ((RETRY_AFTER, str(retry_after_s)),))

@@ -7,16 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 from sidecar.config import PiiPolicyConfig, RoutingConfig
 from sidecar.results import CategoryResult, Span
-
-RouteReason = Literal[
-    "category", "low_confidence", "unknown_category", "client_model", "no_category_model", "no_user_text", "degraded",
-    "unrouted",
-]
-PiiAction = Literal["allow", "mask", "block"]
+from sidecar.vocabulary import Action, RouteReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +26,8 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class PiiVerdict:
-    action: PiiAction
+    action: Action
+    """`Action.ALLOW`, `Action.MASK` or `Action.BLOCK`."""
     kept_spans: tuple[Span, ...]
     types: tuple[str, ...]
     """Sorted unique entity types among `kept_spans`."""
@@ -46,15 +41,15 @@ def needs_category(requested_model: str | None, routing: RoutingConfig) -> bool:
 def choose_route(category: CategoryResult | None, requested_model: str | None, routing: RoutingConfig) -> Route:
     """The backend for a request. `category` None means no category model is loaded."""
     if not needs_category(requested_model, routing):
-        return Route(requested_model, rewrite=False, reason="client_model")
+        return Route(requested_model, rewrite=False, reason=RouteReason.CLIENT_MODEL)
     if category is None:
-        return default_route(routing, "no_category_model")
+        return default_route(routing, RouteReason.NO_CATEGORY_MODEL)
     label, confidence = category.label, category.confidence
     if confidence < routing.confidence_threshold:
-        return Route(routing.default_model, True, "low_confidence", label, confidence)
+        return Route(routing.default_model, True, RouteReason.LOW_CONFIDENCE, label, confidence)
     if label not in routing.categories:
-        return Route(routing.default_model, True, "unknown_category", label, confidence)
-    return Route(routing.categories[label], True, "category", label, confidence)
+        return Route(routing.default_model, True, RouteReason.UNKNOWN_CATEGORY, label, confidence)
+    return Route(routing.categories[label], True, RouteReason.CATEGORY, label, confidence)
 
 
 def default_route(routing: RoutingConfig, reason: RouteReason) -> Route:
@@ -74,7 +69,7 @@ def pii_verdict(spans: Iterable[Span], policy: PiiPolicyConfig) -> PiiVerdict:
     kept = tuple(kept_spans(spans, policy))
     types = tuple(sorted({s.label for s in kept}))
     if not kept:
-        return PiiVerdict("allow", kept, types)
+        return PiiVerdict(Action.ALLOW, kept, types)
     if not set(types).isdisjoint(policy.block_entities):
-        return PiiVerdict("block", kept, types)
-    return PiiVerdict(policy.action, kept, types)
+        return PiiVerdict(Action.BLOCK, kept, types)
+    return PiiVerdict(Action(policy.action), kept, types)

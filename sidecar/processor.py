@@ -31,18 +31,11 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 
 from sidecar import mutations
-from sidecar.app import (
-    KIND_CHAT,
-    KIND_COMPLETIONS,
-    KIND_GENERIC,
-    KIND_MESSAGES,
-    KIND_RESPONSES,
-    App,
-    AppHolder,
-)
+from sidecar.app import App, AppHolder
 from sidecar.errors import BodyTooLarge, EmptyBody, InferenceError, NotBuffered, RequestError
 from sidecar.logs import exception_fields, get_logger
 from sidecar.metrics import Metrics
+from sidecar.vocabulary import Action, Kind, Phase
 
 log = get_logger("sidecar.processor")
 
@@ -117,7 +110,7 @@ DUPLEX_MODES = frozenset({ProcessingMode.FULL_DUPLEX_STREAMED, ProcessingMode.GR
 """Body modes where Envoy sends chunks without waiting and forwards only the body the server returns."""
 
 
-def pass_body(phase: str, msg: HttpBody, mode: int) -> ProcessingResponse:
+def pass_body(phase: Phase, msg: HttpBody, mode: int) -> ProcessingResponse:
     """Let a body chunk through unchanged, in the form the body mode requires."""
     if mode in DUPLEX_MODES:
         return mutations.echo_body(phase, msg)
@@ -127,7 +120,7 @@ def pass_body(phase: str, msg: HttpBody, mode: int) -> ProcessingResponse:
 class Processor:
     """One HTTP request's processing. The base class passes every phase through unchanged."""
 
-    kind: ClassVar[str | None] = None
+    kind: ClassVar[Kind | None] = None
 
     def __init__(self, app: App, metrics: Metrics, *, body_mode: int = ProcessingMode.BUFFERED,
                  response_body_mode: int = ProcessingMode.NONE):
@@ -172,7 +165,7 @@ class Processor:
         """A 400 when the URL (path segments, query values) carries personal data the recognizers find, or
         free text, or a non-protocol header carries personal data: neither can be masked."""
         if self.header_values and (types := self.app.router.header_pii(self.header_values)):
-            self.record(action="rejected", reason="pii_in_header")
+            self.record(action=Action.REJECTED, reason="pii_in_header")
             message = (f"A request header contains personal data ({', '.join(types)}). Send it in the body, "
                        f"where it can be masked, or leave it out.")
             return mutations.bad_request_response("pii_in_header", message)
@@ -181,41 +174,41 @@ class Processor:
         types = self.app.router.url_pii(self.path)
         if not types:
             return None
-        self.record(action="rejected", reason="pii_in_url")
+        self.record(action=Action.REJECTED, reason="pii_in_url")
         message = (f"The request URL contains personal data or free text ({', '.join(types)}). Send it in "
                    f"the body, where it can be masked, or leave it out.")
         return mutations.bad_request_response("pii_in_url", message)
 
     async def request_body(self, msg: HttpBody) -> ProcessingResponse:
-        return pass_body(mutations.REQUEST_BODY, msg, self.body_mode)
+        return pass_body(Phase.REQUEST_BODY, msg, self.body_mode)
 
     async def request_trailers(self, msg: Any) -> ProcessingResponse:
-        return mutations.continue_response(mutations.REQUEST_TRAILERS)
+        return mutations.continue_response(Phase.REQUEST_TRAILERS)
 
     async def response_headers(self, msg: HttpHeaders) -> ProcessingResponse:
-        return mutations.continue_response(mutations.RESPONSE_HEADERS)
+        return mutations.continue_response(Phase.RESPONSE_HEADERS)
 
     async def response_body(self, msg: HttpBody) -> ProcessingResponse:
-        return pass_body(mutations.RESPONSE_BODY, msg, self.response_body_mode)
+        return pass_body(Phase.RESPONSE_BODY, msg, self.response_body_mode)
 
     async def response_trailers(self, msg: Any) -> ProcessingResponse:
-        return mutations.continue_response(mutations.RESPONSE_TRAILERS)
+        return mutations.continue_response(Phase.RESPONSE_TRAILERS)
 
-    def on_unexpected(self, phase: str, exc: Exception) -> ProcessingResponse:
+    def on_unexpected(self, phase: Phase, exc: Exception) -> ProcessingResponse:
         """A bug or an unforeseen failure in one phase: log it (no content). Before the request has gone on,
         it is refused (503) in either failure mode: a body the sidecar failed on was not inspected."""
         log.error("processor_error", request_id=self.request_id, path=self.log_path, phase=phase,
                   **exception_fields(exc))
-        if phase not in (mutations.REQUEST_HEADERS, mutations.REQUEST_BODY) or self.finished:
+        if phase not in (Phase.REQUEST_HEADERS, Phase.REQUEST_BODY) or self.finished:
             return mutations.continue_response(phase)
         return self.fail("internal_error")
 
     def fail(self, reason: str) -> ProcessingResponse:
         """No decision could be made: 503 with Retry-After, nothing forwarded."""
-        self.record(action="rejected", reason=reason)
+        self.record(action=Action.REJECTED, reason=reason)
         return mutations.unavailable_response(reason, self.app.config.failure.retry_after_s)
 
-    def record(self, *, action: str, reason: str, model: str | None = None, level: str = "info",
+    def record(self, *, action: Action, reason: str, model: str | None = None, level: str = "info",
                **fields: Any) -> None:
         """The request's outcome when there is no Decision: one log event and the metrics."""
         self.finished = True
@@ -244,14 +237,14 @@ class RoutingProcessor(Processor):
         if (refused := self.refuse_unmaskable()) is not None:
             return refused
         if msg.end_of_stream:
-            if self.kind != KIND_GENERIC:
-                return self.bad_body(EmptyBody("the request has no body"), mutations.REQUEST_HEADERS)
+            if self.kind != Kind.GENERIC:
+                return self.bad_body(EmptyBody("the request has no body"), Phase.REQUEST_HEADERS)
             self.finished = True  # a bodyless request on another path (GET /v1/models): nothing to read
         return mutations.strip_owned_headers(clear_route_cache=spoofed)
 
     async def request_body(self, msg: HttpBody) -> ProcessingResponse:
         if self.finished:
-            return pass_body(mutations.REQUEST_BODY, msg, self.body_mode)
+            return pass_body(Phase.REQUEST_BODY, msg, self.body_mode)
         if not msg.end_of_stream or self.body_mode in DUPLEX_MODES:
             # A chunk, not the whole body (STREAMED, BUFFERED_PARTIAL over its limit, full duplex): it cannot
             # be inspected whole, so bad_body decides (reject: refused; pass: goes on unread, each chunk
@@ -259,17 +252,17 @@ class RoutingProcessor(Processor):
             error = NotBuffered("the request body reached the gateway in chunks and cannot be inspected whole; "
                                 "send it with a content-length within the gateway's buffer limit")
             if self.app.config.failure.bad_body == "reject":
-                return self.bad_body(error, mutations.REQUEST_BODY, body_bytes=len(msg.body))
+                return self.bad_body(error, Phase.REQUEST_BODY, body_bytes=len(msg.body))
             reason = "too_large" if self.body_mode == ProcessingMode.BUFFERED_PARTIAL else "streamed"
-            self.record(action="skipped", reason=reason, body_bytes=len(msg.body))
-            return pass_body(mutations.REQUEST_BODY, msg, self.body_mode)
+            self.record(action=Action.SKIPPED, reason=reason, body_bytes=len(msg.body))
+            return pass_body(Phase.REQUEST_BODY, msg, self.body_mode)
         self.body_bytes = len(msg.body)
         try:
             decision = await self.app.router.decide(msg.body, self.kind, self.content_encoding)
         except RequestError as e:
-            return self.bad_body(e, mutations.REQUEST_BODY, body_bytes=len(msg.body))
+            return self.bad_body(e, Phase.REQUEST_BODY, body_bytes=len(msg.body))
         except BodyTooLarge as e:  # not read, not forwarded
-            self.record(action="rejected", reason=e.reason, body_bytes=len(msg.body))
+            self.record(action=Action.REJECTED, reason=e.reason, body_bytes=len(msg.body))
             return mutations.too_large_response(e.reason, str(e))
         except InferenceError as e:
             return self.fail(e.reason)
@@ -287,12 +280,12 @@ class RoutingProcessor(Processor):
         )
         return mutations.decision_response(decision)
 
-    def bad_body(self, error: RequestError, phase: str, **fields: Any) -> ProcessingResponse:
+    def bad_body(self, error: RequestError, phase: Phase, **fields: Any) -> ProcessingResponse:
         """failure.bad_body: pass → unchanged and marked skipped; reject → 400 with the problem in one line."""
         if self.app.config.failure.bad_body == "reject":
-            self.record(action="rejected", reason=error.reason, **fields)
+            self.record(action=Action.REJECTED, reason=error.reason, **fields)
             return mutations.bad_request_response(error.reason, error.message)
-        self.record(action="skipped", reason=error.reason, **fields)
+        self.record(action=Action.SKIPPED, reason=error.reason, **fields)
         return mutations.skipped_response(error.reason, phase)
 
     def close(self) -> None:
@@ -302,40 +295,41 @@ class RoutingProcessor(Processor):
             # The body came and was being decided when the stream ended: Envoy stopped waiting for the answer
             # (message_timeout, or the client went away) and went on without it. With failure_mode_allow it
             # forwarded the body as the client sent it: unmasked, unrouted.
-            self.record(action="unanswered", reason="stream_closed", level="warning", body_bytes=self.body_bytes)
+            self.record(action=Action.UNANSWERED, reason="stream_closed", level="warning",
+                        body_bytes=self.body_bytes)
         else:
             # Headers came but no complete body (request_body_mode NONE, or the client went away).
-            self.record(action="skipped", reason="no_body")
+            self.record(action=Action.SKIPPED, reason="no_body")
 
 
 class ChatProcessor(RoutingProcessor):
-    kind = KIND_CHAT
+    kind = Kind.CHAT
 
 
 class CompletionsProcessor(RoutingProcessor):
-    kind = KIND_COMPLETIONS
+    kind = Kind.COMPLETIONS
 
 
 class ResponsesProcessor(RoutingProcessor):
-    kind = KIND_RESPONSES
+    kind = Kind.RESPONSES
 
 
 class MessagesProcessor(RoutingProcessor):
-    kind = KIND_MESSAGES
+    kind = Kind.MESSAGES
 
 
 class GenericProcessor(RoutingProcessor):
     """Any other path: no body passes as is; a body is scanned for PII (every string) but not routed."""
 
-    kind = KIND_GENERIC
+    kind = Kind.GENERIC
 
 
-PROCESSORS: dict[str | None, type[Processor]] = {
-    KIND_CHAT: ChatProcessor,
-    KIND_COMPLETIONS: CompletionsProcessor,
-    KIND_RESPONSES: ResponsesProcessor,
-    KIND_MESSAGES: MessagesProcessor,
-    KIND_GENERIC: GenericProcessor,
+PROCESSORS: dict[Kind | None, type[Processor]] = {
+    Kind.CHAT: ChatProcessor,
+    Kind.COMPLETIONS: CompletionsProcessor,
+    Kind.RESPONSES: ResponsesProcessor,
+    Kind.MESSAGES: MessagesProcessor,
+    Kind.GENERIC: GenericProcessor,
 }
 """Processor by kind; paths map to kinds through ``config.paths``; other paths are generic."""
 
@@ -359,15 +353,16 @@ class Stream:
         self.response_body_mode: int = ProcessingMode.NONE
 
     async def handle(self, request: ProcessingRequest) -> ProcessingResponse | None:
-        phase = request.WhichOneof("request")
+        name = request.WhichOneof("request")
         if request.HasField("protocol_config"):
             self.body_mode = request.protocol_config.request_body_mode or self.body_mode
             self.response_body_mode = request.protocol_config.response_body_mode
-        if phase is None:
+        if name is None:
             log.warning("unknown_message", request_id=self.processor.request_id if self.processor else None)
             return None
+        phase = Phase(name)  # the oneof's fields are exactly the phases
         if self.processor is None:
-            path = header_value(request.request_headers, PATH_HEADER) if phase == mutations.REQUEST_HEADERS \
+            path = header_value(request.request_headers, PATH_HEADER) if phase == Phase.REQUEST_HEADERS \
                 else attribute_path(request)
             self.processor = processor_for(path, self.app, self.metrics, self.body_mode, self.response_body_mode)
         try:

@@ -29,10 +29,10 @@ from typing import Any, Literal
 
 from sidecar.body import BodyText, decode_text
 from sidecar.errors import DuplicateKey, EmptyBody, InvalidModel, NoText, NotJson, NotObject, TooDeep
+from sidecar.vocabulary import Kind
 
-Kind = Literal["chat", "completions", "responses", "messages", "generic"]
-ROUTED_KINDS = frozenset({"chat", "completions", "responses", "messages"})
-"""Kinds whose subject is classified and whose ``model`` may be rewritten; ``generic`` is only scanned."""
+ROUTED_KINDS = frozenset({Kind.CHAT, Kind.COMPLETIONS, Kind.RESPONSES, Kind.MESSAGES})
+"""Kinds whose subject is classified and whose ``model`` may be rewritten; `Kind.GENERIC` is only scanned."""
 CategoryInput = Literal["latest_user", "all_user"]
 
 TEXT_PART_TYPES = frozenset({"text", "input_text"})
@@ -371,14 +371,14 @@ class _Walk:
 # --- the subject classifier's input, per API ---------------------------------------------------------------
 
 def category_text(kind: Kind, document: dict, mode: CategoryInput = "latest_user") -> str:
-    if kind == "completions":
+    if kind == Kind.COMPLETIONS:
         return "\n".join(_strings(document.get("prompt")))
-    if kind == "responses":
+    if kind == Kind.RESPONSES:
         items = document.get("input")
         if isinstance(items, str):
             return items
         turns = [_part_texts(i.get("content")) for i in _user_items(items)]
-    elif kind in ("chat", "messages"):
+    elif kind in (Kind.CHAT, Kind.MESSAGES):
         turns = [_part_texts(m.get("content")) for m in _user_items(document.get("messages"))]
     else:
         return ""

@@ -44,8 +44,9 @@ from sidecar.policy import (
     pii_verdict,
 )
 from sidecar.recognizers import CHECKSUM_NAMES, PATTERN_NAMES, context_spans, default_recognizers, find_each
-from sidecar.request import ROUTED_KINDS, Kind, ParsedRequest, TextField, model_safe, parse_body, rewrite
+from sidecar.request import ROUTED_KINDS, ParsedRequest, TextField, model_safe, parse_body, rewrite
 from sidecar.results import CategoryResult, PiiResult, Span
+from sidecar.vocabulary import Action, Kind, RouteReason
 
 _CACHED_PATH_CHARS = 256
 _CACHED_PATHS = 1024
@@ -65,10 +66,10 @@ _FALLBACK_S_PER_MIB = 0.06
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "allow" | "mask" | "block" | "degraded"
+    action: Action  # allow | mask | block | degraded -> x-router-action
     model: str | None  # selected backend model -> x-selected-model; None: not routed (other APIs)
     rewrite_model: bool
-    route_reason: str  # category | low_confidence | unknown_category | client_model | no_category_model | no_user_text | degraded
+    route_reason: RouteReason  # -> x-router-reason (unless `error` is set)
     category: str | None
     confidence: float | None
     entity_types: tuple[str, ...]  # sorted unique kept types -> x-router-pii
@@ -88,9 +89,9 @@ class TextDecision:
     confidence: float | None
     model: str
     pii: list[dict[str, Any]]  # kept spans: {"start", "end", "label", "score"}
-    action: str  # "allow" | "mask" | "block" | "degraded"
+    action: Action  # allow | mask | block | degraded
     masked_text: str | None  # None when blocked
-    route_reason: str
+    route_reason: RouteReason
     error: str | None = None
 
     def to_json(self) -> str:
@@ -117,10 +118,10 @@ class _Outcome:
     verdict: PiiVerdict
     masked: list[str | None]  # new text per input, None where nothing changed
 
-    def action(self, degraded: bool) -> str:
-        if self.verdict.action == "block":
-            return "block"
-        return "degraded" if degraded else self.verdict.action
+    def action(self, degraded: bool) -> Action:
+        if self.verdict.action == Action.BLOCK:
+            return Action.BLOCK
+        return Action.DEGRADED if degraded else self.verdict.action
 
 
 class Router:
@@ -203,18 +204,18 @@ class Router:
         if spans is not None and any(shifts):
             spans = [_unshift(s, shift) for s, shift in zip(spans, shifts, strict=True)]
         if not routable:
-            route = Route(None, rewrite=False, reason="unrouted")
+            route = Route(None, rewrite=False, reason=RouteReason.UNROUTED)
         extra: list[list[Span]] | None = [context_spans(f.key, f.text) for f in parsed.fields]
         extra = extra if any(extra) else None
         finish = (body, parsed, route, texts, spans, error is not None, extra)
         outcome, action, new_body = await asyncio.to_thread(self._finish, *finish) if heavy else self._finish(*finish)
-        if new_body is None and body is not raw and action != "block":
+        if new_body is None and body is not raw and action != Action.BLOCK:
             new_body = body  # what was read goes on, never the compressed bytes (their header fields were not)
         timings["total"] = _ms_since(started)
         return Decision(
             action=action,
             model=route.model,
-            rewrite_model=route.rewrite and action != "block",
+            rewrite_model=route.rewrite and action != Action.BLOCK,
             route_reason=route.reason,
             category=route.category,
             confidence=route.confidence,
@@ -339,13 +340,13 @@ class Router:
 
     def _finish(self, body: bytes, parsed: ParsedRequest, route: Route, texts: list[str],
                 spans: list[list[Span]] | None, degraded: bool,
-                extra: list[list[Span]] | None = None) -> tuple[_Outcome, str, bytes | None]:
+                extra: list[list[Span]] | None = None) -> tuple[_Outcome, Action, bytes | None]:
         """The PII policy applied (to the recognizers' spans when the models gave none, and to `extra`, the
         spans the fields' keys give) and the new body."""
         outcome = self._outcome(route, texts, spans, extra)
         action = outcome.action(degraded)
         new_body = None
-        if action != "block":
+        if action != Action.BLOCK:
             changed = {i: m for i, m in enumerate(outcome.masked) if m is not None}
             if route.rewrite or changed:
                 new_body = rewrite(body, parsed, route.model if route.rewrite else None, changed)
@@ -368,13 +369,13 @@ class Router:
 
     def _route(self, category: CategoryResult | None, requested: str | None, routed: bool, category_text: str) -> Route:
         if routed and not category_text:
-            return default_route(self.config.routing, "no_user_text")
+            return default_route(self.config.routing, RouteReason.NO_USER_TEXT)
         return choose_route(category, requested, self.config.routing)
 
     def _degraded_route(self, requested: str | None, routed: bool) -> Route:
         if routed:
-            return default_route(self.config.routing, "degraded")
-        return Route(requested, rewrite=False, reason="degraded")
+            return default_route(self.config.routing, RouteReason.DEGRADED)
+        return Route(requested, rewrite=False, reason=RouteReason.DEGRADED)
 
     def _fail(self, e: Exception) -> str:
         """Apply the failure policy: re-raise under fail_closed, else the reason code for a degraded answer
@@ -390,7 +391,7 @@ class Router:
         per_text = [resolve_conflicts(kept_spans(s, policy)) for s in spans]
         verdict = pii_verdict([s for kept in per_text for s in kept], policy)
         masked: list[str | None] = [None] * len(texts)
-        if verdict.action == "mask":
+        if verdict.action == Action.MASK:
             masked = [anonymize(t, kept, policy).text if kept else None for t, kept in zip(texts, per_text, strict=True)]
         return _Outcome(per_text, verdict, masked)
 
@@ -404,7 +405,7 @@ class Router:
             model=route.model,
             pii=[s.to_dict() for s in spans],
             action=action,
-            masked_text=None if action == "block" else (masked if masked is not None else text),
+            masked_text=None if action == Action.BLOCK else (masked if masked is not None else text),
             route_reason=route.reason,
             error=error,
         )

@@ -8,6 +8,7 @@ import pytest
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
 
 from sidecar import mutations
+from sidecar.vocabulary import Phase
 from tests.grpc_helpers import common, immediate, make_decision, new_body, removed_headers, set_headers
 
 
@@ -105,7 +106,7 @@ def test_strip_owned_headers_removes_all_and_sets_nothing():
     assert not common(resp).clear_route_cache
 
 
-@pytest.mark.parametrize("phase", mutations.PHASES)
+@pytest.mark.parametrize("phase", list(Phase))
 def test_every_phase_gets_an_answer_of_its_own_type(phase):
     resp = mutations.continue_response(phase)
     assert resp.WhichOneof("response") == phase
@@ -116,14 +117,14 @@ def test_removing_spoofed_headers_can_clear_the_route_cache():
 
 
 def test_route_cache_is_cleared_only_alongside_a_header_mutation():
-    resp = mutations.continue_response(mutations.REQUEST_BODY, clear_route_cache=True)
+    resp = mutations.continue_response(Phase.REQUEST_BODY, clear_route_cache=True)
     assert not common(resp).clear_route_cache
 
 
 def test_echoed_chunk_keeps_bytes_and_stream_flags():
     from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody
 
-    resp = mutations.echo_body(mutations.REQUEST_BODY, HttpBody(body=b"\xff partial", end_of_stream=True))
+    resp = mutations.echo_body(Phase.REQUEST_BODY, HttpBody(body=b"\xff partial", end_of_stream=True))
     streamed = common(resp).body_mutation.streamed_response
     assert (streamed.body, streamed.end_of_stream) == (b"\xff partial", True)
     assert resp.WhichOneof("response") == "request_body"
