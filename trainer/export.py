@@ -356,9 +356,12 @@ def _quantize(src: Path, dst: Path, workdir: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src, dst, workdir = src.resolve(), dst.resolve(), workdir.resolve()  # the paths outlive the chdir below
     prepared = workdir / "model.prepared.onnx"
     try:
-        with _quiet():
+        # ORT's symbolic shape inference leaves scratch files (sym_shape_infer_temp.onnx, <uuid>.data) in
+        # the working directory: run it in the export's own scratch folder, not the user's.
+        with _quiet(), contextlib.chdir(workdir):
             try:
                 quant_pre_process(str(src), str(prepared))
             except Exception as e:
