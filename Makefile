@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 TOOLS ?= .venv-tools
 TOOLS_STAMP := $(TOOLS)/.installed
 
-.PHONY: install test test-fast policy lint proto proto-check models demo bench clean
+.PHONY: install test test-fast policy lint proto proto-check models demo bench docs clean
 
 install: $(STAMP)
 
@@ -42,15 +42,17 @@ test-fast: install
 	$(PY) -m pytest -q -m "not envoy and not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check sidecar trainer tests bench models
+	$(PY) -m ruff check sidecar trainer tests bench models docs
 
 # Regenerate sidecar/api from proto/ (the generated code is committed; a test checks it is in sync).
 proto: install
 	$(PY) -m sidecar.api.generate
 
-# Rebuild the bundled default models from ../shared/data (17-50 minutes on a 2-core CPU, by host; resumable).
+# Rebuild the bundled default models from ../shared/data (17-50 minutes on a 2-core CPU, by host; resumable),
+# then docs/models.md's tables from their new eval_results.json.
 models: install
 	$(PY) models/build.py
+	$(PY) docs/generate.py
 
 # Envoy + sidecar + mock backends on loopback ports, a few requests through them, then everything stops.
 # DEMO_ARGS=--keep-running leaves the gateway up; DEMO_ARGS="--models-dir DIR" uses other models.
@@ -59,8 +61,8 @@ demo: install
 	$(PY) -m sidecar.demo $(DEMO_ARGS)
 
 # Benchmarks on the bundled models (about 11 minutes on 2 CPU cores): bench/results/*.json, *.png and
-# summary.md. Uses wrk when installed (apt-get install wrk), else bench/loadgen.py, and counts the request
-# path's instructions when valgrind is installed. The fp32 and PyTorch comparisons need the full builds in
+# summary.md, then docs/benchmarks.md's tables. Uses wrk when installed (apt-get install wrk), else
+# bench/loadgen.py, and counts the request path's instructions when valgrind is installed. The fp32 and PyTorch comparisons need the full builds in
 # build/models (`make models`); without them those rows are skipped.
 bench: install
 	$(PY) bench/inference.py
@@ -69,6 +71,12 @@ bench: install
 	$(PY) bench/request_path.py --callgrind
 	$(PY) bench/long_prompts.py
 	$(PY) bench/report.py
+	$(PY) docs/generate.py
+
+# Rewrite the generated tables of docs/models.md and docs/benchmarks.md from models/*/eval_results.json and
+# bench/results/*.json. Standard library only, so no install; tests/test_docs.py fails when they are stale.
+docs:
+	python3 docs/generate.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache build dist *.egg-info

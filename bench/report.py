@@ -1,7 +1,9 @@
-"""Markdown summary of the bench results (``bench/results/summary.md``), ready to paste into the README.
+"""Markdown summary of the bench results (``bench/results/summary.md``).
 
 Reads whichever of ``inference.json``, ``naive.json`` and ``envoy.json`` exist in the results folder and
 states the machine they ran on; the targets table says what was measured against what was aimed for.
+``docs/generate.py`` renders the tables of ``docs/benchmarks.md`` with these same functions, so this module
+imports nothing outside the standard library at load time.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable like under `python -m`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, log
+RESULTS = Path(__file__).resolve().parent / "results"  # bench.common.RESULTS, without its numpy import
 
 TARGETS = {
     "overhead": 2.0,   # ms, p50 of (b) - (a) at one connection
@@ -37,7 +39,9 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:,.{digits}f}"
+    if x is None:
+        return "-"
+    return f"{abs(x) if round(x, digits) == 0 else x:,.{digits}f}"  # no "-0" for a value that rounds to zero
 
 
 def yes(ok: bool | None) -> str:
@@ -261,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=RESULTS, help="folder with the bench JSON files")
     p.add_argument("--out", type=Path, default=None, help="default: summary.md in the results folder")
     args = p.parse_args(argv)
+    from bench.common import log
+
     out = args.out or args.results / "summary.md"
     out.write_text(render(args.results), encoding="utf-8")
     log(f"wrote {out}")

@@ -1,7 +1,7 @@
 """The bench scripts run end to end on tiny models with minimal settings, so they cannot rot.
 
 These are not timed tests: they check that each script runs and writes the JSON fields the report and
-the README rely on. The numbers themselves mean nothing on an untrained tiny model.
+docs/benchmarks.md rely on. The numbers themselves mean nothing on an untrained tiny model.
 """
 
 from __future__ import annotations
