@@ -345,9 +345,9 @@ def request_floor(bodies: list[str], category: Path, pii: Path, device: str) -> 
     """ONNX Runtime time per request, one text at a time, for exactly what the sidecar runs on this mix:
     the category model on the latest user message's first window, the PII model on every window of the
     system and user messages."""
+    from model_contract.model_dir import ModelDir
     from sidecar.config import ModelConfig
     from sidecar.inference.backends import open_backend
-    from sidecar.inference.model_dir import ModelDir
     from sidecar.inference.windows import TextEncoder
 
     out: dict = {"requests": len(bodies)}

@@ -180,7 +180,7 @@ class EngineRunner:
 
 def bench_model(model_dir: Path, args: argparse.Namespace, runtimes: list[str], lengths: list[int],
                 batches: list[int], corpus: list[str], workdir: Path) -> dict:
-    from sidecar.inference.model_dir import ModelDir
+    from model_contract.model_dir import ModelDir
 
     md = ModelDir.read(model_dir)
     tokenizer = md.load_tokenizer()
@@ -314,7 +314,7 @@ def accuracy(model_dir: Path, args: argparse.Namespace) -> dict:
     """Validation metrics for fp32 and INT8 ONNX (and the PyTorch weights), with the INT8 - fp32 gap."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from sidecar.inference.model_dir import ModelDir
+    from model_contract.model_dir import ModelDir
     from trainer.data import SpanExample, load_category, load_spans
     from trainer.evaluate import evaluate_category, evaluate_pii
 

@@ -26,12 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from model_contract.eval_results import EVAL_FILE, read_results, write_results  # noqa: E402
 from models import datasets  # noqa: E402
 from models.datasets import SPLITS, read_jsonl, write_jsonl  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SHIPPED = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-           "model.int8.onnx", "eval_results.json", "README.md"]
+           "model.int8.onnx", EVAL_FILE, "README.md"]
 
 
 def run(*args: str) -> None:
@@ -128,7 +129,7 @@ def ship(built: Path, target: Path, extra: dict) -> None:
     """Copy what the sidecar serves, with the yardsticks added to the eval report and the card."""
     from trainer.card import write_card
 
-    results = json.loads((built / "eval_results.json").read_text())
+    results = read_results(built)
     results.update(extra)
     data = results.get("data", {})
     for key in ("train", "validation"):  # paths relative to the checkout, not this machine
@@ -146,7 +147,7 @@ def ship(built: Path, target: Path, extra: dict) -> None:
         "drawn with another seed; plus our own everyday questions (models/data/everyday_eval.jsonl), written "
         "apart from the training ones. Scores are of the served INT8 model through the sidecar's Engine "
         "(trainer.served), recognizers and the default policy included (models/datasets.py, models/build.py)."))
-    (built / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(built, results)
     write_card(built, results)
     if target.exists():
         shutil.rmtree(target)

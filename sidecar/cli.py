@@ -19,10 +19,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from model_contract.model_dir import ModelDirError
 from sidecar.app import build_app
 from sidecar.config import Config, load_config
 from sidecar.errors import ConfigError, ModelLoadError
-from sidecar.inference.model_dir import ModelDirError
 from sidecar.logs import configure_logging, get_logger
 from sidecar.router import Router
 

@@ -19,11 +19,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from model_contract.model_dir import ModelDirError
 from sidecar.api.v1 import router_pb2, router_pb2_grpc
 from sidecar.app import App, AppHolder, EngineFactory, build_app, load_engine
 from sidecar.config import Config, load_config
 from sidecar.errors import BodyTooLarge, ConfigError, InferenceError, ModelLoadError, Overloaded, RequestError
-from sidecar.inference.model_dir import ModelDirError
 from sidecar.logs import configure_logging, exception_fields, get_logger
 from sidecar.metrics import Metrics, MetricsServer, start_metrics_server
 from sidecar.processor import ExternalProcessorServicer

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sidecar.inference.model_dir import ModelDir
+from model_contract.model_dir import ModelDir
 
 SCORE = 10.0
 

@@ -3,6 +3,7 @@ import shutil
 import numpy as np
 import pytest
 
+from model_contract.model_dir import ModelDir
 from sidecar.config import ModelConfig
 from sidecar.errors import InferenceCancelled, ModelLoadError
 from sidecar.inference.backends import (
@@ -15,7 +16,6 @@ from sidecar.inference.backends import (
     release_freed_memory,
     session_options,
 )
-from sidecar.inference.model_dir import ModelDir
 from tests.conftest import CATEGORY_LABELS, PII_LABELS
 from tests.inference_fakes import onnx_copy
 

@@ -169,7 +169,7 @@ def test_an_envoy_row_is_the_run_with_the_median_latency_and_keeps_every_run():
 
 @pytest.mark.slow
 def test_multitask_trains_one_encoder_with_both_heads_and_compares_it(tiny_base, tmp_path):
-    from sidecar.inference.model_dir import ModelDir
+    from model_contract.model_dir import ModelDir
 
     data = tmp_path / "data"
     data.mkdir()
@@ -202,7 +202,7 @@ def test_report_writes_the_summary_table(results):
 
 
 def test_make_model_builds_a_bigger_model_the_sidecar_can_read(models, tmp_path):
-    from sidecar.inference.model_dir import ModelDir
+    from model_contract.model_dir import ModelDir
 
     run("make_model", str(tmp_path / "big"), "--like", str(models["pii"]), "--size", "small", "--no-export")
     made = ModelDir.read(tmp_path / "big")

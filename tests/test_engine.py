@@ -6,11 +6,11 @@ import time
 import numpy as np
 import pytest
 
+from model_contract.model_dir import ModelDir
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.errors import InferenceCancelled, InferenceError, ModelLoadError, Overloaded
 from sidecar.inference.engine import Engine, LoadedModel
 from sidecar.inference.heads import category_results
-from sidecar.inference.model_dir import ModelDir
 from sidecar.inference.windows import TextEncoder, merge_windows, piece_starts, window_starts
 from tests.conftest import CATEGORY_LABELS
 from tests.inference_fakes import DigitTagger, Fingerprint, fingerprint_logits, onnx_copy

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sidecar.inference.model_dir import ModelDir, ModelDirError
+from model_contract.model_dir import ModelDir, ModelDirError
 from tests.conftest import CATEGORY_LABELS, PII_LABELS, read_json
 from trainer import export
 from trainer.export import ExportError, export_model_dir

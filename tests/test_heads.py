@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from model_contract.model_dir import ModelDir
 from sidecar.errors import ModelLoadError
 from sidecar.inference.heads import BioScheme, category_results, decode_bio, snap_to_text, softmax
-from sidecar.inference.model_dir import ModelDir
 from sidecar.inference.windows import Encoded, TextEncoder
 from sidecar.results import Span
 from tests.conftest import PII_LABELS

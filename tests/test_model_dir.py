@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from sidecar.inference.model_dir import ModelDir, ModelDirError
+from model_contract.model_dir import ModelDir, ModelDirError
 
 
 def test_reads_task_labels_and_special_tokens_from_config(tiny_category_dir):

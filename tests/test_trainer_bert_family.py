@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from model_contract.model_dir import ModelDir
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.inference.engine import Engine
-from sidecar.inference.model_dir import ModelDir
 from tests.conftest import read_json
 from tests.factories import category_rows, corpus_file, write_jsonl
 from tests.trainer_helpers import SPAN_ROWS, run_cli

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sidecar.inference.model_dir import ModelDir
+from model_contract.model_dir import ModelDir
 from tests.factories import category_rows, corpus_file, write_jsonl
 from tests.trainer_helpers import SPAN_ROWS, run_cli, write_presidio
 from trainer.cli import main

@@ -298,9 +298,9 @@ def run_export(ns: argparse.Namespace) -> int:
 
 
 def _export(model_dir: str, int8: bool, tolerance: float | None) -> None:
+    from model_contract.eval_results import read_results
     from trainer.card import write_card
     from trainer.export import export_model_dir
-    from trainer.train import read_results
 
     report = export_model_dir(model_dir, int8=int8, tolerance=tolerance)
     results = read_results(Path(model_dir))
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or flags: one line for the user, not a traceback."""
-    from sidecar.inference.model_dir import ModelDirError
+    from model_contract.model_dir import ModelDirError
     from trainer.base import CorpusError
     from trainer.data import DataError
     from trainer.settings import UsageError

@@ -179,7 +179,7 @@ def evaluate_dir(
         AutoTokenizer,
     )
 
-    from sidecar.inference.model_dir import TASK_CATEGORY, ModelDir, ModelDirError
+    from model_contract.model_dir import TASK_CATEGORY, ModelDir, ModelDirError
 
     md = ModelDir.read(model_dir)
     if not md.has_torch_weights:

@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from sidecar.inference.model_dir import (
+from model_contract.eval_results import EvalResultsError, read_results, update_results
+from model_contract.model_dir import (
     CONFIG_FILE,
-    EVAL_FILE,
     ONNX_FILE,
     ONNX_INT8_FILE,
     TASK_CATEGORY,
@@ -386,24 +386,16 @@ def _install(staged: Path, directory: Path) -> None:
 
 
 def _read_results(directory: Path) -> dict:
-    path = directory / EVAL_FILE
     try:
-        results = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path}: not valid JSON ({e}); cannot add the export report") from e
-    if not isinstance(results, dict):
-        raise ExportError(f"{path}: expected a JSON object; cannot add the export report")
-    return results
+        return read_results(directory)
+    except EvalResultsError as e:
+        raise ExportError(f"{e}; cannot add the export report") from e
 
 
 def _write_report(directory: Path, report: dict) -> None:
-    """Merge the report into eval_results.json under "export", keeping every other key."""
-    results = _read_results(directory)
-    results["export"] = report
-    path = directory / EVAL_FILE
-    staged = path.with_name(path.name + ".tmp")
-    staged.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(staged, path)
+    """The export's own section of eval_results.json ("export"); every other key is kept."""
+    _read_results(directory)  # a corrupt file is an ExportError, not a crash
+    update_results(directory, export=report)
 
 
 def _size(path: Path) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from model_contract.model_dir import TASK_CATEGORY, ModelDir
 from sidecar.config import (
     CONTEXT_ENTITIES,
     Config,
@@ -31,7 +32,6 @@ from sidecar.config import (
     RoutingConfig,
 )
 from sidecar.inference.engine import Engine
-from sidecar.inference.model_dir import TASK_CATEGORY, ModelDir
 from sidecar.router import Router, TextDecision
 from trainer.data import DataError, check_known_labels, load_category, load_spans
 from trainer.evaluate import format_table

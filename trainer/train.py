@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from model_contract.eval_results import write_results
 from trainer.data import TaskData
 from trainer.evaluate import category_metrics, evaluate_category, evaluate_pii, pii_metrics, tags_from_ids
 from trainer.preprocess import encode_category, encode_pii
@@ -29,7 +29,6 @@ from trainer.settings import TrainingSettings
 
 log = structlog.get_logger(__name__)
 
-EVAL_FILE = "eval_results.json"
 CHECKPOINTS = "checkpoints"
 BEST_METRIC = "f1"
 SPECIAL_TOKEN_IDS = ("cls_token_id", "sep_token_id", "pad_token_id")
@@ -306,7 +305,7 @@ def train(data: TaskData, settings: TrainingSettings, options: RunOptions) -> di
 
 def _remove_stale_exports(output: Path) -> None:
     """ONNX files from an earlier run no longer match the new weights, and the sidecar prefers ONNX."""
-    from sidecar.inference.model_dir import ONNX_FILE, ONNX_INT8_FILE
+    from model_contract.model_dir import ONNX_FILE, ONNX_INT8_FILE
 
     stale = [output / name for name in (ONNX_FILE, ONNX_FILE + ".data", ONNX_INT8_FILE, ONNX_INT8_FILE + ".data")]
     removed = [p.name for p in stale if p.is_file()]
@@ -321,14 +320,3 @@ def _step_of(checkpoint: str | None) -> int | None:
         return None
     tail = Path(checkpoint).name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else None
-
-
-def write_results(output: Path, results: dict[str, Any]) -> Path:
-    path = Path(output) / EVAL_FILE
-    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
-
-
-def read_results(output: Path) -> dict[str, Any]:
-    path = Path(output) / EVAL_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -21,9 +21,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import structlog
 
+from model_contract.model_dir import ONNX_FILE, ONNX_INT8_FILE, TASK_CATEGORY, WEIGHTS_FILE, ModelDir
 from sidecar.config import ModelConfig
 from sidecar.errors import InferenceCancelled, ModelLoadError
-from sidecar.inference.model_dir import ONNX_FILE, ONNX_INT8_FILE, TASK_CATEGORY, WEIGHTS_FILE, ModelDir
 
 log = structlog.get_logger(__name__)
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
+from model_contract.model_dir import TASK_CATEGORY, TASK_PII, ModelDir, ModelDirError
 from sidecar.checksums import find_checksum_spans, find_checksum_spans_each, reconcile
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.errors import InferenceCancelled, ModelLoadError
 from sidecar.inference.backends import Backend, open_backend, ort_cuda_available
 from sidecar.inference.batcher import Batcher, OnBatch, OnShed, WindowResult, summarize
 from sidecar.inference.heads import BioScheme, category_results, decode_bio
-from sidecar.inference.model_dir import TASK_CATEGORY, TASK_PII, ModelDir, ModelDirError
 from sidecar.inference.windows import Encoded, TextEncoder, Window, merge_windows, window_length
 from sidecar.results import CategoryResult, PiiResult, Span, StageTimings
 

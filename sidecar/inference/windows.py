@@ -15,8 +15,8 @@ from itertools import chain
 
 import numpy as np
 
+from model_contract.model_dir import ModelDir
 from sidecar.errors import InferenceCancelled, ModelLoadError
-from sidecar.inference.model_dir import ModelDir
 
 _FAR = np.iinfo(np.int64).max
 # Generous: subword tokens average 3-5 characters of English; a prefix this long almost always holds a

@@ -1,19 +1,4 @@
-"""The model directory: the only contract between the trainer and the sidecar.
-
-A model directory holds
-
-- ``config.json``: a Hugging Face config with ``id2label``/``label2id``, ``sidecar_task``
-  (``"category"`` for sequence classification, ``"pii"`` for BIO token classification) and
-  ``sidecar_max_length`` (tokens per window in training: the window the sidecar serves it at);
-- ``tokenizer.json`` (+ ``tokenizer_config.json``): a fast tokenizer whose post-processor adds the
-  CLS/SEP tokens named in ``config.json``;
-- ``model.safetensors``: PyTorch weights (optional once ONNX files exist);
-- ``model.onnx`` and optionally ``model.int8.onnx``: inputs ``input_ids``/``attention_mask`` (int64,
-  ``[batch, sequence]``), output ``logits``;
-- ``eval_results.json`` and ``README.md``: metrics and the model card.
-
-Reading one never loads weights: that is the backends' job.
-"""
+"""`ModelDir`: a model directory read and checked (the files are listed in `model_contract`)."""
 
 from __future__ import annotations
 
@@ -21,6 +6,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from model_contract.eval_results import read_results
 
 TASK_CATEGORY = "category"
 TASK_PII = "pii"
@@ -31,7 +18,6 @@ TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
-EVAL_FILE = "eval_results.json"
 CARD_FILE = "README.md"
 
 _ARCHITECTURE_TASKS = {
@@ -89,8 +75,7 @@ class ModelDir:
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 2 else None
 
     def eval_results(self) -> dict:
-        p = self.path / EVAL_FILE
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return read_results(self.path)
 
     @classmethod
     def read(cls, path_or_id: str | os.PathLike, expect_task: str | None = None) -> ModelDir:
