@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sidecar.errors import ConfigError
 from sidecar.operators import OperatorConfig, Replace
+from sidecar.pseudonyms import DEFAULT_FORMAT, check_format
 
 
 class _Section(BaseModel):
@@ -127,7 +128,11 @@ CONTEXT_ENTITIES = ("LOCATION", "ORGANIZATION", "DATE_TIME", "NRP", "TITLE", "PR
 
 
 class PiiPolicyConfig(_Section):
-    action: Literal["mask", "block", "allow"] = "mask"
+    action: Literal["mask", "pseudonymize", "block", "allow"] = "mask"
+    """mask: operators replace what is kept; pseudonymize: numbered placeholders (``<PERSON_1>``) that the
+    answer gets back as the values (JSON and streamed answers); block: 403; allow: forwarded as is."""
+    placeholder_format: str = DEFAULT_FORMAT
+    """pseudonymize: ``{type}`` and ``{n}`` with fixed text before and after (``<PERSON_1>``)."""
     """What a request gets when this policy keeps personal data in it: an `Action` (`sidecar.vocabulary`),
     spelled as plain strings so that a bad value's error names exactly these three."""
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
@@ -150,6 +155,11 @@ class PiiPolicyConfig(_Section):
             data = {**data, "allow_entities": [e for e in CONTEXT_ENTITIES if e not in blocked]}
         return data
 
+    @field_validator("placeholder_format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        return check_format(v)
+
     @model_validator(mode="after")
     def _allow_or_block(self) -> PiiPolicyConfig:
         both = sorted(set(self.allow_entities) & set(self.block_entities))
@@ -168,6 +178,11 @@ class PiiConfig(_Section):
     """Selected backend model name -> policy, overriding default_policy."""
     checksums: bool = True
     """Confirm credit-card (Luhn) and IBAN (mod 97) spans, and catch well-formed numbers the model missed."""
+
+    @property
+    def pseudonymizes(self) -> bool:
+        """Some policy pseudonymizes: requests ask Envoy for their answers, to restore the values."""
+        return any(p.action == "pseudonymize" for p in (self.default_policy, *self.policies.values()))
 
     def policy_for(self, model: str | None) -> PiiPolicyConfig:
         return self.policies.get(model, self.default_policy) if model is not None else self.default_policy

@@ -13,6 +13,7 @@ import json
 from typing import TYPE_CHECKING
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
     BodyMutation,
     BodyResponse,
@@ -88,7 +89,7 @@ def continue_response(phase: Phase, mutation: HeaderMutation | None = None, *, c
     common = CommonResponse(
         status=CommonResponse.CONTINUE,
         header_mutation=mutation,
-        body_mutation=BodyMutation(body=body) if body is not None else None,
+        body_mutation=None if body is None else BodyMutation(body=body) if body else BodyMutation(clear_body=True),
         clear_route_cache=clear_route_cache and mutation is not None and bool(mutation.set_headers or mutation.remove_headers),
     )
     wrapper = HeadersResponse if phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS) else BodyResponse
@@ -185,3 +186,21 @@ def unavailable_response(reason: str, retry_after_s: int = 1) -> ProcessingRespo
     message = "The request router is temporarily unable to process requests. Retry later."
     return immediate_response(503, message, "server_error", reason, Action.REJECTED,
                               ((RETRY_AFTER, str(retry_after_s)),))
+
+
+RESPONSE_PHASES = ProcessingMode(response_header_mode=ProcessingMode.SEND, response_body_mode=ProcessingMode.STREAMED)
+
+
+def with_response_phases(response: ProcessingResponse) -> ProcessingResponse:
+    """A request-headers answer that also asks Envoy for this request's answer (headers, then the body
+    streamed chunk by chunk): how a pseudonymizing policy gets its values back in. Needs the filter's
+    ``allow_mode_override``; other requests keep the configured modes and pay nothing."""
+    out = ProcessingResponse()
+    out.CopyFrom(response)  # `response` may be a shared, cached message
+    out.mode_override.CopyFrom(RESPONSE_PHASES)
+    return out
+
+
+def response_headers_response(remove: list[str]) -> ProcessingResponse:
+    """The answer's headers go on, less `remove` (a content-length the restored body no longer has)."""
+    return continue_response(Phase.RESPONSE_HEADERS, HeaderMutation(remove_headers=remove) if remove else None)

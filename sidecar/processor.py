@@ -35,6 +35,7 @@ from sidecar.app import App, AppHolder
 from sidecar.errors import BodyTooLarge, EmptyBody, InferenceError, NotBuffered, RequestError
 from sidecar.logs import exception_fields, get_logger
 from sidecar.metrics import Metrics
+from sidecar.pseudonyms import Answer, Pseudonyms
 from sidecar.vocabulary import Action, Kind, Phase
 
 log = get_logger("sidecar.processor")
@@ -95,6 +96,9 @@ def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | No
         elif key not in PROTOCOL_HEADERS and not key.startswith(PROTOCOL_PREFIXES):
             other.append(_value(h))
     return path, request_id, encoding, spoofed, other
+
+
+ACCEPT_ENCODING = "accept-encoding"
 
 
 def attribute_path(request: ProcessingRequest) -> str | None:
@@ -231,6 +235,26 @@ class RoutingProcessor(Processor):
 
     body_bytes: int | None = None
     """The size of the whole body once it has arrived (and is being decided); None before."""
+    pseudonyms: Pseudonyms | None = None
+    """pseudonymize: the placeholders this request's body got; only this stream ever holds them."""
+    answer: Answer | None = None
+    """The backend's answer being restored (pseudonymize only)."""
+
+    async def response_headers(self, msg: HttpHeaders) -> ProcessingResponse:
+        if not self.pseudonyms:
+            return mutations.continue_response(Phase.RESPONSE_HEADERS)
+        self.answer = Answer(self.pseudonyms, header_value(msg, "content-type"), header_value(msg, "content-encoding"),
+                             self.app.config.failure.max_inspect_bytes)
+        return mutations.response_headers_response(self.answer.remove_headers)
+
+    async def response_body(self, msg: HttpBody) -> ProcessingResponse:
+        if self.answer is None:
+            return pass_body(Phase.RESPONSE_BODY, msg, self.response_body_mode)
+        out = self.answer.chunk(msg.body, msg.end_of_stream)
+        if msg.end_of_stream and self.answer.given_up:
+            log.warning("answer_not_restored", request_id=self.request_id, path=self.log_path,
+                        reason=self.answer.given_up)
+        return mutations.continue_response(Phase.RESPONSE_BODY, body=out)
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
         spoofed = self.see_headers(msg)
@@ -240,6 +264,14 @@ class RoutingProcessor(Processor):
             if self.kind != Kind.GENERIC:
                 return self.bad_body(EmptyBody("the request has no body"), Phase.REQUEST_HEADERS)
             self.finished = True  # a bodyless request on another path (GET /v1/models): nothing to read
+        if not self.finished and self.app.config.pii.pseudonymizes:
+            # The policy is known only once the body is routed, but the answer's phases must be asked for
+            # now: every request that may be pseudonymized asks, and an answer without placeholders just
+            # passes. Without Accept-Encoding the backend answers in plain text the sidecar can restore.
+            strip = mutations.continue_response(
+                Phase.REQUEST_HEADERS, mutations.owned_headers_mutation(remove=(ACCEPT_ENCODING,)),
+                clear_route_cache=spoofed)
+            return mutations.with_response_phases(strip)
         return mutations.strip_owned_headers(clear_route_cache=spoofed)
 
     async def request_body(self, msg: HttpBody) -> ProcessingResponse:
@@ -267,6 +299,7 @@ class RoutingProcessor(Processor):
         except InferenceError as e:
             return self.fail(e.reason)
         self.finished = True
+        self.pseudonyms = decision.pseudonyms
         elapsed = time.perf_counter() - self.started
         self.metrics.observe_decision(decision, elapsed, self.app.model_names)
         model = decision.model[:LOG_MODEL_CHARS] if decision.model is not None else None

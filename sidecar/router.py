@@ -43,6 +43,7 @@ from sidecar.policy import (
     needs_category,
     pii_verdict,
 )
+from sidecar.pseudonyms import Pseudonyms, pseudonymize
 from sidecar.recognizers import CHECKSUM_NAMES, PATTERN_NAMES, context_spans, default_recognizers, find_each
 from sidecar.request import ROUTED_KINDS, ParsedRequest, TextField, model_safe, parse_body, rewrite
 from sidecar.results import CategoryResult, PiiResult, Span
@@ -78,6 +79,7 @@ class Decision:
     timings: dict[str, float]  # ms: parse, classify, pii, total
     error: str | None = None  # reason code when degraded
     decompressed: bool = False  # `body` is the decompressed body: Content-Encoding must go
+    pseudonyms: Pseudonyms | None = None  # pseudonymize: what the answer must get back (never logged)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class _Outcome:
     spans: list[list[Span]]
     verdict: PiiVerdict
     masked: list[str | None]  # new text per input, None where nothing changed
+    pseudonyms: Pseudonyms | None = None  # pseudonymize: the placeholders issued, to restore the answer
 
     def action(self, degraded: bool) -> Action:
         if self.verdict.action == Action.BLOCK:
@@ -225,6 +228,7 @@ class Router:
             timings=timings,
             error=error,
             decompressed=new_body is not None and body is not raw,
+            pseudonyms=outcome.pseudonyms if action != Action.BLOCK and outcome.pseudonyms else None,
         )
 
     async def decide_text(self, text: str, requested_model: str | None = "auto") -> TextDecision:
@@ -391,9 +395,13 @@ class Router:
         per_text = [resolve_conflicts(kept_spans(s, policy)) for s in spans]
         verdict = pii_verdict([s for kept in per_text for s in kept], policy)
         masked: list[str | None] = [None] * len(texts)
+        pseudonyms = None
         if verdict.action == Action.MASK:
             masked = [anonymize(t, kept, policy).text if kept else None for t, kept in zip(texts, per_text, strict=True)]
-        return _Outcome(per_text, verdict, masked)
+        elif verdict.action == Action.PSEUDONYMIZE:
+            pseudonyms = Pseudonyms(policy.placeholder_format, taken="\n".join(texts))
+            masked = pseudonymize(texts, per_text, pseudonyms)
+        return _Outcome(per_text, verdict, masked, pseudonyms)
 
     def _text_decision(self, text: str, route: Route, outcome: _Outcome, spans: list[Span], masked: str | None,
                        error: str | None) -> TextDecision:

@@ -24,6 +24,9 @@ class Action(StrEnum):
     """Forwarded with its text unchanged: nothing kept by the policy, or an ``allow`` policy."""
     MASK = "mask"
     """Forwarded with the personal data the policy kept replaced by its operators' output."""
+    PSEUDONYMIZE = "pseudonymize"
+    """Forwarded with each value the policy kept replaced by a numbered placeholder; the answer gets the values
+    back."""
     BLOCK = "block"
     """Refused with 403: the policy blocks an entity type found (or blocks all personal data)."""
     DEGRADED = "degraded"

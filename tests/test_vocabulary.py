@@ -20,7 +20,8 @@ from sidecar.vocabulary import Action, Kind, Phase, RouteReason
 
 def test_values_are_the_documented_strings():
     # x-router-action and the `action` metric label (README "What the sidecar sets", "Failures")
-    assert [a.value for a in Action] == ["allow", "mask", "block", "degraded", "skipped", "rejected", "unanswered"]
+    assert [a.value for a in Action] == ["allow", "mask", "pseudonymize", "block", "degraded", "skipped", "rejected",
+                                         "unanswered"]
     # x-router-reason on a decision (README, ARCHITECTURE.md)
     assert [r.value for r in RouteReason] == ["category", "low_confidence", "unknown_category", "client_model",
                                               "no_category_model", "no_user_text", "degraded", "unrouted"]
@@ -43,7 +44,7 @@ def test_phases_are_envoys_oneof_fields_and_processor_methods():
 
 def test_policy_actions_are_actions():
     assert set(typing.get_args(PiiPolicyConfig.model_fields["action"].annotation)) == {
-        Action.ALLOW, Action.MASK, Action.BLOCK}
+        Action.ALLOW, Action.MASK, Action.PSEUDONYMIZE, Action.BLOCK}
 
 
 @pytest.mark.parametrize("member", [Action.MASK, RouteReason.NO_USER_TEXT, Kind.CHAT, Phase.REQUEST_BODY])
