@@ -39,129 +39,133 @@ _LIMITS = {
 
 def render_card(results: dict[str, Any]) -> str:
     task = results.get("task", "category")
+    lines = [*_front(results, task), *_training(results), *_metrics(results, task), *_export(results),
+             *_yardsticks(results), "## Intended use", "",
+             "Serving inside semantic-sidecar from this directory (`config.json` carries the labels and "
+             "`sidecar_task`; `model.onnx`/`model.int8.onnx` when exported). Not for decisions about people.", "",
+             "## Limits", "", *(f"- {item}" for item in _LIMITS.get(task, [])), ""]
+    return "\n".join(lines)
+
+
+def _front(results: dict[str, Any], task: str) -> list[str]:
     data = results.get("data", {})
-    settings = results.get("settings", {})
-    training = results.get("training", {})
-    metrics = results.get("metrics", {})
-    hardware = results.get("hardware", {})
-    lines = [
-        "---",
-        "library_name: transformers",
+    windows = f", {data['train_windows']} windows" if "train_windows" in data else ""
+    return [
+        "---", "library_name: transformers",
         f"pipeline_tag: {'text-classification' if task == 'category' else 'token-classification'}",
-        f"base_model: {results.get('base_model', 'unknown')}",
-        "tags: [modernbert, semantic-sidecar]",
-        "---",
-        "",
-        f"# semantic-sidecar {task} model",
-        "",
-        _PURPOSE.get(task, ""),
-        "",
-        "## Data",
-        "",
+        f"base_model: {results.get('base_model', 'unknown')}", "tags: [modernbert, semantic-sidecar]", "---", "",
+        f"# semantic-sidecar {task} model", "", _PURPOSE.get(task, ""), "", "## Data", "",
         f"- Training data: {', '.join(data.get('train', [])) or 'unknown'} "
-        f"({data.get('train_examples', '?')} examples"
-        + (f", {data['train_windows']} windows" if "train_windows" in data else "")
-        + ")",
+        f"({data.get('train_examples', '?')} examples{windows})",
         f"- Validation data: {_validation(data)} ({data.get('validation_examples', '?')} examples)",
-        f"- Labels ({len(results.get('labels', []))}): {', '.join(results.get('labels', []))}",
-        "",
-        "## Training",
-        "",
+        f"- Labels ({len(results.get('labels', []))}): {', '.join(results.get('labels', []))}", "",
+    ]
+
+
+def _training(results: dict[str, Any]) -> list[str]:
+    settings, training, hardware = (results.get(k, {}) for k in ("settings", "training", "hardware"))
+    return [
+        "## Training", "",
         f"Fine-tuned from `{results.get('base_model', 'unknown')}` with the Hugging Face Trainer on "
         f"{hardware.get('name', 'unknown device')}; the best checkpoint by validation "
-        f"weighted F1 was kept (early stopping).",
-        "",
-        "| setting | value |",
-        "|---|---|",
+        f"weighted F1 was kept (early stopping).", "",
+        "| setting | value |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in settings.items() if k not in _HARDWARE_SETTINGS),
         f"| fp16 | {hardware.get('fp16', '?')} |",
         f"| gradient checkpointing | {hardware.get('gradient_checkpointing', '?')} |",
         f"| steps run | {training.get('steps', '?')} (stopped early: {training.get('stopped_early', '?')}) |",
-        f"| time | {results.get('time', {}).get('total_seconds', '?')} s |",
-        "",
-        "## Validation metrics",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *(f"| {k} | {v:.4f} |" for k, v in metrics.items()),
-        "",
+        f"| time | {results.get('time', {}).get('total_seconds', '?')} s |", "",
     ]
+
+
+def _metrics(results: dict[str, Any], task: str) -> list[str]:
+    lines = ["## Validation metrics", "", "| metric | value |", "|---|---|",
+             *(f"| {k} | {v:.4f} |" for k, v in results.get("metrics", {}).items()), ""]
     if task == "pii":
-        lines.append("Token metrics are weighted over entity tags (`O` excluded); `entity_*` are seqeval "
-                     "entity-level scores (a span counts only when type and boundaries both match).")
-        lines.append("")
+        lines += ["Token metrics are weighted over entity tags (`O` excluded); `entity_*` are seqeval "
+                  "entity-level scores (a span counts only when type and boundaries both match).", ""]
     table = results.get("per_class") or results.get("per_type")
     if table:
-        lines += [
-            f"| {'class' if task == 'category' else 'entity type'} | precision | recall | f1 | support |",
-            "|---|---|---|---|---|",
-            *(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
-              for name, r in table.items()),
-            "",
-        ]
+        lines += [f"| {'class' if task == 'category' else 'entity type'} | precision | recall | f1 | support |",
+                  "|---|---|---|---|---|",
+                  *(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
+                    for name, r in table.items()), ""]
+    return lines
+
+
+def _export(results: dict[str, Any]) -> list[str]:
     export = results.get("export") or {}
     parity = [(k, export[k]) for k in _EXPORT_KEYS if k in export]
-    if parity:
-        lines += ["## Export", "", "ONNX files checked against the PyTorch logits on fixed texts:", "",
-                  "| check | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in parity), ""]
-    lines += _yardsticks(results)
-    lines += [
-        "## Intended use",
-        "",
-        "Serving inside semantic-sidecar from this directory (`config.json` carries the labels and "
-        "`sidecar_task`; `model.onnx`/`model.int8.onnx` when exported). Not for decisions about people.",
-        "",
-        "## Limits",
-        "",
-        *(f"- {item}" for item in _LIMITS.get(task, [])),
-        "",
-    ]
-    return "\n".join(lines)
+    if not parity:
+        return []
+    return ["## Export", "", "ONNX files checked against the PyTorch logits on fixed texts:", "",
+            "| check | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in parity), ""]
 
 
 def _yardsticks(results: dict[str, Any]) -> list[str]:
-    """Sections a build recipe may add to eval_results.json: a baseline, the served runtimes' accuracy,
-    the PII catch rate through the sidecar, and notes on any shortfall."""
-    lines: list[str] = []
-    served = results.get("served_accuracy")
-    if served:
-        lines += ["## Accuracy as served (sidecar engine, validation set)", "",
-                  "| runtime | accuracy | weighted F1 |", "|---|---|---|",
-                  *(f"| {rt} | {r['accuracy']:.4f} | {r['f1_weighted']:.4f} |" for rt, r in served.items()), ""]
-    baseline = results.get("baseline")
-    if baseline:
-        lines += ["## Baseline on the same rows", "",
-                  f"{baseline['model']}, trained on the same {baseline['train_rows']} rows and scored on the "
-                  f"same {baseline['validation_rows']} validation rows: accuracy {baseline['accuracy']:.4f}, "
-                  f"weighted F1 {baseline['f1_weighted']:.4f}.", ""]
-    routing = results.get("confidence_threshold")
-    if routing:
-        lines += ["## Confidence threshold (router fallback to the default model)", "",
-                  "| threshold | share routed by category | accuracy of those |", "|---|---|---|",
-                  *(f"| {t} | {r['coverage']:.3f} | {r['accuracy']:.4f} |" for t, r in routing.items()), ""]
-    catch = results.get("catch_rate")
-    if catch:
-        lines += ["## Catch rate through the sidecar", "",
-                  "An entity is caught when every non-space character of it is masked under the default "
-                  "policy (score threshold included); false masks are masked characters outside every "
-                  "labelled entity.", ""]
-        for mode, sources in catch.items():
-            for source, r in sources.items():
-                lines += [f"**{source}, {mode.replace('_', ' ')}**: {r['caught']:.1%} of {r['entities']} "
-                          f"entities caught; {r['false_mask_char_share']:.1%} of masked characters are false "
-                          "masks.", "",
-                          "| entity type | entities | caught |", "|---|---|---|",
-                          *(f"| {k} | {v['entities']} | {v['caught']:.1%} |" for k, v in r["per_type"].items()),
-                          ""]
-    clean = results.get("false_masks_on_questions")
-    if clean:
-        lines += ["## False masks on ordinary text", "",
-                  f"On {clean['texts']} held-out exam questions with no PII: {clean['texts_with_a_mask']:.1%} get "
-                  f"any mask, {clean['spans_per_text']:.2f} spans per question, {clean['masked_char_share']:.2%} "
-                  "of characters masked.", ""]
+    """What a build recipe adds to eval_results.json (models/build.py): scores as served on held-out sets,
+    the baselines beside them, and notes on any shortfall."""
+    served = results.get("served") or {}
+    lines = _served_category(served, results) if results.get("task") == "category" else _served_pii(served, results)
     notes = results.get("notes")
     if notes:
         lines += ["## How far it is from its targets", "", *(f"- {n}" for n in notes), ""]
+    return lines
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, int | float) else "-"
+
+
+def _served_category(served: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    sets = {k: v for k, v in served.items() if isinstance(v, dict) and "accuracy" in v}
+    if not sets:
+        return []
+    fp32, base = results.get("fp32") or {}, results.get("baseline") or {}
+    lines = ["## Accuracy as served (INT8 through the sidecar's Engine, held-out sets)", "",
+             f"Baseline: {base.get('model', '-')}, trained on the same {base.get('train_rows', '?')} rows.", "",
+             "| held-out set | rows | served | fp32 | baseline | routed at the threshold | accuracy there |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in sets.items():
+        at = r.get("at_routing_threshold") or {}
+        lines.append(f"| {name} | {r.get('examples', '?')} | {_pct(r['accuracy'])} | "
+                     f"{_pct((fp32.get(name) or {}).get('accuracy'))} | {_pct((base.get(name) or {}).get('accuracy'))} "
+                     f"| {_pct(at.get('coverage'))} | {_pct(at.get('accuracy'))} |")
+    lines.append("")
+    for name, r in sets.items():
+        lines += [f"Accuracy against coverage ({name}): the router keeps a category at or above the threshold, "
+                  "the rest go to the default model.", "", "| threshold | coverage | accuracy |", "|---|---|---|",
+                  *(f"| {c['threshold']} | {_pct(c['coverage'])} | {_pct(c['accuracy'])} |"
+                    for c in r.get("coverage", [])), ""]
+    return lines
+
+
+def _served_pii(served: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    base = results.get("baseline_recognizers_only") or {}
+    labelled = {k: v for k, v in served.items() if "entities" in v}
+    clean = {k: v for k, v in served.items() if "with_any_mask" in v}
+    if not labelled and not clean:
+        return []
+    lines = ["## Caught as served (INT8, recognizers beside it, the default policy; held-out sets)", "",
+             "An identifying entity (not a context type: LOCATION, ORGANIZATION, DATE_TIME, NRP, TITLE, PREFIX, "
+             "DOMAIN_NAME) is caught when every non-space character of it is masked. Baseline: the recognizers "
+             "alone (no model).", "",
+             "| held-out set | texts | entities | caught | baseline | type right | texts with a false mask | same spans alone |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in labelled.items():
+        lines.append(f"| {name} | {r['texts']} | {r['entities']} | {_pct(r['caught'])} | "
+                     f"{_pct((base.get(name) or {}).get('caught'))} | {_pct(r.get('type_right'))} | "
+                     f"{_pct(r.get('texts_with_false_mask'))} | {_pct(r.get('same_spans_alone'))} |")
+    lines += ["", "| PII-free set | texts | any mask | a person, contact or number mask | baseline |",
+              "|---|---|---|---|---|"]
+    for name, r in clean.items():
+        lines.append(f"| {name} | {r['texts']} | {_pct(r['with_any_mask'])} | "
+                     f"{_pct(r['with_person_contact_or_number_mask'])} | "
+                     f"{_pct((base.get(name) or {}).get('with_person_contact_or_number_mask'))} |")
+    lines.append("")
+    for name, r in labelled.items():
+        lines += [f"Per type ({name}):", "", "| entity type | entities | caught |", "|---|---|---|",
+                  *(f"| {k} | {v['entities']} | {_pct(v['caught'])} |" for k, v in r.get("per_type", {}).items()), ""]
     return lines
 
 

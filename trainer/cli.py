@@ -351,8 +351,8 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from model_contract.model_dir import ModelDirError
     from trainer.base import CorpusError
     from trainer.data import DataError
+    from trainer.run_steps import BaseModelError
     from trainer.settings import UsageError
-    from trainer.train import BaseModelError
 
     errors: list[type[BaseException]] = [DataError, CorpusError, UsageError, BaseModelError, ModelDirError]
     try:

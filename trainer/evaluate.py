@@ -1,4 +1,4 @@
-"""Metrics for both tasks, used during training and by ``trainer evaluate`` on any labelled file.
+"""Metrics for both tasks, used during training (`trainer evaluate` scores the served model: trainer.served).
 
 Category: accuracy and weighted precision/recall/F1 (sklearn), a per-class table and a confusion matrix.
 PII: token accuracy, token precision/recall/F1 weighted over the entity tags (``O`` left out, or a model
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data import OUTSIDE, DataError, SpanExample, TextExample, load_category, load_spans
+from trainer.data import OUTSIDE, SpanExample, TextExample
 from trainer.preprocess import IGNORE_INDEX, encode_category, encode_pii, without_overlap
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -153,87 +153,6 @@ def evaluate_pii(
         pred_ids[index].extend(int(p) for p in np.argmax(logits[k], axis=-1))
     true_tags, pred_tags = tags_from_ids(true_ids, pred_ids, id2label)
     return {"examples": len(examples), "windows": len(windows), **pii_report(true_tags, pred_tags)}
-
-
-# --- a model directory on a labelled file ----------------------------------------------------------
-
-
-def evaluate_dir(
-    model_dir: str | Path,
-    sources: Sequence[str],
-    *,
-    text_column: str = "text",
-    label_column: str = "label",
-    split: str = "train",
-    max_length: int | None = None,
-    stride: int = 64,
-    batch_size: int = 32,
-    drop_unknown_labels: bool = False,
-    figure: str | Path | None = None,
-) -> dict[str, Any]:
-    """Load a trained model directory with transformers and score it on labelled data."""
-    import torch
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-        AutoTokenizer,
-    )
-
-    from model_contract.model_dir import TASK_CATEGORY, ModelDir, ModelDirError
-
-    md = ModelDir.read(model_dir)
-    if not md.has_torch_weights:
-        raise ModelDirError(f"{md.path}: no PyTorch weights (model.safetensors); evaluate needs them")
-    max_length = max_length or min(512, md.max_position_embeddings)
-    labels = md.labels
-    if md.task == TASK_CATEGORY:
-        examples = [e for s in sources for e in load_category(s, text_column, label_column, split)]
-        examples, dropped = _known(examples, labels, drop_unknown_labels)
-        model_cls = AutoModelForSequenceClassification
-    else:
-        examples = [e for s in sources for e in load_spans(s, split)]
-        types = sorted({tag[2:] for tag in labels if tag != OUTSIDE})
-        examples, dropped = _known(examples, types, drop_unknown_labels)
-        model_cls = AutoModelForTokenClassification
-    if not examples:
-        raise DataError(", ".join(sources), None, "no rows left with labels the model knows")
-
-    tokenizer = AutoTokenizer.from_pretrained(md.path)
-    model = model_cls.from_pretrained(md.path)
-    if torch.cuda.is_available():
-        model.to("cuda")
-    if md.task == TASK_CATEGORY:
-        report = evaluate_category(model, tokenizer, examples, max_length, batch_size)
-    else:
-        report = evaluate_pii(model, tokenizer, examples, max_length, stride, batch_size)
-    report = {"task": md.task, "model": str(md.path), "data": list(sources), "max_length": max_length,
-              "dropped_unknown_labels": dropped, **report}
-    if md.task == TASK_CATEGORY and figure is not None:
-        cm = report["confusion_matrix"]
-        report["confusion_matrix_png"] = str(plot_confusion_matrix(cm["matrix"], cm["labels"], figure))
-    return report
-
-
-def _known(examples: list, known: Sequence[str], drop: bool) -> tuple[list, int]:
-    """Examples checked against the model's labels; unknown ones fail, or are dropped when asked."""
-    from trainer.data import check_known_labels
-
-    if not drop:
-        check_known_labels(examples, known, "the model's labels")
-        return examples, 0
-    allowed = set(known)
-    if examples and isinstance(examples[0], TextExample):
-        kept = [e for e in examples if e.label in allowed]
-        return kept, len(examples) - len(kept)
-    kept, dropped = [], 0
-    for e in examples:
-        spans = tuple(s for s in e.spans if s.label in allowed)
-        dropped += len(e.spans) - len(spans)
-        kept.append(SpanExample(text=e.text, spans=spans, source=e.source, row=e.row))
-    return kept, dropped
-
-
-# --- presentation ----------------------------------------------------------------------------------
 
 
 def format_table(rows: dict[str, dict[str, float]], title: str) -> str:

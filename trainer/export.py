@@ -45,7 +45,8 @@ from model_contract.model_dir import (
     ModelDir,
     resolve,
 )
-from trainer.train import SPECIAL_TOKEN_IDS, BaseModelError, missing_special_token_ids
+from trainer.run_steps import BaseModelError
+from trainer.train import SPECIAL_TOKEN_IDS, missing_special_token_ids
 
 log = structlog.get_logger(__name__)
 
@@ -204,60 +205,70 @@ def export_model_dir(
         "parity_texts": len(inputs.rows),
         "parity_max_tokens": int(inputs.input_ids.shape[1]),
     }
-
     with tempfile.TemporaryDirectory(dir=model_dir.path, prefix=".export-") as tmp:
-        staged = Path(tmp) / ONNX_FILE
-        _export_onnx(model, staged, model_dir)
-        fp32 = check_parity(staged, inputs, expected, model_dir.task)
-        report |= {
-            "onnx_file": ONNX_FILE,
-            "onnx_bytes": _size(staged),
-            "onnx_max_abs_diff": fp32.max_abs_diff,
-            "onnx_argmax_agreement": fp32.argmax_agreement,
-            "onnx_tolerance": tolerance,
-        }
-        log.info("export_onnx_checked", model=str(model_dir.path), max_abs_diff=fp32.max_abs_diff,
-                 argmax_agreement=fp32.argmax_agreement, compared=fp32.compared, tolerance=tolerance)
-        if not fp32.max_abs_diff <= tolerance:  # also catches NaN
-            raise ExportError(
-                f"{model_dir.path / ONNX_FILE}: ONNX logits differ from PyTorch by up to {fp32.max_abs_diff:.3g} "
-                f"(tolerance {tolerance:g}, argmax agreement {fp32.argmax_agreement:.3f} over {fp32.compared}); "
-                "nothing was written"
-            )
-        _install(staged, model_dir.path)
-        stale = model_dir.path / ONNX_INT8_FILE
-        if stale.exists():
-            stale.unlink()
-            log.info("export_stale_int8_removed", model=str(model_dir.path))
-
+        report |= _export_fp32(model, model_dir, Path(tmp), inputs, expected, tolerance)
         if int8:
-            quantized = Path(tmp) / ONNX_INT8_FILE
-            _quantize(model_dir.path / ONNX_FILE, quantized, Path(tmp))
-            q = check_parity(quantized, inputs, expected, model_dir.task)
-            passed = q.argmax_agreement >= int8_min_agreement and math.isfinite(q.max_abs_diff)
-            report |= {
-                "int8_file": ONNX_INT8_FILE,
-                "int8_bytes": _size(quantized),
-                "int8_max_abs_diff": q.max_abs_diff,
-                "int8_argmax_agreement": q.argmax_agreement,
-                "int8_min_agreement": int8_min_agreement,
-                "int8_passed": passed,
-            }
-            log.info("export_int8_checked", model=str(model_dir.path), max_abs_diff=q.max_abs_diff,
-                     argmax_agreement=q.argmax_agreement, compared=q.compared, min_agreement=int8_min_agreement)
-            if not passed:
-                report["seconds"] = round(time.perf_counter() - started, 2)
+            try:
+                report |= _export_int8(model_dir, Path(tmp), inputs, expected, int8_min_agreement)
+            except _Int8Failed as failed:
+                report |= failed.report | {"seconds": round(time.perf_counter() - started, 2)}
                 _write_report(model_dir.path, report)
-                raise ExportError(
-                    f"{model_dir.path / ONNX_INT8_FILE}: INT8 argmax agrees with PyTorch on "
-                    f"{q.argmax_agreement:.3f} of {q.compared} (minimum {int8_min_agreement:g}; max abs logit "
-                    f"difference {q.max_abs_diff:.3g}); model.onnx was written, the INT8 file was not"
-                )
-            _install(quantized, model_dir.path)
-
+                raise ExportError(str(failed)) from None
     report["seconds"] = round(time.perf_counter() - started, 2)
     _write_report(model_dir.path, report)
     log.info("export_done", model=str(model_dir.path), int8=int8, seconds=report["seconds"])
+    return report
+
+
+class _Int8Failed(Exception):
+    """The INT8 file disagrees with PyTorch too often; carries the report part to record anyway."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def _export_fp32(model, model_dir: ModelDir, tmp: Path, inputs: ParityInputs, expected, tolerance: float) -> dict:
+    """``model.onnx``, installed only when its logits match PyTorch's within `tolerance`; an older INT8 file
+    no longer matches it and goes."""
+    staged = tmp / ONNX_FILE
+    _export_onnx(model, staged, model_dir)
+    fp32 = check_parity(staged, inputs, expected, model_dir.task)
+    log.info("export_onnx_checked", model=str(model_dir.path), max_abs_diff=fp32.max_abs_diff,
+             argmax_agreement=fp32.argmax_agreement, compared=fp32.compared, tolerance=tolerance)
+    if not fp32.max_abs_diff <= tolerance:  # also catches NaN
+        raise ExportError(
+            f"{model_dir.path / ONNX_FILE}: ONNX logits differ from PyTorch by up to {fp32.max_abs_diff:.3g} "
+            f"(tolerance {tolerance:g}, argmax agreement {fp32.argmax_agreement:.3f} over {fp32.compared}); "
+            "nothing was written"
+        )
+    report = {"onnx_file": ONNX_FILE, "onnx_bytes": _size(staged), "onnx_max_abs_diff": fp32.max_abs_diff,
+              "onnx_argmax_agreement": fp32.argmax_agreement, "onnx_tolerance": tolerance}
+    _install(staged, model_dir.path)
+    stale = model_dir.path / ONNX_INT8_FILE
+    if stale.exists():
+        stale.unlink()
+        log.info("export_stale_int8_removed", model=str(model_dir.path))
+    return report
+
+
+def _export_int8(model_dir: ModelDir, tmp: Path, inputs: ParityInputs, expected, min_agreement: float) -> dict:
+    """``model.int8.onnx``, installed only when its argmax agrees with PyTorch's often enough."""
+    quantized = tmp / ONNX_INT8_FILE
+    _quantize(model_dir.path / ONNX_FILE, quantized, tmp)
+    q = check_parity(quantized, inputs, expected, model_dir.task)
+    passed = q.argmax_agreement >= min_agreement and math.isfinite(q.max_abs_diff)
+    report = {"int8_file": ONNX_INT8_FILE, "int8_bytes": _size(quantized), "int8_max_abs_diff": q.max_abs_diff,
+              "int8_argmax_agreement": q.argmax_agreement, "int8_min_agreement": min_agreement,
+              "int8_passed": passed}
+    log.info("export_int8_checked", model=str(model_dir.path), max_abs_diff=q.max_abs_diff,
+             argmax_agreement=q.argmax_agreement, compared=q.compared, min_agreement=min_agreement)
+    if not passed:
+        raise _Int8Failed(
+            f"{model_dir.path / ONNX_INT8_FILE}: INT8 argmax agrees with PyTorch on {q.argmax_agreement:.3f} of "
+            f"{q.compared} (minimum {min_agreement:g}; max abs logit difference {q.max_abs_diff:.3g}); "
+            "model.onnx was written, the INT8 file was not", report)
+    _install(quantized, model_dir.path)
     return report
 
 

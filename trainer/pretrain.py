@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import structlog
 
 from trainer.base import CorpusError, iter_corpus
+from trainer.run_steps import BaseModelError, drop_checkpoints, load_pretrained, make_trainer, save_model
 from trainer.settings import UsageError
 
 log = structlog.get_logger(__name__)
@@ -65,18 +65,8 @@ def pretrain(
     keep_checkpoints: bool = False,
 ) -> dict[str, Any]:
     """Continue MLM training of ``base_model`` on ``corpus``; write the model, tokenizer and results."""
-    import datasets
     import torch
-    from transformers import (
-        AutoModelForMaskedLM,
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
-
-    from trainer.train import BaseModelError, tensorboard_logs
+    from transformers import DataCollatorForLanguageModeling, set_seed
 
     settings.check()
     started = time.perf_counter()
@@ -84,30 +74,63 @@ def pretrain(
     texts = list(iter_corpus(corpus))
     if not texts:
         raise CorpusError(f"{', '.join(map(str, corpus))}: no text found")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-        model = AutoModelForMaskedLM.from_pretrained(base_model)
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BaseModelError(f"{base_model}: cannot load the base model ({first})") from e
-    if tokenizer.mask_token is None:
-        raise BaseModelError(f"{base_model}: the tokenizer has no mask token; cannot do masked-LM training")
-
+    tokenizer, model = load_mlm(base_model)
     random.Random(settings.seed).shuffle(texts)
     n_val = int(len(texts) * settings.validation_fraction)
     held_out, kept = texts[:n_val], texts[n_val:]
     max_length = min(settings.max_length, model.config.max_position_embeddings)
-
-    def encode(chunk: list[str]):
-        enc = tokenizer(chunk, truncation=True, max_length=max_length, return_overflowing_tokens=True)
-        return datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-
-    train_ds = encode(kept)
-    val_ds = encode(held_out) if held_out else None
+    train_ds = sequences(tokenizer, kept, max_length)
+    val_ds = sequences(tokenizer, held_out, max_length) if held_out else None
     cuda = torch.cuda.is_available()
     output = Path(output)
-    checkpoints = output / "checkpoints"
-    args = TrainingArguments(
+    collator = DataCollatorForLanguageModeling(
+        tokenizer, mlm_probability=settings.mlm_probability, pad_to_multiple_of=8 if cuda else None)
+    trainer = make_trainer(output / "runs", model=model, args=mlm_arguments(settings, output / "checkpoints", cuda,
+                                                                            val_ds is not None),
+                           data_collator=collator, train_dataset=train_ds, eval_dataset=val_ds,
+                           processing_class=tokenizer)
+    log.info("pretrain_start", base_model=base_model, texts=len(kept), sequences=len(train_ds),
+             held_out=len(held_out), device="cuda" if cuda else "cpu")
+    result = trainer.train()
+    metrics: dict[str, float] = {"train_loss": float(result.training_loss)}
+    if val_ds is not None:
+        loss = float(trainer.evaluate()["eval_loss"])
+        metrics |= {"validation_loss": loss, "validation_perplexity": math.exp(min(loss, 50.0))}
+    save_model(trainer.model, tokenizer, output)
+    results = {"base_model": base_model, "corpus": [str(c) for c in corpus], "texts": len(kept),
+               "held_out_texts": len(held_out), "sequences": len(train_ds), "settings": asdict(settings),
+               "steps": trainer.state.global_step, "metrics": metrics, "device": "cuda" if cuda else "cpu",
+               "time_seconds": round(time.perf_counter() - started, 2)}
+    (output / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    drop_checkpoints(output / "checkpoints", keep_checkpoints)
+    log.info("pretrain_done", output=str(output), steps=results["steps"], seconds=results["time_seconds"],
+             **{k: round(v, 4) for k, v in metrics.items()})
+    return results
+
+
+def load_mlm(base_model: str):
+    """Tokenizer and masked-LM model; a tokenizer without a mask token cannot be pretrained this way."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tokenizer = load_pretrained(base_model, AutoTokenizer.from_pretrained)
+    model = load_pretrained(base_model, AutoModelForMaskedLM.from_pretrained)
+    if tokenizer.mask_token is None:
+        raise BaseModelError(f"{base_model}: the tokenizer has no mask token; cannot do masked-LM training")
+    return tokenizer, model
+
+
+def sequences(tokenizer, texts: list[str], max_length: int):
+    """Texts cut into sequences of at most `max_length` tokens (a long text gives several)."""
+    import datasets
+
+    enc = tokenizer(texts, truncation=True, max_length=max_length, return_overflowing_tokens=True)
+    return datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+
+
+def mlm_arguments(settings: PretrainSettings, checkpoints: Path, cuda: bool, evaluate: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
@@ -116,7 +139,7 @@ def pretrain(
         learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_ratio,
-        eval_strategy="epoch" if val_ds is not None else "no",
+        eval_strategy="epoch" if evaluate else "no",
         save_strategy="no",
         logging_steps=settings.logging_steps,
         report_to=["tensorboard"],
@@ -124,40 +147,3 @@ def pretrain(
         dataloader_pin_memory=cuda,
         seed=settings.seed,
     )
-    collator = DataCollatorForLanguageModeling(
-        tokenizer, mlm_probability=settings.mlm_probability, pad_to_multiple_of=8 if cuda else None
-    )
-    with tensorboard_logs(output / "runs"):  # the callback reads it when the Trainer is built
-        trainer = Trainer(
-            model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=val_ds,
-            processing_class=tokenizer,
-        )
-    log.info("pretrain_start", base_model=base_model, texts=len(kept), sequences=len(train_ds),
-             held_out=len(held_out), device="cuda" if cuda else "cpu")
-    result = trainer.train()
-    metrics: dict[str, float] = {"train_loss": float(result.training_loss)}
-    if val_ds is not None:
-        loss = float(trainer.evaluate()["eval_loss"])
-        metrics |= {"validation_loss": loss, "validation_perplexity": math.exp(min(loss, 50.0))}
-
-    output.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    results = {
-        "base_model": base_model,
-        "corpus": [str(c) for c in corpus],
-        "texts": len(kept),
-        "held_out_texts": len(held_out),
-        "sequences": len(train_ds),
-        "settings": asdict(settings),
-        "steps": trainer.state.global_step,
-        "metrics": metrics,
-        "device": "cuda" if cuda else "cpu",
-        "time_seconds": round(time.perf_counter() - started, 2),
-    }
-    (output / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    if not keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    log.info("pretrain_done", output=str(output), steps=results["steps"], seconds=results["time_seconds"],
-             **{k: round(v, 4) for k, v in metrics.items()})
-    return results

@@ -8,12 +8,9 @@ TensorBoard logs go to ``<output>/runs`` unless another directory is given.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +22,7 @@ from model_contract.eval_results import write_results
 from trainer.data import TaskData
 from trainer.evaluate import category_metrics, evaluate_category, evaluate_pii, pii_metrics, tags_from_ids
 from trainer.preprocess import encode_category, encode_pii
+from trainer.run_steps import BaseModelError, drop_checkpoints, load_pretrained, make_trainer, save_model
 from trainer.settings import TrainingSettings
 
 log = structlog.get_logger(__name__)
@@ -33,10 +31,6 @@ CHECKPOINTS = "checkpoints"
 BEST_METRIC = "f1"
 SPECIAL_TOKEN_IDS = ("cls_token_id", "sep_token_id", "pad_token_id")
 """Token ids the sidecar reads from ``config.json``: it wraps every window in CLS ... SEP and pads with PAD."""
-
-
-class BaseModelError(ValueError):
-    """The base model cannot be loaded; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -80,17 +74,10 @@ def load_base(base_model: str, task: str, labels: list[str]):
     )
 
     model_cls = AutoModelForSequenceClassification if task == "category" else AutoModelForTokenClassification
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-        model = model_cls.from_pretrained(
-            base_model,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-        )
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BaseModelError(f"{base_model}: cannot load the base model ({first})") from e
+    tokenizer = load_pretrained(base_model, AutoTokenizer.from_pretrained)
+    model = load_pretrained(base_model, lambda name: model_cls.from_pretrained(
+        name, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)}))
     if not tokenizer.is_fast:
         raise BaseModelError(f"{base_model}: needs a fast tokenizer (tokenizer.json) for offset mappings")
     fill_special_token_ids(model.config, tokenizer, base_model)  # before training: a base it cannot serve fails now
@@ -167,140 +154,128 @@ def training_arguments(settings: TrainingSettings, output_dir: Path, hw: Hardwar
     )
 
 
-@contextlib.contextmanager
-def tensorboard_logs(path: Path) -> Iterator[None]:
-    """Point TensorBoard at ``path``: transformers 5 reads the log directory from the environment only."""
-    name = "TENSORBOARD_LOGGING_DIR"
-    old = os.environ.get(name)
-    os.environ[name] = str(path)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+@dataclass
+class _Inputs:
+    """What the Trainer is fed for one task: datasets, collator, metrics, and the sizes to report."""
+
+    train: Any
+    validation: Any
+    collator: Any
+    compute_metrics: Callable[[Any], dict[str, float]]
+    sizes: dict[str, int]
 
 
 def train(data: TaskData, settings: TrainingSettings, options: RunOptions) -> dict[str, Any]:
     """Train, keep the best model by weighted F1, write the model directory; return eval_results."""
-    import datasets
-    import torch
-    import transformers
-    from transformers import (
-        DataCollatorForTokenClassification,
-        DataCollatorWithPadding,
-        EarlyStoppingCallback,
-        Trainer,
-        set_seed,
-    )
+    from transformers import EarlyStoppingCallback, set_seed
 
     started = time.perf_counter()
     set_seed(settings.seed)
     hw = hardware(settings)
     tokenizer, model = load_base(options.base_model, data.task, data.labels)
     max_length = min(options.max_length, model.config.max_position_embeddings)
-    label2id = {label: i for i, label in enumerate(data.labels)}
-    id2label = dict(enumerate(data.labels))
-    pad_multiple = 8 if hw.fp16 else None
-
-    sizes: dict[str, int] = {"train_examples": len(data.train), "validation_examples": len(data.validation)}
-    if data.task == "category":
-        train_ds = datasets.Dataset.from_dict(encode_category(tokenizer, data.train, label2id, max_length))
-        val_ds = datasets.Dataset.from_dict(encode_category(tokenizer, data.validation, label2id, max_length))
-        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple)
-
-        def compute_metrics(p) -> dict[str, float]:
-            return category_metrics(p.label_ids, p.predictions)
-    else:
-        train_windows = encode_pii(tokenizer, data.train, label2id, max_length, options.stride)
-        val_windows = encode_pii(tokenizer, data.validation, label2id, max_length, options.stride)
-        sizes |= {"train_windows": len(train_windows), "validation_windows": len(val_windows)}
-        train_ds = datasets.Dataset.from_dict(train_windows.features())
-        val_ds = datasets.Dataset.from_dict(val_windows.features())
-        collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_multiple)
-
-        def compute_metrics(p) -> dict[str, float]:
-            return pii_metrics(*tags_from_ids(p.label_ids, p.predictions, id2label))
-
+    inputs = task_inputs(data, tokenizer, max_length, options.stride, pad_multiple=8 if hw.fp16 else None)
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
-    checkpoints = output / CHECKPOINTS
     logging_dir = Path(options.logging_dir or output / "runs")
-    with tensorboard_logs(logging_dir):  # the callback reads it when the Trainer is built
-        trainer = Trainer(
-            model=model,
-            args=training_arguments(settings, checkpoints, hw),
-            data_collator=collator,
-            train_dataset=train_ds,
-            eval_dataset=val_ds,
-            processing_class=tokenizer,
-            compute_metrics=compute_metrics,
-            preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
-            callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.patience)],
-        )
-    log.info(
-        "training_start", task=data.task, base_model=options.base_model, labels=len(data.labels),
-        device=hw.device, max_length=max_length, logging_dir=str(logging_dir), **sizes,
-    )
+    trainer = make_trainer(
+        logging_dir, model=model, args=training_arguments(settings, output / CHECKPOINTS, hw),
+        data_collator=inputs.collator, train_dataset=inputs.train, eval_dataset=inputs.validation,
+        processing_class=tokenizer, compute_metrics=inputs.compute_metrics,
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.patience)])
+    log.info("training_start", task=data.task, base_model=options.base_model, labels=len(data.labels),
+             device=hw.device, max_length=max_length, logging_dir=str(logging_dir), **inputs.sizes)
     result = trainer.train()
     train_seconds = time.perf_counter() - started
-    state = trainer.state
-
-    best = trainer.model
-    fill_special_token_ids(best.config, tokenizer, options.base_model)  # the sidecar reads them from config.json
-    best.config.sidecar_task = data.task
-    best.config.sidecar_max_length = max_length  # the window it learnt on is the window it is served at
-    _remove_stale_exports(output)
-    best.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    if data.task == "category":
-        report = evaluate_category(best, tokenizer, data.validation, max_length, settings.batch_size * 2)
-    else:
-        report = evaluate_pii(best, tokenizer, data.validation, max_length, options.stride, settings.batch_size * 2)
-    report.pop("examples", None)
-    report.pop("windows", None)
-
-    results = {
-        "task": data.task,
-        "base_model": options.base_model,
-        "labels": data.labels,
-        "data": {
-            "train": data.train_sources,
-            "validation": data.validation_sources,
-            "validation_from": data.validation_from,
-            **sizes,
-        },
-        "settings": {
-            **dataclasses.asdict(settings),
-            "max_length": max_length,
-            **({"stride": options.stride} if data.task == "pii" else {}),
-            "best_model_metric": BEST_METRIC,
-        },
-        "hardware": dataclasses.asdict(hw),
-        "training": {
-            "steps": state.global_step,
-            "max_steps": state.max_steps,
-            "epochs": round(float(state.epoch or 0), 3),
-            "train_loss": float(result.training_loss),
-            "best_step": _step_of(state.best_model_checkpoint),
-            "best_validation_f1": state.best_metric,
-            "stopped_early": state.global_step < state.max_steps,
-        },
-        **report,
-        "time": {"train_seconds": round(train_seconds, 2), "total_seconds": round(time.perf_counter() - started, 2)},
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
-    }
+    save_best(trainer.model, tokenizer, output, data.task, max_length, options.base_model)
+    report = final_report(trainer.model, tokenizer, data, max_length, options.stride, settings.batch_size * 2)
+    results = {**run_record(data, settings, options, hw, max_length, inputs.sizes), **report,
+               "training": training_record(trainer.state, result),
+               "time": {"train_seconds": round(train_seconds, 2),
+                        "total_seconds": round(time.perf_counter() - started, 2)}}
     write_results(output, results)
     from trainer.card import write_card
 
     write_card(output, results)
-    if not options.keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    drop_checkpoints(output / CHECKPOINTS, options.keep_checkpoints)
     log.info("training_done", task=data.task, output=str(output), seconds=results["time"]["total_seconds"],
-             steps=state.global_step, **{k: round(v, 4) for k, v in results["metrics"].items()})
+             steps=trainer.state.global_step, **{k: round(v, 4) for k, v in results["metrics"].items()})
     return results
+
+
+def task_inputs(data: TaskData, tokenizer, max_length: int, stride: int, pad_multiple: int | None) -> _Inputs:
+    """Category: one truncated sequence per text; PII: overlapping windows with BIO labels."""
+    import datasets
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+    label2id = {label: i for i, label in enumerate(data.labels)}
+    sizes = {"train_examples": len(data.train), "validation_examples": len(data.validation)}
+    if data.task == "category":
+        def encode(rows):
+            return datasets.Dataset.from_dict(encode_category(tokenizer, rows, label2id, max_length))
+
+        return _Inputs(encode(data.train), encode(data.validation),
+                       DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple),
+                       lambda p: category_metrics(p.label_ids, p.predictions), sizes)
+    id2label = dict(enumerate(data.labels))
+    windows = [encode_pii(tokenizer, rows, label2id, max_length, stride) for rows in (data.train, data.validation)]
+    sizes |= {"train_windows": len(windows[0]), "validation_windows": len(windows[1])}
+    return _Inputs(*(datasets.Dataset.from_dict(w.features()) for w in windows),
+                   DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_multiple),
+                   lambda p: pii_metrics(*tags_from_ids(p.label_ids, p.predictions, id2label)), sizes)
+
+
+def save_best(model, tokenizer, output: Path, task: str, max_length: int, base_model: str) -> None:
+    """The best model as the sidecar reads it: its task, the window it learnt on, the special token ids."""
+    fill_special_token_ids(model.config, tokenizer, base_model)  # the sidecar reads them from config.json
+    model.config.sidecar_task = task
+    model.config.sidecar_max_length = max_length  # the window it learnt on is the window it is served at
+    _remove_stale_exports(output)
+    save_model(model, tokenizer, output)
+
+
+def final_report(model, tokenizer, data: TaskData, max_length: int, stride: int, batch_size: int) -> dict[str, Any]:
+    """The best model's validation metrics (per class or per entity type)."""
+    if data.task == "category":
+        report = evaluate_category(model, tokenizer, data.validation, max_length, batch_size)
+    else:
+        report = evaluate_pii(model, tokenizer, data.validation, max_length, stride, batch_size)
+    report.pop("examples", None)
+    report.pop("windows", None)
+    return report
+
+
+def run_record(data: TaskData, settings: TrainingSettings, options: RunOptions, hw: Hardware, max_length: int,
+               sizes: dict[str, int]) -> dict[str, Any]:
+    """What was trained, on what, how and where: the reproducible half of eval_results.json."""
+    import torch
+    import transformers
+
+    return {
+        "task": data.task,
+        "base_model": options.base_model,
+        "labels": data.labels,
+        "data": {"train": data.train_sources, "validation": data.validation_sources,
+                 "validation_from": data.validation_from, **sizes},
+        "settings": {**dataclasses.asdict(settings), "max_length": max_length,
+                     **({"stride": options.stride} if data.task == "pii" else {}), "best_model_metric": BEST_METRIC},
+        "hardware": dataclasses.asdict(hw),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+    }
+
+
+def training_record(state, result) -> dict[str, Any]:
+    return {
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "epochs": round(float(state.epoch or 0), 3),
+        "train_loss": float(result.training_loss),
+        "best_step": _step_of(state.best_model_checkpoint),
+        "best_validation_f1": state.best_metric,
+        "stopped_early": state.global_step < state.max_steps,
+    }
 
 
 def _remove_stale_exports(output: Path) -> None:
