@@ -1,4 +1,4 @@
-"""The assembled, swappable application state: config + engine + router, built together and replaced together.
+"""The assembled, swappable application state: config + engine + decision maker, built together and replaced together.
 
 A stream takes the state current when it starts and keeps it to its end, so a reload never changes the
 rules (or models) under a request in flight. Building happens off the event loop; swapping is one
@@ -15,10 +15,10 @@ from typing import Any
 from urllib.parse import unquote
 
 from sidecar.config import Config
+from sidecar.decisions import DecisionMaker
 from sidecar.errors import ConfigError
 from sidecar.logs import get_logger
 from sidecar.metrics import Metrics
-from sidecar.router import Router
 from sidecar.vocabulary import Kind
 
 log = get_logger("sidecar.app")
@@ -50,7 +50,7 @@ class App:
 
     config: Config
     engine: Any
-    router: Router
+    decider: DecisionMaker
     generation: int = 0
     loaded_at: float = field(default_factory=time.time)
     kinds: dict[str, Kind] = field(default_factory=dict)
@@ -99,7 +99,7 @@ def build_app(config: Config, metrics: Metrics | None = None, *, engine_factory:
     engine = engine_factory(config, metrics)
     try:
         check_categories(config, engine.category_labels)
-        router = Router(config, engine)
+        decider = DecisionMaker(config, engine)
     except BaseException:
         engine.close()
         raise
@@ -107,7 +107,7 @@ def build_app(config: Config, metrics: Metrics | None = None, *, engine_factory:
     kinds = {normalize_path(p): kind for kind, group in (
         (Kind.CHAT, paths.chat), (Kind.COMPLETIONS, paths.completions), (Kind.RESPONSES, paths.responses),
         (Kind.MESSAGES, paths.messages)) for p in group}
-    return App(config=config, engine=engine, router=router, generation=generation, kinds=kinds,
+    return App(config=config, engine=engine, decider=decider, generation=generation, kinds=kinds,
                model_names=model_names(config))
 
 

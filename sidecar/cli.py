@@ -22,9 +22,9 @@ from pathlib import Path
 from model_contract.model_dir import ModelDirError
 from sidecar.app import build_app
 from sidecar.config import Config, load_config
+from sidecar.decisions import DecisionMaker
 from sidecar.errors import ConfigError, ModelLoadError
 from sidecar.logs import configure_logging, get_logger
-from sidecar.router import Router
 
 log = get_logger("sidecar.cli")
 
@@ -117,7 +117,7 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
-def classify_lines(router: Router, texts: list[str], requested_model: str, chunk_size: int) -> Iterator[str]:
+def classify_lines(router: DecisionMaker, texts: list[str], requested_model: str, chunk_size: int) -> Iterator[str]:
     """One JSON line per text, in input order, `chunk_size` texts per batched router call."""
     started = time.perf_counter()
     for i in range(0, len(texts), chunk_size):
@@ -134,7 +134,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     try:
         requested = args.model or config.routing.virtual_model
         with (open(args.output, "w", encoding="utf-8") if args.output else contextlib.nullcontext(sys.stdout)) as out:
-            for line in classify_lines(app.router, texts, requested, args.chunk_size):
+            for line in classify_lines(app.decider, texts, requested, args.chunk_size):
                 out.write(line + "\n")
     finally:
         app.close()

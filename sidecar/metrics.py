@@ -17,7 +17,7 @@ from sidecar.errors import ConfigError
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from sidecar.router import Decision
+    from sidecar.decisions import Decision
     from sidecar.vocabulary import Action
 
 NONE_LABEL = "none"

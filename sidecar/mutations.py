@@ -31,7 +31,7 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from sidecar.vocabulary import Action, Phase
 
 if TYPE_CHECKING:
-    from sidecar.router import Decision
+    from sidecar.decisions import Decision
 
 SELECTED_MODEL = "x-selected-model"
 CATEGORY = "x-router-category"
@@ -188,16 +188,23 @@ def unavailable_response(reason: str, retry_after_s: int = 1) -> ProcessingRespo
                               ((RETRY_AFTER, str(retry_after_s)),))
 
 
-RESPONSE_PHASES = ProcessingMode(response_header_mode=ProcessingMode.SEND, response_body_mode=ProcessingMode.STREAMED)
+def response_phases(request_body_mode: int) -> ProcessingMode:
+    """The processing mode of a request whose answer the sidecar restores: the answer's headers, then its body
+    streamed chunk by chunk. Envoy replaces the whole mode with a mode_override (a field left out is its
+    proto default, and a request body mode of NONE would send the body on to the backend unread), so the
+    request body keeps the mode it was configured with."""
+    return ProcessingMode(request_header_mode=ProcessingMode.SEND, request_body_mode=request_body_mode,
+                          request_trailer_mode=ProcessingMode.SKIP, response_header_mode=ProcessingMode.SEND,
+                          response_body_mode=ProcessingMode.STREAMED, response_trailer_mode=ProcessingMode.SKIP)
 
 
-def with_response_phases(response: ProcessingResponse) -> ProcessingResponse:
-    """A request-headers answer that also asks Envoy for this request's answer (headers, then the body
-    streamed chunk by chunk): how a pseudonymizing policy gets its values back in. Needs the filter's
-    ``allow_mode_override``; other requests keep the configured modes and pay nothing."""
+def with_response_phases(response: ProcessingResponse, request_body_mode: int) -> ProcessingResponse:
+    """A request-headers answer that also asks Envoy for this request's answer (`response_phases`): how a
+    pseudonymizing policy gets its values back in. Needs the filter's ``allow_mode_override``; other
+    requests keep the configured modes and pay nothing."""
     out = ProcessingResponse()
     out.CopyFrom(response)  # `response` may be a shared, cached message
-    out.mode_override.CopyFrom(RESPONSE_PHASES)
+    out.mode_override.CopyFrom(response_phases(request_body_mode))
     return out
 
 

@@ -168,14 +168,14 @@ class Processor:
     def refuse_unmaskable(self) -> ProcessingResponse | None:
         """A 400 when the URL (path segments, query values) carries personal data the recognizers find, or
         free text, or a non-protocol header carries personal data: neither can be masked."""
-        if self.header_values and (types := self.app.router.header_pii(self.header_values)):
+        if self.header_values and (types := self.app.decider.header_pii(self.header_values)):
             self.record(action=Action.REJECTED, reason="pii_in_header")
             message = (f"A request header contains personal data ({', '.join(types)}). Send it in the body, "
                        f"where it can be masked, or leave it out.")
             return mutations.bad_request_response("pii_in_header", message)
         if not self.path:
             return None
-        types = self.app.router.url_pii(self.path)
+        types = self.app.decider.url_pii(self.path)
         if not types:
             return None
         self.record(action=Action.REJECTED, reason="pii_in_url")
@@ -271,7 +271,7 @@ class RoutingProcessor(Processor):
             strip = mutations.continue_response(
                 Phase.REQUEST_HEADERS, mutations.owned_headers_mutation(remove=(ACCEPT_ENCODING,)),
                 clear_route_cache=spoofed)
-            return mutations.with_response_phases(strip)
+            return mutations.with_response_phases(strip, self.body_mode)
         return mutations.strip_owned_headers(clear_route_cache=spoofed)
 
     async def request_body(self, msg: HttpBody) -> ProcessingResponse:
@@ -290,7 +290,7 @@ class RoutingProcessor(Processor):
             return pass_body(Phase.REQUEST_BODY, msg, self.body_mode)
         self.body_bytes = len(msg.body)
         try:
-            decision = await self.app.router.decide(msg.body, self.kind, self.content_encoding)
+            decision = await self.app.decider.decide(msg.body, self.kind, self.content_encoding)
         except RequestError as e:
             return self.bad_body(e, Phase.REQUEST_BODY, body_bytes=len(msg.body))
         except BodyTooLarge as e:  # not read, not forwarded

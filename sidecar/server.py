@@ -1,4 +1,4 @@
-"""The gRPC server: Envoy's ExternalProcessor, the sidecar's Router API, health checking and reflection.
+"""The gRPC server: Envoy's ExternalProcessor, the sidecar's Classify API (sidecar.api.v1.Router), health checking and reflection.
 
 Lifecycle: build the App (models loaded, config checked against them) → listen → health SERVING. SIGHUP
 or a change of the config file reloads: the new config and engine are built off the event loop, swapped
@@ -23,11 +23,11 @@ from model_contract.model_dir import ModelDirError
 from sidecar.api.v1 import router_pb2, router_pb2_grpc
 from sidecar.app import App, AppHolder, EngineFactory, build_app, load_engine
 from sidecar.config import Config, load_config
+from sidecar.decisions import TextDecision
 from sidecar.errors import BodyTooLarge, ConfigError, InferenceError, ModelLoadError, Overloaded, RequestError
 from sidecar.logs import configure_logging, exception_fields, get_logger
 from sidecar.metrics import Metrics, MetricsServer, start_metrics_server
 from sidecar.processor import ExternalProcessorServicer
-from sidecar.router import TextDecision
 from sidecar.tls import ReloadingCertificates
 
 log = get_logger("sidecar.server")
@@ -56,7 +56,7 @@ class RouterApiServicer(router_pb2_grpc.RouterServicer):
         try:
             with self.apps.use() as app:
                 requested = request.model or app.config.routing.virtual_model
-                result = await app.router.decide_text(request.text, requested)
+                result = await app.decider.decide_text(request.text, requested)
         except RequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
         except BodyTooLarge as e:  # over failure.max_inspect_bytes under fail_closed; a retry cannot help

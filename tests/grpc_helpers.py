@@ -45,7 +45,7 @@ def make_config(**sections: Any) -> Config:
 
 def make_decision(**overrides: Any):
     """A Decision with neutral defaults (allow, default model, nothing found)."""
-    from sidecar.router import Decision
+    from sidecar.decisions import Decision
 
     fields: dict[str, Any] = dict(action="allow", model=DEFAULT_MODEL, rewrite_model=False, route_reason="category",
                                   category=None, confidence=None, entity_types=(), entity_counts={}, body=None,

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 
 from sidecar import mutations
 from sidecar.vocabulary import Phase
@@ -128,3 +129,17 @@ def test_echoed_chunk_keeps_bytes_and_stream_flags():
     streamed = common(resp).body_mutation.streamed_response
     assert (streamed.body, streamed.end_of_stream) == (b"\xff partial", True)
     assert resp.WhichOneof("response") == "request_body"
+
+
+@pytest.mark.parametrize("body_mode", [ProcessingMode.BUFFERED, ProcessingMode.BUFFERED_PARTIAL])
+def test_asking_for_the_answer_keeps_the_request_body_mode(body_mode):
+    """Envoy replaces the whole processing mode with a mode_override: a request body mode left at its default
+    (NONE) would send the body to the backend without the sidecar ever reading it."""
+    shared = mutations.strip_owned_headers()
+    resp = mutations.with_response_phases(shared, body_mode)
+    mode = resp.mode_override
+    assert mode.request_body_mode == body_mode
+    assert (mode.response_header_mode, mode.response_body_mode) == (ProcessingMode.SEND, ProcessingMode.STREAMED)
+    assert (mode.request_trailer_mode, mode.response_trailer_mode) == (ProcessingMode.SKIP, ProcessingMode.SKIP)
+    assert resp.request_headers == shared.request_headers
+    assert not shared.HasField("mode_override")  # the cached, shared answer is left as it was

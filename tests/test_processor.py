@@ -1,4 +1,4 @@
-"""The ext_proc processor over a real grpc.aio channel, driven like Envoy drives it, with the real Router over
+"""The ext_proc processor over a real grpc.aio channel, driven like Envoy drives it, with the real DecisionMaker over
 FakeEngine (deterministic answers) so each test can predict the decision from its input."""
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, 
 
 from sidecar import mutations
 from sidecar.config import PathsConfig, PiiPolicyConfig
+from sidecar.decisions import TextDecision
 from sidecar.metrics import Metrics
 from sidecar.processor import PROCESSORS, Processor
-from sidecar.router import TextDecision
 from sidecar.vocabulary import Action, Kind, Phase, RouteReason
 
 

@@ -1,6 +1,6 @@
 """Scores of a model directory as the sidecar serves it, for ``trainer evaluate``.
 
-Every text goes through the sidecar's own decision code (`Router.decide_texts`): the engine and backend
+Every text goes through the sidecar's own decision code (`DecisionMaker.decide_texts`): the engine and backend
 the sidecar would open (``runtime: auto`` takes ``model.int8.onnx`` on CPU), its windows, the pattern and
 checksum recognizers beside the model, and the default PII policy (score threshold, context types let
 through). The numbers are therefore those of what production runs, and a directory with only ONNX files
@@ -31,8 +31,8 @@ from sidecar.config import (
     PiiPolicyConfig,
     RoutingConfig,
 )
+from sidecar.decisions import DecisionMaker, TextDecision
 from sidecar.inference.engine import Engine
-from sidecar.router import Router, TextDecision
 from trainer.data import DataError, check_known_labels, load_category, load_spans
 from trainer.evaluate import format_table
 from trainer.settings import UsageError
@@ -47,8 +47,8 @@ NO_CATEGORY = "(none)"
 @contextmanager
 def served_router(category: str | Path | None = None, pii: str | Path | None = None, runtime: str = "auto",
                   policy: PiiPolicyConfig | None = None, *, max_length: int | None = None,
-                  stride: int | None = None) -> Iterator[Router]:
-    """A Router over the engine the sidecar would load for these model directories (patterns beside the
+                  stride: int | None = None) -> Iterator[DecisionMaker]:
+    """A DecisionMaker over the engine the sidecar would load for these model directories (patterns beside the
     model, checksums on, default routing), closed on the way out. `policy` replaces the default PII policy;
     `max_length`/`stride` are the ``models.*`` window settings (None: the sidecar's defaults). A category
     model reads its first window only, so its stride is 0: the default 64 would refuse a window under 67."""
@@ -60,7 +60,7 @@ def served_router(category: str | Path | None = None, pii: str | Path | None = N
     )
     engine = Engine.load(config.models, config.batching, checksums=config.pii.checksums)
     try:
-        yield Router(config, engine)
+        yield DecisionMaker(config, engine)
     finally:
         engine.close()
 
@@ -76,7 +76,7 @@ def _model(path: str | Path | None, runtime: str, max_length: int | None, stride
         raise UsageError(f"model settings: {e.errors()[0]['msg']}") from None
 
 
-def decide(router: Router, texts: Sequence[str], batch: int = BATCH) -> list[TextDecision]:
+def decide(router: DecisionMaker, texts: Sequence[str], batch: int = BATCH) -> list[TextDecision]:
     """`decide_texts` in chunks of `batch` texts (one call for a million texts would hold them all twice)."""
     out: list[TextDecision] = []
     for at in range(0, len(texts), batch):
@@ -87,7 +87,7 @@ def decide(router: Router, texts: Sequence[str], batch: int = BATCH) -> list[Tex
 # --- category ----------------------------------------------------------------------------------------
 
 
-def score_category(router: Router, rows: Sequence[dict], thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
+def score_category(router: DecisionMaker, rows: Sequence[dict], thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
     """Accuracy, weighted F1, per-class table and confusion matrix of the served categories, and how the
     confidence threshold trades coverage (share of rows routed by their category) for accuracy."""
     from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
@@ -124,7 +124,7 @@ def _coverage(right: Sequence[bool], confidence: Sequence[float], threshold: flo
 # --- PII ---------------------------------------------------------------------------------------------
 
 
-def score_pii(router: Router, rows: Sequence[dict]) -> dict[str, Any]:
+def score_pii(router: DecisionMaker, rows: Sequence[dict]) -> dict[str, Any]:
     """Catch rate of identifying entities (overall and per type), whether the catching span has the right
     type, false masks; and, for rows with ``inner`` (the PII sentence's [start, end) in a longer text),
     whether the sentence alone gets the same kept spans as inside the longer text (windows, context)."""
@@ -176,7 +176,7 @@ def _same_spans(full: Sequence[dict], alone: Sequence[dict], start: int, end: in
     return inside == {(s["start"], s["end"], s["label"]) for s in alone}
 
 
-def score_clean(router: Router, texts: Sequence[str]) -> dict[str, Any]:
+def score_clean(router: DecisionMaker, texts: Sequence[str]) -> dict[str, Any]:
     """On texts with no PII: how often anything is masked, how often an identifying type (a name, contact or
     number, not a context type), and which labels."""
     labels = [[s["label"] for s in d.pii] for d in decide(router, texts)]

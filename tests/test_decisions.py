@@ -1,4 +1,4 @@
-"""Router: bodies in, Decisions out, against the deterministic FakeEngine."""
+"""DecisionMaker: bodies in, Decisions out, against the deterministic FakeEngine."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import pytest
 
 from sidecar.config import Config, parse_config
+from sidecar.decisions import DecisionMaker, TextDecision
 from sidecar.errors import (
     BodyTooLarge,
     ConfigError,
@@ -18,7 +19,6 @@ from sidecar.errors import (
     Overloaded,
     PiiInField,
 )
-from sidecar.router import Router, TextDecision
 from tests.fakes import FakeEngine
 
 CARD = "4111 1111 1111 1111"  # Luhn-valid Visa test number
@@ -40,8 +40,8 @@ def chat(*messages: tuple[str, str], model: str | None = "auto", **extra) -> byt
     return json.dumps(body, ensure_ascii=False).encode()
 
 
-def router(engine: FakeEngine | None = None, **sections) -> Router:
-    return Router(make_config(**sections), engine or FakeEngine())
+def router(engine: FakeEngine | None = None, **sections) -> DecisionMaker:
+    return DecisionMaker(make_config(**sections), engine or FakeEngine())
 
 
 async def test_routes_by_category_and_masks_every_scanned_role():
@@ -498,7 +498,7 @@ async def test_a_4mb_body_is_answered_degraded_with_the_card_masked_within_the_d
     this machine may be busy; a bound that is hit is a regression, not noise."""
     failure = {"timeout_ms": 250, "timeout_ms_per_kib": 0, **OPEN} | (
         {"max_inspect_bytes": max_inspect} if max_inspect else {})
-    r = Router(make_config(failure=failure, pii={"default_policy": {"score_threshold": 0.99}}), tiny_engine)
+    r = DecisionMaker(make_config(failure=failure, pii={"default_policy": {"score_threshold": 0.99}}), tiny_engine)
     filler = "The court held that the contract was void for lack of consideration, said John Smith. "
     text = filler * (4_000_000 // len(filler))
     if shape == "one message":

@@ -25,7 +25,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, unquote_plus
@@ -52,7 +52,7 @@ from sidecar.vocabulary import Action, Kind, RouteReason
 _CACHED_PATH_CHARS = 256
 _CACHED_PATHS = 1024
 FREE_TEXT = "FREE_TEXT"
-"""What `Router.url_pii` reports for whitespace in a URL part."""
+"""What `DecisionMaker.url_pii` reports for whitespace in a URL part."""
 _WHITESPACE = re.compile(r"\s")
 
 # Bodies (and Classify texts) above this many bytes are parsed, scanned and rewritten on a worker thread:
@@ -113,8 +113,8 @@ class TextDecision:
 
 
 @dataclass(frozen=True, slots=True)
-class _Outcome:
-    """The PII policy applied to a set of texts: per-text kept spans, the verdict, masked texts."""
+class PolicyOutcome:
+    """The PII policy applied to a set of texts: per-text kept spans, the verdict, the new texts."""
 
     spans: list[list[Span]]
     verdict: PiiVerdict
@@ -127,7 +127,35 @@ class _Outcome:
         return Action.DEGRADED if degraded else self.verdict.action
 
 
-class Router:
+@dataclass(frozen=True)
+class _Case:
+    """What one decision reads, whoever asked (a request body, the Classify API, an offline batch)."""
+
+    texts: list[str]
+    """As the policy masks them."""
+    category_text: str
+    requested: str | None
+    routed: bool
+    size: int
+    model_texts: list[str] | None = None
+    """As the models read them (short values after their key), when they differ from `texts`."""
+    shifts: list[int] | None = None
+    """Characters each model text has in front of its text (the key), to map spans back."""
+    routable: bool = True
+    extra: list[list[Span]] | None = None
+    """Spans the fields' keys give (``"ssn": 536222026``)."""
+
+
+@dataclass(frozen=True)
+class _Judgement:
+    """The models' part: the route and the model spans per text, or (fail_open) None and the reason."""
+
+    route: Route
+    spans: list[list[Span]] | None
+    error: str | None
+
+
+class DecisionMaker:
     """Turns requests into decisions for one config and engine (both swapped together on reload)."""
 
     def __init__(self, config: Config, engine: Any):
@@ -189,47 +217,26 @@ class Router:
         started = time.perf_counter()
         loop_started = asyncio.get_running_loop().time()
         heavy = len(body) > _OFF_LOOP_BYTES
-        too_large = self._check_size(len(body))
         raw = body
+        self._check_size(len(body))  # under fail_closed a 413 at once, before any parsing or decompressing
         if content_encoding:  # over the limit once decompressed: 413 in either failure mode
-            body = await asyncio.to_thread(decompress, body, content_encoding, self._max_inspect) if heavy \
-                else decompress(body, content_encoding, self._max_inspect)
+            body = await self._maybe_off_loop(heavy, decompress, body, content_encoding, self._max_inspect)
             heavy = heavy or len(body) > _OFF_LOOP_BYTES
-        parsed = await asyncio.to_thread(self._read, body, kind) if heavy else self._read(body, kind)
+        parsed = await self._maybe_off_loop(heavy, self._read, body, kind)
         timings = {"parse": _ms_since(started)}
-        routable = kind in ROUTED_KINDS
-        routed = routable and needs_category(parsed.requested_model, self.config.routing)
-        category_text = parsed.category_text(self.config.routing.category_input) if routed else ""
-        texts = parsed.texts()
-        model_texts, shifts = with_keys(parsed.fields)
-        route, spans, error = await self._judge(category_text, model_texts, len(body), loop_started, timings,
-                                                parsed.requested_model, routed, too_large)
-        if spans is not None and any(shifts):
-            spans = [_unshift(s, shift) for s, shift in zip(spans, shifts, strict=True)]
-        if not routable:
-            route = Route(None, rewrite=False, reason=RouteReason.UNROUTED)
-        extra: list[list[Span]] | None = [context_spans(f.key, f.text) for f in parsed.fields]
-        extra = extra if any(extra) else None
-        finish = (body, parsed, route, texts, spans, error is not None, extra)
-        outcome, action, new_body = await asyncio.to_thread(self._finish, *finish) if heavy else self._finish(*finish)
-        if new_body is None and body is not raw and action != Action.BLOCK:
-            new_body = body  # what was read goes on, never the compressed bytes (their header fields were not)
+        case = self._body_case(parsed, kind, len(body))  # the deadline grows with what is read
+        judged, outcome = await self._run(case, loop_started, timings, heavy)
+        action = outcome.action(degraded=judged.error is not None)
+        new_body = None
+        if action != Action.BLOCK:
+            changed = {i: m for i, m in enumerate(outcome.masked) if m is not None}
+            if judged.route.rewrite or changed:
+                model = judged.route.model if judged.route.rewrite else None
+                new_body = await self._maybe_off_loop(heavy, rewrite, body, parsed, model, changed)
+            elif body is not raw:
+                new_body = body  # what was read goes on, never the compressed bytes (their header fields were not)
         timings["total"] = _ms_since(started)
-        return Decision(
-            action=action,
-            model=route.model,
-            rewrite_model=route.rewrite and action != Action.BLOCK,
-            route_reason=route.reason,
-            category=route.category,
-            confidence=route.confidence,
-            entity_types=outcome.verdict.types,
-            entity_counts=dict(Counter(s.label for s in outcome.verdict.kept_spans)),
-            body=new_body,
-            timings=timings,
-            error=error,
-            decompressed=new_body is not None and body is not raw,
-            pseudonyms=outcome.pseudonyms if action != Action.BLOCK and outcome.pseudonyms else None,
-        )
+        return self._body_decision(judged, outcome, action, new_body, timings, body is not raw)
 
     async def decide_text(self, text: str, requested_model: str | None = "auto") -> TextDecision:
         """The decision a chat request whose latest user message is `text` would get (Classify API).
@@ -239,51 +246,79 @@ class Router:
             raise NoText("text is empty")
         loop_started = asyncio.get_running_loop().time()
         size = len(text) if len(text) * 4 <= self._max_inspect else len(text.encode("utf-8", "surrogatepass"))
-        too_large = self._check_size(size)
-        requested = requested_model or None
-        routed = needs_category(requested, self.config.routing)
-        route, spans, error = await self._judge(text if routed else "", [text], size, loop_started, {},
-                                                requested, routed, too_large)
-        if size > _OFF_LOOP_BYTES:
-            outcome = await asyncio.to_thread(self._outcome, route, [text], spans)
-        else:
-            outcome = self._outcome(route, [text], spans)
-        return self._text_decision(text, route, outcome, outcome.spans[0], outcome.masked[0], error)
+        judged, outcome = await self._run(self._text_case(text, requested_model, size), loop_started, {},
+                                          size > _OFF_LOOP_BYTES)
+        return self._text_decision(text, judged.route, outcome, judged.error)
 
     def decide_texts(self, texts: Sequence[str], requested_model: str | None = "auto") -> list[TextDecision]:
         """Decisions for many texts at once with the engine's batched synchronous calls (offline use: no
         deadline, and inference errors propagate). Empty texts get the default route and no PII."""
-        requested = requested_model or None
-        routed = needs_category(requested, self.config.routing)
+        cases = [self._text_case(t, requested_model, len(t)) for t in texts]
         present = [i for i, t in enumerate(texts) if t]
         safe = [model_safe(texts[i]) for i in present]
         categories: dict[int, CategoryResult] = {}
-        if routed and self.engine.category_labels is not None and present:
+        if cases and cases[0].routed and self.engine.category_labels is not None and present:
             categories = dict(zip(present, self.engine.classify_many(safe), strict=True))
-        pii: dict[int, PiiResult] = {}
-        if present:
-            pii = dict(zip(present, self.engine.detect_pii_many(safe), strict=True))
+        pii = dict(zip(present, self.engine.detect_pii_many(safe), strict=True)) if present else {}
         decisions = []
-        for i, text in enumerate(texts):
-            route = self._route(categories.get(i), requested, routed, text)
-            outcome = self._outcome(route, [text], [pii[i].spans if i in pii else []])
-            decisions.append(self._text_decision(text, route, outcome, outcome.spans[0], outcome.masked[0], None))
+        for i, case in enumerate(cases):
+            route = self._route(categories.get(i), case.requested, case.routed, case.category_text)
+            judged = _Judgement(route, [pii[i].spans if i in pii else []], None)
+            decisions.append(self._text_decision(texts[i], route, self._settle(case, judged), None))
         return decisions
 
-    async def _judge(self, category_text: str, texts: list[str], size: int, started: float,
-                     timings: dict[str, float], requested: str | None, routed: bool,
-                     too_large: BodyTooLarge | None) -> tuple[Route, list[list[Span]] | None, str | None]:
-        """The models' part of a decision under its deadline: (route, model spans per text, None), or under
-        fail_open (route, None, reason code) when they could not answer; fail_closed raises instead."""
-        deadline = self._models_deadline(size, started)
+    # --- the pipeline every entry point runs -------------------------------------------------------------
+
+    async def _run(self, case: _Case, loop_started: float, timings: dict[str, float],
+                   heavy: bool) -> tuple[_Judgement, PolicyOutcome]:
+        """Size check, the models under the decision's deadline (or the failure policy), then the route and
+        the PII policy."""
+        judged = await self._judge(case, loop_started, timings, self._check_size(case.size))
+        if not case.routable:
+            judged = _Judgement(Route(None, rewrite=False, reason=RouteReason.UNROUTED), judged.spans, judged.error)
+        return judged, await self._maybe_off_loop(heavy, self._settle, case, judged)
+
+    def _body_case(self, parsed: ParsedRequest, kind: Kind, size: int) -> _Case:
+        routable = kind in ROUTED_KINDS
+        routed = routable and needs_category(parsed.requested_model, self.config.routing)
+        model_texts, shifts = with_keys(parsed.fields)
+        extra = [context_spans(f.key, f.text) for f in parsed.fields]
+        return _Case(texts=parsed.texts(), category_text=parsed.category_text(self.config.routing.category_input)
+                     if routed else "", requested=parsed.requested_model, routed=routed, size=size,
+                     model_texts=model_texts, shifts=shifts, routable=routable, extra=extra if any(extra) else None)
+
+    def _text_case(self, text: str, requested_model: str | None, size: int) -> _Case:
+        requested = requested_model or None
+        routed = needs_category(requested, self.config.routing)
+        return _Case(texts=[text], category_text=text if routed else "", requested=requested, routed=routed,
+                     size=size)
+
+    async def _judge(self, case: _Case, started: float, timings: dict[str, float],
+                     too_large: BodyTooLarge | None) -> _Judgement:
+        """The models' part of a decision under its deadline, or under fail_open the degraded route with the
+        reason code when they could not answer (fail_closed raises instead)."""
+        deadline = self._models_deadline(case.size, started)
         try:
             if too_large is not None:
                 raise too_large
-            safe = [model_safe(t) for t in texts]
-            category, results = await self._infer(model_safe(category_text), safe, timings, deadline)
-            return self._route(category, requested, routed, category_text), [r.spans for r in results], None
+            safe = [model_safe(t) for t in case.model_texts or case.texts]
+            category, results = await self._infer(model_safe(case.category_text), safe, timings, deadline)
+            route = self._route(category, case.requested, case.routed, case.category_text)
+            return _Judgement(route, [r.spans for r in results], None)
         except (InferenceError, TimeoutError) as e:
-            return self._degraded_route(requested, routed), None, self._fail(e)
+            return _Judgement(self._degraded_route(case.requested, case.routed), None, self._fail(e))
+
+    def _settle(self, case: _Case, judged: _Judgement) -> PolicyOutcome:
+        """The model spans mapped back onto the texts, the route of an unrouted API, the PII policy."""
+        spans = judged.spans
+        if spans is not None and case.shifts and any(case.shifts):
+            spans = [_unshift(s, shift) for s, shift in zip(spans, case.shifts, strict=True)]
+        return self._policy_outcome(judged.route, case.texts, spans, case.extra)
+
+    @staticmethod
+    async def _maybe_off_loop(heavy: bool, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on a worker thread for a heavy body (the event loop keeps serving), else in place."""
+        return await asyncio.to_thread(fn, *args) if heavy else fn(*args)
 
     async def _infer(
         self, category_text: str, pii_texts: list[str], timings: dict[str, float], deadline: float
@@ -342,22 +377,8 @@ class Router:
             raise error
         return error
 
-    def _finish(self, body: bytes, parsed: ParsedRequest, route: Route, texts: list[str],
-                spans: list[list[Span]] | None, degraded: bool,
-                extra: list[list[Span]] | None = None) -> tuple[_Outcome, Action, bytes | None]:
-        """The PII policy applied (to the recognizers' spans when the models gave none, and to `extra`, the
-        spans the fields' keys give) and the new body."""
-        outcome = self._outcome(route, texts, spans, extra)
-        action = outcome.action(degraded)
-        new_body = None
-        if action != Action.BLOCK:
-            changed = {i: m for i, m in enumerate(outcome.masked) if m is not None}
-            if route.rewrite or changed:
-                new_body = rewrite(body, parsed, route.model if route.rewrite else None, changed)
-        return outcome, action, new_body
-
-    def _outcome(self, route: Route, texts: list[str], spans: list[list[Span]] | None,
-                 extra: list[list[Span]] | None = None) -> _Outcome:
+    def _policy_outcome(self, route: Route, texts: list[str], spans: list[list[Span]] | None,
+                 extra: list[list[Span]] | None = None) -> PolicyOutcome:
         """Model spans plus the recognizers beside them, or the fallback recognizers alone (spans None),
         plus `extra`."""
         recognizers = self._fallback if spans is None else self._beside_model
@@ -369,7 +390,7 @@ class Router:
         spans = spans if spans is not None else [[] for _ in texts]
         if extra is not None:
             spans = [s + e for s, e in zip(spans, extra, strict=True)]
-        return self._apply(route, texts, spans)
+        return self._apply_policy(route, texts, spans)
 
     def _route(self, category: CategoryResult | None, requested: str | None, routed: bool, category_text: str) -> Route:
         if routed and not category_text:
@@ -390,7 +411,7 @@ class Router:
             raise error from None
         return error.reason
 
-    def _apply(self, route: Route, texts: list[str], spans: list[list[Span]]) -> _Outcome:
+    def _apply_policy(self, route: Route, texts: list[str], spans: list[list[Span]]) -> PolicyOutcome:
         policy = self.config.pii.policy_for(route.model)
         per_text = [resolve_conflicts(kept_spans(s, policy)) for s in spans]
         verdict = pii_verdict([s for kept in per_text for s in kept], policy)
@@ -401,17 +422,36 @@ class Router:
         elif verdict.action == Action.PSEUDONYMIZE:
             pseudonyms = Pseudonyms(policy.placeholder_format, taken="\n".join(texts))
             masked = pseudonymize(texts, per_text, pseudonyms)
-        return _Outcome(per_text, verdict, masked, pseudonyms)
+        return PolicyOutcome(per_text, verdict, masked, pseudonyms)
 
-    def _text_decision(self, text: str, route: Route, outcome: _Outcome, spans: list[Span], masked: str | None,
-                       error: str | None) -> TextDecision:
+    def _body_decision(self, judged: _Judgement, outcome: PolicyOutcome, action: Action, new_body: bytes | None,
+                       timings: dict[str, float], decompressed: bool) -> Decision:
+        route = judged.route
+        return Decision(
+            action=action,
+            model=route.model,
+            rewrite_model=route.rewrite and action != Action.BLOCK,
+            route_reason=route.reason,
+            category=route.category,
+            confidence=route.confidence,
+            entity_types=outcome.verdict.types,
+            entity_counts=dict(Counter(s.label for s in outcome.verdict.kept_spans)),
+            body=new_body,
+            timings=timings,
+            error=judged.error,
+            decompressed=new_body is not None and decompressed,
+            pseudonyms=outcome.pseudonyms if action != Action.BLOCK and outcome.pseudonyms else None,
+        )
+
+    def _text_decision(self, text: str, route: Route, outcome: PolicyOutcome, error: str | None) -> TextDecision:
         action = outcome.action(degraded=error is not None)
+        masked = outcome.masked[0]
         return TextDecision(
             text=text,
             category=route.category,
             confidence=route.confidence,
             model=route.model,
-            pii=[s.to_dict() for s in spans],
+            pii=[s.to_dict() for s in outcome.spans[0]],
             action=action,
             masked_text=None if action == Action.BLOCK else (masked if masked is not None else text),
             route_reason=route.reason,
