@@ -42,8 +42,8 @@ class ServerConfig(_Section):
     """A second, plaintext gRPC address that serves only health checking (the same statuses): for probes that
     cannot speak TLS (Kubernetes' gRPC probes) when ``tls`` is on. Nothing else is reachable there."""
     classify_api: bool = True
-    """The Router.Classify API (it answers with the PII it finds): turn it off where callers other than
-    operators can reach the port."""
+    """The Classify API, gRPC service ``sidecar.api.v1.Router``, which answers with the PII it finds: turn it
+    off where callers other than operators can reach the port."""
     metrics_listen: str | None = "0.0.0.0:9090"
     """HTTP address for Prometheus metrics; null turns the endpoint off."""
     max_message_bytes: Annotated[int, Field(ge=64 * 1024)] = 8 * 1024 * 1024
@@ -67,7 +67,7 @@ class ModelConfig(_Section):
     ``sidecar_max_length``), else 512; never longer than its position embeddings."""
     stride: Annotated[int, Field(ge=0)] | None = None
     """PII windows overlap by this many tokens so entities on a window edge are seen whole. Unset: 64, at
-    most half the window."""
+    most a quarter of the window."""
     threads: Annotated[int, Field(ge=0)] = 0
     """Intra-op threads for ONNX Runtime on CPU (or torch's process-wide count). 0: the runtime's default
     for a model that runs alone; two CPU models get half the usable cores each."""

@@ -72,8 +72,8 @@ class TextEncoder:
         """Windows of the configured length, else the length the model was trained at, else 512; never
         longer than the model's position embeddings, whatever the config asks."""
         length = min(window_length(model_dir, max_length), model_dir.max_position_embeddings)
-        if stride is None:  # 64 tokens, at most half a window (a model trained on short windows)
-            stride = min(DEFAULT_STRIDE, (length - 2) // 2)
+        if stride is None:  # 64 tokens, at most a quarter of a window: a 128-token model reads 200 tokens in
+            stride = min(DEFAULT_STRIDE, (length - 2) // 4)  # 2 windows, not 3, and names and emails still fit
         return cls(model_dir.load_tokenizer(), model_dir.cls_token_id, model_dir.sep_token_id, length, stride)
 
     @property
