@@ -84,6 +84,85 @@ async def test_mock_streams_server_sent_events_when_asked(mock):
     assert json.loads(events[1])["choices"][0]["delta"]["content"] == "[math-expert] received: hi"
 
 
+def sse(text: str) -> list[tuple[str | None, dict | str]]:
+    """(event name, data) of each server-sent event."""
+    out = []
+    for block in text.split("\n\n"):
+        if block.strip():
+            lines = block.split("\n")
+            name = next((line[7:] for line in lines if line.startswith("event: ")), None)
+            data = next(line[6:] for line in lines if line.startswith("data: "))
+            out.append((name, data if data == "[DONE]" else json.loads(data)))
+    return out
+
+
+async def test_mock_streams_deltas_of_the_requested_size_and_echoes_a_tool_call(mock):
+    body = {"stream": True, "messages": [{"role": "user", "content": "hello there"}]}
+    resp = await mock.post("/v1/chat/completions", json=body,
+                           headers={"x-mock-chunk-chars": "4", "x-mock-tool-call": "lookup"})
+    events = sse(await resp.text())
+    deltas = [e["choices"][0]["delta"] for _, e in events[:-1]]
+    content = [d["content"] for d in deltas if "content" in d]
+    assert content == ["[mat", "h-ex", "pert", "] re", "ceiv", "ed: ", "hell", "o th", "ere"]
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert calls[0]["function"] == {"name": "lookup", "arguments": ""} and calls[0]["id"].startswith("call_")
+    assert all(len(c["function"]["arguments"]) <= 4 for c in calls)
+    assert json.loads("".join(c["function"]["arguments"] for c in calls)) == {"text": "hello there"}
+    assert events[-2][1]["choices"][0]["finish_reason"] == "tool_calls" and events[-1] == (None, "[DONE]")
+    answer = await (await mock.post("/v1/chat/completions", json={"messages": body["messages"]},
+                                    headers={"x-mock-tool-call": "lookup"})).json()
+    [call] = answer["choices"][0]["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"text": "hello there"}
+    assert answer["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+async def test_mock_refuses_a_bad_chunk_size(mock, value):
+    resp = await mock.post("/v1/chat/completions", json={"messages": []}, headers={"x-mock-chunk-chars": value})
+    assert resp.status == 400 and "x-mock-chunk-chars" in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("input_", ["earlier", [{"role": "user", "content": "earlier"},
+                                                {"role": "assistant", "content": [{"type": "output_text", "text": "a"}]},
+                                                {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]])
+async def test_mock_answers_the_responses_api_whole_and_streamed(mock, input_):
+    quoted = "earlier" if isinstance(input_, str) else "hi"
+    answer = await (await mock.post("/v1/responses", json={"model": "m", "input": input_})).json()
+    assert answer["object"] == "response" and answer["status"] == "completed"
+    [message] = answer["output"]
+    assert message["type"] == "message" and message["id"].startswith("msg_") and message["role"] == "assistant"
+    assert message["content"] == [{"type": "output_text", "text": f"[math-expert] received: {quoted}",
+                                   "annotations": []}]
+    resp = await mock.post("/v1/responses", json={"input": input_, "stream": True}, headers={"x-mock-chunk-chars": "5"})
+    events = sse(await resp.text())
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    assert all(name == e["type"] for name, e in events)
+    kinds = [name for name, _ in events]
+    assert kinds[0] == "response.created" and kinds[-2:] == ["response.output_text.done", "response.completed"]
+    deltas = [e for _, e in events if e["type"] == "response.output_text.delta"]
+    assert len(deltas) > 1 and all(len(d["delta"]) <= 5 and d["output_index"] == d["content_index"] == 0 for d in deltas)
+    text = "".join(d["delta"] for d in deltas)
+    assert text == f"[math-expert] received: {quoted}" == events[-2][1]["text"]
+    assert events[-1][1]["response"]["output"][0]["content"][0]["text"] == text
+
+
+async def test_mock_answers_the_messages_api_whole_and_streamed(mock):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]
+    answer = await (await mock.post("/v1/messages", json={"model": "m", "max_tokens": 9, "messages": messages})).json()
+    assert (answer["type"], answer["role"], answer["stop_reason"]) == ("message", "assistant", "end_turn")
+    assert answer["content"] == [{"type": "text", "text": "[math-expert] received: one\ntwo"}]
+    resp = await mock.post("/v1/messages", json={"messages": messages, "stream": True}, headers={"x-mock-chunk-chars": "1"})
+    events = sse(await resp.text())
+    assert all(name == e["type"] for name, e in events)
+    assert [n for n, _ in events if n != "content_block_delta"] == [
+        "message_start", "content_block_start", "content_block_stop", "message_delta", "message_stop"]
+    deltas = [e["delta"]["text"] for _, e in events if e["type"] == "content_block_delta"]
+    assert deltas == list("[math-expert] received: one\ntwo")
+    assert events[-2][1]["delta"]["stop_reason"] == "end_turn"
+    resp = await mock.post("/v1/messages", data=b"not json")
+    assert resp.status == 400 and (await resp.json())["type"] == "error"
+
+
 async def test_mock_lists_its_model(mock):
     answer = await (await mock.get("/v1/models")).json()
     assert [m["id"] for m in answer["data"]] == ["math-expert"]

@@ -1,9 +1,10 @@
-"""``python -m sidecar.demo`` (``make demo``): the whole gateway on this machine, five requests through it.
+"""``python -m sidecar.demo`` (``make demo``): the whole gateway on this machine, six requests through it.
 
 Starts the real Envoy with deploy/envoy.yaml, the sidecar with deploy/router.yaml and the bundled models,
 and a mock backend per route; sends a few chat requests and shows, for each, the subject the sidecar saw,
-the backend Envoy chose, the PII action, and the exact text the backend received (or the 403). Then it
-stops everything, unless ``--keep-running`` leaves it up for your own requests.
+the backend Envoy chose, the PII action, and the exact text the backend received (or the 403). Last, with
+every policy switched to ``pseudonymize`` (a config reload), one round trip: what the backend saw and what
+the client got back. Then it stops everything, unless ``--keep-running`` leaves it up for your own requests.
 """
 
 from __future__ import annotations
@@ -185,6 +186,37 @@ def run_sample(stack: Stack, number: int, sample: Sample) -> None:
     show(number, sample, lines)
 
 
+PSEUDONYMIZED = ("I'm Dr. Alice Johnson, alice.johnson@example.org. Please draft a short reply to Bob Stone "
+                 "(bob.stone@example.net) about how vaccines train the immune system.")
+
+
+def run_pseudonymized(stack: Stack, number: int, overrides: dict[str, Any]) -> None:
+    """The same gateway with every policy set to pseudonymize: what the backend saw and what came back (the
+    mock answers by quoting what it received, so its answer carries the placeholders it saw)."""
+    policies = (yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8")) or {}).get("pii", {}).get("policies") or {}
+    pseudonymize = {"pii": {"default_policy": {"action": "pseudonymize"},
+                            "policies": {name: {"action": "pseudonymize"} for name in policies}}}
+    stack.reload_sidecar(merge(overrides, pseudonymize))
+    try:
+        stack.clear_received()
+        status, headers, body = post_chat(stack.url, PSEUDONYMIZED)
+        received = stack.received()
+        lines = [f'sent:     "{PSEUDONYMIZED}"']
+        if received:
+            lines.append(f"-> {status}  backend: {received[-1].backend}   action: {headers.get('x-router-action', '-')}"
+                         f"   pii: {headers.get('x-router-pii', 'none')}")
+            lines.append(f'backend saw: "{user_text(received[-1])}"')
+        try:
+            answer = json.loads(body)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            answer = body.decode("utf-8", "replace")[:300]
+        lines.append(f'client got:  "{answer}"')
+        show(number, Sample("the same gateway with pii action: pseudonymize", PSEUDONYMIZED,
+                            "placeholders to the backend, the values back in the answer"), lines)
+    finally:
+        stack.reload_sidecar(overrides)
+
+
 def _unless_same(selected: str | None, reached: str) -> str:
     """Envoy reached the cluster the sidecar chose, unless it fell back to the default route."""
     return "" if selected == reached else f" (sidecar chose {selected or 'none'})"
@@ -230,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"backends {backends}")
             for number, sample in enumerate(SAMPLES, start=1):
                 run_sample(stack, number, sample)
+            run_pseudonymized(stack, len(SAMPLES) + 1, overrides)
             if args.keep_running:
                 wait_for_interrupt(stack)
     except KeyboardInterrupt:

@@ -4,18 +4,34 @@
 
 It stands in for a real model server behind Envoy (docker-compose, the local demo, the end-to-end tests),
 so every route has somewhere to land and every claim about masking can be checked against the bytes that
-actually arrived:
+actually arrived. Every reply is ``[NAME] received: TEXT``, TEXT being the last user text as received
+(masked or pseudonymized by the sidecar, if it was):
 
-- ``POST /v1/chat/completions``: a chat completion whose reply names this backend and quotes the last
-  user message as received (masked by the sidecar, if it was); ``"stream": true`` gets server-sent events.
-  A body that is not a JSON object gets OpenAI's 400 error shape, as a real server would answer.
-- ``POST /v1/completions``: the same for prompts.
+- ``POST /v1/chat/completions``: a chat completion; ``"stream": true`` gets server-sent events (a role
+  chunk, the content, then ``finish_reason`` and ``[DONE]``).
+- ``POST /v1/completions``: the same for prompts (never streamed).
+- ``POST /v1/responses`` (OpenAI Responses API): TEXT is the last user input (``input`` as a string, or
+  items whose ``content`` is a string or ``input_text`` parts); ``"stream": true`` gets the named events
+  ``response.created``, ``response.output_text.delta``..., ``response.output_text.done`` and
+  ``response.completed``.
+- ``POST /v1/messages`` (Anthropic Messages): TEXT is the last user message (a string or text blocks);
+  ``"stream": true`` gets ``message_start``, ``content_block_start``, ``content_block_delta``...,
+  ``content_block_stop``, ``message_delta`` and ``message_stop``.
 - ``GET /v1/models``: this backend's one model.
 - ``GET /_received``: every request received so far (method, path, headers, raw body as base64 and, when it
   is UTF-8, as text), oldest first; ``DELETE /_received`` forgets them.
 
-Every answer carries ``x-mock-backend: NAME`` and echoes the routing headers the sidecar set on the request
-(``x-selected-model``, ``x-router-*``), so ``curl -i`` through Envoy shows the sidecar's decision.
+Request headers that shape the reply (the tests' knobs):
+
+- ``x-mock-chunk-chars: N`` (an integer >= 1): a streamed reply's text goes in deltas of N characters,
+  one event each, each written and flushed on its own (N=1 puts an event boundary at every offset of the
+  text). Without it a streamed text is one delta.
+- ``x-mock-tool-call: NAME`` (chat completions): the reply also calls function NAME with the arguments
+  ``{"text": TEXT}`` (a JSON string; streamed, in pieces of N characters too), ``finish_reason: tool_calls``.
+
+A body that is not a JSON object, or a bad knob, gets the API's 400 error shape, as a real server would
+answer. Every answer carries ``x-mock-backend: NAME`` and echoes the routing headers the sidecar set on the
+request (``x-selected-model``, ``x-router-*``), so ``curl -i`` through Envoy shows the sidecar's decision.
 Once listening it prints one line, ``listening http://HOST:PORT``, so a parent that asked for port 0 learns
 the port without a race.
 """
@@ -31,17 +47,25 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
 BACKEND_HEADER = "x-mock-backend"
+CHUNK_CHARS_HEADER = "x-mock-chunk-chars"
+TOOL_CALL_HEADER = "x-mock-tool-call"
 ECHOED_PREFIXES = ("x-selected-model", "x-router-")
 MAX_BODY_BYTES = 64 * 1024 * 1024
 """Far above Envoy's buffer limit, so the mock never refuses a body Envoy let through."""
+TEXT_PART_TYPES = ("text", "input_text")
 
 NAME_KEY = web.AppKey("name", str)
 RECEIVED_KEY = web.AppKey("received", list)
+
+
+class BadRequest(Exception):
+    """The request cannot be answered: a 400 in the API's error shape."""
 
 
 def received_record(request: web.Request, body: bytes) -> dict[str, Any]:
@@ -73,48 +97,173 @@ def openai_error(status: int, message: str, headers: dict[str, str]) -> web.Resp
     return web.json_response(body, status=status, headers=headers)
 
 
+def anthropic_error(status: int, message: str, headers: dict[str, str]) -> web.Response:
+    body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def dumps(document: Any) -> str:
+    return json.dumps(document, ensure_ascii=False)
+
+
+def content_text(content: Any) -> str | None:
+    """A message's text: a string, or its text parts joined by newlines; None when it has neither."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content
+                         if isinstance(p, dict) and p.get("type", "text") in TEXT_PART_TYPES)
+    return None
+
+
 def last_user_text(document: dict[str, Any]) -> str:
-    """The text the reply quotes: the last user message (string or text parts), or the prompt."""
+    """The text the reply quotes: the last user message (string or text parts) of ``messages`` (chat,
+    Messages) or ``input`` (Responses), or the prompt."""
     if "prompt" in document:
         prompt = document["prompt"]
         return prompt if isinstance(prompt, str) else "\n".join(p for p in prompt or [] if isinstance(p, str))
-    for message in reversed(document.get("messages") or []):
-        if not isinstance(message, dict) or message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            return content
-        if isinstance(content, list):
-            return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+    items = document.get("messages")
+    if items is None:
+        items = document.get("input")
+        if isinstance(items, str):
+            return items
+    for message in reversed(items if isinstance(items, list) else []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            text = content_text(message.get("content"))
+            if text is not None:
+                return text
     return ""
 
 
-def completion(name: str, document: dict[str, Any], chat: bool) -> dict[str, Any]:
+def chunk_chars(request: web.Request) -> int | None:
+    """``x-mock-chunk-chars`` as an integer >= 1, or None without the header."""
+    raw = request.headers.get(CHUNK_CHARS_HEADER)
+    if raw is None:
+        return None
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise BadRequest(f"{CHUNK_CHARS_HEADER} must be an integer >= 1, not {raw!r}")
+    return size
+
+
+def pieces(text: str, size: int | None) -> list[str]:
+    """`text` in pieces of `size` characters (one piece without a size, or for an empty text)."""
+    if size is None or not text:
+        return [text]
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def usage(quoted: str, reply: str) -> dict[str, int]:
+    return {"prompt_tokens": len(quoted.split()), "completion_tokens": len(reply.split()),
+            "total_tokens": len(quoted.split()) + len(reply.split())}
+
+
+def completion(name: str, document: dict[str, Any], chat: bool, tool: str | None = None) -> dict[str, Any]:
     quoted = last_user_text(document)
     reply = f"[{name}] received: {quoted}"
-    usage = {"prompt_tokens": len(quoted.split()), "completion_tokens": len(reply.split()),
-             "total_tokens": len(quoted.split()) + len(reply.split())}
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
+        message: dict[str, Any] = {"role": "assistant", "content": reply}
+        finish = "stop"
+        if tool is not None:
+            message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+                                      "function": {"name": tool, "arguments": dumps({"text": quoted})}}]
+            finish = "tool_calls"
+        choice = {"index": 0, "message": message, "finish_reason": finish}
         kind = "chat.completion"
     else:
         choice = {"index": 0, "text": reply, "finish_reason": "stop", "logprobs": None}
         kind = "text_completion"
     return {"id": f"mock-{uuid.uuid4().hex[:12]}", "object": kind, "created": int(time.time()),
-            "model": name, "choices": [choice], "usage": usage}
+            "model": name, "choices": [choice], "usage": usage(quoted, reply)}
 
 
-async def stream_completion(request: web.Request, response_body: dict[str, Any],
-                            headers: dict[str, str]) -> web.StreamResponse:
-    """The same reply as server-sent events: one role chunk, one content chunk, then [DONE]."""
-    response = web.StreamResponse(headers={**headers, "content-type": "text/event-stream"})
+def responses_answer(name: str, document: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI Responses API answer: one assistant message with one output_text."""
+    quoted = last_user_text(document)
+    reply = f"[{name}] received: {quoted}"
+    message = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:12]}", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": reply, "annotations": []}]}
+    return {"id": f"resp_{uuid.uuid4().hex[:12]}", "object": "response", "created_at": int(time.time()),
+            "status": "completed", "model": name, "output": [message],
+            "usage": {"input_tokens": len(quoted.split()), "output_tokens": len(reply.split()),
+                      "total_tokens": len(quoted.split()) + len(reply.split())}}
+
+
+def messages_answer(name: str, document: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic Messages answer: one text block."""
+    quoted = last_user_text(document)
+    reply = f"[{name}] received: {quoted}"
+    return {"id": f"msg_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant", "model": name,
+            "content": [{"type": "text", "text": reply}], "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": len(quoted.split()), "output_tokens": len(reply.split())}}
+
+
+def chat_events(answer: dict[str, Any], size: int | None) -> Iterable[str]:
+    """A chat completion as chunks: role, content pieces, then each tool call (its name, then its arguments in
+    pieces), then the finish."""
+    base = {k: answer[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    choice = answer["choices"][0]
+    message = choice["message"]
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        return "data: " + dumps(base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    yield chunk({"role": "assistant"})
+    for piece in pieces(message["content"], size):
+        yield chunk({"content": piece})
+    for i, call in enumerate(message.get("tool_calls") or []):
+        function = call["function"]
+        yield chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                     "function": {"name": function["name"], "arguments": ""}}]})
+        for piece in pieces(function["arguments"], size):
+            yield chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+    yield chunk({}, choice["finish_reason"])
+    yield "data: [DONE]"
+
+
+def named(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {dumps({'type': kind, **data})}"
+
+
+def responses_events(answer: dict[str, Any], size: int | None) -> Iterable[str]:
+    """A Responses API answer as its named events (one output_text)."""
+    message = answer["output"][0]
+    text = message["content"][0]["text"]
+    seq = iter(range(1_000_000))
+    at = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+    yield named("response.created", {"sequence_number": next(seq),
+                                     "response": answer | {"status": "in_progress", "output": [],
+                                                                          "usage": None}})
+    for piece in pieces(text, size):
+        yield named("response.output_text.delta", {"sequence_number": next(seq), **at, "delta": piece})
+    yield named("response.output_text.done", {"sequence_number": next(seq), **at, "text": text})
+    yield named("response.completed", {"sequence_number": next(seq), "response": answer})
+
+
+def messages_events(answer: dict[str, Any], size: int | None) -> Iterable[str]:
+    """An Anthropic Messages answer as its named events (one text block)."""
+    text = answer["content"][0]["text"]
+    start = answer | {"content": [], "stop_reason": None, "usage": answer["usage"] | {"output_tokens": 0}}
+    yield named("message_start", {"message": start})
+    yield named("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+    for piece in pieces(text, size):
+        yield named("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}})
+    yield named("content_block_stop", {"index": 0})
+    yield named("message_delta", {"delta": {"stop_reason": answer["stop_reason"], "stop_sequence": None},
+                                  "usage": {"output_tokens": answer["usage"]["output_tokens"]}})
+    yield named("message_stop", {})
+
+
+async def stream_events(request: web.Request, events: Iterable[str], headers: dict[str, str]) -> web.StreamResponse:
+    """Server-sent events, each written (and drained) on its own."""
+    response = web.StreamResponse(headers={**headers, "content-type": "text/event-stream",
+                                           "cache-control": "no-cache"})
     await response.prepare(request)
-    base = {k: response_body[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
-    content = response_body["choices"][0]["message"]["content"]
-    for delta, finish in (({"role": "assistant"}, None), ({"content": content}, None), ({}, "stop")):
-        chunk = base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
-    await response.write(b"data: [DONE]\n\n")
+    for event in events:
+        await response.write(f"{event}\n\n".encode())
     await response.write_eof()
     return response
 
@@ -130,25 +279,42 @@ def make_app(name: str) -> web.Application:
         app[RECEIVED_KEY].append(received_record(request, body))
         return body
 
-    async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    async def generate(request: web.Request, kind: str) -> web.StreamResponse:
         body = await record(request)
         headers = echo_headers(request, name)
+        error = anthropic_error if kind == "messages" else openai_error
         try:
             document = json.loads(body)
         except (UnicodeDecodeError, ValueError):
-            return openai_error(400, "the body is not valid JSON", headers)
+            return error(400, "the body is not valid JSON", headers)
         if not isinstance(document, dict):
-            return openai_error(400, "the body must be a JSON object", headers)
-        response_body = completion(name, document, chat)
-        if chat and document.get("stream") is True:
-            return await stream_completion(request, response_body, headers)
-        return web.json_response(response_body, headers=headers, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+            return error(400, "the body must be a JSON object", headers)
+        try:
+            size = chunk_chars(request)
+        except BadRequest as e:
+            return error(400, str(e), headers)
+        if kind == "responses":
+            answer, events = responses_answer(name, document), responses_events
+        elif kind == "messages":
+            answer, events = messages_answer(name, document), messages_events
+        else:
+            answer = completion(name, document, kind == "chat", request.headers.get(TOOL_CALL_HEADER) or None)
+            events = chat_events if kind == "chat" else None
+        if events is not None and document.get("stream") is True:
+            return await stream_events(request, events(answer, size), headers)
+        return web.json_response(answer, headers=headers, dumps=dumps)
 
     async def chat_completions(request: web.Request) -> web.StreamResponse:
-        return await generate(request, chat=True)
+        return await generate(request, "chat")
 
     async def completions(request: web.Request) -> web.StreamResponse:
-        return await generate(request, chat=False)
+        return await generate(request, "completions")
+
+    async def responses(request: web.Request) -> web.StreamResponse:
+        return await generate(request, "responses")
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        return await generate(request, "messages")
 
     async def models(request: web.Request) -> web.Response:
         await record(request)
@@ -168,6 +334,8 @@ def make_app(name: str) -> web.Application:
 
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/messages", messages)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/_received", list_received)
     app.router.add_delete("/_received", clear_received)

@@ -1,0 +1,124 @@
+"""What pseudonymization costs: placeholders in the request, the values restored in the answer.
+
+1. The restoring itself (no network): microseconds per server-sent event of a streamed answer and per JSON
+   answer, in the sidecar's own code (`sidecar.pseudonyms`).
+2. Through the real Envoy with the bundled models: the same requests with every policy on ``mask`` and on
+   ``pseudonymize``: requests/s and latency at a few clients, for JSON answers and for streamed answers of
+   many small events (where each event crosses the sidecar once more), and from the streamed runs the time
+   added per event.
+
+    .venv/bin/python bench/pseudonymize.py [--requests 200] [--clients 8] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import RESULTS, machine, write_json  # noqa: E402
+from sidecar.demo.stack import ROUTER_CONFIG, Stack  # noqa: E402
+from sidecar.pseudonyms import Pseudonyms, StreamRestorer, restore_body  # noqa: E402
+
+CHAT = "/v1/chat/completions"
+TEXT = ("Please tell Dana Whitfield (dana.whitfield@example.org, +1 415-555-0142) how photosynthesis turns light "
+        "into chemical energy, and copy marco.rossi@example.net.")
+CHUNK_CHARS = 4
+
+
+def micro(rounds: int = 2000) -> dict:
+    """The sidecar's restoring cost alone, on an answer of about 200 tokens with three placeholders."""
+    p = Pseudonyms()
+    names = [p.placeholder("PERSON", "Dana Whitfield"), p.placeholder("EMAIL_ADDRESS", "dana.whitfield@example.org"),
+             p.placeholder("PHONE_NUMBER", "+1 415-555-0142")]
+    reply = (f"Dear {names[0]}, here is the answer you asked for. " * 8 + f"Write to {names[1]} or call {names[2]}. ") * 3
+    events = [json.dumps({"choices": [{"index": 0, "delta": {"content": reply[i:i + CHUNK_CHARS]}}]})
+              for i in range(0, len(reply), CHUNK_CHARS)]
+    stream = [f"data: {e}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
+    started = time.perf_counter()
+    for _ in range(max(rounds // 50, 5)):
+        r = StreamRestorer(p)
+        for chunk in stream:
+            r.feed(chunk)
+        r.finish()
+    per_event_us = (time.perf_counter() - started) / (max(rounds // 50, 5) * len(stream)) * 1e6
+    body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}).encode()
+    started = time.perf_counter()
+    for _ in range(rounds):
+        restore_body(body, p)
+    per_json_us = (time.perf_counter() - started) / rounds * 1e6
+    return {"answer_chars": len(reply), "events": len(stream), "placeholders": 3,
+            "us_per_sse_event": round(per_event_us, 1), "us_per_json_answer": round(per_json_us, 1),
+            "json_answer_bytes": len(body)}
+
+
+def call(url: str, stream: bool) -> tuple[int, float, bytes]:
+    body = json.dumps({"model": "auto", "stream": stream,
+                       "messages": [{"role": "user", "content": TEXT}]}).encode()
+    headers = {"content-type": "application/json", "x-mock-chunk-chars": str(CHUNK_CHARS)}
+    request = urllib.request.Request(url + CHAT, data=body, method="POST", headers=headers)
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=60) as response:
+        data = response.read()
+        return response.status, time.perf_counter() - started, data
+
+
+def load(stack: Stack, stream: bool, requests: int, clients: int) -> dict:
+    """`requests` requests from `clients` threads; every answer must be 200 and free of placeholders when
+    pseudonymizing (the values came back) or of the planted email when masking."""
+    for _ in range(3):
+        call(stack.url, stream)  # warm up
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda _: call(stack.url, stream), range(requests)))
+    wall = time.perf_counter() - started
+    latencies = sorted(r[1] * 1000 for r in results)
+    return {"requests": requests, "clients": clients, "ok": sum(r[0] == 200 for r in results),
+            "requests_per_s": round(requests / wall, 1), "p50_ms": round(statistics.median(latencies), 2),
+            "p95_ms": round(latencies[int(len(latencies) * 0.95) - 1], 2),
+            "answers_with_values": sum(b"dana.whitfield@example.org" in r[2] for r in results)}
+
+
+def policy_overrides(action: str) -> dict:
+    policies = (yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8")) or {}).get("pii", {}).get("policies") or {}
+    return {"pii": {"default_policy": {"action": action}, "policies": {n: {"action": action} for n in policies}}}
+
+
+def through_envoy(requests: int, clients: int) -> dict:
+    out: dict = {}
+    with Stack(router_overrides=policy_overrides("mask")) as stack:
+        for action in ("mask", "pseudonymize"):
+            stack.reload_sidecar(policy_overrides(action))
+            out[action] = {"json": load(stack, False, requests, clients),
+                           "stream": load(stack, True, requests, clients)}
+        events = call(stack.url, True)[2].count(b"data:")  # the mock quotes the text back in 4-char deltas
+    added = out["pseudonymize"]["stream"]["p50_ms"] - out["mask"]["stream"]["p50_ms"]
+    out["stream_events_per_answer"] = events
+    out["added_ms_per_sse_event_p50"] = round(added / events, 3)
+    out["added_ms_per_json_answer_p50"] = round(out["pseudonymize"]["json"]["p50_ms"] - out["mask"]["json"]["p50_ms"], 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS / "pseudonymize.json")
+    args = parser.parse_args(argv)
+    result = {"machine": machine(), "restoring": micro(), "through_envoy": through_envoy(args.requests, args.clients)}
+    write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
