@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_contract.eval_results import read_results
+from model_contract.tasks import CATEGORY, PII, Task, UnknownTask, get_task, task_for_architecture, task_names
 
-TASK_CATEGORY = "category"
-TASK_PII = "pii"
-TASKS = (TASK_CATEGORY, TASK_PII)
+TASK_CATEGORY = CATEGORY.name
+TASK_PII = PII.name
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -19,12 +19,6 @@ WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
 CARD_FILE = "README.md"
-
-_ARCHITECTURE_TASKS = {
-    "ForSequenceClassification": TASK_CATEGORY,
-    "ForTokenClassification": TASK_PII,
-}
-
 
 class ModelDirError(ValueError):
     """A model directory is missing, incomplete or inconsistent; the message names the file."""
@@ -40,6 +34,11 @@ class ModelDir:
     pad_token_id: int
     max_position_embeddings: int
     config: dict
+
+    @property
+    def spec(self) -> Task:
+        """The task's definition (head, windows, decoding)."""
+        return get_task(self.task)
 
     @property
     def labels(self) -> list[str]:
@@ -91,10 +90,15 @@ class ModelDir:
         if not (path / TOKENIZER_FILE).is_file():
             raise ModelDirError(f"{path}: no {TOKENIZER_FILE}; the sidecar needs a fast tokenizer")
 
-        task = config.get("sidecar_task") or _task_from_architectures(config.get("architectures") or [])
-        if task not in TASKS:
+        found = task_for_architecture(config.get("architectures") or [])
+        task = config.get("sidecar_task") or (found.name if found else None)
+        try:
+            spec = get_task(task) if isinstance(task, str) else None
+        except UnknownTask:
+            spec = None
+        if spec is None:
             raise ModelDirError(
-                f"{config_path}: cannot tell the task; set 'sidecar_task' to one of {', '.join(TASKS)}"
+                f"{config_path}: cannot tell the task; set 'sidecar_task' to one of {', '.join(task_names())}"
             )
         if expect_task and task != expect_task:
             raise ModelDirError(f"{path}: is a '{task}' model, expected a '{expect_task}' model")
@@ -106,8 +110,9 @@ class ModelDir:
             raise ModelDirError(f"{config_path}: id2label keys must be integers") from e
         if not id2label or sorted(id2label) != list(range(len(id2label))):
             raise ModelDirError(f"{config_path}: id2label must map 0..N-1 to label names")
-        if task == TASK_PII and "O" not in id2label.values():
-            raise ModelDirError(f"{config_path}: a pii model needs an 'O' label among its BIO tags")
+        problem = spec.label_problem(list(id2label.values()))
+        if problem:
+            raise ModelDirError(f"{config_path}: {problem}")
 
         weights = [path / WEIGHTS_FILE, path / "pytorch_model.bin", path / ONNX_FILE, path / ONNX_INT8_FILE]
         if not any(p.is_file() for p in weights):
@@ -129,14 +134,6 @@ class ModelDir:
             max_position_embeddings=int(config.get("max_position_embeddings") or 512),
             config=config,
         )
-
-
-def _task_from_architectures(architectures: list[str]) -> str | None:
-    for arch in architectures:
-        for suffix, task in _ARCHITECTURE_TASKS.items():
-            if arch.endswith(suffix):
-                return task
-    return None
 
 
 def resolve(path_or_id: str | os.PathLike) -> Path:

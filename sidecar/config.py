@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from model_contract.tasks import get_task
 from sidecar.errors import ConfigError
 from sidecar.operators import OperatorConfig, Replace
 from sidecar.pseudonyms import DEFAULT_FORMAT, check_format
@@ -84,10 +85,28 @@ class ModelConfig(_Section):
 
 
 class ModelsConfig(_Section):
+    """Task name -> model settings. ``category`` and ``pii`` are the ones the decisions use; any other
+    registered task (`model_contract.tasks`) may be loaded too, for code that asks the engine for it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
     category: ModelConfig | None = None
     """Subject classifier; without it every request goes to routing.default_model."""
     pii: ModelConfig | None = None
     """PII token classifier; without it only checksum recognizers find PII."""
+
+    @model_validator(mode="after")
+    def _registered_tasks(self) -> ModelsConfig:
+        for name, value in (self.model_extra or {}).items():
+            get_task(name)  # UnknownTask (a ValueError): the key names no task
+            if value is not None and not isinstance(value, ModelConfig):
+                self.model_extra[name] = ModelConfig.model_validate(value)
+        return self
+
+    def configured(self) -> dict[str, ModelConfig]:
+        """Every task with a model, by name, category and pii first."""
+        tasks = {"category": self.category, "pii": self.pii, **(self.model_extra or {})}
+        return {name: config for name, config in tasks.items() if config is not None}
 
 
 class BatchingConfig(_Section):

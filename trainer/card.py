@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from model_contract.tasks import UnknownTask, get_task
+
 CARD_FILE = "README.md"
 _EXPORT_KEYS = ("onnx_max_abs_diff", "onnx_argmax_agreement", "onnx_bytes",
                 "int8_max_abs_diff", "int8_argmax_agreement", "int8_bytes")
@@ -37,6 +39,23 @@ _LIMITS = {
 }
 
 
+def _head(task: str) -> str:
+    try:
+        return get_task(task).head
+    except UnknownTask:
+        return "sequence"
+
+
+def _purpose(task: str) -> str:
+    """The bundled tasks' own words; a registered task's description otherwise."""
+    if task in _PURPOSE:
+        return _PURPOSE[task]
+    try:
+        return get_task(task).description
+    except UnknownTask:
+        return ""
+
+
 def render_card(results: dict[str, Any]) -> str:
     task = results.get("task", "category")
     lines = [*_front(results, task), *_training(results), *_metrics(results, task), *_export(results),
@@ -52,9 +71,9 @@ def _front(results: dict[str, Any], task: str) -> list[str]:
     windows = f", {data['train_windows']} windows" if "train_windows" in data else ""
     return [
         "---", "library_name: transformers",
-        f"pipeline_tag: {'text-classification' if task == 'category' else 'token-classification'}",
+        f"pipeline_tag: {'text-classification' if _head(task) == 'sequence' else 'token-classification'}",
         f"base_model: {results.get('base_model', 'unknown')}", "tags: [modernbert, semantic-sidecar]", "---", "",
-        f"# semantic-sidecar {task} model", "", _PURPOSE.get(task, ""), "", "## Data", "",
+        f"# semantic-sidecar {task} model", "", _purpose(task), "", "## Data", "",
         f"- Training data: {', '.join(data.get('train', [])) or 'unknown'} "
         f"({data.get('train_examples', '?')} examples{windows})",
         f"- Validation data: {_validation(data)} ({data.get('validation_examples', '?')} examples)",
@@ -81,12 +100,13 @@ def _training(results: dict[str, Any]) -> list[str]:
 def _metrics(results: dict[str, Any], task: str) -> list[str]:
     lines = ["## Validation metrics", "", "| metric | value |", "|---|---|",
              *(f"| {k} | {v:.4f} |" for k, v in results.get("metrics", {}).items()), ""]
-    if task == "pii":
+    token = _head(task) == "token"
+    if token:
         lines += ["Token metrics are weighted over entity tags (`O` excluded); `entity_*` are seqeval "
                   "entity-level scores (a span counts only when type and boundaries both match).", ""]
     table = results.get("per_class") or results.get("per_type")
     if table:
-        lines += [f"| {'class' if task == 'category' else 'entity type'} | precision | recall | f1 | support |",
+        lines += [f"| {'entity type' if token else 'class'} | precision | recall | f1 | support |",
                   "|---|---|---|---|---|",
                   *(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
                     for name, r in table.items()), ""]
@@ -106,7 +126,8 @@ def _yardsticks(results: dict[str, Any]) -> list[str]:
     """What a build recipe adds to eval_results.json (models/build.py): scores as served on held-out sets,
     the baselines beside them, and notes on any shortfall."""
     served = results.get("served") or {}
-    lines = _served_category(served, results) if results.get("task") == "category" else _served_pii(served, results)
+    sequence = _head(results.get("task", "category")) == "sequence"
+    lines = _served_category(served, results) if sequence else _served_pii(served, results)
     notes = results.get("notes")
     if notes:
         lines += ["## How far it is from its targets", "", *(f"- {n}" for n in notes), ""]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from model_contract.tasks import get_task, task_names
 from trainer.pretrain import PretrainSettings
 from trainer.settings import TrainingOverrides
 
@@ -208,13 +209,13 @@ def run_pretrain(ns: argparse.Namespace) -> int:
     return 0
 
 
-def run_training(task: Literal["category", "pii"], ns: argparse.Namespace) -> int:
+def run_training(task: str, ns: argparse.Namespace) -> int:
     from trainer.data import load_task_data
     from trainer.settings import apply_overrides, settings_for
     from trainer.train import RunOptions, train
 
     model_args = build(ModelArguments, ns)
-    data_args = build(CategoryDataArguments if task == "category" else PiiDataArguments, ns)
+    data_args = build(_data_arguments(task), ns)
     overrides = build(TrainingOverrides, ns)
     seed = overrides.seed if overrides.seed is not None else 42
     data = load_task_data(
@@ -322,10 +323,6 @@ COMMANDS: dict[str, tuple[str, list[type], Callable[[argparse.Namespace], int]]]
     "base": ("an untrained ModernBERT with a byte-level BPE tokenizer trained on your text", [BaseArguments], run_base),
     "pretrain": ("continued masked-LM pretraining on your text (masking probability 0.3)",
                  [PretrainArguments, PretrainSettings], run_pretrain),
-    "category": ("fine-tune a sequence classifier (text + label)",
-                 [ModelArguments, CategoryDataArguments, TrainingOverrides], lambda ns: run_training("category", ns)),
-    "pii": ("fine-tune a BIO token classifier (text + character spans, or Presidio's format)",
-            [ModelArguments, PiiDataArguments, TrainingOverrides], lambda ns: run_training("pii", ns)),
     "synth-pii": ("write synthetic PII text with exact spans (JSONL)", [SynthArguments], run_synth),
     "evaluate": ("metrics of a model directory as the sidecar serves it (runtime, windows, recognizers, PII policy) "
                  "on a labelled file", [EvaluateArguments], run_evaluate),
@@ -333,12 +330,28 @@ COMMANDS: dict[str, tuple[str, list[type], Callable[[argparse.Namespace], int]]]
 }
 
 
+def _data_arguments(task: str) -> type:
+    """A sequence task reads text + label; a token task text + character spans (or Presidio's format)."""
+    return CategoryDataArguments if get_task(task).head == "sequence" else PiiDataArguments
+
+
+def task_commands() -> dict[str, tuple[str, list[type], Callable[[argparse.Namespace], int]]]:
+    """One fine-tuning command per registered task (`model_contract.tasks`), built when the parser is."""
+    heads = {"sequence": "fine-tune a sequence classifier (text + label)",
+             "token": "fine-tune a BIO token classifier (text + character spans, or Presidio's format)"}
+    return {name: (f"{heads[get_task(name).head]}: {get_task(name).description}",
+                   [ModelArguments, _data_arguments(name), TrainingOverrides],
+                   lambda ns, task=name: run_training(task, ns)) for name in task_names()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainer", description="Build, pretrain, fine-tune, evaluate and export the sidecar's ModernBERT classifiers."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, classes, handler) in COMMANDS.items():
+    first, rest = list(COMMANDS.items())[:2], list(COMMANDS.items())[2:]  # base, pretrain, the tasks, the rest
+    commands = dict(first) | task_commands() | dict(rest)
+    for name, (help_text, classes, handler) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         for cls in classes:
             add_arguments(p.add_argument_group((cls.__doc__ or cls.__name__).splitlines()[0].rstrip(".")), cls)

@@ -21,10 +21,11 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
+from model_contract.tasks import get_task
 from trainer.settings import UsageError
 
 log = structlog.get_logger(__name__)
@@ -74,7 +75,8 @@ class SpanExample:
 
 
 Example = TextExample | SpanExample
-Task = Literal["category", "pii"]
+Task = str
+"""A registered task's name (`model_contract.tasks`): its head says how its data is read."""
 
 
 @dataclass(frozen=True)
@@ -393,15 +395,17 @@ def load_task_data(
 ) -> TaskData:
     """Load, check and split everything a training run needs, before any model is touched."""
 
+    sequence = get_task(task).head == "sequence"
+
     def load(source: str, split_name: str) -> list[Any]:
-        if task == "category":
+        if sequence:
             return load_category(source, text_column, label_column, split_name)
         return load_spans(source, split_name)
 
     train_rows = sample([e for s in train for e in load(s, split)], max_train_samples, seed)
     # Labels come from all training rows, before any split: a rare class that lands only in the held-out
     # part still gets its output, and only a separate validation file can hold an unknown label.
-    if task == "category":
+    if sequence:
         labels = category_labels(train_rows)
         if len(labels) < 2:
             raise DataError(", ".join(train), None, f"only one label ({labels[0]}); a classifier needs at least two")
@@ -420,7 +424,7 @@ def load_task_data(
         if not 0 < validation_fraction < 1:
             raise UsageError("--validation-fraction must be between 0 and 1")
         train_rows, val_rows, validation_from = split_validation(
-            train_rows, validation_fraction, seed, stratify=task == "category"
+            train_rows, validation_fraction, seed, stratify=sequence
         )
     val_rows = sample(val_rows, max_validation_samples, seed, "validation")
     return TaskData(

@@ -40,11 +40,11 @@ from model_contract.model_dir import (
     CONFIG_FILE,
     ONNX_FILE,
     ONNX_INT8_FILE,
-    TASK_CATEGORY,
     TOKENIZER_FILE,
     ModelDir,
     resolve,
 )
+from model_contract.tasks import get_task
 from trainer.run_steps import BaseModelError
 from trainer.train import SPECIAL_TOKEN_IDS, missing_special_token_ids
 
@@ -149,7 +149,7 @@ def check_parity(onnx_path: str | os.PathLike, inputs: ParityInputs, expected: l
                               f"({_one_line(e)})") from e
         if got.shape != want.shape:
             raise ExportError(f"{onnx_path}: logits have shape {list(got.shape)}, PyTorch gives {list(want.shape)}")
-        if task != TASK_CATEGORY:  # token logits: padding positions are never read
+        if get_task(task).head == "token":  # token logits: padding positions are never read
             real = mask.astype(bool)
             want, got = want[real], got[real]
         diff = float(np.abs(want.astype(np.float64) - got).max())
@@ -310,7 +310,7 @@ def _load_model(model_dir: ModelDir):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    auto = AutoModelForSequenceClassification if model_dir.task == TASK_CATEGORY else AutoModelForTokenClassification
+    auto = AutoModelForSequenceClassification if model_dir.spec.head == "sequence" else AutoModelForTokenClassification
     try:
         model = auto.from_pretrained(model_dir.path, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32)
     except Exception as e:  # transformers raises OSError, ValueError, RuntimeError, ...

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from model_contract.eval_results import write_results
+from model_contract.tasks import get_task
 from trainer.data import TaskData
 from trainer.evaluate import category_metrics, evaluate_category, evaluate_pii, pii_metrics, tags_from_ids
 from trainer.preprocess import encode_category, encode_pii
@@ -73,7 +74,7 @@ def load_base(base_model: str, task: str, labels: list[str]):
         AutoTokenizer,
     )
 
-    model_cls = AutoModelForSequenceClassification if task == "category" else AutoModelForTokenClassification
+    model_cls = AutoModelForSequenceClassification if get_task(task).head == "sequence" else AutoModelForTokenClassification
     tokenizer = load_pretrained(base_model, AutoTokenizer.from_pretrained)
     model = load_pretrained(base_model, lambda name: model_cls.from_pretrained(
         name, num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -211,7 +212,7 @@ def task_inputs(data: TaskData, tokenizer, max_length: int, stride: int, pad_mul
 
     label2id = {label: i for i, label in enumerate(data.labels)}
     sizes = {"train_examples": len(data.train), "validation_examples": len(data.validation)}
-    if data.task == "category":
+    if get_task(data.task).head == "sequence":
         def encode(rows):
             return datasets.Dataset.from_dict(encode_category(tokenizer, rows, label2id, max_length))
 
@@ -237,7 +238,7 @@ def save_best(model, tokenizer, output: Path, task: str, max_length: int, base_m
 
 def final_report(model, tokenizer, data: TaskData, max_length: int, stride: int, batch_size: int) -> dict[str, Any]:
     """The best model's validation metrics (per class or per entity type)."""
-    if data.task == "category":
+    if get_task(data.task).head == "sequence":
         report = evaluate_category(model, tokenizer, data.validation, max_length, batch_size)
     else:
         report = evaluate_pii(model, tokenizer, data.validation, max_length, stride, batch_size)
@@ -259,7 +260,7 @@ def run_record(data: TaskData, settings: TrainingSettings, options: RunOptions, 
         "data": {"train": data.train_sources, "validation": data.validation_sources,
                  "validation_from": data.validation_from, **sizes},
         "settings": {**dataclasses.asdict(settings), "max_length": max_length,
-                     **({"stride": options.stride} if data.task == "pii" else {}), "best_model_metric": BEST_METRIC},
+                     **({"stride": options.stride} if get_task(data.task).head == "token" else {}), "best_model_metric": BEST_METRIC},
         "hardware": dataclasses.asdict(hw),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__},

@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import structlog
 
-from model_contract.model_dir import ONNX_FILE, ONNX_INT8_FILE, TASK_CATEGORY, WEIGHTS_FILE, ModelDir
+from model_contract.model_dir import ONNX_FILE, ONNX_INT8_FILE, WEIGHTS_FILE, ModelDir
 from sidecar.config import ModelConfig
 from sidecar.errors import InferenceCancelled, ModelLoadError
 
@@ -231,7 +231,7 @@ class TorchBackend:
 
         if threads > 0:
             torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
-        auto = AutoModelForSequenceClassification if model_dir.task == TASK_CATEGORY else AutoModelForTokenClassification
+        auto = AutoModelForSequenceClassification if model_dir.spec.head == "sequence" else AutoModelForTokenClassification
         cuda = cuda and torch.cuda.is_available()
         self._device = torch.device("cuda" if cuda else "cpu")
         try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from model_contract.model_dir import TASK_CATEGORY, TASK_PII, ModelDir, ModelDirError
+from model_contract.model_dir import ModelDir, ModelDirError
 from sidecar.checksums import find_checksum_spans, find_checksum_spans_each, reconcile
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.errors import InferenceCancelled, ModelLoadError
@@ -150,7 +150,7 @@ class _Model:
         self.backend = loaded.backend
         self.labels = loaded.model_dir.labels
         try:
-            self.scheme = BioScheme.from_labels(self.labels) if loaded.model_dir.task == TASK_PII else None
+            self.scheme = BioScheme.from_labels(self.labels) if loaded.model_dir.spec.head == "token" else None
             stride = loaded.config.stride if self.scheme is not None else 0  # a category model reads one window
             self.encoder = TextEncoder.for_model(loaded.model_dir, loaded.config.max_length, stride)
         except ModelLoadError as e:
@@ -197,8 +197,10 @@ class Engine:
         checksums: bool = True,
         on_batch: OnBatch | None = None,
         on_shed: OnShed | None = None,
+        others: dict[str, LoadedModel] | None = None,
     ):
         batching = batching or BatchingConfig()
+        self._others: dict[str, _Model] = {}
         self.checksums = checksums
         self._step_loop: asyncio.AbstractEventLoop | None = None  # the loop whose current step has used
         self._step_chars = 0  # this many characters of on-loop work
@@ -209,6 +211,8 @@ class Engine:
         self._pii_decode = StepGroup(self._decode_pii, self._on_loop, size=lambda job: len(job[0]))
         try:
             self._pii = _Model("pii", pii, batching, on_batch, self._on_loop, on_shed) if pii else None
+            for name, loaded in (others or {}).items():
+                self._others[name] = _Model(name, loaded, batching, on_batch, self._on_loop, on_shed)
         except Exception:
             self.close()
             raise
@@ -224,19 +228,17 @@ class Engine:
     ) -> Engine:
         """Read the configured model directories and open a backend for each (see ``open_backend``).
         `on_batch` sees every forward pass, `on_shed` every refused request (see the batcher)."""
-        loaded = {}
-        share = sum(c is not None and (c.device == "cpu" or not ort_cuda_available()) for c in (models.category, models.pii))
-        for name, task in (("category", TASK_CATEGORY), ("pii", TASK_PII)):
-            config: ModelConfig | None = getattr(models, name)
-            if config is None:
-                loaded[name] = None
-                continue
+        configured = models.configured()
+        share = sum(c.device == "cpu" or not ort_cuda_available() for c in configured.values())
+        loaded: dict[str, LoadedModel] = {}
+        for name, config in configured.items():
             try:
-                model_dir = ModelDir.read(config.path, expect_task=task)
+                model_dir = ModelDir.read(config.path, expect_task=name)
             except ModelDirError as e:
                 raise ModelLoadError(f"models.{name}: {e}") from e
             loaded[name] = LoadedModel(model_dir, config, open_backend(model_dir, config, cpu_share=share))
-        engine = cls(loaded["category"], loaded["pii"], batching, checksums, on_batch, on_shed)
+        engine = cls(loaded.pop("category", None), loaded.pop("pii", None), batching, checksums, on_batch, on_shed,
+                     others=loaded)
         try:
             engine.warm_up()
         except ModelLoadError:
@@ -272,12 +274,13 @@ class Engine:
         return {
             "category": self._category.describe() if self._category else None,
             "pii": self._pii.describe() if self._pii else None,
+            **{name: model.describe() for name, model in self._others.items()},
         }
 
     def warm_up(self) -> None:
         """One forward pass per model and session, so that lazy runtime set-up (allocators, kernels, CUDA
         context) happens at load time and not inside the first request's deadline."""
-        for model in (self._category, self._pii):
+        for model in (self._category, self._pii, *self._others.values()):
             if model is None:
                 continue
             started = time.perf_counter()
@@ -385,9 +388,30 @@ class Engine:
             at += len(ws)
         return out
 
+    def predict_many(self, task: str, texts: Sequence[str]) -> list[CategoryResult] | list[PiiResult]:
+        """Any configured task's answers for many texts (offline), decoded as its head says: a label per text
+        (sequence), or the model's spans (token; no checksum recognizers, which belong to PII)."""
+        model = {"category": self._category, "pii": self._pii, **self._others}.get(task)
+        if model is None:
+            raise RuntimeError(f"no {task} model is configured")
+        if not texts:
+            return []
+        if model.scheme is None:
+            return category_results(np.stack(model.batcher.infer_sync(model.encoder.heads_of(texts))), model.labels)
+        encoded = model.encoder.encode_many(texts)
+        windows = [model.encoder.windows(e) for e in encoded]
+        flat = [w.ids for ws in windows for w in ws]
+        logits = model.batcher.infer_sync(flat) if flat else []
+        out, at = [], 0
+        for text, enc, ws in zip(texts, encoded, windows, strict=True):
+            token_logits = merge_windows(len(enc), ws, logits[at:at + len(ws)]) if ws else None
+            out.append(PiiResult(decode_bio(token_logits, enc.offsets, text, model.scheme) if ws else []))
+            at += len(ws)
+        return out
+
     def close(self) -> None:
         """Stop the batcher threads; requests still queued fail with InferenceError. Idempotent."""
-        for model in (self._category, self._pii):
+        for model in (self._category, self._pii, *self._others.values()):
             if model is not None:
                 model.batcher.close()
 
