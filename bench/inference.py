@@ -42,6 +42,7 @@ from bench.common import (
     texts_of_length,
     write_json,
 )
+from model_contract.tasks import get_task  # noqa: E402
 from sidecar.config import ModelConfig
 
 LENGTHS = [16, 32, 64, 128, 256, 512]
@@ -129,7 +130,7 @@ def floor_runner(runtime: str, model_dir: Path, task: str, full_root: Path | Non
 
         if threads > 0:
             torch.set_num_threads(threads)
-        auto = AutoModelForSequenceClassification if task == "category" else AutoModelForTokenClassification
+        auto = AutoModelForSequenceClassification if get_task(task).head == "sequence" else AutoModelForTokenClassification
         dev = torch.device("cuda" if cuda else "cpu")
         model = auto.from_pretrained(weights.parent, dtype=torch.float16 if cuda else torch.float32).to(dev).eval()
 
@@ -354,7 +355,7 @@ def accuracy(model_dir: Path, args: argparse.Namespace) -> dict:
     if weights is not None:
         from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-        auto = AutoModelForSequenceClassification if md.task == "category" else AutoModelForTokenClassification
+        auto = AutoModelForSequenceClassification if md.spec.head == "sequence" else AutoModelForTokenClassification
         out["metrics"]["torch"] = _rounded(score(auto.from_pretrained(weights.parent)))
     m = out["metrics"]
     if "onnx" in m and "onnx-int8" in m:

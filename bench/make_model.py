@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable like u
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import DEFAULT_MODELS, log
+from model_contract.tasks import get_task  # noqa: E402
 
 # Hidden, intermediate, layers, heads: ModernBERT-base and -large as published, and our own two sizes.
 SIZES = {
@@ -66,7 +67,7 @@ def make_model(output: Path, like: Path, size: str, max_positions: int = 512, se
         id2label={int(k): v for k, v in source["id2label"].items()}, label2id=source["label2id"],
     )
     config.sidecar_task = task
-    auto = AutoModelForSequenceClassification if task == "category" else AutoModelForTokenClassification
+    auto = AutoModelForSequenceClassification if get_task(task).head == "sequence" else AutoModelForTokenClassification
     torch.manual_seed(seed)
     model = auto.from_config(config)
     output.mkdir(parents=True, exist_ok=True)
