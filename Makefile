@@ -58,7 +58,7 @@ models: install
 # DEMO_ARGS=--keep-running leaves the gateway up; DEMO_ARGS="--models-dir DIR" uses other models.
 DEMO_ARGS ?=
 demo: install
-	$(PY) -m sidecar.demo $(DEMO_ARGS)
+	$(PY) -m sidecar_demo $(DEMO_ARGS)
 
 # Benchmarks on the bundled models (about 11 minutes on 2 CPU cores): bench/results/*.json, *.png and
 # summary.md, then docs/benchmarks.md's tables. Uses wrk when installed (apt-get install wrk), else

@@ -4,7 +4,7 @@
 (b) - (a) is the protocol's own cost; (c) - (b) is inference, set against the single-request ONNX Runtime
 floor of the same request mix (measured here after the runs).
 
-Every case is the shipped stack (``sidecar.demo.stack``: deploy/envoy.yaml on loopback ports, the sidecar
+Every case is the shipped stack (``sidecar_demo.stack``: deploy/envoy.yaml on loopback ports, the sidecar
 from deploy/router.yaml, one mock backend per cluster), driven by ``wrk`` (closed loop: each connection
 sends its next request when the last answer arrived), or by ``bench/loadgen.py`` in its own process when
 wrk is not installed. The three stacks run side by side and are measured in turns at each concurrency.
@@ -195,7 +195,7 @@ _METRIC = re.compile(r'^(sidecar_[a-z_]+?)(?:\{([^}]*)\})? ([0-9.e+-]+|NaN)$')
 
 def scrape(url: str) -> dict[str, float]:
     """The sidecar's Prometheus counters as ``name{labels}`` -> value."""
-    from sidecar.demo.stack import http
+    from sidecar_demo.stack import http
 
     status, body = http("GET", url + "/metrics")
     out: dict[str, float] = {}
@@ -250,7 +250,7 @@ def upstream_counts(stack) -> dict[str, int]:
 
 
 def stack_for(case: str, args: argparse.Namespace):
-    from sidecar.demo.stack import Stack
+    from sidecar_demo.stack import Stack
 
     common = {"envoy_concurrency": args.envoy_concurrency or None, "envoy_log_level": "error"}
     if case == "direct":
@@ -300,7 +300,7 @@ def run_cases(cases: list[str], args: argparse.Namespace, bodies: list[str], con
     """All cases' stacks up at once, measured in turns at each concurrency: the differences between cases
     are then taken within a minute of each other, not across the drift of a shared machine. An idle stack
     costs next to nothing (health checks every few seconds)."""
-    from sidecar.demo.stack import http
+    from sidecar_demo.stack import http
 
     path = "/v1/chat/completions"
     load = LoadGenerator(args.loadgen, bodies, path, workdir)

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import FALLBACK_CORPUS, RESULTS, machine, write_json  # noqa: E402
-from sidecar.demo.stack import Stack  # noqa: E402
+from sidecar_demo.stack import Stack  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 PLANTED = {"email": "dana.whitfield@example.org", "phone": "+1 415-555-0142", "card": "4111 1111 1111 1111"}

@@ -26,8 +26,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, machine, write_json  # noqa: E402
-from sidecar.demo.stack import ROUTER_CONFIG, Stack  # noqa: E402
 from sidecar.pseudonyms import Pseudonyms, StreamRestorer, restore_body  # noqa: E402
+from sidecar_demo.configs import ROUTER_CONFIG  # noqa: E402
+from sidecar_demo.stack import Stack  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 TEXT = ("Please tell Dana Whitfield (dana.whitfield@example.org, +1 415-555-0142) how photosynthesis turns light "

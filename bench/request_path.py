@@ -59,9 +59,9 @@ class RequestPath:
         from bench.envoy import NO_MODELS
         from sidecar.app import build_app
         from sidecar.config import parse_config
-        from sidecar.demo.stack import ROUTER_CONFIG, merge
         from sidecar.logs import configure_logging
         from sidecar.metrics import Metrics
+        from sidecar_demo.configs import ROUTER_CONFIG, merge
 
         config = parse_config(merge(yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8")), NO_MODELS), ROUTER_CONFIG.parent)
         self._devnull = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the app

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.demo.stack import ROUTER_CONFIG
+from sidecar_demo.configs import ROUTER_CONFIG
 from tests.conftest import make_untrained_model_dir
 from tests.factories import category_rows, write_jsonl
 from tests.inference_fakes import onnx_copy

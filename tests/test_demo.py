@@ -12,20 +12,11 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.demo import __main__ as demo
-from sidecar.demo import stack as stack_module
-from sidecar.demo.mock_backend import make_app
-from sidecar.demo.stack import (
-    ENVOY_CONFIG,
-    REPO_ROOT,
-    MissingEnvoy,
-    MissingModels,
-    Stack,
-    StackError,
-    envoy_layout,
-    local_envoy_config,
-    merge,
-)
+from sidecar_demo import __main__ as demo
+from sidecar_demo import stack as stack_module
+from sidecar_demo.configs import ENVOY_CONFIG, REPO_ROOT, StackError, envoy_layout, local_envoy_config, merge
+from sidecar_demo.mock_backend import make_app
+from sidecar_demo.stack import MissingEnvoy, MissingModels, Stack
 from tests.conftest import PII_LABELS, make_untrained_model_dir
 
 SHIPPED_ENVOY = yaml.safe_load(ENVOY_CONFIG.read_text(encoding="utf-8"))
@@ -302,3 +293,15 @@ def test_demo_shows_each_sample_masks_the_card_and_stops_everything(models_dir, 
     assert not any("4111 1111 1111 1111" in line or "5555 5555 5555 4444" in line for line in received)
     assert "answered by general" in out and "everything stopped" in out
     assert children_of_this_process() == []
+
+
+def test_an_installed_stack_reads_the_shipped_files_from_sidecar_deploy_dir(tmp_path, monkeypatch):
+    from sidecar_demo.configs import StackError, deploy_dir
+
+    monkeypatch.setenv("SIDECAR_DEPLOY_DIR", str(tmp_path))
+    with pytest.raises(StackError, match="no envoy.yaml in .*SIDECAR_DEPLOY_DIR"):
+        deploy_dir()
+    (tmp_path / "envoy.yaml").write_text("static_resources: {}\n")
+    assert deploy_dir() == tmp_path.resolve()
+    monkeypatch.delenv("SIDECAR_DEPLOY_DIR")
+    assert (deploy_dir() / "router.yaml").is_file()  # the checkout's

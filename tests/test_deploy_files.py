@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from sidecar.config import load_config
-from sidecar.demo.stack import envoy_layout, find_envoy
 from sidecar.mutations import OWNED_HEADERS
+from sidecar_demo.configs import envoy_layout
+from sidecar_demo.stack import find_envoy
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 ROUTER = load_config(DEPLOY / "router.yaml")
@@ -139,12 +140,11 @@ def test_compose_services_are_envoys_cluster_hostnames():
 
 def test_each_compose_mock_serves_the_model_of_its_service_name_on_the_clusters_port():
     for backend in LAYOUT.backend_clusters:
-        command = compose_command(backend)
-        assert command[:3] == ["python", "-m", "sidecar.demo.mock_backend"]
+        command = compose_command(backend)  # the mock image's entrypoint runs the mock (Dockerfile.mock)
         assert command[command.index("--model") + 1] == backend
         [address] = endpoints(clusters()[backend])
         assert int(command[command.index("--port") + 1]) == address["port_value"]
-    assert find_spec("sidecar.demo.mock_backend") is not None
+    assert find_spec("sidecar_demo.mock_backend") is not None
 
 
 def test_compose_envoy_depends_on_the_sidecar_and_every_backend():
@@ -331,3 +331,19 @@ def test_the_images_install_the_serving_dependencies_only():
         text = dockerfile.read_text()
         assert "RUN pip install .\n" in text and "[dev]" not in text and "COPY trainer" not in text
         assert "USER 10001" in text and "HEALTHCHECK" in text
+
+
+def test_the_compose_mocks_run_from_their_own_image_with_nothing_of_the_project_but_the_mock():
+    """The serving image has no aiohttp and no demo code; the mock image copies the one file it runs, so
+    that file may import the standard library and aiohttp only."""
+    import ast
+    import sys
+
+    mock = COMPOSE["x-mock"]
+    assert mock["build"]["dockerfile"] == "deploy/Dockerfile.mock"
+    dockerfile = (DEPLOY / "Dockerfile.mock").read_text()
+    assert "COPY sidecar_demo/mock_backend.py" in dockerfile and "USER 10001" in dockerfile
+    source = (DEPLOY.parent / "sidecar_demo" / "mock_backend.py").read_text()
+    roots = {(n.module or "").split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
+    roots |= {a.name.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
+    assert roots - {"__future__", "aiohttp"} <= set(sys.stdlib_module_names)

@@ -29,8 +29,9 @@ import pytest
 import yaml
 
 from sidecar.checksums import find_checksum_spans
-from sidecar.demo.stack import ROUTER_CONFIG, Received, Stack
 from sidecar.mutations import OWNED_HEADERS
+from sidecar_demo.configs import ROUTER_CONFIG
+from sidecar_demo.stack import Received, Stack
 from tests.conftest import PII_LABELS, make_untrained_model_dir
 from tests.factories import gb_iban, luhn_card
 

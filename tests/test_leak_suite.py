@@ -45,7 +45,7 @@ import pytest
 import yarl
 
 from sidecar.body import decode_text
-from sidecar.demo.stack import DEPLOY_DIR, Received, Stack
+from sidecar_demo.stack import DEPLOY_DIR, Received, Stack
 from tests.factories import gb_iban, luhn_card
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(300)]

@@ -140,7 +140,7 @@ def test_chars_to_mask_and_chars_to_keep_exclude_each_other():
                                   "4111111111111111111", "378282246310005"])
 def test_the_shipped_card_operator_shows_at_most_the_last_four_digits(card):
     from sidecar.config import load_config
-    from sidecar.demo.stack import ROUTER_CONFIG
+    from sidecar_demo.configs import ROUTER_CONFIG
 
     config = load_config(ROUTER_CONFIG)
     for policy in (config.pii.default_policy, *config.pii.policies.values()):

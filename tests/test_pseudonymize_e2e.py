@@ -25,7 +25,8 @@ import aiohttp
 import pytest
 import yaml
 
-from sidecar.demo.stack import ROUTER_CONFIG, Received, Stack
+from sidecar_demo.configs import ROUTER_CONFIG
+from sidecar_demo.stack import Received, Stack
 from tests.conftest import PII_LABELS, make_untrained_model_dir
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(300)]

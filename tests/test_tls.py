@@ -162,7 +162,7 @@ def test_through_envoy_the_mutual_tls_pair_masks_requests_and_the_hop_refuses_pl
     import json
     import urllib.request
 
-    from sidecar.demo.stack import DEPLOY_DIR, Stack
+    from sidecar_demo.stack import DEPLOY_DIR, Stack
 
     certs = tmp_path / "envoy-tls"
     certs.mkdir()

@@ -1,4 +1,4 @@
-"""``python -m sidecar.demo`` (``make demo``): the whole gateway on this machine, six requests through it.
+"""``python -m sidecar_demo`` (``make demo``): the whole gateway on this machine, six requests through it.
 
 Starts the real Envoy with deploy/envoy.yaml, the sidecar with deploy/router.yaml and the bundled models,
 and a mock backend per route; sends a few chat requests and shows, for each, the subject the sidecar saw,
@@ -23,17 +23,8 @@ from typing import Any
 
 import yaml
 
-from sidecar.demo.stack import (
-    REPO_ROOT,
-    ROUTER_CONFIG,
-    MissingEnvoy,
-    MissingModels,
-    Received,
-    Stack,
-    StackError,
-    merge,
-    resolve_model_paths,
-)
+from sidecar_demo.configs import REPO_ROOT, ROUTER_CONFIG, StackError, merge, resolve_model_paths
+from sidecar_demo.stack import MissingEnvoy, MissingModels, Received, Stack
 
 CHAT_PATH = "/v1/chat/completions"
 LFS_POINTER = b"version https://git-lfs"
@@ -66,7 +57,7 @@ SAMPLES = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sidecar.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sidecar_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path,
                         help="a folder with category/ and pii/ model directories (default: the bundled models/)")
     parser.add_argument("--category-model", type=Path, help="the subject classifier's model directory")
@@ -115,7 +106,7 @@ def missing_models_message(error: MissingModels) -> str:
         return f"model directory not found: {where}"
     return (f"the bundled models are missing ({where}).\n"
             "  Build them with `make models` (about an hour on a CPU), or check out a commit that has them;\n"
-            "  or run the demo on your own: python -m sidecar.demo --models-dir DIR (with DIR/category, DIR/pii)")
+            "  or run the demo on your own: python -m sidecar_demo --models-dir DIR (with DIR/category, DIR/pii)")
 
 
 def _relative(path: Path) -> str:
@@ -278,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"\nDone in {time.monotonic() - started:.0f} s; everything stopped. "
-          "`python -m sidecar.demo --keep-running` leaves the gateway up for your own requests.")
+          "`python -m sidecar_demo --keep-running` leaves the gateway up for your own requests.")
     return 0
 
 

@@ -1,6 +1,6 @@
 """A mock OpenAI-compatible backend that says who it is and remembers exactly what it received.
 
-    python -m sidecar.demo.mock_backend --model math-expert --port 8000
+    python -m sidecar_demo.mock_backend --model math-expert --port 8000
 
 It stands in for a real model server behind Envoy (docker-compose, the local demo, the end-to-end tests),
 so every route has somewhere to land and every claim about masking can be checked against the bytes that
@@ -363,7 +363,7 @@ async def serve(name: str, host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sidecar.demo.mock_backend",
+    parser = argparse.ArgumentParser(prog="python -m sidecar_demo.mock_backend",
                                      description="Mock OpenAI-compatible backend that records what it receives.")
     parser.add_argument("--model", required=True, help="the backend's name (reported in every answer)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")

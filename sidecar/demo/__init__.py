@@ -1,5 +1,0 @@
-"""The local demo: Envoy + the sidecar + mock OpenAI-compatible backends on loopback ports.
-
-``python -m sidecar.demo`` (``make demo``) runs it; `sidecar.demo.stack.Stack` is the reusable part that the
-end-to-end tests and the benchmarks start; `sidecar.demo.mock_backend` is the backend every route reaches.
-"""
