@@ -292,6 +292,10 @@ def test_demo_shows_each_sample_masks_the_card_and_stops_everything(models_dir, 
     assert len(received) >= 3
     assert not any("4111 1111 1111 1111" in line or "5555 5555 5555 4444" in line for line in received)
     assert "answered by general" in out and "everything stopped" in out
+    [saw] = fields(out, "backend saw:")
+    [got] = fields(out, "client got:")
+    assert "<EMAIL_ADDRESS_" in saw and "alice.johnson@example.org" not in saw  # pseudonymized on the way in
+    assert "alice.johnson@example.org" in got and "<EMAIL_ADDRESS_" not in got  # restored on the way back
     assert children_of_this_process() == []
 
 
