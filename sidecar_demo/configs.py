@@ -42,6 +42,7 @@ def _shipped(name: str) -> Path:
 
 
 ENVOY_CONFIG = _shipped("envoy.yaml")
+DEPLOY_DIR = ENVOY_CONFIG.parent
 ROUTER_CONFIG = _shipped("router.yaml")
 REPO_ROOT = ENVOY_CONFIG.resolve().parent.parent
 """The folder above deploy/: in a checkout, where models/ is too."""

@@ -45,7 +45,8 @@ import pytest
 import yarl
 
 from sidecar.body import decode_text
-from sidecar_demo.stack import DEPLOY_DIR, Received, Stack
+from sidecar_demo.configs import DEPLOY_DIR
+from sidecar_demo.stack import Received, Stack
 from tests.factories import gb_iban, luhn_card
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(300)]
@@ -826,10 +827,12 @@ def shipped(keeper):
 NAME_MISSES: dict[str, str] = {
     "chat-name-in-business-prose": "a full name between sentences of business prose is not tagged at all, with "
                                    "512-, 256- or 128-token windows alike (found by the adversarial review)",
+    "responses-function-output-under-api-keys": "the rebuilt model (held out by template: 85% of names) does not tag "
+                                                "'Laura Ramirez' in any sentence, while 'Michael Brown' in the same "
+                                                "place is caught; the previous model caught it",
 }
-"""Shapes whose planted name the bundled PII model does not mask (shape id -> what it does): issue 13. Empty
-since short values reach the model after their key ("customer: Edward Jackson", which it tags whole; alone,
-"Edward Jackson" lost only "Edward"). The
+"""Shapes whose planted name the bundled PII model does not mask (shape id -> what it does): issue 13. Short
+values reach the model after their key ("customer: Edward Jackson", which it tags whole). The
 model's verdict is deterministic for a given text; a case's name, card and IBAN are fixed by its id, its
 email, phone, SSN and IP by its place in SHAPES."""
 

@@ -162,7 +162,8 @@ def test_through_envoy_the_mutual_tls_pair_masks_requests_and_the_hop_refuses_pl
     import json
     import urllib.request
 
-    from sidecar_demo.stack import DEPLOY_DIR, Stack
+    from sidecar_demo.configs import DEPLOY_DIR
+    from sidecar_demo.stack import Stack
 
     certs = tmp_path / "envoy-tls"
     certs.mkdir()
