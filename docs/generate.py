@@ -416,6 +416,26 @@ def long_prompts(lp: dict) -> str:
     return "\n\n".join(out)
 
 
+def pseudonymize(ps: dict) -> str:
+    out = [report.machine_line([{**ps, "bench": "pseudonymize"}])]
+    r = ps.get("restoring", {})
+    if r:
+        out.append(f"Restoring alone (no network): {r['us_per_sse_event']:g} µs per server-sent event, "
+                   f"{r['us_per_json_answer']:g} µs per {r['json_answer_bytes']:,}-byte JSON answer "
+                   f"({r['placeholders']} placeholders).")
+    e = ps.get("through_envoy", {})
+    rows = [[f"{action}, {kind} answers", f"{run['requests_per_s']:g}", f"{run['p50_ms']:g}", f"{run['p95_ms']:g}",
+             f"{run['answers_with_values']}/{run['requests']}"]
+            for action in ("mask", "pseudonymize") for kind, run in (e.get(action) or {}).items()]
+    if rows:
+        first = next(iter(e["mask"].values()))
+        out.append(f"Through Envoy, bundled models, {first['clients']} clients:")
+        out.append(table(["policy", "requests/s", "p50 ms", "p95 ms", "answers with the values"], rows))
+        out.append(f"Added per server-sent event (p50, {e.get('stream_events_per_answer')} events an answer): "
+                   f"{e.get('added_ms_per_sse_event_p50')} ms; per JSON answer: {e.get('added_ms_per_json_answer_p50')} ms.")
+    return "\n\n".join(out)
+
+
 def multitask(root: Path) -> str:
     files = sorted((root / "bench" / "results").glob("multitask*.json"))
     runs = [(f.name, json.loads(f.read_text(encoding="utf-8"))) for f in files]
@@ -461,6 +481,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "bench-naive": bench_one("naive", naive_section),
     "bench-inference": bench_one("inference", report.inference_tables),
     "bench-long-prompts": bench_one("long_prompts", long_prompts),
+    "bench-pseudonymize": bench_one("pseudonymize", pseudonymize),
     "bench-multitask": multitask,
     "bench-envoy-pii-guarantee": bench_one("envoy-pii-guarantee", envoy_run),
     "bench-envoy-rerun": bench_one("envoy-rerun", envoy_run),
