@@ -47,6 +47,7 @@ class Pseudonyms:
     _by_value: dict[str, str] = field(default_factory=dict)
     _by_placeholder: dict[str, str] = field(default_factory=dict)
     _next: int = 1
+    _compiled: re.Pattern[str] | None = None  # the issued placeholders' pattern, rebuilt when one is added
 
     def placeholder(self, entity_type: str, value: str) -> str:
         """The value's placeholder, issued on first sight."""
@@ -60,6 +61,7 @@ class Pseudonyms:
                 break
         self._by_value[value] = candidate
         self._by_placeholder[candidate] = value
+        self._compiled = None
         return candidate
 
     def __repr__(self) -> str:  # never the values: a Decision may end up in a log or a traceback
@@ -90,8 +92,11 @@ class Pseudonyms:
         return 0
 
     def _pattern(self) -> re.Pattern[str]:
-        keys = sorted(self._by_placeholder, key=len, reverse=True)
-        return re.compile("|".join(re.escape(k) for k in keys))
+        """Compiled once per set of placeholders: a streamed answer restores every event with it."""
+        if self._compiled is None:
+            keys = sorted(self._by_placeholder, key=len, reverse=True)
+            self._compiled = re.compile("|".join(re.escape(k) for k in keys))
+        return self._compiled
 
 
 def _same(value: str) -> str:

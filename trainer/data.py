@@ -25,12 +25,11 @@ from typing import Any
 
 import structlog
 
-from model_contract.tasks import get_task
+from model_contract.tasks import OUTSIDE, get_task
 from trainer.settings import UsageError
 
 log = structlog.get_logger(__name__)
 
-OUTSIDE = "O"
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 

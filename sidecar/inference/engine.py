@@ -378,15 +378,7 @@ class Engine:
         model = self._pii
         if model is None:
             return [PiiResult(find_checksum_spans(t) if self.checksums else []) for t in texts]
-        encoded = model.encoder.encode_many(texts)
-        windows = [model.encoder.windows(e) for e in encoded]
-        flat = [w.ids for ws in windows for w in ws]
-        logits = model.batcher.infer_sync(flat) if flat else []
-        out, at = [], 0
-        for text, enc, ws in zip(texts, encoded, windows, strict=True):
-            out.append(PiiResult(self._pii_spans(model, text, enc, ws, logits[at : at + len(ws)])))
-            at += len(ws)
-        return out
+        return self._windowed_many(model, texts, self._pii_spans)
 
     def predict_many(self, task: str, texts: Sequence[str]) -> list[CategoryResult] | list[PiiResult]:
         """Any configured task's answers for many texts (offline), decoded as its head says: a label per text
@@ -398,14 +390,18 @@ class Engine:
             return []
         if model.scheme is None:
             return category_results(np.stack(model.batcher.infer_sync(model.encoder.heads_of(texts))), model.labels)
+        return self._windowed_many(model, texts, _model_spans)
+
+    @staticmethod
+    def _windowed_many(model: _Model, texts: Sequence[str], decode: Callable[..., list[Span]]) -> list[PiiResult]:
+        """Every window of every text sorted and packed together, then decoded text by text."""
         encoded = model.encoder.encode_many(texts)
         windows = [model.encoder.windows(e) for e in encoded]
         flat = [w.ids for ws in windows for w in ws]
         logits = model.batcher.infer_sync(flat) if flat else []
         out, at = [], 0
         for text, enc, ws in zip(texts, encoded, windows, strict=True):
-            token_logits = merge_windows(len(enc), ws, logits[at:at + len(ws)]) if ws else None
-            out.append(PiiResult(decode_bio(token_logits, enc.offsets, text, model.scheme) if ws else []))
+            out.append(PiiResult(decode(model, text, enc, ws, logits[at : at + len(ws)])))
             at += len(ws)
         return out
 
@@ -443,11 +439,16 @@ class Engine:
     def _pii_spans(
         self, model: _Model, text: str, encoded: Encoded, windows: Sequence[Window], logits: Sequence[np.ndarray]
     ) -> list[Span]:
-        spans: list[Span] = []
-        if windows and model.scheme is not None:
-            token_logits = merge_windows(len(encoded), windows, logits)
-            spans = decode_bio(token_logits, encoded.offsets, text, model.scheme)
+        spans = _model_spans(model, text, encoded, windows, logits)
         return reconcile(text, spans) if self.checksums else spans
+
+
+def _model_spans(model: _Model, text: str, encoded: Encoded, windows: Sequence[Window],
+                 logits: Sequence[np.ndarray]) -> list[Span]:
+    """The model's own spans: window logits merged token by token, then BIO-decoded."""
+    if not windows or model.scheme is None:
+        return []
+    return decode_bio(merge_windows(len(encoded), windows, logits), encoded.offsets, text, model.scheme)
 
 
 def _longest_token(model_dir: ModelDir) -> int:
