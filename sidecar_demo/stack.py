@@ -537,13 +537,7 @@ class Stack:
 
     def access_log(self) -> list[dict[str, Any]]:
         """Envoy's access log entries (the JSON lines of envoy.yaml's access log format) so far."""
-        log = self.workdir / "logs" / "envoy.log"
-        entries = []
-        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    entries.append(json.loads(line))
-        return entries
+        return json_lines(self.workdir / "logs" / "envoy.log")
 
     def access_log_entry(self, request_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
         """The access log entry of one request (by the ``x-request-id`` a backend received), once written."""
@@ -586,3 +580,13 @@ def _listening_url(log: Path) -> str | None:
 def _host_port(url: str) -> tuple[str, int]:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     return host, int(port)
+
+
+def json_lines(log: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a log file, one a line (Envoy's access log, the sidecar's structlog events)."""
+    entries = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                entries.append(json.loads(line))
+    return entries

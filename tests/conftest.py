@@ -66,3 +66,19 @@ def _default_logging():
     configure_logging(LoggingConfig())
     yield
     configure_logging(LoggingConfig())
+
+
+@pytest.fixture(scope="session")
+def stack_category_dir(tiny_base, tmp_path_factory) -> Path:
+    """An untrained tiny classifier with router.yaml's own labels, so the stacks' routing tables apply unchanged."""
+    import yaml
+
+    from sidecar_demo.configs import ROUTER_CONFIG
+
+    labels = list(yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8"))["routing"]["categories"])
+    return make_untrained_model_dir(tiny_base, tmp_path_factory.mktemp("stack_category"), "category", labels)
+
+
+@pytest.fixture(scope="session")
+def stack_pii_dir(tiny_base, tmp_path_factory) -> Path:
+    return make_untrained_model_dir(tiny_base, tmp_path_factory.mktemp("stack_pii"), "pii", PII_LABELS)

@@ -15,7 +15,6 @@ Tests that restart the sidecar restore it before they end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import time
@@ -31,8 +30,7 @@ import yaml
 from sidecar.checksums import find_checksum_spans
 from sidecar.mutations import OWNED_HEADERS
 from sidecar_demo.configs import ROUTER_CONFIG
-from sidecar_demo.stack import Received, Stack
-from tests.conftest import PII_LABELS, make_untrained_model_dir
+from sidecar_demo.stack import Received, Stack, json_lines
 from tests.factories import gb_iban, luhn_card
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(300)]
@@ -78,20 +76,9 @@ def masked(body: bytes, cards: list[str], ibans: list[str]) -> bytes:
 # --- the stack -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def category_dir(tiny_base, tmp_path_factory) -> Path:
-    """An untrained tiny classifier with router.yaml's own labels, so its routing table is used unchanged."""
-    return make_untrained_model_dir(tiny_base, tmp_path_factory.mktemp("e2e_category"), "category", list(TABLE))
-
-
-@pytest.fixture(scope="module")
-def pii_dir(tiny_base, tmp_path_factory) -> Path:
-    return make_untrained_model_dir(tiny_base, tmp_path_factory.mktemp("e2e_pii"), "pii", PII_LABELS)
-
-
-@pytest.fixture(scope="module")
-def stack(category_dir, pii_dir):
+def stack(stack_category_dir, stack_pii_dir):
     overrides = {
-        "models": {"category": {"path": str(category_dir)}, "pii": {"path": str(pii_dir)}},
+        "models": {"category": {"path": str(stack_category_dir)}, "pii": {"path": str(stack_pii_dir)}},
         "routing": {"confidence_threshold": 0.0},
         "pii": {"default_policy": {"score_threshold": 0.99},
                 "policies": {m: {"score_threshold": 0.99} for m in ROUTER_YAML["pii"]["policies"]}},
@@ -363,12 +350,7 @@ def test_an_answer_later_than_message_timeout_is_refused_by_envoy_and_logged_una
 
 
 def sidecar_events(log: Path) -> list[dict]:
-    events = []
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                events.append(json.loads(line))
-    return events
+    return json_lines(log)
 
 
 def test_unreadable_bodies_are_refused_400_and_reach_no_backend(gateway):

@@ -19,7 +19,6 @@ import json
 import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -27,7 +26,6 @@ import yaml
 
 from sidecar_demo.configs import ROUTER_CONFIG
 from sidecar_demo.stack import Received, Stack
-from tests.conftest import PII_LABELS, make_untrained_model_dir
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(300)]
 
@@ -47,20 +45,10 @@ TOOL = "x-mock-tool-call"
 # --- the stack -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def category_dir(tiny_base, tmp_path_factory) -> Path:
-    return make_untrained_model_dir(tiny_base, tmp_path_factory.mktemp("pseudo_category"), "category", list(TABLE))
-
-
-@pytest.fixture(scope="module")
-def pii_dir(tiny_base, tmp_path_factory) -> Path:
-    return make_untrained_model_dir(tiny_base, tmp_path_factory.mktemp("pseudo_pii"), "pii", PII_LABELS)
-
-
-@pytest.fixture(scope="module")
-def stack(category_dir, pii_dir):
+def stack(stack_category_dir, stack_pii_dir):
     policy = {"action": "pseudonymize", "score_threshold": 0.99}
     overrides = {
-        "models": {"category": {"path": str(category_dir)}, "pii": {"path": str(pii_dir)}},
+        "models": {"category": {"path": str(stack_category_dir)}, "pii": {"path": str(stack_pii_dir)}},
         "routing": {"confidence_threshold": 0.0},
         "pii": {"default_policy": policy, "policies": {m: policy for m in ROUTER_YAML["pii"]["policies"]}},
     }
