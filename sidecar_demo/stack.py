@@ -24,6 +24,7 @@ import base64
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -115,9 +116,38 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; IANA's is 49152-65535
+
+
 def free_port(host: str = HOST) -> int:
-    """A port free right now (for servers that must keep one port across restarts)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port free right now, for servers that must keep one port across restarts.
+
+    Chosen below the kernel's ephemeral range: a port from ``bind(host, 0)`` lies inside that range, where any
+    outgoing connection (Envoy to a backend, a test's client) may take it as its local port before the server
+    binds it; CI lost a whole test module to exactly that. Never the same port twice in one process."""
+    low, _ = _ephemeral_range()
+    if low > 11024:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(10000, low)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the range: the old way
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -224,8 +254,7 @@ class Stack:
             self._prepare()
             self._start_mocks()
             if self.ext_proc:
-                self._start_sidecar_process()
-                self._wait_sidecar()
+                self._start_first_sidecar()
             self._start_envoy()
         except BaseException:
             self.stop()
@@ -287,12 +316,15 @@ class Stack:
         except (OSError, yaml.YAMLError) as e:
             raise StackError(f"cannot read {self.envoy_source}: {e}") from None
         self.layout = envoy_layout(self.envoy_data)
+        self._choose_ports()
+        self.write_router_config()
+
+    def _choose_ports(self) -> None:
         self._sidecar_port = free_port()
         self._metrics_port = free_port()
         self._health_port = free_port()
         self.sidecar_address = f"{HOST}:{self._sidecar_port}"
         self.metrics_url = f"http://{HOST}:{self._metrics_port}"
-        self.write_router_config()
 
     @property
     def router_config_path(self) -> Path:
@@ -350,6 +382,21 @@ class Stack:
         for name, child in started.items():
             self.backends[name] = self._wait_for(
                 lambda c=child: _listening_url(c.log), child, f"mock backend {name}")
+
+    def _start_first_sidecar(self, attempts: int = 3) -> None:
+        """Start the sidecar before Envoy knows its port: a port some other program took between our choosing
+        and the sidecar binding it costs a retry on fresh ports, not the run."""
+        for attempt in range(1, attempts + 1):
+            self._start_sidecar_process()
+            try:
+                self._wait_sidecar()
+                return
+            except StackError:
+                child = self._children["sidecar"]
+                if attempt == attempts or child.running or "cannot listen on" not in child.log_tail():
+                    raise
+            self._choose_ports()
+            self.write_router_config()
 
     def _start_sidecar_process(self) -> None:
         self._spawn("sidecar", [self.python, "-m", "sidecar", "serve", "--config", str(self.router_config_path)])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.api.v1 import router_pb2, router_pb2_grpc
 from sidecar.cli import main
+from sidecar_demo.stack import free_port
 from tests.factories import write_jsonl
 
 OUTPUT_KEYS = {"text", "category", "confidence", "model", "pii", "action", "masked_text"}
@@ -152,12 +152,6 @@ def test_unreadable_config_file_is_one_line(tmp_path, capsys):
 
 
 # --- serve, end to end in a subprocess ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_serving(target: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
