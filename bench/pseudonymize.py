@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
@@ -26,7 +27,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, machine, write_json  # noqa: E402
-from sidecar.pseudonyms import Pseudonyms, StreamRestorer, restore_body  # noqa: E402
+from sidecar.answers import AnswerStream  # noqa: E402
+from sidecar.pseudonyms import Pseudonyms, restore_body  # noqa: E402
 from sidecar_demo.configs import ROUTER_CONFIG  # noqa: E402
 from sidecar_demo.stack import Stack  # noqa: E402
 
@@ -34,6 +36,14 @@ CHAT = "/v1/chat/completions"
 TEXT = ("Please tell Dana Whitfield (dana.whitfield@example.org, +1 415-555-0142) how photosynthesis turns light "
         "into chemical energy, and copy marco.rossi@example.net.")
 CHUNK_CHARS = 4
+
+
+async def _restore_streams(p: Pseudonyms, stream: list[bytes], times: int) -> None:
+    for _ in range(times):
+        r = AnswerStream(p)
+        for chunk in stream:
+            await r.feed(chunk)
+        await r.finish()
 
 
 def micro(rounds: int = 2000) -> dict:
@@ -46,11 +56,7 @@ def micro(rounds: int = 2000) -> dict:
               for i in range(0, len(reply), CHUNK_CHARS)]
     stream = [f"data: {e}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
     started = time.perf_counter()
-    for _ in range(max(rounds // 50, 5)):
-        r = StreamRestorer(p)
-        for chunk in stream:
-            r.feed(chunk)
-        r.finish()
+    asyncio.run(_restore_streams(p, stream, max(rounds // 50, 5)))
     per_event_us = (time.perf_counter() - started) / (max(rounds // 50, 5) * len(stream)) * 1e6
     body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}).encode()
     started = time.perf_counter()

@@ -152,8 +152,10 @@ class PiiPolicyConfig(_Section):
     answer gets back as the values (JSON and streamed answers); block: 403; allow: forwarded as is."""
     placeholder_format: str = DEFAULT_FORMAT
     """pseudonymize: ``{type}`` and ``{n}`` with fixed text before and after (``<PERSON_1>``)."""
-    """What a request gets when this policy keeps personal data in it: an `Action` (`sidecar.vocabulary`),
-    spelled as plain strings so that a bad value's error names exactly these three."""
+    response_pii: Literal["off", "mask", "block"] = "off"
+    """The backend's answer scanned for personal data the request did not carry (what it carried is a
+    placeholder or a mask by then): mask it with this policy's operators, or withhold the answer (502; a
+    streamed answer ends with an error event), or off. Types in `block_entities` block either way."""
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
     allow_entities: list[str] = Field(default_factory=lambda: list(CONTEXT_ENTITIES))
     """Entity types this policy lets through untouched. Default: the context types, which say where, when
@@ -179,6 +181,12 @@ class PiiPolicyConfig(_Section):
     def _format(cls, v: str) -> str:
         return check_format(v)
 
+    @field_validator("response_pii", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: object) -> object:
+        """YAML reads a bare ``off`` as false."""
+        return "off" if v is False else v
+
     @model_validator(mode="after")
     def _allow_or_block(self) -> PiiPolicyConfig:
         both = sorted(set(self.allow_entities) & set(self.block_entities))
@@ -197,11 +205,30 @@ class PiiConfig(_Section):
     """Selected backend model name -> policy, overriding default_policy."""
     checksums: bool = True
     """Confirm credit-card (Luhn) and IBAN (mod 97) spans, and catch well-formed numbers the model missed."""
+    response_window_chars: Annotated[int, Field(ge=32, le=65536)] = 256
+    """response_pii on streamed answers: each text of the stream is held back at most this many characters,
+    scanned as one, and released but for its last half (context for what follows). Larger: more context per
+    scan and fewer scans, later text; the first tokens reach the client once this many have arrived."""
+
+    @field_validator("patterns", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: object) -> object:
+        """YAML reads a bare ``off`` as false."""
+        return "off" if v is False else v
 
     @property
     def pseudonymizes(self) -> bool:
-        """Some policy pseudonymizes: requests ask Envoy for their answers, to restore the values."""
-        return any(p.action == "pseudonymize" for p in (self.default_policy, *self.policies.values()))
+        """Some policy pseudonymizes: its requests' answers come back to have the values restored."""
+        return any(p.action == "pseudonymize" for p in self.all_policies)
+
+    @property
+    def reads_answers(self) -> bool:
+        """Some policy pseudonymizes or scans answers: requests ask Envoy for their answers."""
+        return any(p.action == "pseudonymize" or p.response_pii != "off" for p in self.all_policies)
+
+    @property
+    def all_policies(self) -> tuple[PiiPolicyConfig, ...]:
+        return (self.default_policy, *self.policies.values())
 
     def policy_for(self, model: str | None) -> PiiPolicyConfig:
         return self.policies.get(model, self.default_policy) if model is not None else self.default_policy

@@ -31,8 +31,8 @@ from typing import Any
 from urllib.parse import unquote, unquote_plus
 
 from sidecar.body import decompress
-from sidecar.config import Config
-from sidecar.errors import BodyTooLarge, InferenceError, InferenceTimeout, NoText, PiiInField
+from sidecar.config import Config, PiiPolicyConfig
+from sidecar.errors import BodyTooLarge, InferenceError, InferenceTimeout, NoText, PiiInField, RequestError
 from sidecar.masking import anonymize, resolve_conflicts
 from sidecar.policy import (
     PiiVerdict,
@@ -80,6 +80,7 @@ class Decision:
     error: str | None = None  # reason code when degraded
     decompressed: bool = False  # `body` is the decompressed body: Content-Encoding must go
     pseudonyms: Pseudonyms | None = None  # pseudonymize: what the answer must get back (never logged)
+    answer_policy: PiiPolicyConfig | None = None  # response_pii: how the answer is scanned
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,16 @@ class TextDecision:
             },
             ensure_ascii=False,
         )
+
+
+@dataclass(frozen=True)
+class AnswerOutcome:
+    """The response scan of one answer."""
+
+    action: Action  # allow | mask | block | degraded
+    body: bytes | None  # the masked answer, None when nothing changed (or blocked)
+    entity_types: tuple[str, ...]
+    error: str | None = None  # reason code when degraded (fail_open: recognizers only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +278,51 @@ class DecisionMaker:
             decisions.append(self._text_decision(texts[i], route, self._settle(case, judged), None))
         return decisions
 
+    def answer_policy(self, model: str | None) -> PiiPolicyConfig | None:
+        """The policy a routed request's answer is scanned under (its action the policy's ``response_pii``),
+        or None when that policy does not scan answers."""
+        policy = self.config.pii.policy_for(model)
+        if policy.response_pii == "off":
+            return None
+        return policy.model_copy(update={"action": policy.response_pii})
+
+    async def scan_answer(self, body: bytes, policy: PiiPolicyConfig, protected: Pseudonyms | None = None
+                          ) -> AnswerOutcome:
+        """The response scan of a whole answer (or one event of a streamed one): JSON is read like a request
+        on an unrouted path (every string but identifiers), anything else as one text; what `policy` keeps
+        outside the request's placeholders is masked, or blocks. `InferenceError` under fail_closed."""
+        loop_started = asyncio.get_running_loop().time()
+        heavy = len(body) > _OFF_LOOP_BYTES
+        try:
+            parsed = await self._maybe_off_loop(heavy, parse_body, body, Kind.GENERIC)
+        except RequestError:
+            parsed = None
+        if parsed is None:
+            case = _Case(texts=[body.decode("utf-8", "replace")], category_text="", requested=None, routed=False,
+                         size=len(body), routable=False)
+        else:
+            case = self._body_case(parsed, Kind.GENERIC, len(body))
+        judged = await self._judge(case, loop_started, {}, None)
+        outcome = await self._maybe_off_loop(heavy, self._settle, case, judged, policy, protected)
+        action = outcome.action(degraded=judged.error is not None)
+        changed = {i: m for i, m in enumerate(outcome.masked) if m is not None}
+        new_body = None
+        if action != Action.BLOCK and changed:
+            if parsed is None:
+                new_body = changed[0].encode("utf-8")
+            else:
+                new_body = await self._maybe_off_loop(heavy, rewrite, body, parsed, None, changed)
+        return AnswerOutcome(action, new_body, outcome.verdict.types, judged.error)
+
+    async def scan_answer_texts(self, texts: list[str], policy: PiiPolicyConfig,
+                                protected: Pseudonyms | None = None) -> PolicyOutcome:
+        """The response scan of texts of a streamed answer: the spans `policy` keeps in each."""
+        loop_started = asyncio.get_running_loop().time()
+        case = _Case(texts=texts, category_text="", requested=None, routed=False, size=sum(map(len, texts)),
+                     routable=False)
+        judged = await self._judge(case, loop_started, {}, None)
+        return self._settle(case, judged, policy, protected)
+
     # --- the pipeline every entry point runs -------------------------------------------------------------
 
     async def _run(self, case: _Case, loop_started: float, timings: dict[str, float],
@@ -308,12 +364,14 @@ class DecisionMaker:
         except (InferenceError, TimeoutError) as e:
             return _Judgement(self._degraded_route(case.requested, case.routed), None, self._fail(e))
 
-    def _settle(self, case: _Case, judged: _Judgement) -> PolicyOutcome:
-        """The model spans mapped back onto the texts, the route of an unrouted API, the PII policy."""
+    def _settle(self, case: _Case, judged: _Judgement, policy: PiiPolicyConfig | None = None,
+                protected: Pseudonyms | None = None) -> PolicyOutcome:
+        """The model spans mapped back onto the texts, the route of an unrouted API, the PII policy (the
+        route's, or `policy`); nothing inside `protected`'s placeholders counts."""
         spans = judged.spans
         if spans is not None and case.shifts and any(case.shifts):
             spans = [_unshift(s, shift) for s, shift in zip(spans, case.shifts, strict=True)]
-        return self._policy_outcome(judged.route, case.texts, spans, case.extra)
+        return self._policy_outcome(judged.route, case.texts, spans, case.extra, policy, protected)
 
     @staticmethod
     async def _maybe_off_loop(heavy: bool, fn: Callable[..., Any], *args: Any) -> Any:
@@ -378,7 +436,8 @@ class DecisionMaker:
         return error
 
     def _policy_outcome(self, route: Route, texts: list[str], spans: list[list[Span]] | None,
-                 extra: list[list[Span]] | None = None) -> PolicyOutcome:
+                        extra: list[list[Span]] | None = None, policy: PiiPolicyConfig | None = None,
+                        protected: Pseudonyms | None = None) -> PolicyOutcome:
         """Model spans plus the recognizers beside them, or the fallback recognizers alone (spans None),
         plus `extra`."""
         recognizers = self._fallback if spans is None else self._beside_model
@@ -390,7 +449,9 @@ class DecisionMaker:
         spans = spans if spans is not None else [[] for _ in texts]
         if extra is not None:
             spans = [s + e for s, e in zip(spans, extra, strict=True)]
-        return self._apply_policy(route, texts, spans)
+        if protected:
+            spans = [_outside(s, protected.ranges(t)) for s, t in zip(spans, texts, strict=True)]
+        return self._apply_policy(route, texts, spans, policy)
 
     def _route(self, category: CategoryResult | None, requested: str | None, routed: bool, category_text: str) -> Route:
         if routed and not category_text:
@@ -411,8 +472,9 @@ class DecisionMaker:
             raise error from None
         return error.reason
 
-    def _apply_policy(self, route: Route, texts: list[str], spans: list[list[Span]]) -> PolicyOutcome:
-        policy = self.config.pii.policy_for(route.model)
+    def _apply_policy(self, route: Route, texts: list[str], spans: list[list[Span]],
+                      policy: PiiPolicyConfig | None = None) -> PolicyOutcome:
+        policy = policy or self.config.pii.policy_for(route.model)
         per_text = [resolve_conflicts(kept_spans(s, policy)) for s in spans]
         verdict = pii_verdict([s for kept in per_text for s in kept], policy)
         masked: list[str | None] = [None] * len(texts)
@@ -441,6 +503,7 @@ class DecisionMaker:
             error=judged.error,
             decompressed=new_body is not None and decompressed,
             pseudonyms=outcome.pseudonyms if action != Action.BLOCK and outcome.pseudonyms else None,
+            answer_policy=self.answer_policy(route.model) if action != Action.BLOCK else None,
         )
 
     def _text_decision(self, text: str, route: Route, outcome: PolicyOutcome, error: str | None) -> TextDecision:
@@ -509,6 +572,13 @@ def _unshift(spans: list[Span], shift: int) -> list[Span]:
     if not shift:
         return spans
     return [Span(s.label, max(s.start - shift, 0), s.end - shift, s.score, s.source) for s in spans if s.end > shift]
+
+
+def _outside(spans: list[Span], ranges: list[tuple[int, int]]) -> list[Span]:
+    """The spans that touch none of `ranges` (placeholders: the request's own values, not new ones)."""
+    if not ranges:
+        return spans
+    return [s for s in spans if not any(s.start < end and start < s.end for start, end in ranges)]
 
 
 def _retrieve(task: asyncio.Future) -> None:

@@ -8,7 +8,7 @@ What comes back records where and how each entity was masked, never what it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sidecar.config import PiiPolicyConfig
@@ -59,8 +59,10 @@ def operator_for(entity_type: str, policy: PiiPolicyConfig) -> OperatorConfig:
     return policy.operators.get(entity_type, policy.default_operator)
 
 
-def anonymize(text: str, spans: Iterable[Span], policy: PiiPolicyConfig) -> Masked:
-    """`text` with every span replaced by its operator's output; spans must index into `text`."""
+def anonymize(text: str, spans: Iterable[Span], policy: PiiPolicyConfig,
+              quote: Callable[[str], str] | None = None) -> Masked:
+    """`text` with every span replaced by its operator's output (`quote`d, for text that is JSON source);
+    spans must index into `text`."""
     resolved = resolve_conflicts(spans)
     if resolved and resolved[-1].end > len(text):
         raise ValueError(f"span [{resolved[-1].start}, {resolved[-1].end}) is outside a text of {len(text)} characters")
@@ -69,7 +71,8 @@ def anonymize(text: str, spans: Iterable[Span], policy: PiiPolicyConfig) -> Mask
     pos = len(text)
     for span in reversed(resolved):
         config = operator_for(span.label, policy)
-        pieces += [text[span.end : pos], config.apply(text[span.start : span.end], span.label)]
+        replacement = config.apply(text[span.start : span.end], span.label)
+        pieces += [text[span.end : pos], quote(replacement) if quote else replacement]
         pos = span.start
         items.append(MaskedItem(span.label, span.start, span.end, config.type))
     pieces.append(text[:pos])

@@ -58,6 +58,9 @@ class Metrics:
             "meet it; queue_full).", ["model", "reason"], registry=r)
         self.reloads = Counter(
             "sidecar_reloads", "Config and model reloads, by result.", ["result"], registry=r)
+        self.answers = Counter(
+            "sidecar_answers_scanned", "Backend answers scanned (response_pii), by result: passed (masked or "
+            "clean), pii_in_answer (withheld), answer_not_inspected (withheld unread).", ["result"], registry=r)
 
     def observe_decision(self, decision: Decision, seconds: float, known_models: frozenset[str] = frozenset()) -> None:
         category = decision.category or NONE_LABEL
@@ -77,6 +80,9 @@ class Metrics:
         self.request_errors.labels(reason=reason).inc()
         if seconds is not None:
             self.decision_seconds.observe(seconds)
+
+    def observe_answer(self, result: str) -> None:
+        self.answers.labels(result=result).inc()
 
     def observe_shed(self, model: str, reason: str) -> None:
         """The Engine's ``on_shed`` callback: a request refused at admission."""

@@ -211,3 +211,11 @@ def with_response_phases(response: ProcessingResponse, request_body_mode: int) -
 def response_headers_response(remove: list[str]) -> ProcessingResponse:
     """The answer's headers go on, less `remove` (a content-length the restored body no longer has)."""
     return continue_response(Phase.RESPONSE_HEADERS, HeaderMutation(remove_headers=remove) if remove else None)
+
+
+def answer_withheld_response(status: int, code: str, body: bytes) -> ProcessingResponse:
+    """The backend's answer does not reach the client: Envoy answers with `status` and `body` (an error of
+    the client's API) in its place."""
+    headers = HeaderMutation(set_headers=[header("content-type", "application/json"), header(REASON, code)])
+    return ProcessingResponse(immediate_response=ImmediateResponse(
+        status=HttpStatus(code=status), headers=headers, body=body, details=f"semantic_sidecar_{code}"))

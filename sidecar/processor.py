@@ -15,6 +15,7 @@ become responses, and an error on one stream is answered on that stream only.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,11 +32,12 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 
 from sidecar import mutations
+from sidecar.answers import Answer, AnswerRefused, AnswerScan, error_document
 from sidecar.app import App, AppHolder
 from sidecar.errors import BodyTooLarge, EmptyBody, InferenceError, NotBuffered, RequestError
 from sidecar.logs import exception_fields, get_logger
 from sidecar.metrics import Metrics
-from sidecar.pseudonyms import Answer, Pseudonyms
+from sidecar.pseudonyms import Pseudonyms
 from sidecar.vocabulary import Action, Kind, Phase
 
 log = get_logger("sidecar.processor")
@@ -237,24 +239,48 @@ class RoutingProcessor(Processor):
     """The size of the whole body once it has arrived (and is being decided); None before."""
     pseudonyms: Pseudonyms | None = None
     """pseudonymize: the placeholders this request's body got; only this stream ever holds them."""
+    answer_scan: AnswerScan | None = None
+    """response_pii: how the backend's answer is scanned."""
     answer: Answer | None = None
-    """The backend's answer being restored (pseudonymize only)."""
+    """The backend's answer being restored and/or scanned."""
 
     async def response_headers(self, msg: HttpHeaders) -> ProcessingResponse:
-        if not self.pseudonyms:
+        if not self.pseudonyms and self.answer_scan is None:
             return mutations.continue_response(Phase.RESPONSE_HEADERS)
-        self.answer = Answer(self.pseudonyms, header_value(msg, "content-type"), header_value(msg, "content-encoding"),
-                             self.app.config.failure.max_inspect_bytes)
+        self.answer = Answer(self.pseudonyms, self.answer_scan, self.kind, header_value(msg, "content-type"),
+                             header_value(msg, "content-encoding"), self.app.config.failure.max_inspect_bytes)
+        if self.answer.refused is not None:  # encoded: it cannot be scanned, and nothing has gone out yet
+            return self.withhold(self.answer.refused)
         return mutations.response_headers_response(self.answer.remove_headers)
 
     async def response_body(self, msg: HttpBody) -> ProcessingResponse:
         if self.answer is None:
             return pass_body(Phase.RESPONSE_BODY, msg, self.response_body_mode)
-        out = self.answer.chunk(msg.body, msg.end_of_stream)
-        if msg.end_of_stream and self.answer.given_up:
-            log.warning("answer_not_restored", request_id=self.request_id, path=self.log_path,
-                        reason=self.answer.given_up)
+        out = await self.answer.chunk(msg.body, msg.end_of_stream)
+        if msg.end_of_stream:
+            self.log_answer()
+        if self.answer.refused is not None and msg.end_of_stream:
+            return self.withhold(self.answer.refused)
         return mutations.continue_response(Phase.RESPONSE_BODY, body=out)
+
+    def withhold(self, refused: AnswerRefused) -> ProcessingResponse:
+        """The answer is replaced by an error of the client's API (its values never leave the sidecar)."""
+        return mutations.answer_withheld_response(refused.status, refused.code,
+                                                  json.dumps(error_document(self.kind, refused)).encode("utf-8"))
+
+    def log_answer(self) -> None:
+        answer = self.answer
+        stream = answer.stream
+        refused = answer.refused or (stream.stopped if stream is not None else None)
+        if answer.given_up and refused is None:
+            log.warning("answer_not_restored", request_id=self.request_id, path=self.log_path,
+                        reason=answer.given_up)
+        if self.answer_scan is not None:
+            masked = dict(stream.masked) if stream is not None else None
+            log.info("answer", request_id=self.request_id, path=self.log_path, streamed=answer.streamed,
+                     withheld=refused.code if refused is not None else None,
+                     pii_types=list(refused.types) if refused is not None else None, masked=masked)
+            self.metrics.observe_answer(refused.code if refused is not None else "passed")
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
         spoofed = self.see_headers(msg)
@@ -264,10 +290,11 @@ class RoutingProcessor(Processor):
             if self.kind != Kind.GENERIC:
                 return self.bad_body(EmptyBody("the request has no body"), Phase.REQUEST_HEADERS)
             self.finished = True  # a bodyless request on another path (GET /v1/models): nothing to read
-        if not self.finished and self.app.config.pii.pseudonymizes:
+        if not self.finished and self.app.config.pii.reads_answers:
             # The policy is known only once the body is routed, but the answer's phases must be asked for
-            # now: every request that may be pseudonymized asks, and an answer without placeholders just
-            # passes. Without Accept-Encoding the backend answers in plain text the sidecar can restore.
+            # now: every request whose answer may be restored or scanned asks, and an answer that needs
+            # neither just passes. Without Accept-Encoding the backend answers in plain text the sidecar
+            # can read.
             strip = mutations.continue_response(
                 Phase.REQUEST_HEADERS, mutations.owned_headers_mutation(remove=(ACCEPT_ENCODING,)),
                 clear_route_cache=spoofed)
@@ -300,6 +327,9 @@ class RoutingProcessor(Processor):
             return self.fail(e.reason)
         self.finished = True
         self.pseudonyms = decision.pseudonyms
+        if decision.answer_policy is not None:
+            self.answer_scan = AnswerScan(self.app.decider, decision.answer_policy,
+                                          self.app.config.pii.response_window_chars, decision.pseudonyms)
         elapsed = time.perf_counter() - self.started
         self.metrics.observe_decision(decision, elapsed, self.app.model_names)
         model = decision.model[:LOG_MODEL_CHARS] if decision.model is not None else None

@@ -26,6 +26,8 @@ Request headers that shape the reply (the tests' knobs):
 - ``x-mock-chunk-chars: N`` (an integer >= 1): a streamed reply's text goes in deltas of N characters,
   one event each, each written and flushed on its own (N=1 puts an event boundary at every offset of the
   text). Without it a streamed text is one delta.
+- ``x-mock-say: BASE64``: the reply adds this text (base64 of UTF-8) after the quote: personal data the
+  model "says" that the request did not carry (the response scan's tests).
 - ``x-mock-tool-call: NAME`` (chat completions): the reply also calls function NAME with the arguments
   ``{"text": TEXT}`` (a JSON string; streamed, in pieces of N characters too), ``finish_reason: tool_calls``.
 
@@ -55,6 +57,7 @@ from aiohttp import web
 BACKEND_HEADER = "x-mock-backend"
 CHUNK_CHARS_HEADER = "x-mock-chunk-chars"
 TOOL_CALL_HEADER = "x-mock-tool-call"
+SAY_HEADER = "x-mock-say"
 ECHOED_PREFIXES = ("x-selected-model", "x-router-")
 MAX_BODY_BYTES = 64 * 1024 * 1024
 """Far above Envoy's buffer limit, so the mock never refuses a body Envoy let through."""
@@ -149,6 +152,18 @@ def chunk_chars(request: web.Request) -> int | None:
     return size
 
 
+def said(request: web.Request) -> str:
+    """``x-mock-say``: base64 of UTF-8 text the reply adds after the quote (what a model says that the request
+    did not carry; base64, so the gateway's header check does not see it on the way in)."""
+    raw = request.headers.get(SAY_HEADER)
+    if raw is None:
+        return ""
+    try:
+        return " " + base64.b64decode(raw, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest(f"{SAY_HEADER} must be base64 of UTF-8 text") from None
+
+
 def pieces(text: str, size: int | None) -> list[str]:
     """`text` in pieces of `size` characters (one piece without a size, or for an empty text)."""
     if size is None or not text:
@@ -161,9 +176,10 @@ def usage(quoted: str, reply: str) -> dict[str, int]:
             "total_tokens": len(quoted.split()) + len(reply.split())}
 
 
-def completion(name: str, document: dict[str, Any], chat: bool, tool: str | None = None) -> dict[str, Any]:
+def completion(name: str, document: dict[str, Any], chat: bool, tool: str | None = None,
+               extra: str = "") -> dict[str, Any]:
     quoted = last_user_text(document)
-    reply = f"[{name}] received: {quoted}"
+    reply = f"[{name}] received: {quoted}{extra}"
     if chat:
         message: dict[str, Any] = {"role": "assistant", "content": reply}
         finish = "stop"
@@ -180,10 +196,10 @@ def completion(name: str, document: dict[str, Any], chat: bool, tool: str | None
             "model": name, "choices": [choice], "usage": usage(quoted, reply)}
 
 
-def responses_answer(name: str, document: dict[str, Any]) -> dict[str, Any]:
+def responses_answer(name: str, document: dict[str, Any], extra: str = "") -> dict[str, Any]:
     """An OpenAI Responses API answer: one assistant message with one output_text."""
     quoted = last_user_text(document)
-    reply = f"[{name}] received: {quoted}"
+    reply = f"[{name}] received: {quoted}{extra}"
     message = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:12]}", "status": "completed", "role": "assistant",
                "content": [{"type": "output_text", "text": reply, "annotations": []}]}
     return {"id": f"resp_{uuid.uuid4().hex[:12]}", "object": "response", "created_at": int(time.time()),
@@ -192,10 +208,10 @@ def responses_answer(name: str, document: dict[str, Any]) -> dict[str, Any]:
                       "total_tokens": len(quoted.split()) + len(reply.split())}}
 
 
-def messages_answer(name: str, document: dict[str, Any]) -> dict[str, Any]:
+def messages_answer(name: str, document: dict[str, Any], extra: str = "") -> dict[str, Any]:
     """An Anthropic Messages answer: one text block."""
     quoted = last_user_text(document)
-    reply = f"[{name}] received: {quoted}"
+    reply = f"[{name}] received: {quoted}{extra}"
     return {"id": f"msg_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant", "model": name,
             "content": [{"type": "text", "text": reply}], "stop_reason": "end_turn", "stop_sequence": None,
             "usage": {"input_tokens": len(quoted.split()), "output_tokens": len(reply.split())}}
@@ -291,14 +307,16 @@ def make_app(name: str) -> web.Application:
             return error(400, "the body must be a JSON object", headers)
         try:
             size = chunk_chars(request)
+            extra = said(request)
         except BadRequest as e:
             return error(400, str(e), headers)
         if kind == "responses":
-            answer, events = responses_answer(name, document), responses_events
+            answer, events = responses_answer(name, document, extra), responses_events
         elif kind == "messages":
-            answer, events = messages_answer(name, document), messages_events
+            answer, events = messages_answer(name, document, extra), messages_events
         else:
-            answer = completion(name, document, kind == "chat", request.headers.get(TOOL_CALL_HEADER) or None)
+            answer = completion(name, document, kind == "chat", request.headers.get(TOOL_CALL_HEADER) or None,
+                                extra)
             events = chat_events if kind == "chat" else None
         if events is not None and document.get("stream") is True:
             return await stream_events(request, events(answer, size), headers)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
+from sidecar.answers import AnswerStream
 from sidecar.pseudonyms import (
     Pseudonyms,
-    StreamRestorer,
     check_format,
     pseudonymize,
     restore_body,
@@ -87,12 +88,15 @@ def chat_chunks(pieces: list[str]) -> bytes:
     return sse(*events, {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, "[DONE]")
 
 
-def run_stream(stream: bytes, restorer: StreamRestorer, cuts: list[int]) -> bytes:
-    out, at = [], 0
-    for cut in [*cuts, len(stream)]:
-        out.append(restorer.feed(stream[at:cut]))
-        at = cut
-    return b"".join(out) + restorer.finish()
+def run_stream(stream: bytes, restorer: AnswerStream, cuts: list[int]) -> bytes:
+    async def run() -> bytes:
+        out, at = [], 0
+        for cut in [*cuts, len(stream)]:
+            out.append(await restorer.feed(stream[at:cut]))
+            at = cut
+        return b"".join(out) + await restorer.finish()
+
+    return asyncio.run(run())
 
 
 def events_of(stream: bytes) -> list[dict | str]:
@@ -114,7 +118,7 @@ def test_a_placeholder_split_between_two_events_at_every_offset_is_restored():
     text = f"Dear {person}, hello."
     at = text.index(person)
     for cut in range(at, at + len(person) + 1):
-        out = run_stream(chat_chunks([text[:cut], text[cut:]]), StreamRestorer(p), [])
+        out = run_stream(chat_chunks([text[:cut], text[cut:]]), AnswerStream(p), [])
         assert chat_text(out) == f"Dear {NAME}, hello.", cut
         assert events_of(out)[-1] == "[DONE]"
 
@@ -124,18 +128,18 @@ def test_chunk_boundaries_at_every_byte_of_the_stream_change_nothing():
     person, mail = p.placeholder("PERSON", NAME), p.placeholder("EMAIL_ADDRESS", EMAIL)
     stream = chat_chunks(["Dear <PER", f"SON_1>, mail {mail[:5]}", f"{mail[5:]} now, {person}"])
     for cut in range(1, len(stream)):
-        out = run_stream(stream, StreamRestorer(p), [cut])
+        out = run_stream(stream, AnswerStream(p), [cut])
         assert chat_text(out) == f"Dear {NAME}, mail {EMAIL} now, {NAME}", cut
 
 
 def test_at_most_a_partial_placeholder_is_held_back():
     p = Pseudonyms()
     p.placeholder("EMAIL_ADDRESS", EMAIL)
-    restorer = StreamRestorer(p)
-    out = restorer.feed(sse({"choices": [{"index": 0, "delta": {"content": "Hello there, <EMAIL_AD"}}]}))
+    restorer = AnswerStream(p)
+    out = asyncio.run(restorer.feed(sse({"choices": [{"index": 0, "delta": {"content": "Hello there, <EMAIL_AD"}}]})))
     shown = chat_text(out)
     assert shown == "Hello there, "  # "<EMAIL_AD" waits: it may be the start of a placeholder
-    out = restorer.feed(sse({"choices": [{"index": 0, "delta": {"content": "x and more"}}]}))
+    out = asyncio.run(restorer.feed(sse({"choices": [{"index": 0, "delta": {"content": "x and more"}}]})))
     assert chat_text(out) == "<EMAIL_ADx and more"  # not a placeholder after all: let go at once
 
 
@@ -147,7 +151,7 @@ def test_tool_call_arguments_streamed_in_pieces_are_restored_as_valid_json():
     events = [{"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": a}}]}}]}
               for a in pieces]
     out = run_stream(sse(*events, {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}, "[DONE]"),
-                     StreamRestorer(p), [])
+                     AnswerStream(p), [])
     text = "".join(e["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
                    for e in events_of(out) if isinstance(e, dict) and e["choices"][0]["delta"].get("tool_calls"))
     assert json.loads(text) == {"name": 'Ann "A" Lee'}
@@ -162,7 +166,7 @@ def test_anthropic_messages_stream_is_restored_block_by_block():
               {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": person[4:] + "!"}},
               {"type": "content_block_stop", "index": 0},
               {"type": "message_stop"}]
-    out = events_of(run_stream(sse(*events, name=True), StreamRestorer(p), []))
+    out = events_of(run_stream(sse(*events, name=True), AnswerStream(p), []))
     text = "".join(e["delta"]["text"] for e in out if e["type"] == "content_block_delta")
     assert text == f"Hi {NAME}!"
 
@@ -172,7 +176,7 @@ def test_a_held_piece_goes_out_before_the_event_that_ends_its_block():
     p.placeholder("PERSON", NAME)
     events = [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ends with <PERS"}},
               {"type": "content_block_stop", "index": 0}]
-    out = events_of(run_stream(sse(*events, name=True), StreamRestorer(p), []))
+    out = events_of(run_stream(sse(*events, name=True), AnswerStream(p), []))
     assert [e["type"] for e in out] == ["content_block_delta", "content_block_delta", "content_block_stop"]
     assert out[0]["delta"]["text"] + out[1]["delta"]["text"] == "ends with <PERS"
 
@@ -184,7 +188,7 @@ def test_responses_api_stream_deltas_and_the_final_response_are_restored():
     events = [{**delta, "delta": "Dear <"}, {**delta, "delta": person[1:] + "."},
               {"type": "response.output_text.done", "item_id": "m1", "text": f"Dear {person}."},
               {"type": "response.completed", "response": {"output": [{"content": [{"text": f"Dear {person}."}]}]}}]
-    out = events_of(run_stream(sse(*events, name=True), StreamRestorer(p), []))
+    out = events_of(run_stream(sse(*events, name=True), AnswerStream(p), []))
     assert "".join(e["delta"] for e in out if e["type"] == "response.output_text.delta") == f"Dear {NAME}."
     assert out[-2]["text"] == f"Dear {NAME}."
     assert out[-1]["response"]["output"][0]["content"][0]["text"] == f"Dear {NAME}."
