@@ -6,6 +6,9 @@
    ``pseudonymize``: requests/s and latency at a few clients, for JSON answers and for streamed answers of
    many small events (where each event crosses the sidecar once more), and from the streamed runs the time
    added per event.
+3. The answer scan (``response_pii: mask``) against none, on longer answers (the mock adds a paragraph with
+   an email address the request did not carry): what a scanned JSON answer and a scanned stream cost, and
+   whether the address ever reached a client.
 
     .venv/bin/python bench/pseudonymize.py [--requests 200] [--clients 8] [--out FILE]
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import statistics
 import sys
@@ -36,6 +40,10 @@ CHAT = "/v1/chat/completions"
 TEXT = ("Please tell Dana Whitfield (dana.whitfield@example.org, +1 415-555-0142) how photosynthesis turns light "
         "into chemical energy, and copy marco.rossi@example.net.")
 CHUNK_CHARS = 4
+SAID_EMAIL = "sam.leak@example.com"
+SAID = ("The light reactions split water and make ATP and NADPH; the Calvin cycle then fixes carbon dioxide "
+        "into sugars. ") * 6 + f"For the lab notes, write to {SAID_EMAIL} before Friday."
+SAY = {"x-mock-say": base64.b64encode(SAID.encode()).decode()}
 
 
 async def _restore_streams(p: Pseudonyms, stream: list[bytes], times: int) -> None:
@@ -68,10 +76,10 @@ def micro(rounds: int = 2000) -> dict:
             "json_answer_bytes": len(body)}
 
 
-def call(url: str, stream: bool) -> tuple[int, float, bytes]:
+def call(url: str, stream: bool, say: bool = False) -> tuple[int, float, bytes]:
     body = json.dumps({"model": "auto", "stream": stream,
                        "messages": [{"role": "user", "content": TEXT}]}).encode()
-    headers = {"content-type": "application/json", "x-mock-chunk-chars": str(CHUNK_CHARS)}
+    headers = {"content-type": "application/json", "x-mock-chunk-chars": str(CHUNK_CHARS), **(SAY if say else {})}
     request = urllib.request.Request(url + CHAT, data=body, method="POST", headers=headers)
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -79,25 +87,55 @@ def call(url: str, stream: bool) -> tuple[int, float, bytes]:
         return response.status, time.perf_counter() - started, data
 
 
-def load(stack: Stack, stream: bool, requests: int, clients: int) -> dict:
+def load(stack: Stack, stream: bool, requests: int, clients: int, say: bool = False) -> dict:
     """`requests` requests from `clients` threads; every answer must be 200 and free of placeholders when
     pseudonymizing (the values came back) or of the planted email when masking."""
     for _ in range(3):
-        call(stack.url, stream)  # warm up
+        call(stack.url, stream, say)  # warm up
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda _: call(stack.url, stream), range(requests)))
+        results = list(pool.map(lambda _: call(stack.url, stream, say), range(requests)))
     wall = time.perf_counter() - started
     latencies = sorted(r[1] * 1000 for r in results)
     return {"requests": requests, "clients": clients, "ok": sum(r[0] == 200 for r in results),
             "requests_per_s": round(requests / wall, 1), "p50_ms": round(statistics.median(latencies), 2),
             "p95_ms": round(latencies[int(len(latencies) * 0.95) - 1], 2),
-            "answers_with_values": sum(b"dana.whitfield@example.org" in r[2] for r in results)}
+            "answers_with_values": sum("dana.whitfield@example.org" in client_text(r[2], stream) for r in results),
+            "answers_with_said_email": sum(SAID_EMAIL in client_text(r[2], stream) for r in results)}
 
 
-def policy_overrides(action: str) -> dict:
+def client_text(answer: bytes, stream: bool) -> str:
+    """What the client reads: a JSON answer as it is, a stream's deltas joined (a value cut across events is
+    whole only there)."""
+    if not stream:
+        return answer.decode("utf-8", "replace")
+    pieces = []
+    for line in answer.decode("utf-8", "replace").splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:]).get("choices") or []:
+                pieces.append((choice.get("delta") or {}).get("content") or "")
+    return "".join(pieces)
+
+
+def policy_overrides(action: str, response_pii: str = "off") -> dict:
     policies = (yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8")) or {}).get("pii", {}).get("policies") or {}
-    return {"pii": {"default_policy": {"action": action}, "policies": {n: {"action": action} for n in policies}}}
+    policy = {"action": action, "response_pii": response_pii}
+    return {"pii": {"default_policy": policy, "policies": {n: policy for n in policies}}}
+
+
+def answer_scan(stack: Stack, requests: int, clients: int) -> dict:
+    out: dict = {}
+    for response_pii in ("off", "mask"):
+        stack.reload_sidecar(policy_overrides("mask", response_pii))
+        out[response_pii] = {"json": load(stack, False, requests, clients, say=True),
+                             "stream": load(stack, True, requests, clients, say=True)}
+    answer = call(stack.url, True, say=True)[2]
+    out["answer_chars"] = len(SAID) + len(TEXT)
+    out["window_chars"] = stack.config.pii.response_window_chars
+    out["stream_events_per_answer"] = answer.count(b"data:")
+    for kind in ("json", "stream"):
+        out[f"added_ms_per_{kind}_answer_p50"] = round(out["mask"][kind]["p50_ms"] - out["off"][kind]["p50_ms"], 2)
+    return out
 
 
 def through_envoy(requests: int, clients: int) -> dict:
@@ -108,6 +146,7 @@ def through_envoy(requests: int, clients: int) -> dict:
             out[action] = {"json": load(stack, False, requests, clients),
                            "stream": load(stack, True, requests, clients)}
         events = call(stack.url, True)[2].count(b"data:")  # the mock quotes the text back in 4-char deltas
+        out["answer_scan"] = answer_scan(stack, requests, clients)
     added = out["pseudonymize"]["stream"]["p50_ms"] - out["mask"]["stream"]["p50_ms"]
     out["stream_events_per_answer"] = events
     out["added_ms_per_sse_event_p50"] = round(added / events, 3)

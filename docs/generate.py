@@ -433,6 +433,17 @@ def pseudonymize(ps: dict) -> str:
         out.append(table(["policy", "requests/s", "p50 ms", "p95 ms", "answers with the values"], rows))
         out.append(f"Added per server-sent event (p50, {e.get('stream_events_per_answer')} events an answer): "
                    f"{e.get('added_ms_per_sse_event_p50')} ms; per JSON answer: {e.get('added_ms_per_json_answer_p50')} ms.")
+    scan = e.get("answer_scan")
+    if scan:
+        rows = [[f"response_pii: {mode}, {kind} answers", f"{run['requests_per_s']:g}", f"{run['p50_ms']:g}",
+                 f"{run['p95_ms']:g}", f"{run['answers_with_said_email']}/{run['requests']}"]
+                for mode in ("off", "mask") for kind, run in scan[mode].items()]
+        out.append(f"The answer scan, on answers of {scan['answer_chars']:,} characters that carry an email address "
+                   f"the request did not ({scan['stream_events_per_answer']} events when streamed, window "
+                   f"{scan['window_chars']} characters), every policy on `mask`:")
+        out.append(table(["policy", "requests/s", "p50 ms", "p95 ms", "answers with the new address"], rows))
+        out.append(f"Added by the scan (p50): {scan['added_ms_per_json_answer_p50']} ms per JSON answer, "
+                   f"{scan['added_ms_per_stream_answer_p50']} ms per streamed answer.")
     return "\n\n".join(out)
 
 
@@ -472,6 +483,25 @@ def multitask(root: Path) -> str:
     return "\n\n".join(out)
 
 
+def ab(result: dict) -> str:
+    """`bench/ab.py`: an earlier commit against this tree, in turns on one host."""
+    out = [report.machine_line([{**result, "bench": "ab"}])]
+    keys = [("instructions_per_request", "instructions per request", "{:,}"),
+            ("protocol_overhead_p50_ms_1", "protocol overhead, p50 at 1 connection (ms)", "{:g}"),
+            ("noop_peak_rps", "no-model rate through Envoy, best (req/s)", "{:,.0f}"),
+            ("direct_rps_1", "Envoy alone at 1 connection (req/s)", "{:,.0f}")]
+    runs = result["runs"]
+    rows = [[what] + [fmt.format(r[key]) for side in ("before", "after") for r in runs[side]]
+            for key, what, fmt in keys]
+    n = len(runs["before"])
+    header = ["measure"] + [f"{result['before']} #{i + 1}" for i in range(n)] + \
+        [f"{result['after'].split()[0]} #{i + 1}" for i in range(n)]
+    out.append(table(header, rows))
+    out.append(f"Load generator: {runs['before'][0].get('loadgen')}; rounds taken in turns, the earlier commit first "
+               f"in odd rounds and last in even ones.")
+    return "\n\n".join(out)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "models-overview": models_overview,
     **{f"models-{name}": (lambda root, name=name: model_sections(root, name)) for name in MODELS},
@@ -482,6 +512,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "bench-inference": bench_one("inference", report.inference_tables),
     "bench-long-prompts": bench_one("long_prompts", long_prompts),
     "bench-pseudonymize": bench_one("pseudonymize", pseudonymize),
+    "bench-ab": bench_one("ab", ab),
     "bench-multitask": multitask,
     "bench-envoy-pii-guarantee": bench_one("envoy-pii-guarantee", envoy_run),
     "bench-envoy-rerun": bench_one("envoy-rerun", envoy_run),

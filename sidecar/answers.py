@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import InferenceError
@@ -76,16 +77,18 @@ def _dumps(doc: Any) -> str:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
 
-@dataclass(frozen=True)
+@dataclass
 class AnswerScan:
     """How one answer is scanned: the decision maker's models and recognizers under the request's policy,
-    whose action is its ``response_pii``."""
+    whose action is its ``response_pii``. One per request."""
 
     decider: DecisionMaker
     policy: PiiPolicyConfig
     window: int
     protected: Pseudonyms | None = None
     """The request's placeholders: never personal data."""
+    masked: Counter = field(default_factory=Counter)
+    """Entity type -> how many were masked in this answer (for the log; never the values)."""
 
     async def spans(self, text: str) -> list[Span]:
         """The spans the policy keeps in `text`; `AnswerRefused` when they block it, or it cannot be scanned."""
@@ -105,7 +108,10 @@ class AnswerScan:
             raise AnswerRefused(NOT_INSPECTED) from None
         if outcome.action == Action.BLOCK:
             raise AnswerRefused(PII_IN_ANSWER, outcome.entity_types)
-        return outcome.body if outcome.body is not None else body
+        if outcome.body is None:
+            return body
+        self.masked.update(outcome.entity_counts)
+        return outcome.body
 
 
 # --- streamed answers --------------------------------------------------------------------------------------
@@ -235,8 +241,6 @@ class AnswerStream:
         self._pending = b""
         self._channels: dict[tuple, _Channel] = {}
         self.stopped: AnswerRefused | None = None
-        self.masked: dict[str, int] = {}
-        """Entity type -> how many were masked (for the log; never the values)."""
 
     async def feed(self, chunk: bytes) -> bytes:
         if self.stopped:
@@ -330,8 +334,7 @@ class AnswerStream:
         cut = len(text) if last else release_point(text, spans, self._scan.window // 2, placeholders)
         channel.unscanned = text[cut:]
         out = [s for s in spans if s.end <= cut]
-        for s in out:
-            self.masked[s.label] = self.masked.get(s.label, 0) + 1
+        self._scan.masked.update(s.label for s in out)
         if not out:
             return text[:cut]
         quote = json_inner if channel.arguments else None

@@ -120,6 +120,7 @@ class AnswerOutcome:
     action: Action  # allow | mask | block | degraded
     body: bytes | None  # the masked answer, None when nothing changed (or blocked)
     entity_types: tuple[str, ...]
+    entity_counts: dict[str, int]
     error: str | None = None  # reason code when degraded (fail_open: recognizers only)
 
 
@@ -179,6 +180,9 @@ class DecisionMaker:
         self._fallback = default_recognizers(fallback) if fallback else ()
         self._recognizers = default_recognizers(CHECKSUM_NAMES + PATTERN_NAMES)
         self._clean_paths: set[str] = set()
+        self.reads_answers = config.pii.reads_answers
+        """Some policy pseudonymizes or scans answers: requests ask Envoy for their answers."""
+        self._answer_policies: dict[str | None, PiiPolicyConfig | None] = {}
 
     def url_pii(self, path: str) -> tuple[str, ...]:
         """`_url_pii`, remembering clean paths (a handful make up nearly all traffic); a path with findings is
@@ -233,7 +237,8 @@ class DecisionMaker:
         if content_encoding:  # over the limit once decompressed: 413 in either failure mode
             body = await self._maybe_off_loop(heavy, decompress, body, content_encoding, self._max_inspect)
             heavy = heavy or len(body) > _OFF_LOOP_BYTES
-        parsed = await self._maybe_off_loop(heavy, self._read, body, kind)
+        # In place for the usual small body: a coroutine per step is measurable on the request path.
+        parsed = (await asyncio.to_thread(self._read, body, kind)) if heavy else self._read(body, kind)
         timings = {"parse": _ms_since(started)}
         case = self._body_case(parsed, kind, len(body))  # the deadline grows with what is read
         judged, outcome = await self._run(case, loop_started, timings, heavy)
@@ -243,7 +248,8 @@ class DecisionMaker:
             changed = {i: m for i, m in enumerate(outcome.masked) if m is not None}
             if judged.route.rewrite or changed:
                 model = judged.route.model if judged.route.rewrite else None
-                new_body = await self._maybe_off_loop(heavy, rewrite, body, parsed, model, changed)
+                new_body = (await asyncio.to_thread(rewrite, body, parsed, model, changed)) if heavy \
+                    else rewrite(body, parsed, model, changed)
             elif body is not raw:
                 new_body = body  # what was read goes on, never the compressed bytes (their header fields were not)
         timings["total"] = _ms_since(started)
@@ -281,10 +287,12 @@ class DecisionMaker:
     def answer_policy(self, model: str | None) -> PiiPolicyConfig | None:
         """The policy a routed request's answer is scanned under (its action the policy's ``response_pii``),
         or None when that policy does not scan answers."""
-        policy = self.config.pii.policy_for(model)
-        if policy.response_pii == "off":
-            return None
-        return policy.model_copy(update={"action": policy.response_pii})
+        key = model if model in self.config.pii.policies else None  # bounded: one per configured policy
+        if key not in self._answer_policies:
+            policy = self.config.pii.policy_for(key)
+            self._answer_policies[key] = None if policy.response_pii == "off" else \
+                policy.model_copy(update={"action": policy.response_pii})
+        return self._answer_policies[key]
 
     async def scan_answer(self, body: bytes, policy: PiiPolicyConfig, protected: Pseudonyms | None = None
                           ) -> AnswerOutcome:
@@ -302,7 +310,7 @@ class DecisionMaker:
                          size=len(body), routable=False)
         else:
             case = self._body_case(parsed, Kind.GENERIC, len(body))
-        judged = await self._judge(case, loop_started, {}, None)
+        judged = await self._judge(case, loop_started, {}, None, answer=True)
         outcome = await self._maybe_off_loop(heavy, self._settle, case, judged, policy, protected)
         action = outcome.action(degraded=judged.error is not None)
         changed = {i: m for i, m in enumerate(outcome.masked) if m is not None}
@@ -312,7 +320,8 @@ class DecisionMaker:
                 new_body = changed[0].encode("utf-8")
             else:
                 new_body = await self._maybe_off_loop(heavy, rewrite, body, parsed, None, changed)
-        return AnswerOutcome(action, new_body, outcome.verdict.types, judged.error)
+        counts = dict(Counter(s.label for s in outcome.verdict.kept_spans))
+        return AnswerOutcome(action, new_body, outcome.verdict.types, counts, judged.error)
 
     async def scan_answer_texts(self, texts: list[str], policy: PiiPolicyConfig,
                                 protected: Pseudonyms | None = None) -> PolicyOutcome:
@@ -320,7 +329,7 @@ class DecisionMaker:
         loop_started = asyncio.get_running_loop().time()
         case = _Case(texts=texts, category_text="", requested=None, routed=False, size=sum(map(len, texts)),
                      routable=False)
-        judged = await self._judge(case, loop_started, {}, None)
+        judged = await self._judge(case, loop_started, {}, None, answer=True)
         return self._settle(case, judged, policy, protected)
 
     # --- the pipeline every entry point runs -------------------------------------------------------------
@@ -332,7 +341,7 @@ class DecisionMaker:
         judged = await self._judge(case, loop_started, timings, self._check_size(case.size))
         if not case.routable:
             judged = _Judgement(Route(None, rewrite=False, reason=RouteReason.UNROUTED), judged.spans, judged.error)
-        return judged, await self._maybe_off_loop(heavy, self._settle, case, judged)
+        return judged, (await asyncio.to_thread(self._settle, case, judged)) if heavy else self._settle(case, judged)
 
     def _body_case(self, parsed: ParsedRequest, kind: Kind, size: int) -> _Case:
         routable = kind in ROUTED_KINDS
@@ -350,10 +359,12 @@ class DecisionMaker:
                      size=size)
 
     async def _judge(self, case: _Case, started: float, timings: dict[str, float],
-                     too_large: BodyTooLarge | None) -> _Judgement:
+                     too_large: BodyTooLarge | None, answer: bool = False) -> _Judgement:
         """The models' part of a decision under its deadline, or under fail_open the degraded route with the
-        reason code when they could not answer (fail_closed raises instead)."""
-        deadline = self._models_deadline(case.size, started)
+        reason code when they could not answer (fail_closed raises instead). An answer's scan may take up to
+        ``failure.max_timeout_ms`` whatever its size: the backend's work is done, and a scan refused for
+        time would throw it away."""
+        deadline = self._models_deadline(case.size, started, cap=answer)
         try:
             if too_large is not None:
                 raise too_large
@@ -418,11 +429,13 @@ class DecisionMaker:
                 await asyncio.wait(pending)
         return results[0], results[1]
 
-    def _models_deadline(self, size: int, started: float) -> float:
+    def _models_deadline(self, size: int, started: float, cap: bool = False) -> float:
         """Event-loop time by which the models must have answered for a body of `size` bytes whose decision
-        started at `started`: the grown deadline less the reserve the no-model fallback needs."""
+        started at `started`: the grown deadline (`cap`: its cap) less the reserve the no-model fallback
+        needs."""
         reserve = _FALLBACK_S + _FALLBACK_S_PER_MIB * size / (1 << 20)
-        return started + self.config.failure.timeout_s(size) - reserve
+        failure = self.config.failure
+        return started + (failure.max_timeout_ms / 1000 if cap else failure.timeout_s(size)) - reserve
 
     def _check_size(self, size: int) -> BodyTooLarge | None:
         """The error for a body over ``failure.max_inspect_bytes`` (raised at once under fail_closed: a 413

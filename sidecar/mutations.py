@@ -216,6 +216,7 @@ def response_headers_response(remove: list[str]) -> ProcessingResponse:
 def answer_withheld_response(status: int, code: str, body: bytes) -> ProcessingResponse:
     """The backend's answer does not reach the client: Envoy answers with `status` and `body` (an error of
     the client's API) in its place."""
-    headers = HeaderMutation(set_headers=[header("content-type", "application/json"), header(REASON, code)])
+    headers = HeaderMutation(set_headers=[header("content-type", "application/json"), header(ACTION, Action.REJECTED),
+                                          header(REASON, code)])
     return ProcessingResponse(immediate_response=ImmediateResponse(
         status=HttpStatus(code=status), headers=headers, body=body, details=f"semantic_sidecar_{code}"))

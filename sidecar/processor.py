@@ -32,7 +32,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 
 from sidecar import mutations
-from sidecar.answers import Answer, AnswerRefused, AnswerScan, error_document
+from sidecar.answers import NOT_INSPECTED, Answer, AnswerRefused, AnswerScan, error_document, error_event
 from sidecar.app import App, AppHolder
 from sidecar.errors import BodyTooLarge, EmptyBody, InferenceError, NotBuffered, RequestError
 from sidecar.logs import exception_fields, get_logger
@@ -111,6 +111,9 @@ def attribute_path(request: ProcessingRequest) -> str | None:
             return value.string_value
     return None
 
+
+PHASES = {phase.value: phase for phase in Phase}
+"""Phase by oneof field name: a dict lookup, cheaper per message than ``Phase(name)``."""
 
 DUPLEX_MODES = frozenset({ProcessingMode.FULL_DUPLEX_STREAMED, ProcessingMode.GRPC})
 """Body modes where Envoy sends chunks without waiting and forwards only the body the server returns."""
@@ -250,6 +253,7 @@ class RoutingProcessor(Processor):
         self.answer = Answer(self.pseudonyms, self.answer_scan, self.kind, header_value(msg, "content-type"),
                              header_value(msg, "content-encoding"), self.app.config.failure.max_inspect_bytes)
         if self.answer.refused is not None:  # encoded: it cannot be scanned, and nothing has gone out yet
+            self.log_answer()
             return self.withhold(self.answer.refused)
         return mutations.response_headers_response(self.answer.remove_headers)
 
@@ -262,6 +266,21 @@ class RoutingProcessor(Processor):
         if self.answer.refused is not None and msg.end_of_stream:
             return self.withhold(self.answer.refused)
         return mutations.continue_response(Phase.RESPONSE_BODY, body=out)
+
+    def on_unexpected(self, phase: Phase, exc: Exception) -> ProcessingResponse:
+        """A failure while scanning an answer withholds it (the chunk at hand would otherwise pass unread): a
+        whole answer is replaced, a stream ends with an error event and sends nothing more."""
+        if self.answer_scan is None or phase not in (Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY):
+            return super().on_unexpected(phase, exc)
+        log.error("processor_error", request_id=self.request_id, path=self.log_path, phase=phase,
+                  **exception_fields(exc))
+        refused = AnswerRefused(NOT_INSPECTED)
+        stream = self.answer.stream if self.answer is not None else None
+        if phase == Phase.RESPONSE_BODY and stream is not None:
+            first = stream.stopped is None
+            stream.stopped = refused
+            return mutations.continue_response(phase, body=error_event(self.kind, refused) if first else b"")
+        return self.withhold(refused)
 
     def withhold(self, refused: AnswerRefused) -> ProcessingResponse:
         """The answer is replaced by an error of the client's API (its values never leave the sidecar)."""
@@ -276,10 +295,10 @@ class RoutingProcessor(Processor):
             log.warning("answer_not_restored", request_id=self.request_id, path=self.log_path,
                         reason=answer.given_up)
         if self.answer_scan is not None:
-            masked = dict(stream.masked) if stream is not None else None
             log.info("answer", request_id=self.request_id, path=self.log_path, streamed=answer.streamed,
                      withheld=refused.code if refused is not None else None,
-                     pii_types=list(refused.types) if refused is not None else None, masked=masked)
+                     pii_types=list(refused.types) if refused is not None else None,
+                     masked=dict(self.answer_scan.masked))
             self.metrics.observe_answer(refused.code if refused is not None else "passed")
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
@@ -290,7 +309,7 @@ class RoutingProcessor(Processor):
             if self.kind != Kind.GENERIC:
                 return self.bad_body(EmptyBody("the request has no body"), Phase.REQUEST_HEADERS)
             self.finished = True  # a bodyless request on another path (GET /v1/models): nothing to read
-        if not self.finished and self.app.config.pii.reads_answers:
+        if not self.finished and self.app.decider.reads_answers:
             # The policy is known only once the body is routed, but the answer's phases must be asked for
             # now: every request whose answer may be restored or scanned asks, and an answer that needs
             # neither just passes. Without Accept-Encoding the backend answers in plain text the sidecar
@@ -423,7 +442,7 @@ class Stream:
         if name is None:
             log.warning("unknown_message", request_id=self.processor.request_id if self.processor else None)
             return None
-        phase = Phase(name)  # the oneof's fields are exactly the phases
+        phase = PHASES[name]  # the oneof's fields are exactly the phases
         if self.processor is None:
             path = header_value(request.request_headers, PATH_HEADER) if phase == Phase.REQUEST_HEADERS \
                 else attribute_path(request)

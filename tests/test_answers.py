@@ -64,8 +64,10 @@ async def run(stream: AnswerStream, data: bytes, size: int) -> bytes:
 # --- whole answers -------------------------------------------------------------------------------------------
 
 async def test_a_json_answer_is_masked_and_its_identifiers_are_left_alone():
-    out = json.loads(await scan_for().body(chat_answer(SAID)))
+    scan = scan_for()
+    out = json.loads(await scan.body(chat_answer(SAID)))
     assert out["choices"][0]["message"]["content"] == MASKED
+    assert scan.masked == {"PERSON": 1, "EMAIL_ADDRESS": 1, "CREDIT_CARD": 1}
     assert (out["id"], out["model"], out["choices"][0]["finish_reason"]) == ("chatcmpl-1", "small", "stop")
 
 
@@ -100,6 +102,13 @@ async def test_an_answer_that_cannot_be_scanned_is_withheld_under_fail_closed():
     assert answer.refused is not None and answer.refused.code == NOT_INSPECTED and answer.refused.status == 503
 
 
+async def test_an_answer_scan_may_take_the_capped_deadline_whatever_its_size():
+    engine = FakeEngine()
+    now = asyncio.get_running_loop().time()
+    await scan_for(engine=engine).body(chat_answer("A short answer."))
+    assert 2.5 < engine.deadlines[-1] - now < 2.7  # failure.max_timeout_ms, not 250 ms for a small body
+
+
 async def test_under_fail_open_a_failed_scan_still_masks_what_the_recognizers_find():
     scan = scan_for(engine=FakeEngine(pii_error=InferenceError("model down")), inference="fail_open")
     out = json.loads(await scan.body(chat_answer(f"Write to {EMAIL}.")))
@@ -125,11 +134,11 @@ async def test_without_a_scan_an_oversized_answer_passes_as_it_came():
 @pytest.mark.parametrize("window", [32, 40, 48, 64])
 @pytest.mark.parametrize("size", [1, 3, 5, 13, 40])
 async def test_a_streamed_answer_cut_anywhere_is_masked_whole(size, window):
-    stream = AnswerStream(Pseudonyms(), scan_for(window=window), Kind.CHAT)
-    out = await run(stream, chat_stream(SAID, size), 7)
+    scan = scan_for(window=window)
+    out = await run(AnswerStream(Pseudonyms(), scan, Kind.CHAT), chat_stream(SAID, size), 7)
     assert streamed_text(out) == MASKED
     assert EMAIL.encode() not in out and b"1111 1111" not in out and NAME.encode() not in out
-    assert stream.masked == {"PERSON": 1, "EMAIL_ADDRESS": 1, "CREDIT_CARD": 1}
+    assert scan.masked == {"PERSON": 1, "EMAIL_ADDRESS": 1, "CREDIT_CARD": 1}
     assert events_of(out)[-1] == "[DONE]"
 
 

@@ -9,8 +9,10 @@ import json
 
 import grpc
 import pytest
-from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, ProcessingRequest
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest
 
+from sidecar.answers import AnswerScan
 from sidecar.api.v1 import router_pb2
 from sidecar.config import LoggingConfig
 from sidecar.errors import InferenceTimeout, Overloaded
@@ -267,6 +269,43 @@ async def test_full_duplex_response_body_is_echoed_on_every_path(start):
         resp = await ex.send(ProcessingRequest(response_body=HttpBody(body=b'{"ok": 1}', end_of_stream=True)))
         assert common(resp).body_mutation.streamed_response.body == b'{"ok": 1}'
         ex.call.cancel()
+
+
+def answer_headers(content_type: str) -> ProcessingRequest:
+    headers = HeaderMap(headers=[HeaderValue(key="content-type", raw_value=content_type.encode())])
+    return ProcessingRequest(response_headers=HttpHeaders(headers=headers))
+
+
+def answer_chunk(data: bytes, end: bool = False) -> ProcessingRequest:
+    return ProcessingRequest(response_body=HttpBody(body=data, end_of_stream=end))
+
+
+async def test_a_failure_while_scanning_an_answer_withholds_it_and_never_passes_the_chunk(start, monkeypatch):
+    async def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug in the scan")
+
+    monkeypatch.setattr(AnswerScan, "spans", broken)
+    monkeypatch.setattr(AnswerScan, "body", broken)
+    sc = await start(make_config(pii={"response_window_chars": 32, "default_policy": {"response_pii": "mask"}}))
+    said = b"Sure, mail leak@example.com about it and anything else you need to know today."
+    # A streamed answer: the chunk at hand becomes one error event; the rest of the stream is dropped.
+    ex = Exchange(sc.ext_proc)
+    await ex.send(headers_msg())
+    await ex.send(body_msg(chat_body("hello there")))
+    await ex.send(answer_headers("text/event-stream"))
+    event = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": said.decode()}}]}).encode() + b"\n\n"
+    first = new_body(await ex.send(answer_chunk(event)))
+    assert b"leak@example.com" not in first and json.loads(first[6:])["error"]["code"] == "answer_not_inspected"
+    assert new_body(await ex.send(answer_chunk(event, end=True))) == b""
+    ex.call.cancel()
+    # A JSON answer: replaced by a 503 of the client's API.
+    ex = Exchange(sc.ext_proc)
+    await ex.send(headers_msg())
+    await ex.send(body_msg(chat_body("hello there")))
+    await ex.send(answer_headers("application/json"))
+    status, error = immediate(await ex.send(answer_chunk(b'{"choices": [{"message": {"content": "' + said + b'"}}]}', True)))
+    assert status == 503 and error["error"]["code"] == "answer_not_inspected"
+    ex.call.cancel()
 
 
 # --- failure policy ----------------------------------------------------------------------------------------

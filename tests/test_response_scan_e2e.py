@@ -118,7 +118,7 @@ def test_a_json_answer_with_personal_data_under_block_is_withheld(gateway, api):
     status, headers, answer = call(gateway, api, ask(api, "humanities-expert", "Who wrote Hamlet?"), SAY)
     assert status == 502, answer
     assert SAID_EMAIL.encode() not in answer and SAID_CARD.encode() not in answer
-    assert headers["x-router-reason"] == "pii_in_answer"
+    assert (headers["x-router-action"], headers["x-router-reason"]) == ("rejected", "pii_in_answer")
     error = json.loads(answer)
     assert "EMAIL_ADDRESS" in json.dumps(error)
     if api == MESSAGES:
@@ -154,9 +154,12 @@ def test_without_response_pii_the_answer_passes_as_the_backend_wrote_it(gateway,
     assert answer_text(CHAT, answer, stream) == f"[general] received: What is two plus two? {SAID}"
 
 
-def test_the_sidecar_logs_the_scan_by_type_and_never_the_values(gateway: Stack):
-    call(gateway, CHAT, ask(CHAT, "math-expert", "What is two plus two?", True), {**SAY, CHUNK: "5"})
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_the_sidecar_logs_the_scan_by_type_and_never_the_values(gateway: Stack, stream):
+    _, headers, _ = call(gateway, CHAT, ask(CHAT, "math-expert", "What is two plus two?", stream), {**SAY, CHUNK: "5"})
+    request_id = only(gateway.received()).headers["x-request-id"]
     log = (gateway.workdir / "logs" / "sidecar.log").read_text(encoding="utf-8")
     assert SAID_EMAIL not in log and SAID_CARD not in log
-    answers = [json.loads(line) for line in log.splitlines() if '"event":"answer"' in line.replace(" ", "")]
-    assert any(a.get("masked") == {"CREDIT_CARD": 1, "EMAIL_ADDRESS": 1} for a in answers), answers
+    [answer] = [a for a in map(json.loads, log.splitlines()[-50:])
+                if a.get("event") == "answer" and a.get("request_id") == request_id]
+    assert answer["masked"] == {"CREDIT_CARD": 1, "EMAIL_ADDRESS": 1} and answer["streamed"] is stream
