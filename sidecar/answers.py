@@ -108,6 +108,8 @@ class AnswerScan:
             raise AnswerRefused(NOT_INSPECTED) from None
         if outcome.action == Action.BLOCK:
             raise AnswerRefused(PII_IN_ANSWER, outcome.entity_types)
+        if outcome.action == Action.REJECTED:
+            raise AnswerRefused(NOT_INSPECTED)
         if outcome.body is None:
             return body
         self.masked.update(outcome.entity_counts)
@@ -143,6 +145,10 @@ def _set(doc: Any, path: Path, value: Any) -> None:
     doc[path[-1]] = value
 
 
+_CHAT_TEXT = ("content", "reasoning_content", "reasoning", "refusal")
+"""Chat delta fields that stream text."""
+
+
 def _deltas(event: dict) -> Iterable[tuple[tuple, Path, bool]]:
     """The streamed text pieces of one event of any of the three APIs: (channel key, path, is JSON)."""
     kind = event.get("type")
@@ -150,10 +156,14 @@ def _deltas(event: dict) -> Iterable[tuple[tuple, Path, bool]]:
         delta = event.get("delta") or {}
         for key, is_json in (("text", False), ("partial_json", True), ("thinking", False)):
             if isinstance(delta.get(key), str):
-                yield ("block", event.get("index")), ("delta", key), is_json
+                yield ("block", event.get("index"), key), ("delta", key), is_json
+    elif kind == "content_block_start":  # a block may start with text that its deltas continue
+        block = event.get("content_block")
+        if isinstance(block, dict) and isinstance(block.get("text"), str):
+            yield ("block", event.get("index"), "text"), ("content_block", "text"), False
     elif (isinstance(kind, str) and kind.startswith("response.") and kind.endswith(".delta")  # Responses
           and isinstance(event.get("delta"), str)):
-        channel = ("item", event.get("item_id"), event.get("output_index"), event.get("content_index"))
+        channel = ("item", event.get("item_id"), event.get("output_index"), event.get("content_index"), kind)
         yield channel, ("delta",), "arguments" in kind
     for i, choice in enumerate(event.get("choices") or []):  # chat and legacy completions
         if not isinstance(choice, dict):
@@ -161,16 +171,25 @@ def _deltas(event: dict) -> Iterable[tuple[tuple, Path, bool]]:
         index = choice.get("index", i)
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            for key in ("content", "reasoning_content"):
-                if isinstance(delta.get(key), str):
-                    yield ("choice", index, key), ("choices", i, "delta", key), False
-            for j, call in enumerate(delta.get("tool_calls") or []):
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    yield (("call", index, call.get("index", j)), ("choices", i, "delta", "tool_calls", j,
-                                                                    "function", "arguments"), True)
-        elif isinstance(choice.get("text"), str):
+            yield from _chat_delta(delta, index, ("choices", i, "delta"))
+        if isinstance(choice.get("text"), str):
             yield ("choice", index, "text"), ("choices", i, "text"), False
+
+
+def _chat_delta(delta: dict, index: Any, at: Path) -> Iterable[tuple[tuple, Path, bool]]:
+    for key in _CHAT_TEXT:
+        if isinstance(delta.get(key), str):
+            yield ("choice", index, key), (*at, key), False
+    audio = delta.get("audio")
+    if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
+        yield ("choice", index, "audio"), (*at, "audio", "transcript"), False
+    function = delta.get("function_call")  # the legacy single function call
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        yield ("call", index, "function_call"), (*at, "function_call", "arguments"), True
+    for j, call in enumerate(delta.get("tool_calls") or []):
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            yield ("call", index, call.get("index", j)), (*at, "tool_calls", j, "function", "arguments"), True
 
 
 def _ends(event: dict) -> Callable[[tuple], bool] | None:
@@ -178,7 +197,8 @@ def _ends(event: dict) -> Callable[[tuple], bool] | None:
     kind = event.get("type")
     if kind == "content_block_stop":
         return lambda ch: ch[:2] == ("block", event.get("index"))
-    if kind in ("message_stop", "message_delta", "response.completed", "response.incomplete", "response.failed"):
+    if kind in ("message_stop", "message_delta", "response.completed", "response.incomplete", "response.failed",
+                "error") or "error" in event:
         return lambda ch: True
     if isinstance(kind, str) and kind.startswith("response.") and kind.endswith(".done"):
         return lambda ch: ch[0] == "item" and ch[1] == event.get("item_id")
@@ -191,14 +211,21 @@ def _ends(event: dict) -> Callable[[tuple], bool] | None:
 
 IDENTIFIER_KEYS = STRUCTURAL_KEYS | frozenset({"item_id", "response_id", "system_fingerprint", "obfuscation", "name"})
 """Keys whose strings in a stream event are identifiers, padding or tool names: an event with nothing else
-besides its streamed pieces is not scanned whole (most events of every stream)."""
+besides its streamed pieces is not scanned whole (most events of every stream), but these values still go
+through the recognizers, and a hit withholds the answer."""
+LONG_NUMBER = 10**8
+"""A JSON number this large may be an account or card number: its event is scanned whole."""
 
 
 def _has_text(doc: Any, key: str | None = None) -> bool:
     """Whether an event carries text beyond its streamed pieces (a ``.done`` event's whole text, a final
-    response): such an event is scanned whole."""
+    response, a long number): such an event is scanned whole."""
     if isinstance(doc, str):
         return len(doc) > 1 and key not in IDENTIFIER_KEYS
+    if isinstance(doc, bool):
+        return False
+    if isinstance(doc, int | float):
+        return abs(doc) >= LONG_NUMBER
     if isinstance(doc, list):
         return any(_has_text(v, key) for v in doc)
     if isinstance(doc, dict):
@@ -206,15 +233,49 @@ def _has_text(doc: Any, key: str | None = None) -> bool:
     return False
 
 
+def _identifiers(doc: Any, key: str | None = None) -> Iterable[str]:
+    """The identifier strings of an event (`IDENTIFIER_KEYS`): for the recognizers."""
+    if isinstance(doc, str):
+        if key in IDENTIFIER_KEYS:
+            yield doc
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _identifiers(v, key)
+    elif isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _identifiers(v, k)
+
+
+_ENVELOPE = frozenset({"id", "object", "created", "model", "type", "index", "item_id", "output_index",
+                       "content_index"})
+"""What an event carried out of its channel's last event keeps at the top; below it only ``index`` and
+``type``, so that a client that appends every string of a delta (ids, names, roles) sees nothing twice."""
+
+
+def _skeleton(template: Any, path: Path, text: str, top: bool = True) -> Any:
+    """`template` pruned to the way to `path` (with `text` at its end) and the fields that say where it is."""
+    if not path:
+        return text
+    key, rest = path[0], path[1:]
+    if isinstance(template, list):
+        return [_skeleton(template[key], rest, text, False)]
+    keep = _ENVELOPE if top else ("index", "type")
+    out = {k: v for k, v in template.items() if k in keep and not isinstance(v, dict | list)}
+    out[key] = _skeleton(template[key], rest, text, False)
+    return out
+
+
 def release_point(text: str, spans: list[Span], keep: int, placeholders: list[tuple[int, int]]) -> int:
     """How much of scanned `text` may go out, keeping about `keep` characters back: cut after whitespace,
-    never inside a span (the whole span goes, masked) nor inside a placeholder."""
+    never inside a span (the whole span goes, masked) nor inside a placeholder; 0 (nothing yet) when there is
+    no whitespace to cut after, since a cut inside a word may cut an entity the scan could not see whole."""
     cut = len(text) - keep
     if cut <= 0:
         return 0
-    space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
-    if space > 0:
-        cut = space + 1
+    space = max(text.rfind(c, 0, cut) for c in " \n\t\r")
+    if space < 0:
+        return 0
+    cut = space + 1
     for s in spans:
         if s.start < cut < s.end:
             cut = s.end
@@ -224,13 +285,22 @@ def release_point(text: str, spans: list[Span], keep: int, placeholders: list[tu
     return cut
 
 
+HOLD_LIMIT = 8
+"""A stream text with no whitespace for this many windows cannot be cut safely: the answer is withheld."""
+_LINE = re.compile(r"\r\n|\r|\n")
+_ESCAPED = re.compile(r"\\u([0-9A-Fa-f]{4})")
+
+
 class AnswerStream:
     """A server-sent-event stream of any of the three APIs, restored (and scanned) as the bytes arrive.
 
-    Bytes are cut into events at blank lines (an unfinished event waits for its end, up to `max_event_bytes`);
-    each event's streamed text pieces go through their channel's scan window and placeholder hold-back, every
-    other string is restored whole. Events that are not JSON (``[DONE]``) pass as they are, after the held
-    text of every channel. A refused stream (`stopped`) ends with one error event."""
+    Bytes are cut into events at blank lines (CR, LF or CRLF, as the standard allows; an unfinished event
+    waits for its end, up to `max_event_bytes`); each event's streamed text pieces go through their channel's
+    scan window and placeholder hold-back, every other string is restored whole. Events that are not JSON
+    (``[DONE]``) pass as they are, after the held text of every channel. Under a scan, what is not JSON data
+    is not passed on (comments become ``:``, ``id:`` lines and event names that are not the data's type go),
+    and a data payload that is neither JSON nor ``[DONE]`` withholds the answer. A refused stream (`stopped`)
+    ends with one error event."""
 
     def __init__(self, pseudonyms: Pseudonyms, scan: AnswerScan | None = None, kind: Kind | None = None,
                  max_event_bytes: int = 1 << 20):
@@ -239,12 +309,18 @@ class AnswerStream:
         self._kind = kind
         self._max_event = max_event_bytes
         self._pending = b""
+        self._started = False
         self._channels: dict[tuple, _Channel] = {}
+        self._closed: set[tuple] = set()
+        self._done = False
         self.stopped: AnswerRefused | None = None
 
     async def feed(self, chunk: bytes) -> bytes:
         if self.stopped:
             return b""
+        if not self._started and chunk:
+            self._started = True
+            chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark before the first event
         self._pending += chunk
         out = []
         try:
@@ -258,17 +334,16 @@ class AnswerStream:
         return b"".join(out)
 
     async def finish(self) -> bytes:
-        """The end of the stream: any held text, and an unfinished event as it came (scanned whole)."""
+        """The end of the stream: any held text, and an unfinished event (handled as a whole one)."""
         if self.stopped:
             return b""
         try:
-            tail = await self._flush(lambda ch: True)
             rest, self._pending = self._pending, b""
-            if rest and self._scan is not None:
-                rest = await self._scan.body(rest)
+            last = await self._event(rest) if rest.strip() else b""
+            tail = await self._flush(lambda ch: True)
         except AnswerRefused as refused:
             return self._stop([], refused)
-        return tail + (self._p.restore(rest.decode("utf-8", "replace")).encode("utf-8") if rest else b"")
+        return last + tail
 
     def _stop(self, out: list[bytes], refused: AnswerRefused) -> bytes:
         """Events already whole go out; held text and the rest of the stream never do."""
@@ -278,7 +353,9 @@ class AnswerStream:
         return b"".join(out) + error_event(self._kind, refused)
 
     async def _event(self, raw: bytes) -> bytes:
-        lines = raw.decode("utf-8", "replace").split("\n")
+        if not raw.strip():
+            return b""
+        lines = _LINE.split(raw.decode("utf-8", "replace"))
         data_at = [i for i, line in enumerate(lines) if line.startswith("data:")]
         payload = "\n".join(lines[i][5:].removeprefix(" ") for i in data_at)
         try:
@@ -286,33 +363,65 @@ class AnswerStream:
         except ValueError:
             event = None
         name = next((line[6:].strip() for line in lines if line.startswith("event:")), None)
+        head = self._head(lines, event)
         if not isinstance(event, dict):
-            before = await self._flush(lambda ch: True) if payload.strip() == "[DONE]" else b""
-            if self._scan is not None and payload.strip() not in ("", "[DONE]"):
-                raw = await self._scan.body(raw)
-            return before + self._p.restore(raw.decode("utf-8", "replace")).encode("utf-8") + b"\n\n"
+            done = payload.strip() == "[DONE]"
+            before = await self._flush(lambda ch: True) if done else b""
+            self._done = self._done or done
+            if self._scan is not None and data_at and not done:
+                raise AnswerRefused(NOT_INSPECTED)  # not the JSON of any of the three APIs: not read
+            if self._scan is not None:
+                kept = head + [lines[i] for i in data_at]
+                return before + (_encode("\n".join(kept)) + b"\n\n" if kept else b"")
+            return before + _encode(self._p.restore("\n".join(lines))) + b"\n\n"
         ends = _ends(event)
         pieces = list(_deltas(event))
         here = {key for key, _, _ in pieces}
         # A channel this event ends gets its held text out first, unless the event carries a piece of it.
         before = await self._flush(lambda ch: ends(ch) and ch not in here) if ends else b""
+        if self._scan is not None and name not in (event.get("type"), "error"):
+            name = None  # under a scan an event name that is not the data's type could carry text
         event = await self._rewrite_event(event, name, pieces, ends)
-        head = [line for line in lines if not line.startswith("data:")]
-        body = "\n".join(head + ["data: " + _dumps(event)])
-        return before + body.encode("utf-8") + b"\n\n"
+        return before + _encode("\n".join(head + ["data: " + _dumps(event)])) + b"\n\n"
+
+    def _head(self, lines: list[str], event: Any) -> list[str]:
+        """An event's lines other than its data, as they go on: all of them without a scan; under a scan
+        only what cannot carry text (an event name that is the data's type, a retry interval, empty
+        comments)."""
+        head = [line for line in lines if not line.startswith("data:") and line]
+        if self._scan is None:
+            return head
+        kind = event.get("type") if isinstance(event, dict) else None
+        safe = []
+        for line in head:
+            if line.startswith(":"):
+                safe.append(":")
+            elif (line.startswith("event:") and line[6:].strip() in (kind, "error")) or \
+                    (line.startswith("retry:") and line[6:].strip().isdigit()):
+                safe.append(line)
+        return safe
 
     async def _rewrite_event(self, event: dict, name: str | None, pieces: list,
                              ends: Callable[[tuple], bool] | None) -> dict:
         texts = {path: _get(event, path) for _, path, _ in pieces}
         for path in texts:
             _set(event, path, "\0")  # kept out of the whole-event passes below
-        if self._scan is not None and _has_text(event):
-            event = json.loads(await self._scan.body(_dumps(event).encode("utf-8")))
+        if self._scan is not None:
+            found = self._scan.decider.header_pii(list(_identifiers(event)))
+            if found:
+                raise AnswerRefused(PII_IN_ANSWER, found)
+            if _has_text(event):
+                event = json.loads(await self._scan.body(_dumps(event).encode("utf-8")))
         event = restore_json(event, self._p)
         for key, path, is_json in pieces:
+            piece = texts[path]
+            if self._scan is not None and piece and (self._done or key in self._closed):
+                raise AnswerRefused(NOT_INSPECTED)  # text after its end: a client would append it unscanned
             channel = self._channels.setdefault(key, _Channel())
             channel.template, channel.path, channel.event_name, channel.arguments = event, path, name, is_json
-            _set(event, path, await self._take(channel, texts[path], last=bool(ends and ends(key))))
+            _set(event, path, await self._take(channel, piece, last=bool(ends and ends(key))))
+        if ends:
+            self._closed.update(key for key in self._channels if ends(key))
         return event
 
     async def _take(self, channel: _Channel, piece: str, last: bool) -> str:
@@ -330,8 +439,12 @@ class AnswerStream:
             channel.unscanned = text
             return ""
         spans = await self._scan.spans(text)
+        if channel.arguments and _ESCAPED.search(text):
+            await self._check_escaped(text, spans)
         placeholders = self._p.ranges(text)
         cut = len(text) if last else release_point(text, spans, self._scan.window // 2, placeholders)
+        if cut == 0 and len(text) > HOLD_LIMIT * self._scan.window:
+            raise AnswerRefused(NOT_INSPECTED)
         channel.unscanned = text[cut:]
         out = [s for s in spans if s.end <= cut]
         self._scan.masked.update(s.label for s in out)
@@ -340,8 +453,17 @@ class AnswerStream:
         quote = json_inner if channel.arguments else None
         return anonymize(text[:cut], out, self._scan.policy, quote=quote).text
 
+    async def _check_escaped(self, text: str, spans: list[Span]) -> None:
+        """Streamed JSON that spells characters as ``\\uXXXX`` reads differently once decoded: when the decoded
+        text holds more personal data than the text as sent, the masks would miss it, so the answer is
+        withheld."""
+        decoded = _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), text)
+        if len(await self._scan.spans(decoded)) > len(spans):
+            raise AnswerRefused(NOT_INSPECTED)
+
     async def _flush(self, which: Callable[[tuple], bool]) -> bytes:
-        """Events carrying the held text of the channels `which` selects, cloned from each one's last event."""
+        """Events carrying the held text of the channels `which` selects, built from each one's last event
+        pruned to the channel's own field (`_skeleton`)."""
         out = []
         for key, channel in list(self._channels.items()):
             if not which(key) or channel.template is None or not (channel.held or channel.unscanned):
@@ -349,25 +471,24 @@ class AnswerStream:
             text = await self._take(channel, "", last=True)
             if not text:
                 continue
-            event = json.loads(_dumps(channel.template))
-            _clear_finish(event)
-            _set(event, channel.path, text)
+            event = _skeleton(channel.template, channel.path, text)
             lines = ([f"event: {channel.event_name}"] if channel.event_name else []) + ["data: " + _dumps(event)]
-            out.append("\n".join(lines).encode("utf-8") + b"\n\n")
+            out.append(_encode("\n".join(lines)) + b"\n\n")
         return b"".join(out)
 
 
-def _clear_finish(event: dict) -> None:
-    for choice in event.get("choices") or []:
-        if isinstance(choice, dict) and "finish_reason" in choice:
-            choice["finish_reason"] = None
+def _encode(text: str) -> bytes:
+    """UTF-8; a lone surrogate (an emoji cut in two by the backend) goes out as its JSON escape."""
+    return text.encode("utf-8", "backslashreplace")
 
 
-_BLANK = re.compile(rb"\r?\n\r?\n")
+_BLANK = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+_SSE_START = re.compile(rb"(?:\xef\xbb\xbf)?\s*(?:data:|event:|id:|retry:|:)")
 
 
 def _event_end(buffer: bytes) -> tuple[int, int] | None:
-    """(end of the first complete event, start of the next) in `buffer`, or None."""
+    """(end of the first complete event, start of the next) in `buffer`, or None. (A CRLF cut between two
+    chunks reads as two line ends: at worst one more, empty, event.)"""
     m = _BLANK.search(buffer)
     return (m.start(), m.end()) if m else None
 
@@ -406,8 +527,9 @@ class Answer:
         """A whole answer withheld: the processor answers with this error instead."""
         if scan is not None and not readable:
             self.refused = AnswerRefused(NOT_INSPECTED)
-        # A whole answer changes length (and is sent decoded): the headers that describe the old bytes go.
-        self.remove_headers = ["content-length"] if self._held is not None or self.refused else []
+        # A rewritten answer changes length: the header that describes the old bytes goes.
+        self.remove_headers = ["content-length"]
+        self._kind = kind
 
     async def chunk(self, body: bytes, end: bool) -> bytes:
         """What goes on in place of this chunk of the answer."""
@@ -430,6 +552,10 @@ class Answer:
         self._held = None
         if not body:
             return body
+        if self._scan is not None and _SSE_START.match(body):
+            # Events without their content type: a client that asked for a stream reads them as one.
+            stream = AnswerStream(self._p, self._scan, self._kind, self._max)
+            return await stream.feed(body) + await stream.finish()
         if self._scan is not None:
             try:
                 body = await self._scan.body(body)

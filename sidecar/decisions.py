@@ -49,6 +49,7 @@ from sidecar.request import ROUTED_KINDS, ParsedRequest, TextField, model_safe, 
 from sidecar.results import CategoryResult, PiiResult, Span
 from sidecar.vocabulary import Action, Kind, RouteReason
 
+_JSON_START = re.compile(rb"(?:\xef\xbb\xbf)?\s*[\[{]")
 _CACHED_PATH_CHARS = 256
 _CACHED_PATHS = 1024
 FREE_TEXT = "FREE_TEXT"
@@ -305,6 +306,10 @@ class DecisionMaker:
             parsed = await self._maybe_off_loop(heavy, parse_body, body, Kind.GENERIC)
         except RequestError:
             parsed = None
+            if _JSON_START.match(body):  # JSON this reader refuses (a repeated key, too deep, bad bytes):
+                return AnswerOutcome(Action.REJECTED, None, (), {})  # its escapes would hide values from a text scan
+        if parsed is not None and parsed.structural and (found := self.header_pii(parsed.structural)):
+            return AnswerOutcome(Action.BLOCK, None, found, {})  # in an id or a name: cannot be masked
         if parsed is None:
             case = _Case(texts=[body.decode("utf-8", "replace")], category_text="", requested=None, routed=False,
                          size=len(body), routable=False)
@@ -588,10 +593,22 @@ def _unshift(spans: list[Span], shift: int) -> list[Span]:
 
 
 def _outside(spans: list[Span], ranges: list[tuple[int, int]]) -> list[Span]:
-    """The spans that touch none of `ranges` (placeholders: the request's own values, not new ones)."""
+    """The spans less what lies inside `ranges` (placeholders: the request's own values, not new ones); a span
+    that runs into a placeholder keeps its parts on either side, which are masked."""
     if not ranges:
         return spans
-    return [s for s in spans if not any(s.start < end and start < s.end for start, end in ranges)]
+    out = []
+    for s in spans:
+        start = s.start
+        for a, b in sorted(ranges):
+            if b <= start or a >= s.end:
+                continue
+            if a > start:
+                out.append(Span(s.label, start, a, s.score, s.source))
+            start = max(start, b)
+        if start < s.end:
+            out.append(Span(s.label, start, s.end, s.score, s.source))
+    return out
 
 
 def _retrieve(task: asyncio.Future) -> None:

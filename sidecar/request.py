@@ -85,9 +85,21 @@ _MEDIA_DATA_URL = re.compile(r"data:(?:image/(?!svg)|audio/|video/)[A-Za-z0-9.+-
 """Base64 media (images, audio) carry no text a model could read as such: not scanned (SVG is text)."""
 BASE64_BLOB_CHARS = 256
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\r\n]++")
-"""A string of at least BASE64_BLOB_CHARS base64 characters (no space) is an attachment, not prose: the model
-would tag pieces of it and destroy it, so it is not scanned."""
+"""A string of at least BASE64_BLOB_CHARS base64 characters (no space), mostly letters (`is_blob`), is an
+attachment, not prose: the model would tag pieces of it and destroy it, so it is not scanned."""
 _DIGIT = re.compile(r"[0-9]")
+_DIGIT_RUN = re.compile(r"[0-9]{9}")
+"""Nine digits in a row: a card, phone or account number written without separators. Random base64 has one
+in about 20 MB, so a blob with one is scanned, not skipped (a list of numbers one per line is no attachment)."""
+_LETTERS = re.compile(r"[A-Za-z]")
+
+
+def is_blob(text: str) -> bool:
+    """Base64 data, not text a model could read: long, only base64 characters, mostly letters (random base64
+    is 81% letters) and no run of nine digits."""
+    return (len(text) >= BASE64_BLOB_CHARS and _BASE64.fullmatch(text) is not None
+            and _DIGIT.search(text) is not None and 2 * len(_LETTERS.findall(text)) >= len(text)
+            and _DIGIT_RUN.search(text) is None)
 _IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_.$-]{0,63}")
 """Object keys of this shape are field names."""
 _MODEL_CHARS = re.compile(r"[\x20-\x7e]{1,256}\Z")
@@ -345,8 +357,7 @@ class _Walk:
             return
         if text.lstrip()[:1] in ("{", "[") and self._inner(text, span, doc):
             return
-        if (text.startswith("data:") and _MEDIA_DATA_URL.match(text)) or (
-                len(text) >= BASE64_BLOB_CHARS and _BASE64.fullmatch(text) and _DIGIT.search(text)):
+        if (text.startswith("data:") and _MEDIA_DATA_URL.match(text)) or is_blob(text):
             return
         self._add(doc, text, span, key=key)
 

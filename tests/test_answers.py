@@ -259,3 +259,117 @@ def test_a_bare_yaml_off_means_off(tmp_path):
     path.write_text("routing: {default_model: small}\npii:\n  patterns: off\n  default_policy: {response_pii: off}\n")
     config = load_config(path)
     assert (config.pii.patterns, config.pii.default_policy.response_pii) == ("off", "off")
+
+
+# --- what a backend controls: framing, fields, structure (found by an adversarial review) ---------------------
+
+def chat_event(content: str, **choice) -> dict:
+    return {"id": "c1", "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None, **choice}]}
+
+
+@pytest.mark.parametrize("frame", [
+    lambda e: b"event: delta\r" + e,  # a CR alone ends a line too
+    lambda e: b": keep-alive\r\n" + e.replace(b"\n", b"\r"),  # CR-only framing throughout
+    lambda e: b"\xef\xbb\xbf" + e,  # a byte-order mark before the first event
+])
+async def test_every_standard_line_ending_and_a_bom_are_read_before_anything_passes(frame):
+    data = frame(sse(chat_event(SAID)) + b"data: [DONE]\n\n")
+    out = await run(AnswerStream(Pseudonyms(), scan_for(), Kind.CHAT), data, 9)
+    assert EMAIL.encode() not in out and NAME.encode() not in out
+    assert streamed_text(out.replace(b"\r", b"\n")) == MASKED
+
+
+async def test_under_a_scan_only_json_data_goes_on_ids_comments_and_odd_event_names_do_not():
+    data = b"id: " + EMAIL.encode() + b"\nevent: " + NAME.encode() + b"\n: " + CARD.encode() + b"\n" + sse(chat_event("ok"))
+    out = await run(AnswerStream(Pseudonyms(), scan_for(), Kind.CHAT), data + b"data: [DONE]\n\n", 50)
+    assert EMAIL.encode() not in out and NAME.encode() not in out and CARD.encode() not in out
+
+
+async def test_data_that_is_not_json_withholds_a_scanned_stream():
+    stream = AnswerStream(Pseudonyms(), scan_for(), Kind.CHAT)
+    out = await run(stream, b'data: "Mail leak\\u0040example.com"\n\ndata: [DONE]\n\n', 64)
+    assert stream.stopped.code == NOT_INSPECTED and b"leak" not in out
+
+
+@pytest.mark.parametrize("body", [
+    b'{"choices": [{"message": {"content": "Write to leak\\u0040example.com"}}], "choices": []}',  # repeated key
+    b'[{"content": "Write to leak\\u0040example.com"}]',  # not an object
+])
+async def test_json_the_reader_refuses_is_withheld_not_scanned_as_text(body):
+    with pytest.raises(AnswerRefused) as refused:
+        await scan_for().body(body)
+    assert refused.value.code == NOT_INSPECTED
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json", "text/plain"])
+async def test_events_sent_under_another_content_type_are_scanned_as_a_stream(content_type):
+    answer = Answer(None, scan_for(), Kind.CHAT, content_type, None, 1 << 20)
+    out = await answer.chunk(chat_stream(SAID, 4), end=True)
+    assert streamed_text(out) == MASKED
+
+
+@pytest.mark.parametrize("choice", [
+    {"delta": {"refusal": SAID}},
+    {"delta": {"reasoning": SAID}},
+    {"delta": {}, "text": SAID},  # legacy completions with an empty delta
+])
+async def test_every_streamed_text_field_is_a_scanned_channel(choice):
+    data = sse({"choices": [{"index": 0, "finish_reason": None, **choice}]}, "[DONE]")
+    out = await run(AnswerStream(Pseudonyms(), scan_for(), Kind.CHAT), data, 13)
+    assert EMAIL.encode() not in out and NAME.encode() not in out
+
+
+async def test_personal_data_in_an_identifier_withholds_the_answer():
+    with pytest.raises(AnswerRefused):
+        await scan_for().body(json.dumps({"id": EMAIL, "choices": [{"message": {"content": "ok"}}]}).encode())
+    stream = AnswerStream(Pseudonyms(), scan_for(), Kind.RESPONSES)
+    event = {"type": "response.output_text.delta", "item_id": EMAIL, "output_index": 0, "content_index": 0, "delta": "hi"}
+    out = await run(stream, sse(event, name=True), 64)
+    assert stream.stopped.code == PII_IN_ANSWER and EMAIL.encode() not in out
+
+
+async def test_a_window_without_whitespace_is_held_not_cut_inside_a_word():
+    text = "Mail:johnsmith82@examplecompanyx.com now"
+    out = await run(AnswerStream(Pseudonyms(), scan_for(window=32), Kind.CHAT), chat_stream(text, 1), 5)
+    assert streamed_text(out) == "Mail:[EMAIL_ADDRESS] now"
+
+
+async def test_escaped_characters_in_streamed_arguments_withhold_what_the_scan_cannot_read():
+    args = '{"to": "leak\\u0040example.com"}'
+    events = [{"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": args[i:i + 5]}}]},
+                            "finish_reason": None}]} for i in range(0, len(args), 5)]
+    stream = AnswerStream(Pseudonyms(), scan_for(), Kind.CHAT)
+    out = await run(stream, sse(*events, "[DONE]"), 40)
+    assert stream.stopped.code == NOT_INSPECTED and b"leak" not in out
+
+
+async def test_a_value_running_into_a_placeholder_is_masked_on_both_sides():
+    p = Pseudonyms("_{type}_{n}_")  # word characters at both ends: an address can run into it
+    mine = p.placeholder("PERSON", "Bob")
+    out = json.loads(await scan_for(protected=p).body(chat_answer(f"Write to alice.{mine}.private@example.com now.")))
+    assert out["choices"][0]["message"]["content"] == f"Write to [EMAIL_ADDRESS]{mine}[EMAIL_ADDRESS] now."
+
+
+async def test_text_after_its_end_withholds_a_scanned_stream():
+    events = [chat_event("Please call John"), {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+              chat_event(" Smith tomorrow.")]
+    stream = AnswerStream(Pseudonyms(), scan_for(), Kind.CHAT)
+    out = await run(stream, sse(*events, "[DONE]"), 200)
+    assert stream.stopped.code == NOT_INSPECTED and b"Smith" not in out
+
+
+async def test_held_text_goes_out_in_an_event_that_repeats_no_id_name_or_role():
+    first = {"id": "c1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello! How can"},
+                                      "finish_reason": None}]}
+    out = await run(AnswerStream(Pseudonyms(), scan_for(), Kind.CHAT), sse(first, chat_event(" I help?"), "[DONE]"), 64)
+    events = [e for e in events_of(out) if isinstance(e, dict)]
+    assert sum(e["choices"][0]["delta"].get("role") == "assistant" for e in events) <= 1
+    assert streamed_text(out) == "Hello! How can I help?"
+
+
+async def test_an_error_event_lets_the_held_text_out_before_it():
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "A partial answer."}}
+    out = await run(AnswerStream(Pseudonyms(), scan_for(), Kind.MESSAGES), sse(delta, error, name=True), 64)
+    blocks = out.decode().strip().split("\n\n")
+    assert "A partial answer." in blocks[-2] and blocks[-1].startswith("event: error")

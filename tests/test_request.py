@@ -193,6 +193,17 @@ def test_base64_attachments_are_not_scanned_but_svg_images_are():
     assert parse_body(body, "chat").texts() == [svg, "read it"]
 
 
+@pytest.mark.parametrize("numbers", [
+    ["4111111111111111", "5500000000000004", "378282246310005", "+15551234567", "+442071838750"] * 4,
+    ["415/555/0142", "4111/1111/1111/1111"] * 20,
+])
+def test_a_long_list_of_numbers_without_spaces_is_text_not_an_attachment(numbers):
+    listing = "\n".join(numbers)
+    assert len(listing) >= 256
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": listing}]}).encode()
+    assert parse_body(body, "chat").texts() == [listing]
+
+
 def test_json_nested_deeper_than_the_walk_follows_is_refused():
     body = b'{"prompt": "hi", "x": ' + b"[" * 100 + b"]" * 100 + b"}"
     with pytest.raises(TooDeep):
