@@ -162,6 +162,10 @@ def restore_body(body: bytes, pseudonyms: Pseudonyms) -> bytes:
     """A whole JSON answer restored; a body that is not JSON is restored as text."""
     try:
         doc = json.loads(body)
+        return json.dumps(restore_json(doc, pseudonyms), ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode("utf-8", "backslashreplace")
     except ValueError:
-        return pseudonyms.restore(body.decode("utf-8", "replace")).encode("utf-8")
-    return json.dumps(restore_json(doc, pseudonyms), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        # Not JSON, or numbers Python cannot write back (1e400 would become Infinity): restored as text,
+        # each value escaped as a JSON string needs, so the JSON stays what it was around it.
+        quote = json_inner if body.lstrip()[:1] in (b"{", b"[") else None
+        return pseudonyms.restore(body.decode("utf-8", "replace"), quote=quote).encode("utf-8")

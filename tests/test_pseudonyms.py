@@ -198,3 +198,10 @@ def test_two_requests_never_see_each_others_values():
     a, b = Pseudonyms(), Pseudonyms()
     assert a.placeholder("PERSON", "Ann") == b.placeholder("PERSON", "Bob") == "<PERSON_1>"
     assert a.restore("<PERSON_1>") == "Ann" and b.restore("<PERSON_1>") == "Bob"
+
+
+def test_a_json_answer_with_a_number_python_cannot_write_back_keeps_it_and_stays_valid_json():
+    p = Pseudonyms()
+    person = p.placeholder("PERSON", 'Jane "JR" Roe')
+    out = restore_body(b'{"content": "Hi ' + person.encode() + b'", "logprob": 1e400}', p)
+    assert b"1e400" in out and json.loads(out)["content"] == 'Hi Jane "JR" Roe'
