@@ -22,8 +22,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sidecar.errors import InferenceError
+from sidecar.body import parse_content_encoding
+from sidecar.errors import InferenceError, UnsupportedEncoding
 from sidecar.masking import anonymize
+from sidecar.mutations import openai_error_document
 from sidecar.pseudonyms import Pseudonyms, json_inner, restore_body, restore_json
 from sidecar.request import STRUCTURAL_KEYS
 from sidecar.results import Span
@@ -64,7 +66,7 @@ def error_document(kind: Kind | None, refused: AnswerRefused) -> dict[str, Any]:
         return {"type": "error", "error": {"type": "api_error", "message": refused.message}}
     if kind == Kind.RESPONSES:
         return {"type": "error", "code": refused.code, "message": refused.message, "param": None}
-    return {"error": {"message": refused.message, "type": "server_error", "code": refused.code, "param": None}}
+    return openai_error_document(refused.message, "server_error", refused.code)
 
 
 def error_event(kind: Kind | None, refused: AnswerRefused) -> bytes:
@@ -407,7 +409,7 @@ class AnswerStream:
         for path in texts:
             _set(event, path, "\0")  # kept out of the whole-event passes below
         if self._scan is not None:
-            found = self._scan.decider.header_pii(list(_identifiers(event)))
+            found = self._scan.decider.recognized_types(list(_identifiers(event)))
             if found:
                 raise AnswerRefused(PII_IN_ANSWER, found)
             if _has_text(event):
@@ -506,9 +508,6 @@ class Answer:
 
     def __init__(self, pseudonyms: Pseudonyms | None, scan: AnswerScan | None, kind: Kind | None,
                  content_type: str | None, content_encoding: str | None, max_bytes: int):
-        from sidecar.body import parse_content_encoding
-        from sidecar.errors import UnsupportedEncoding
-
         self._p = pseudonyms or Pseudonyms()
         self._scan = scan
         self._max = max_bytes

@@ -146,6 +146,11 @@ class RoutingConfig(_Section):
 CONTEXT_ENTITIES = ("LOCATION", "ORGANIZATION", "DATE_TIME", "NRP", "TITLE", "PREFIX", "DOMAIN_NAME")
 
 
+def _yaml_off(value: object) -> object:
+    """YAML reads a bare ``off`` as false: for the settings whose values include "off"."""
+    return "off" if value is False else value
+
+
 class PiiPolicyConfig(_Section):
     action: Literal["mask", "pseudonymize", "block", "allow"] = "mask"
     """mask: operators replace what is kept; pseudonymize: numbered placeholders (``<PERSON_1>``) that the
@@ -181,11 +186,7 @@ class PiiPolicyConfig(_Section):
     def _format(cls, v: str) -> str:
         return check_format(v)
 
-    @field_validator("response_pii", mode="before")
-    @classmethod
-    def _yaml_off(cls, v: object) -> object:
-        """YAML reads a bare ``off`` as false."""
-        return "off" if v is False else v
+    _response_off = field_validator("response_pii", mode="before")(lambda v: _yaml_off(v))
 
     @model_validator(mode="after")
     def _allow_or_block(self) -> PiiPolicyConfig:
@@ -210,11 +211,7 @@ class PiiConfig(_Section):
     scanned as one, and released but for its last half (context for what follows). Larger: more context per
     scan and fewer scans, later text; the first tokens reach the client once this many have arrived."""
 
-    @field_validator("patterns", mode="before")
-    @classmethod
-    def _yaml_off(cls, v: object) -> object:
-        """YAML reads a bare ``off`` as false."""
-        return "off" if v is False else v
+    _patterns_off = field_validator("patterns", mode="before")(lambda v: _yaml_off(v))
 
     @property
     def pseudonymizes(self) -> bool:

@@ -195,8 +195,9 @@ class DecisionMaker:
             self._clean_paths.add(path)
         return found
 
-    def header_pii(self, values: list[str]) -> tuple[str, ...]:
-        """Entity types the recognizers find in header values (which reach the backend as sent)."""
+    def recognized_types(self, values: list[str]) -> tuple[str, ...]:
+        """Entity types the recognizers find in values that cannot be masked (header values, identifiers):
+        the caller refuses."""
         return tuple(sorted(self._found_types(values)))
 
     def _url_pii(self, path: str) -> tuple[str, ...]:
@@ -308,7 +309,7 @@ class DecisionMaker:
             parsed = None
             if _JSON_START.match(body):  # JSON this reader refuses (a repeated key, too deep, bad bytes):
                 return AnswerOutcome(Action.REJECTED, None, (), {})  # its escapes would hide values from a text scan
-        if parsed is not None and parsed.structural and (found := self.header_pii(parsed.structural)):
+        if parsed is not None and parsed.structural and (found := self.recognized_types(parsed.structural)):
             return AnswerOutcome(Action.BLOCK, None, found, {})  # in an id or a name: cannot be masked
         if parsed is None:
             case = _Case(texts=[body.decode("utf-8", "replace")], category_text="", requested=None, routed=False,
@@ -600,7 +601,7 @@ def _outside(spans: list[Span], ranges: list[tuple[int, int]]) -> list[Span]:
     out = []
     for s in spans:
         start = s.start
-        for a, b in sorted(ranges):
+        for a, b in ranges:  # in text order, as Pseudonyms.ranges finds them
             if b <= start or a >= s.end:
                 continue
             if a > start:

@@ -139,20 +139,25 @@ def degraded_response(default_model: str, reason: str, phase: Phase = Phase.REQU
     return continue_response(phase, owned_headers_mutation(values), clear_route_cache=True)
 
 
+def openai_error_document(message: str, type_: str, code: str) -> dict:
+    """The error OpenAI-compatible clients already know how to read."""
+    return {"error": {"message": message, "type": type_, "code": code, "param": None}}
+
+
 def openai_error(message: str, type_: str, code: str) -> bytes:
-    """The body OpenAI-compatible clients already know how to read."""
-    return json.dumps({"error": {"message": message, "type": type_, "code": code, "param": None}}).encode("utf-8")
+    return json.dumps(openai_error_document(message, type_, code)).encode("utf-8")
 
 
 def immediate_response(status: int, message: str, type_: str, code: str, action: Action,
-                       extra: tuple[tuple[str, str], ...] = ()) -> ProcessingResponse:
-    """Envoy answers the client directly with `status` and an OpenAI-style JSON error; nothing goes upstream."""
+                       extra: tuple[tuple[str, str], ...] = (), body: bytes | None = None) -> ProcessingResponse:
+    """Envoy answers the client directly with `status` and an OpenAI-style JSON error (or `body`, a JSON error
+    of another shape); nothing goes upstream."""
     headers = HeaderMutation(set_headers=[header("content-type", "application/json"), header(ACTION, action),
                                           header(REASON, code)] + [header(k, v) for k, v in extra])
     return ProcessingResponse(immediate_response=ImmediateResponse(
         status=HttpStatus(code=status),
         headers=headers,
-        body=openai_error(message, type_, code),
+        body=body if body is not None else openai_error(message, type_, code),
         details=f"semantic_sidecar_{code}",
     ))
 
@@ -216,7 +221,4 @@ def response_headers_response(remove: list[str]) -> ProcessingResponse:
 def answer_withheld_response(status: int, code: str, body: bytes) -> ProcessingResponse:
     """The backend's answer does not reach the client: Envoy answers with `status` and `body` (an error of
     the client's API) in its place."""
-    headers = HeaderMutation(set_headers=[header("content-type", "application/json"), header(ACTION, Action.REJECTED),
-                                          header(REASON, code)])
-    return ProcessingResponse(immediate_response=ImmediateResponse(
-        status=HttpStatus(code=status), headers=headers, body=body, details=f"semantic_sidecar_{code}"))
+    return immediate_response(status, "", "", code, Action.REJECTED, body=body)

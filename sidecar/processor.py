@@ -173,7 +173,7 @@ class Processor:
     def refuse_unmaskable(self) -> ProcessingResponse | None:
         """A 400 when the URL (path segments, query values) carries personal data the recognizers find, or
         free text, or a non-protocol header carries personal data: neither can be masked."""
-        if self.header_values and (types := self.app.decider.header_pii(self.header_values)):
+        if self.header_values and (types := self.app.decider.recognized_types(self.header_values)):
             self.record(action=Action.REJECTED, reason="pii_in_header")
             message = (f"A request header contains personal data ({', '.join(types)}). Send it in the body, "
                        f"where it can be masked, or leave it out.")

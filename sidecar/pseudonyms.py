@@ -131,7 +131,10 @@ def pseudonymize(texts: Sequence[str], spans: Sequence[Sequence[Span]], pseudony
 
 def restore_json(doc: Any, pseudonyms: Pseudonyms) -> Any:
     """Every string of a JSON document restored; a string that is itself JSON (tool-call arguments) is
-    restored inside, so a value with quotes in it keeps the arguments valid JSON."""
+    restored inside, so a value with quotes in it keeps the arguments valid JSON. Without placeholders the
+    document is returned as it is (every event of a scanned stream passes here)."""
+    if not pseudonyms:
+        return doc
     if isinstance(doc, str):
         return _restore_string(doc, pseudonyms)
     if isinstance(doc, list):
