@@ -28,7 +28,9 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository, not this script's folder, leads sys.path: bench/envoy.py would otherwise shadow Envoy's proto
+# package `envoy`, which the sidecar's modules import (as in bench/request_path.py).
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import RESULTS, machine, write_json  # noqa: E402
 from sidecar.answers import AnswerStream  # noqa: E402
