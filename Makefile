@@ -51,6 +51,7 @@ proto: install
 # Rebuild the bundled default models from ../shared/data (about 70 minutes on 2 quiet CPU cores; resumable),
 # then docs/models.md's tables from their new eval_results.json.
 models: install
+	$(PIP) install -q -e ".[dev,teacher]"
 	$(PY) models/build.py
 	$(PY) docs/generate.py
 

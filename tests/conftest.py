@@ -82,3 +82,31 @@ def stack_category_dir(tiny_base, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def stack_pii_dir(tiny_base, tmp_path_factory) -> Path:
     return make_untrained_model_dir(tiny_base, tmp_path_factory.mktemp("stack_pii"), "pii", PII_LABELS)
+
+
+@pytest.fixture(scope="session")
+def bert_base(tmp_path_factory) -> Path:
+    """An untrained tiny BertModel and BertTokenizerFast; its config.json has no cls/sep token ids."""
+    from tests.trainer_helpers import bert_tokenizer_fast, save_tiny_bert
+
+    root = tmp_path_factory.mktemp("bert_base")
+    fast = bert_tokenizer_fast(corpus_file(root / "corpus.txt").read_text(encoding="utf-8").splitlines())
+    path = save_tiny_bert(root / "model", fast)
+    config = read_json(path / "config.json")
+    assert "cls_token_id" not in config and "sep_token_id" not in config  # what a BERT base looks like
+    return path
+
+
+@pytest.fixture(scope="session")
+def bert_category(bert_base, tmp_path_factory) -> Path:
+    """A category model (biology, law, math) fine-tuned for two steps on the tiny BERT."""
+    from tests.factories import category_rows, write_jsonl
+    from tests.trainer_helpers import FAST
+    from trainer.cli import main
+
+    root = tmp_path_factory.mktemp("bert_category")
+    train = write_jsonl(root / "train.jsonl", category_rows(6))
+    out = root / "model"
+    assert main(["category", "--train", str(train), "--base-model", str(bert_base), "--output", str(out),
+                 "--max-length", "32", *FAST]) == 0
+    return out

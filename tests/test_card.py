@@ -21,9 +21,24 @@ def test_category_card_puts_served_accuracy_beside_fp32_and_the_baseline_per_hel
                             "everyday": {"accuracy": 0.75}},
                "notes": ["Everyday questions: 86.0%."]}
     card = render_card(results)
-    assert "| exam | 100 | 81.0% | 82.0% | 78.0% | 80.0% | 90.0% |" in card
-    assert "| everyday | 364 | 86.0% | 87.0% | 75.0% | 70.0% | 95.0% |" in card
+    assert "| exam | 100 | 81.0% | 82.0% | 78.0% | - | 80.0% | 90.0% |" in card
+    assert "| everyday | 364 | 86.0% | 87.0% | 75.0% | - | 70.0% | 95.0% |" in card
     assert "Accuracy against coverage (everyday)" in card and "- Everyday questions: 86.0%." in card
+    assert "Distilled" not in card and "Teacher (not served)" not in card
+
+
+def test_distilled_category_card_names_its_teacher_and_puts_the_teachers_accuracy_beside_the_served():
+    results = {"task": "category", "labels": ["math", "law"],
+               "teacher": {"model": "build/teacher-category", "weight": 0.5, "temperature": 2.0},
+               "served": {"everyday": {"examples": 364, "accuracy": 0.8, "coverage": coverage(0.8),
+                                       "at_routing_threshold": {"coverage": 0.7, "accuracy": 0.9}}},
+               "fp32": {"everyday": {"accuracy": 0.81}},
+               "baseline": {"model": "TF-IDF", "train_rows": 1000, "everyday": {"accuracy": 0.75}},
+               "teacher_not_served": {"model": "all-MiniLM-L6-v2 fine-tuned", "everyday": {"accuracy": 0.88}}}
+    card = render_card(results)
+    assert "learnt the predictions of `build/teacher-category` (share of the loss 0.5, temperature 2.0)" in card
+    assert "Teacher (not served): all-MiniLM-L6-v2 fine-tuned." in card
+    assert "| everyday | 364 | 80.0% | 81.0% | 75.0% | 88.0% | 70.0% | 90.0% |" in card
 
 
 def test_pii_card_puts_the_catch_rate_beside_the_recognizers_alone_and_lists_false_masks():

@@ -19,69 +19,16 @@ from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.inference.engine import Engine
 from tests.conftest import read_json
 from tests.factories import category_rows, corpus_file, write_jsonl
-from tests.trainer_helpers import SPAN_ROWS, run_cli
+from tests.trainer_helpers import FAST, SPAN_ROWS, run_cli, save_tiny_bert, wordpiece_tokenizer
 from trainer.cli import main
 from trainer.train import BaseModelError, missing_special_token_ids
 
-FAST = ["--max-steps", "2", "--eval-steps", "2", "--logging-steps", "2"]
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PII_ENTITIES = {"PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER"}
-
-
-def _wordpiece(texts: list[str]):
-    """A BERT-style `tokenizers` object: lowercasing normalizer, WordPiece, `[CLS] ... [SEP]` post-processor."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=SPECIAL))
-    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
-                                                   ("[CLS]", tok.token_to_id("[CLS]")))
-    return tok
-
-
-def _save_bert(out: Path, tokenizer) -> Path:
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def bert_base(tmp_path_factory) -> Path:
-    """An untrained tiny BertModel and BertTokenizerFast; its config.json has no cls/sep token ids."""
-    from transformers import BertTokenizerFast
-
-    root = tmp_path_factory.mktemp("bert_base")
-    tok = _wordpiece(corpus_file(root / "corpus.txt").read_text(encoding="utf-8").splitlines())
-    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                             cls_token="[CLS]", mask_token="[MASK]")
-    path = _save_bert(root / "model", fast)
-    config = read_json(path / "config.json")
-    assert "cls_token_id" not in config and "sep_token_id" not in config  # what a BERT base looks like
-    return path
 
 
 def _token_ids(base: Path) -> dict[str, int]:
     vocab = read_json(base / "tokenizer.json")["model"]["vocab"]
     return {"cls_token_id": vocab["[CLS]"], "sep_token_id": vocab["[SEP]"], "pad_token_id": vocab["[PAD]"]}
-
-
-@pytest.fixture(scope="module")
-def bert_category(bert_base, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bert_category")
-    train = write_jsonl(root / "train.jsonl", category_rows(6))
-    out = root / "model"
-    assert main(["category", "--train", str(train), "--base-model", str(bert_base), "--output", str(out),
-                 "--max-length", "32", *FAST]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +131,8 @@ def test_export_fills_missing_token_ids_of_a_directory_trained_before_they_were_
 def test_base_whose_tokenizer_has_no_cls_token_fails_before_training_naming_it(tmp_path, capsys):
     from transformers import PreTrainedTokenizerFast
 
-    tok = _wordpiece(corpus_file(tmp_path / "corpus.txt").read_text(encoding="utf-8").splitlines())
-    base = _save_bert(tmp_path / "no_cls", PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+    tok = wordpiece_tokenizer(corpus_file(tmp_path / "corpus.txt").read_text(encoding="utf-8").splitlines())
+    base = save_tiny_bert(tmp_path / "no_cls", PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
                                                                   pad_token="[PAD]"))
     train = write_jsonl(tmp_path / "train.jsonl", category_rows(6))
     out = tmp_path / "out"

@@ -41,3 +41,42 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+FAST = ["--max-steps", "2", "--eval-steps", "2", "--logging-steps", "2"]
+"""Trainer flags for a run of two steps: proves the path, not the accuracy."""
+WORDPIECE_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def wordpiece_tokenizer(texts: list[str]):
+    """A BERT-style `tokenizers` object: lowercasing normalizer, WordPiece, `[CLS] ... [SEP]` post-processor."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=WORDPIECE_SPECIAL))
+    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
+                                                   ("[CLS]", tok.token_to_id("[CLS]")))
+    return tok
+
+
+def save_tiny_bert(out: Path, tokenizer, hidden_size: int = 32) -> Path:
+    """An untrained one-layer BertModel (all-MiniLM-L6-v2 in shape) with `tokenizer` beside it."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def bert_tokenizer_fast(texts: list[str]):
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(tokenizer_object=wordpiece_tokenizer(texts), unk_token="[UNK]", sep_token="[SEP]",
+                             pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")

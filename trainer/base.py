@@ -1,8 +1,14 @@
-"""`trainer base`: an untrained ModernBERT with a byte-level BPE tokenizer trained on local text.
+"""`trainer base`: an untrained ModernBERT with a byte-level BPE tokenizer trained on local text, or with a
+pretrained teacher's tokenizer and word embeddings.
 
 This is how tests and offline machines get a ModernBERT without the Hugging Face Hub. The tokenizer's
 post-processor adds ``[CLS] ... [SEP]`` itself, so ``tokenizer.json`` alone encodes exactly as the
 model expects (the sidecar reads it with ``tokenizers`` only).
+
+With ``--embeddings-from TEACHER`` (any Hugging Face encoder, e.g. all-MiniLM-L6-v2) the student takes the
+teacher's tokenizer and starts from its word embeddings, reduced to the student's width by PCA: words our
+own corpus never shows still start where a pretrained model put them, and `trainer pretrain --teacher`
+can then match the teacher token by token.
 """
 
 from __future__ import annotations
@@ -98,51 +104,80 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return tok
 
 
-def build_base(size: str, corpus: list[str | Path], output: str | Path, seed: int = 42) -> Path:
+def build_base(size: str, corpus: list[str | Path] | None, output: str | Path, seed: int = 42,
+               embeddings_from: str | None = None) -> Path:
     """Write an untrained ModernBERT (masked-LM weights) and its tokenizer to `output`."""
     import torch
-    from transformers import ModernBertConfig, ModernBertForMaskedLM, PreTrainedTokenizerFast
+    from transformers import ModernBertForMaskedLM
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     spec = SIZES[size]
-    texts = list(iter_corpus(corpus))
-    if not texts:
-        raise CorpusError(f"{', '.join(map(str, corpus))}: no text found")
-    tok = train_tokenizer(texts, spec.vocab_size)
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        pad_token="[PAD]",
-        mask_token="[MASK]",
-        model_max_length=spec.max_position_embeddings,
-    )
+    if embeddings_from:
+        fast, embeddings = teacher_vocabulary(embeddings_from, spec.hidden_size)
+    else:
+        fast, embeddings = own_tokenizer(corpus or [], spec), None
+    fast.model_max_length = spec.max_position_embeddings
     fast.save_pretrained(out)
+    torch.manual_seed(seed)
+    model = ModernBertForMaskedLM(modernbert_config(spec, fast))
+    if embeddings is not None:
+        model.get_input_embeddings().weight.data.copy_(embeddings)
+    model.save_pretrained(out)
+    return out
 
-    config = ModernBertConfig(
-        vocab_size=tok.get_vocab_size(),
+
+def own_tokenizer(corpus: list[str | Path], spec: BaseSize):
+    """A byte-level BPE tokenizer trained on `corpus`, as a transformers fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(iter_corpus(corpus))
+    if not texts:
+        raise CorpusError(f"{', '.join(map(str, corpus)) or 'no corpus given'}: no text found")
+    return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(texts, spec.vocab_size), unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]")
+
+
+def teacher_vocabulary(teacher: str, width: int):
+    """The teacher's fast tokenizer and its word embeddings projected to `width` by PCA (or zero-padded
+    when the teacher is narrower): the directions that vary most between words are the ones kept."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from trainer.run_steps import BaseModelError, load_pretrained
+
+    tokenizer = load_pretrained(teacher, AutoTokenizer.from_pretrained)
+    if not tokenizer.is_fast or tokenizer.mask_token is None or tokenizer.pad_token is None:
+        raise BaseModelError(f"{teacher}: needs a fast tokenizer with mask and pad tokens to serve as a student's vocabulary")
+    weights = load_pretrained(teacher, AutoModel.from_pretrained).get_input_embeddings().weight.detach().float()
+    centred = weights - weights.mean(dim=0)
+    if centred.shape[1] <= width:
+        return tokenizer, torch.nn.functional.pad(centred, (0, width - centred.shape[1]))
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return tokenizer, centred @ v[:width].T
+
+
+def modernbert_config(spec: BaseSize, tokenizer):
+    from transformers import ModernBertConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, name))
+           for name in ("pad_token", "cls_token", "sep_token")}
+    return ModernBertConfig(
+        vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads,
         max_position_embeddings=spec.max_position_embeddings,
         local_attention=spec.local_attention,
-        pad_token_id=ids["[PAD]"],
-        bos_token_id=ids["[CLS]"],
-        eos_token_id=ids["[SEP]"],
-        cls_token_id=ids["[CLS]"],
-        sep_token_id=ids["[SEP]"],
+        pad_token_id=ids["pad_token"],
+        bos_token_id=ids["cls_token"],
+        eos_token_id=ids["sep_token"],
+        cls_token_id=ids["cls_token"],
+        sep_token_id=ids["sep_token"],
         # Mean pooling: a model trained from scratch on little data learns far faster from the average of
         # all token states than from [CLS] alone (ModernBERT's default, tuned for its long pretraining).
         classifier_pooling="mean",
     )
-    torch.manual_seed(seed)
-    model = ModernBertForMaskedLM(config)
-    model.save_pretrained(out)
-    return out

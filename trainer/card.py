@@ -87,7 +87,7 @@ def _training(results: dict[str, Any]) -> list[str]:
         "## Training", "",
         f"Fine-tuned from `{results.get('base_model', 'unknown')}` with the Hugging Face Trainer on "
         f"{hardware.get('name', 'unknown device')}; the best checkpoint by validation "
-        f"weighted F1 was kept (early stopping).", "",
+        f"weighted F1 was kept (early stopping).", "", *_teacher(results),
         "| setting | value |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in settings.items() if k not in _HARDWARE_SETTINGS),
         f"| fp16 | {hardware.get('fp16', '?')} |",
@@ -95,6 +95,14 @@ def _training(results: dict[str, Any]) -> list[str]:
         f"| steps run | {training.get('steps', '?')} (stopped early: {training.get('stopped_early', '?')}) |",
         f"| time | {results.get('time', {}).get('total_seconds', '?')} s |", "",
     ]
+
+
+def _teacher(results: dict[str, Any]) -> list[str]:
+    teacher = results.get("teacher")
+    if not isinstance(teacher, dict):
+        return []
+    return [f"Distilled: it also learnt the predictions of `{teacher.get('model')}` (share of the loss "
+            f"{teacher.get('weight')}, temperature {teacher.get('temperature')}).", ""]
 
 
 def _metrics(results: dict[str, Any], task: str) -> list[str]:
@@ -143,14 +151,17 @@ def _served_category(served: dict[str, Any], results: dict[str, Any]) -> list[st
     if not sets:
         return []
     fp32, base = results.get("fp32") or {}, results.get("baseline") or {}
+    teacher = results.get("teacher_not_served") or {}
     lines = ["## Accuracy as served (INT8 through the sidecar's Engine, held-out sets)", "",
-             f"Baseline: {base.get('model', '-')}, trained on the same {base.get('train_rows', '?')} rows.", "",
-             "| held-out set | rows | served | fp32 | baseline | routed at the threshold | accuracy there |",
-             "|---|---|---|---|---|---|---|"]
+             f"Baseline: {base.get('model', '-')}, trained on the same {base.get('train_rows', '?')} rows.",
+             *([f"Teacher (not served): {teacher['model']}."] if teacher.get("model") else []), "",
+             "| held-out set | rows | served | fp32 | baseline | teacher | routed at the threshold | accuracy there |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in sets.items():
         at = r.get("at_routing_threshold") or {}
         lines.append(f"| {name} | {r.get('examples', '?')} | {_pct(r['accuracy'])} | "
                      f"{_pct((fp32.get(name) or {}).get('accuracy'))} | {_pct((base.get(name) or {}).get('accuracy'))} "
+                     f"| {_pct((teacher.get(name) or {}).get('accuracy'))} "
                      f"| {_pct(at.get('coverage'))} | {_pct(at.get('accuracy'))} |")
     lines.append("")
     for name, r in sets.items():

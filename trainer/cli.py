@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from model_contract.tasks import get_task, task_names
 from trainer.pretrain import PretrainSettings
-from trainer.settings import TrainingOverrides
+from trainer.settings import TrainingOverrides, UsageError
 
 EXIT_BAD_INPUT = 2
 DEFAULT_BASE_MODEL = "answerdotai/ModernBERT-base"
@@ -48,8 +48,12 @@ class BaseArguments:
     """The model to build."""
 
     size: Literal["tiny", "small"] = field(metadata=_arg("model size: tiny trains in seconds (tests); small is shippable"))
-    corpus: list[str] = field(metadata=_arg("text files (a line each) or JSON/JSONL with text/full_text fields"))
     output: str = field(metadata=_arg("directory for the untrained model and its tokenizer"))
+    corpus: list[str] | None = field(default=None, metadata=_arg(
+        "text files (a line each) or JSON/JSONL with text/full_text fields, to train the tokenizer on"))
+    embeddings_from: str | None = field(default=None, metadata=_arg(
+        "a pretrained encoder (directory or Hub id) whose tokenizer and word embeddings (PCA to the model's width) "
+        "the model takes instead of a tokenizer trained on --corpus; then `trainer pretrain --teacher` it"))
     seed: int = field(default=42, metadata=_arg("seed for the initial weights"))
 
 
@@ -60,6 +64,9 @@ class PretrainArguments:
     base_model: str = field(metadata=_arg("masked-LM model directory (e.g. from `trainer base`) or Hub id"))
     corpus: list[str] = field(metadata=_arg("text files (a line each) or JSON/JSONL with text/full_text fields"))
     output: str = field(metadata=_arg("directory for the pretrained model"))
+    teacher: str | None = field(default=None, metadata=_arg(
+        "distil this pretrained encoder (directory or Hub id) instead of masked-LM training: the student learns "
+        "its hidden states; the student must use its tokenizer (`trainer base --embeddings-from`)"))
     keep_checkpoints: bool = field(default=False, metadata=_arg("keep <output>/checkpoints after training"))
 
 
@@ -71,6 +78,11 @@ class ModelArguments:
     base_model: str = field(default=DEFAULT_BASE_MODEL, metadata=_arg("ModernBERT to fine-tune: local directory or Hub id"))
     keep_checkpoints: bool = field(default=False, metadata=_arg("keep <output>/checkpoints after training"))
     logging_dir: str | None = field(default=None, metadata=_arg("TensorBoard log directory (default <output>/runs)"))
+    teacher: str | None = field(default=None, metadata=_arg(
+        "sequence tasks: a fine-tuned classifier with the same labels (directory or Hub id, any tokenizer) whose "
+        "predictions the model learns beside the labels (distillation)"))
+    teacher_weight: float = field(default=0.5, metadata=_arg("share of the loss that is the teacher's, in [0, 1]"))
+    temperature: float = field(default=2.0, metadata=_arg("softens the teacher's and the model's predictions before they are compared"))
     export: bool = field(default=False, metadata=_arg("export model.onnx right after training"))
     int8: bool = field(default=False, metadata=_arg("also export model.int8.onnx (implies --export)"))
     export_tolerance: float | None = field(default=None, metadata=_arg("largest allowed ONNX-vs-PyTorch logit difference"))
@@ -195,7 +207,9 @@ def run_base(ns: argparse.Namespace) -> int:
     from trainer.base import build_base
 
     args = build(BaseArguments, ns)
-    out = build_base(args.size, args.corpus, args.output, seed=args.seed)
+    if not args.corpus and not args.embeddings_from:
+        raise UsageError("give --corpus (to train a tokenizer) or --embeddings-from (a pretrained encoder's)")
+    out = build_base(args.size, args.corpus, args.output, seed=args.seed, embeddings_from=args.embeddings_from)
     print(f"wrote untrained {args.size} ModernBERT to {out}")
     return 0
 
@@ -204,7 +218,8 @@ def run_pretrain(ns: argparse.Namespace) -> int:
     from trainer.pretrain import pretrain
 
     args, settings = build(PretrainArguments, ns), build(PretrainSettings, ns)
-    results = pretrain(args.base_model, args.corpus, args.output, settings, keep_checkpoints=args.keep_checkpoints)
+    results = pretrain(args.base_model, args.corpus, args.output, settings, keep_checkpoints=args.keep_checkpoints,
+                       teacher=args.teacher)
     print(f"wrote {args.output}: {json.dumps(results['metrics'])}")
     return 0
 
@@ -212,11 +227,23 @@ def run_pretrain(ns: argparse.Namespace) -> int:
 def run_training(task: str, ns: argparse.Namespace) -> int:
     from trainer.data import load_task_data
     from trainer.settings import apply_overrides, settings_for
-    from trainer.train import RunOptions, train
+    from trainer.train import RunOptions, check_teacher, train
 
     model_args = build(ModelArguments, ns)
     data_args = build(_data_arguments(task), ns)
     overrides = build(TrainingOverrides, ns)
+    options = RunOptions(
+        base_model=model_args.base_model,
+        output=Path(model_args.output),
+        max_length=data_args.max_length,
+        stride=getattr(data_args, "stride", 64),
+        keep_checkpoints=model_args.keep_checkpoints,
+        logging_dir=Path(model_args.logging_dir) if model_args.logging_dir else None,
+        teacher=model_args.teacher,
+        teacher_weight=model_args.teacher_weight,
+        temperature=model_args.temperature,
+    )
+    check_teacher(task, options)
     seed = overrides.seed if overrides.seed is not None else 42
     data = load_task_data(
         task,
@@ -232,14 +259,6 @@ def run_training(task: str, ns: argparse.Namespace) -> int:
         seed=seed,
     )
     settings = apply_overrides(settings_for(len(data.train)), overrides)
-    options = RunOptions(
-        base_model=model_args.base_model,
-        output=Path(model_args.output),
-        max_length=data_args.max_length,
-        stride=getattr(data_args, "stride", 64),
-        keep_checkpoints=model_args.keep_checkpoints,
-        logging_dir=Path(model_args.logging_dir) if model_args.logging_dir else None,
-    )
     results = train(data, settings, options)
     _print_metrics(results)
     if model_args.export or model_args.int8:

@@ -4,6 +4,9 @@ A model made by ``trainer base`` starts from random weights; a few epochs of MLM
 (masking 30% of tokens, as ModernBERT does) teach it the language before fine-tuning, which is what
 makes small models trained offline worth shipping. The output is a masked-LM model directory that
 ``trainer category``/``trainer pii`` accept as ``--base-model``.
+
+With ``--teacher`` the student learns from a pretrained encoder instead of from masked tokens
+(trainer.distill): it reproduces the teacher's hidden states on the same corpus.
 """
 
 from __future__ import annotations
@@ -62,11 +65,12 @@ class PretrainSettings:
 
 def pretrain(
     base_model: str, corpus: list[str], output: str | Path, settings: PretrainSettings,
-    keep_checkpoints: bool = False,
+    keep_checkpoints: bool = False, teacher: str | None = None,
 ) -> dict[str, Any]:
-    """Continue MLM training of ``base_model`` on ``corpus``; write the model, tokenizer and results."""
+    """Continue MLM training of ``base_model`` on ``corpus`` (or distil ``teacher`` into it); write the model,
+    tokenizer and results."""
     import torch
-    from transformers import DataCollatorForLanguageModeling, set_seed
+    from transformers import set_seed
 
     settings.check()
     started = time.perf_counter()
@@ -83,21 +87,24 @@ def pretrain(
     val_ds = sequences(tokenizer, held_out, max_length) if held_out else None
     cuda = torch.cuda.is_available()
     output = Path(output)
-    collator = DataCollatorForLanguageModeling(
-        tokenizer, mlm_probability=settings.mlm_probability, pad_to_multiple_of=8 if cuda else None)
+    model, collator = objective(model, tokenizer, settings, teacher, pad_multiple=8 if cuda else None)
     trainer = make_trainer(output / "runs", model=model, args=mlm_arguments(settings, output / "checkpoints", cuda,
                                                                             val_ds is not None),
                            data_collator=collator, train_dataset=train_ds, eval_dataset=val_ds,
                            processing_class=tokenizer)
     log.info("pretrain_start", base_model=base_model, texts=len(kept), sequences=len(train_ds),
-             held_out=len(held_out), device="cuda" if cuda else "cpu")
+             held_out=len(held_out), device="cuda" if cuda else "cpu", teacher=teacher)
     result = trainer.train()
     metrics: dict[str, float] = {"train_loss": float(result.training_loss)}
     if val_ds is not None:
         loss = float(trainer.evaluate()["eval_loss"])
-        metrics |= {"validation_loss": loss, "validation_perplexity": math.exp(min(loss, 50.0))}
-    save_model(trainer.model, tokenizer, output)
-    results = {"base_model": base_model, "corpus": [str(c) for c in corpus], "texts": len(kept),
+        metrics["validation_loss"] = loss
+        metrics["validation_loss_at_start"] = next(float(e["eval_loss"]) for e in trainer.state.log_history
+                                                   if "eval_loss" in e)
+        if teacher is None:
+            metrics["validation_perplexity"] = math.exp(min(loss, 50.0))
+    save_model(getattr(trainer.model, "student", trainer.model), tokenizer, output)
+    results = {"base_model": base_model, "teacher": teacher, "corpus": [str(c) for c in corpus], "texts": len(kept),
                "held_out_texts": len(held_out), "sequences": len(train_ds), "settings": asdict(settings),
                "steps": trainer.state.global_step, "metrics": metrics, "device": "cuda" if cuda else "cpu",
                "time_seconds": round(time.perf_counter() - started, 2)}
@@ -106,6 +113,19 @@ def pretrain(
     log.info("pretrain_done", output=str(output), steps=results["steps"], seconds=results["time_seconds"],
              **{k: round(v, 4) for k, v in metrics.items()})
     return results
+
+
+def objective(model, tokenizer, settings: PretrainSettings, teacher: str | None, pad_multiple: int | None):
+    """What the Trainer optimizes, and its collator: masked tokens, or the teacher's hidden states."""
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+
+    if teacher is None:
+        return model, DataCollatorForLanguageModeling(
+            tokenizer, mlm_probability=settings.mlm_probability, pad_to_multiple_of=pad_multiple)
+    from trainer.distill import distiller, load_teacher
+
+    return distiller(model, load_teacher(teacher, tokenizer)), DataCollatorWithPadding(
+        tokenizer, pad_to_multiple_of=pad_multiple)
 
 
 def load_mlm(base_model: str):
@@ -140,6 +160,8 @@ def mlm_arguments(settings: PretrainSettings, checkpoints: Path, cuda: bool, eva
         weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_ratio,
         eval_strategy="epoch" if evaluate else "no",
+        eval_on_start=evaluate,  # the held-out loss before training, to compare with the loss after
+        train_sampling_strategy="group_by_length",  # batches of like lengths: little time spent on padding
         save_strategy="no",
         logging_steps=settings.logging_steps,
         report_to=["tensorboard"],

@@ -41,12 +41,12 @@ def tensorboard_logs(path: Path) -> Iterator[None]:
             os.environ[name] = old
 
 
-def make_trainer(logging_dir: Path, **kwargs: Any):
-    """A `transformers.Trainer` whose TensorBoard callback writes to `logging_dir`."""
+def make_trainer(logging_dir: Path, trainer_class: type | None = None, **kwargs: Any):
+    """A `transformers.Trainer` (or `trainer_class`) whose TensorBoard callback writes to `logging_dir`."""
     from transformers import Trainer
 
     with tensorboard_logs(logging_dir):  # the callback reads it when the Trainer is built
-        return Trainer(**kwargs)
+        return (trainer_class or Trainer)(**kwargs)
 
 
 def save_model(model, tokenizer, output: Path) -> None:

@@ -47,6 +47,12 @@ class RunOptions:
     keep_checkpoints: bool = False
     logging_dir: Path | None = None
     """TensorBoard event files; default ``<output>/runs``."""
+    teacher: str | None = None
+    """Sequence tasks: a fine-tuned classifier with the same labels whose predictions are learnt too."""
+    teacher_weight: float = 0.5
+    """Share of the loss that is the teacher's (the rest is the labels' cross-entropy)."""
+    temperature: float = 2.0
+    """Softens both predictions before they are compared."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,7 @@ def training_arguments(settings: TrainingSettings, output_dir: Path, hw: Hardwar
         weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a fraction of the total steps
         lr_scheduler_type="linear",
+        train_sampling_strategy="group_by_length",  # batches of like lengths (shuffled): little time spent on padding
         eval_strategy=settings.eval_strategy,
         eval_steps=settings.eval_steps,
         save_strategy=settings.eval_strategy,
@@ -176,11 +183,14 @@ def train(data: TaskData, settings: TrainingSettings, options: RunOptions) -> di
     tokenizer, model = load_base(options.base_model, data.task, data.labels)
     max_length = min(options.max_length, model.config.max_position_embeddings)
     inputs = task_inputs(data, tokenizer, max_length, options.stride, pad_multiple=8 if hw.fp16 else None)
+    trainer_class = with_teacher(inputs, data, options, max_length)
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
     logging_dir = Path(options.logging_dir or output / "runs")
+    args = training_arguments(settings, output / CHECKPOINTS, hw)
+    args.remove_unused_columns = trainer_class is None  # the teacher's logits are not a model input
     trainer = make_trainer(
-        logging_dir, model=model, args=training_arguments(settings, output / CHECKPOINTS, hw),
+        logging_dir, trainer_class, model=model, args=args,
         data_collator=inputs.collator, train_dataset=inputs.train, eval_dataset=inputs.validation,
         processing_class=tokenizer, compute_metrics=inputs.compute_metrics,
         preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
@@ -227,6 +237,31 @@ def task_inputs(data: TaskData, tokenizer, max_length: int, stride: int, pad_mul
                    lambda p: pii_metrics(*tags_from_ids(p.label_ids, p.predictions, id2label)), sizes)
 
 
+def check_teacher(task: str, options: RunOptions) -> None:
+    """Distillation settings that cannot work, refused before any data is read."""
+    from trainer.settings import UsageError
+
+    if options.teacher is None:
+        return
+    if get_task(task).head != "sequence":
+        raise UsageError(f"--teacher: distillation is for sequence tasks; {task} is a token task")
+    if not 0 <= options.teacher_weight <= 1 or options.temperature <= 0:
+        raise UsageError("--teacher-weight must be in [0, 1] and --temperature positive")
+
+
+def with_teacher(inputs: _Inputs, data: TaskData, options: RunOptions, max_length: int) -> type | None:
+    """With a teacher: its logits join the training rows and the Trainer learns from both (trainer.distill)."""
+    if options.teacher is None:
+        return None
+    from trainer.distill import distillation_trainer, teacher_logits
+
+    check_teacher(data.task, options)
+    logits = teacher_logits(options.teacher, [e.text for e in data.train], data.labels, max_length)
+    inputs.train = inputs.train.add_column("teacher_logits", logits)
+    log.info("teacher_logits", teacher=options.teacher, rows=len(logits))
+    return distillation_trainer(options.teacher_weight, options.temperature)
+
+
 def save_best(model, tokenizer, output: Path, task: str, max_length: int, base_model: str) -> None:
     """The best model as the sidecar reads it: its task, the window it learnt on, the special token ids."""
     fill_special_token_ids(model.config, tokenizer, base_model)  # the sidecar reads them from config.json
@@ -256,6 +291,8 @@ def run_record(data: TaskData, settings: TrainingSettings, options: RunOptions, 
     return {
         "task": data.task,
         "base_model": options.base_model,
+        **({"teacher": {"model": options.teacher, "weight": options.teacher_weight,
+                        "temperature": options.temperature}} if options.teacher else {}),
         "labels": data.labels,
         "data": {"train": data.train_sources, "validation": data.validation_sources,
                  "validation_from": data.validation_from, **sizes},

