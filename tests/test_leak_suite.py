@@ -827,9 +827,6 @@ def shipped(keeper):
 NAME_MISSES: dict[str, str] = {
     "chat-name-in-business-prose": "a full name between sentences of business prose is not tagged at all, with "
                                    "512-, 256- or 128-token windows alike (found by the adversarial review)",
-    "responses-function-output-under-api-keys": "the rebuilt model (held out by template: 85% of names) does not tag "
-                                                "'Laura Ramirez' in any sentence, while 'Michael Brown' in the same "
-                                                "place is caught; the previous model caught it",
 }
 """Shapes whose planted name the bundled PII model does not mask (shape id -> what it does): issue 13. Short
 values reach the model after their key ("customer: Edward Jackson", which it tags whole). The
