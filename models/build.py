@@ -146,35 +146,28 @@ COST_TEXT = ("Could you help me plan a week of study for my chemistry exam? I ke
 def cost_report(new: tuple[Path, Path], before: tuple[Path, Path], rounds: int = 60) -> dict:
     """Engine time of one request of about 200 tokens (category + PII, INT8 on this CPU), the new models against
     `before` (category, pii), measured in interleaved rounds so both see the same machine."""
+    import contextlib
     import statistics
 
-    from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
-    from sidecar.inference.engine import Engine
-
-    def load(pair: tuple[Path, Path]) -> Engine:
-        models = {name: ModelConfig(path=str(path), runtime="onnx-int8", device="cpu")
-                  for name, path in zip(("category", "pii"), pair, strict=True)}
-        return Engine.load(ModelsConfig(**models), BatchingConfig(), checksums=False)
-
     from tokenizers import Tokenizer
+
+    from trainer.served import served_router
 
     tokenizer = Tokenizer.from_file(str(new[1] / "tokenizer.json"))
     tokenizer.no_truncation()  # a saved tokenizer may cut at its training window; the engine reads all
     words, text = (COST_TEXT * 8).split(), ""
     while len(tokenizer.encode(text).ids) < 200:  # special tokens included, as the engine reads it
         text = f"{text} {words.pop(0)}".strip()
-    engines = {"new": load(new), "before": load(before)}
-    times: dict[str, list[float]] = {"new": [], "before": []}
-    try:
+    with contextlib.ExitStack() as stack:
+        engines = {key: stack.enter_context(served_router(category=pair[0], pii=pair[1], runtime="onnx-int8")).engine
+                   for key, pair in (("new", new), ("before", before))}
+        times: dict[str, list[float]] = {"new": [], "before": []}
         for _ in range(rounds):
             for key, engine in engines.items():
                 started = time.perf_counter()
                 engine.classify_many([text])
                 engine.detect_pii_many([text])
                 times[key].append((time.perf_counter() - started) * 1000)
-    finally:
-        for engine in engines.values():
-            engine.close()
     new_ms, before_ms = statistics.median(times["new"][5:]), statistics.median(times["before"][5:])
     return {"text_tokens": len(tokenizer.encode(text).ids), "engine_ms_p50_classify_and_pii": round(new_ms, 2),
             "before_ms_p50": round(before_ms, 2), "before": "the bundled models this build replaces",

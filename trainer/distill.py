@@ -73,27 +73,19 @@ def teacher_logits(teacher: str, texts: list[str], labels: list[str], max_length
     The teacher reads with its own tokenizer, so any classifier with the same label names will do (a BERT
     fine-tuned by `trainer category`, say). Raises BaseModelError when its labels differ from `labels`.
     """
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from trainer.evaluate import batched_logits
+
     tokenizer = load_pretrained(teacher, AutoTokenizer.from_pretrained)
-    model = load_pretrained(teacher, AutoModelForSequenceClassification.from_pretrained).eval()
+    model = load_pretrained(teacher, AutoModelForSequenceClassification.from_pretrained)
     theirs = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if sorted(theirs) != sorted(labels):
         raise BaseModelError(f"{teacher}: the teacher's labels ({', '.join(sorted(theirs))}) are not the "
                              f"student's ({', '.join(sorted(labels))})")
-    order = torch.tensor([theirs.index(label) for label in labels])
-    by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of like lengths pad little
-    out: list[list[float]] = [[] for _ in texts]
-    with torch.inference_mode():
-        for start in range(0, len(by_length), batch_size):
-            rows = by_length[start:start + batch_size]
-            enc = tokenizer([texts[i] for i in rows], truncation=True, max_length=max_length, padding=True,
-                            return_tensors="pt")
-            logits = model(**enc).logits[:, order]
-            for i, row in zip(rows, logits.tolist(), strict=True):
-                out[i] = row
-    return out
+    order = [theirs.index(label) for label in labels]
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return [row[order].tolist() for row in batched_logits(model, tokenizer, ids, batch_size)]
 
 
 def distillation_trainer(teacher_weight: float, temperature: float):

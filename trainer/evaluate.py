@@ -108,8 +108,8 @@ def tags_from_ids(
 # --- inference -------------------------------------------------------------------------------------
 
 
-def _logits(model, tokenizer, input_ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
-    """Unpadded logits per input, batched, in input order."""
+def batched_logits(model, tokenizer, input_ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
+    """Unpadded logits per input, batched by length, in input order."""
     import torch
 
     model.eval()
@@ -134,7 +134,7 @@ def evaluate_category(
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     labels = [id2label[i] for i in range(len(id2label))]
     enc = encode_category(tokenizer, examples, {label: i for i, label in enumerate(labels)}, max_length)
-    logits = _logits(model, tokenizer, enc["input_ids"], batch_size)
+    logits = batched_logits(model, tokenizer, enc["input_ids"], batch_size)
     y_pred = [int(np.argmax(row)) for row in logits]
     return {"examples": len(examples), **category_report(enc["labels"], y_pred, labels)}
 
@@ -145,7 +145,7 @@ def evaluate_pii(
     """Windows are predicted separately and joined back per text, each token counted once."""
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     windows = encode_pii(tokenizer, examples, {v: k for k, v in id2label.items()}, max_length, stride)
-    logits = _logits(model, tokenizer, windows.input_ids, batch_size)
+    logits = batched_logits(model, tokenizer, windows.input_ids, batch_size)
     true_ids: list[list[int]] = [[] for _ in examples]
     pred_ids: list[list[int]] = [[] for _ in examples]
     for k, index in enumerate(windows.example):
