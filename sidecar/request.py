@@ -91,15 +91,21 @@ _DIGIT = re.compile(r"[0-9]")
 _DIGIT_RUN = re.compile(r"[0-9]{9}")
 """Nine digits in a row: a card, phone or account number written without separators. Random base64 has one
 in about 20 MB, so a blob with one is scanned, not skipped (a list of numbers one per line is no attachment)."""
-_LETTERS = re.compile(r"[A-Za-z]")
+_BASE64_NON_LETTERS = "0123456789+/=\r\n"
 
 
 def is_blob(text: str) -> bool:
     """Base64 data, not text a model could read: long, only base64 characters, mostly letters (random base64
     is 81% letters) and no run of nine digits."""
     return (len(text) >= BASE64_BLOB_CHARS and _BASE64.fullmatch(text) is not None
-            and _DIGIT.search(text) is not None and 2 * len(_LETTERS.findall(text)) >= len(text)
+            and _DIGIT.search(text) is not None and 2 * _non_letters(text) <= len(text)
             and _DIGIT_RUN.search(text) is None)
+
+
+def _non_letters(base64_text: str) -> int:
+    """Characters of a base64 string that are not letters, counted in C (a 1 MB attachment in 12 ms; a regex
+    findall of its letters took 110)."""
+    return sum(map(base64_text.count, _BASE64_NON_LETTERS))
 _IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_.$-]{0,63}")
 """Object keys of this shape are field names."""
 _MODEL_CHARS = re.compile(r"[\x20-\x7e]{1,256}\Z")
