@@ -116,10 +116,12 @@ def test_distilled_student_fine_tunes_exports_and_serves_with_the_teachers_token
                    "--output", encoder, "--max-steps", "2")[0] == 0
     train = write_jsonl(tmp_path / "train.jsonl", category_rows(6))
     code, _, stderr = run_cli(capsys, "category", "--train", train, "--base-model", encoder, "--output", model,
-                              "--max-length", "32", "--max-steps", "2", "--eval-steps", "2", "--int8")
+                              "--max-length", "32", "--max-steps", "2", "--eval-steps", "2", "--export")
     assert code == 0, stderr
+    # fp32 ONNX, not INT8: a two-step model's logits are near ties, so INT8's argmax agreement with PyTorch is a
+    # coin flip across CPUs (CI once got 0.85 against the 0.9 floor); tests/test_trainer_bert_family.py covers INT8.
 
-    engine = Engine.load(ModelsConfig(category=ModelConfig(path=str(model), runtime="onnx-int8", device="cpu")),
+    engine = Engine.load(ModelsConfig(category=ModelConfig(path=str(model), runtime="onnx", device="cpu")),
                          BatchingConfig(), checksums=False)
     try:
         results = engine.classify_many(["Which organelle makes ATP in the cell?", "ÉMILIE PAID €49,90 AT THE CAFÉ"])
