@@ -94,7 +94,8 @@ def tfidf_baseline(train: Path, evals: dict[str, Path]) -> dict:
     return report
 
 
-def category_report(model_dir: Path, paths: dict[str, Path], pii_dir: Path | None, teacher: Path | None = None) -> dict:
+def category_report(model_dir: Path, paths: dict[str, Path], pii_dir: Path | None, teacher: Path | None = None,
+                    fp32: bool = True) -> dict:
     """The category model as served (INT8 through the Engine) on the held-out exam and everyday sets, fp32
     beside it, the TF-IDF yardstick and the fine-tuned teacher (PyTorch, not served) on the same sets, and
     whether the PII model masks anything in the everyday questions (it should not: they name books, places
@@ -102,15 +103,16 @@ def category_report(model_dir: Path, paths: dict[str, Path], pii_dir: Path | Non
     from trainer.served import score_category, score_clean, served_router
 
     sets = {"exam": paths["category_val"], "everyday": paths["everyday_val"]}
-    runs = {"onnx-int8": model_dir, "onnx": model_dir} | ({"teacher": teacher} if teacher else {})
+    runs = {"onnx-int8": model_dir} | ({"onnx": model_dir} if fp32 else {}) | ({"teacher": teacher} if teacher else {})
     served = {}
     for key, directory in runs.items():
         with served_router(category=directory, runtime="torch" if key == "teacher" else key) as router:
             served[key] = {name: score_category(router, read_jsonl(path)) for name, path in sets.items()}
     brief = {key: {name: {k: r[k] for k in ("accuracy", "f1_weighted")} for name, r in result.items()}
              for key, result in served.items()}
-    report = {"served": served["onnx-int8"], "fp32": brief["onnx"],
-              "baseline": tfidf_baseline(paths["category_train"], sets)}
+    report = {"served": served["onnx-int8"], "baseline": tfidf_baseline(paths["category_train"], sets)}
+    if fp32:
+        report["fp32"] = brief["onnx"]
     if teacher:
         report["teacher_not_served"] = {"model": "all-MiniLM-L6-v2 fine-tuned on the same rows (PyTorch)",
                                         **brief["teacher"]}
@@ -180,6 +182,17 @@ def _inner(row: dict) -> dict:
     return {"inner": row["inner"]} if "inner" in row else {}
 
 
+BUILT_NOTE = (
+    "Built by `make models`: a small ModernBERT (4 layers, hidden 256) that takes all-MiniLM-L6-v2's "
+    "tokenizer (30k WordPiece, lower case) and its word embeddings reduced by PCA (`trainer base --size small "
+    "--embeddings-from`), learns that teacher's hidden states on the training texts for one epoch (`trainer "
+    "pretrain --teacher`), then this fine-tuning at the window it is served at (128 tokens). Held out from "
+    "../shared/data: 10% of MMLU-Pro and of MMLU (stratified), whole Presidio templates (15%), 20% of WNUT-17, a "
+    "synthetic set drawn with another seed; plus our own everyday questions (models/data/everyday_eval.jsonl), "
+    "written apart from the training ones. Scores are of the served INT8 model through the sidecar's Engine "
+    "(trainer.served), recognizers and the default policy included (models/datasets.py, models/build.py).")
+
+
 def ship(built: Path, target: Path, extra: dict) -> None:
     """Copy what the sidecar serves, with the yardsticks added to the eval report and the card."""
     from trainer.card import write_card
@@ -194,15 +207,7 @@ def ship(built: Path, target: Path, extra: dict) -> None:
     if base.is_absolute() and base.resolve().is_relative_to(ROOT):
         results["base_model"] = str(base.resolve().relative_to(ROOT))
     results["recipe"] = "make models (models/build.py)"
-    results.setdefault("notes", []).insert(0, (
-        "Built by `make models`: a small ModernBERT (4 layers, hidden 256) that takes all-MiniLM-L6-v2's "
-        "tokenizer (30k WordPiece, lower case) and its word embeddings reduced by PCA (`trainer base --size small "
-        "--embeddings-from`), learns that teacher's hidden states on the training texts for one epoch (`trainer "
-        "pretrain --teacher`), then this fine-tuning at the window it is served at (128 tokens). Held out from ../shared/data: 10% of "
-        "MMLU-Pro and of MMLU (stratified), whole Presidio templates (15%), 20% of WNUT-17, a synthetic set "
-        "drawn with another seed; plus our own everyday questions (models/data/everyday_eval.jsonl), written "
-        "apart from the training ones. Scores are of the served INT8 model through the sidecar's Engine "
-        "(trainer.served), recognizers and the default policy included (models/datasets.py, models/build.py)."))
+    results.setdefault("notes", []).insert(0, BUILT_NOTE)
     write_results(built, results)
     write_card(built, results)
     if target.exists():
@@ -211,6 +216,31 @@ def ship(built: Path, target: Path, extra: dict) -> None:
     for name in SHIPPED:
         if (built / name).exists():
             shutil.copy2(built / name, target / name)
+
+
+def rescore(out: Path, paths: dict[str, Path], only: str | None = None) -> None:
+    """Score the shipped models again as served, without training: after a change to the serving code (a
+    decoding rule, a recognizer), the reports and cards say what the sidecar now does. Sections measured on
+    files that are not shipped (fp32 weights, the teacher, the cost against the models replaced) are kept.
+    INT8 kernels differ between CPUs, so an untouched model can move by a few tenths of a point: rescore only
+    what the change touches (`only`)."""
+    from trainer.card import write_card
+
+    category, pii = out / "category", out / "pii"
+    updates = {}
+    if only in (None, "pii") and (pii / EVAL_FILE).exists():
+        old = read_results(pii)
+        report = pii_report(pii, paths) | {k: old[k] for k in ("cost_200_token_request",) if k in old}
+        updates[pii] = old | report | {"notes": [BUILT_NOTE, *pii_notes(report)]}
+    if only in (None, "category") and (category / EVAL_FILE).exists():
+        old = read_results(category)
+        served = category_report(category, paths, pii if pii.exists() else None, fp32=False)["served"]
+        report = {k: old[k] for k in ("fp32", "baseline", "teacher_not_served") if k in old} | {"served": served}
+        updates[category] = old | report | {"notes": [BUILT_NOTE, *category_notes(report)]}
+    for directory, results in updates.items():
+        write_results(directory, results)
+        write_card(directory, results)
+        print(f"rescored {directory}", flush=True)
 
 
 def _vs(value: float, target: float, what: str) -> str:
@@ -276,10 +306,15 @@ def main() -> None:
     p.add_argument("--category-epochs", default="1")
     p.add_argument("--pii-epochs", default="3")
     p.add_argument("--only", choices=["category", "pii"], help="build one model")
+    p.add_argument("--rescore", action="store_true",
+                   help="train nothing: score the models in --out again as served and rewrite their reports and cards")
     args = p.parse_args()
     started = time.time()
     w = args.work
     paths = split_data(args.data, w, args.synth_train, args.synth_val)
+    if args.rescore:
+        rescore(args.out, paths, args.only)
+        return
     if not (w / "replaced").exists() and (args.out / "pii").exists():  # the yardstick for the cost step
         shutil.copytree(args.out, w / "replaced", ignore=shutil.ignore_patterns("data"))
     base, encoder = w / "base", w / "encoder"

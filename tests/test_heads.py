@@ -3,7 +3,14 @@ import pytest
 
 from model_contract.model_dir import ModelDir
 from sidecar.errors import ModelLoadError
-from sidecar.inference.heads import BioScheme, category_results, decode_bio, snap_to_text, softmax
+from sidecar.inference.heads import (
+    BioScheme,
+    category_results,
+    decode_bio,
+    join_address_parts,
+    snap_to_text,
+    softmax,
+)
 from sidecar.inference.windows import Encoded, TextEncoder
 from sidecar.results import Span
 from tests.conftest import PII_LABELS
@@ -155,3 +162,46 @@ def test_scheme_lists_entity_types_without_prefixes():
 def test_non_bio_label_is_a_load_error():
     with pytest.raises(ModelLoadError, match="'PERSON' is not a BIO tag"):
         BioScheme.from_labels(["O", "PERSON"])
+
+
+# --- a place that continues an address ------------------------------------------------------------------
+
+
+def joined(text: str, parts: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+    """join_address_parts over spans given as (label, substring, score), in text order."""
+    spans, at = [], 0
+    for label, value, score in parts:
+        start = text.index(value, at)
+        spans.append(Span(label, start, start + len(value), score))
+        at = start + len(value)
+    return [(s.label, text[s.start : s.end], s.score) for s in join_address_parts(text, spans)]
+
+
+def test_towns_and_country_after_an_address_become_part_of_it_with_its_score():
+    text = "Ship to 12 Gralla 30, HELSINKI,\nBarbados today."
+    assert joined(text, [("ADDRESS", "12 Gralla 30", 0.9), ("LOCATION", "HELSINKI", 0.6), ("LOCATION", "Barbados", 0.4)]) == [
+        ("ADDRESS", "12 Gralla 30", 0.9), ("ADDRESS", "HELSINKI", 0.9), ("ADDRESS", "Barbados", 0.9)]
+
+
+def test_a_place_before_an_address_joins_it_too():
+    text = "Reykjavík; Laugarvegur 77"
+    assert joined(text, [("LOCATION", "Reykjavík", 0.7), ("ADDRESS", "Laugarvegur 77", 0.8)]) == [
+        ("ADDRESS", "Reykjavík", 0.8), ("ADDRESS", "Laugarvegur 77", 0.8)]
+
+
+def test_a_place_apart_from_any_address_stays_a_place():
+    text = "I moved from Paris to 12 Gralla 30 last year, then to Lyon."
+    parts = [("LOCATION", "Paris", 0.9), ("ADDRESS", "12 Gralla 30", 0.9), ("LOCATION", "Lyon", 0.9)]
+    assert joined(text, parts) == parts  # words stand between each place and the address
+    assert joined("Paris, Lyon", [("LOCATION", "Paris", 0.9), ("LOCATION", "Lyon", 0.9)]) == [
+        ("LOCATION", "Paris", 0.9), ("LOCATION", "Lyon", 0.9)]
+
+
+def test_the_joined_town_is_masked_under_the_default_policy_that_lets_places_through():
+    from sidecar.config import PiiPolicyConfig
+    from sidecar.policy import kept_spans
+
+    text = "12 Gralla 30, HELSINKI"
+    spans = join_address_parts(text, [Span("ADDRESS", 0, 12, 0.9), Span("LOCATION", 14, 22, 0.45)])
+    assert [(s.label, text[s.start : s.end]) for s in kept_spans(spans, PiiPolicyConfig())] == [
+        ("ADDRESS", "12 Gralla 30"), ("ADDRESS", "HELSINKI")]

@@ -43,3 +43,42 @@ def test_exam_questions_that_name_someone_are_not_used_as_pii_free_negatives():
     names = {"Zoey", "Max"}
     assert not looks_name_free("A patio is built. Then Zoey is laying bricks for it.", names)
     assert looks_name_free("What is the derivative of x squared?", names)
+
+
+def test_rescore_replaces_what_it_measures_and_keeps_what_needs_unshipped_files(tmp_path, monkeypatch):
+    import json
+
+    from models import build
+
+    def served_pii(caught):
+        clean = {"texts": 10, "with_any_mask": 0.0, "with_person_contact_or_number_mask": 0.0, "by_label": {}}
+        sets = {k: {"caught": caught, "type_right": 1.0, "same_spans_alone": 1.0, "per_type": {}}
+                for k in ("presidio_held_out_templates", "any_position_1_8kb", "wnut17_real_text")}
+        return sets | {k: clean for k in ("exam_questions_name_free", "wnut17_entity_free", "everyday_questions")}
+
+    def served_category(accuracy):
+        at = {"threshold": 0.5, "coverage": 0.8, "accuracy": accuracy}
+        return {k: {"accuracy": accuracy, "at_routing_threshold": at} for k in ("exam", "everyday")}
+
+    both = {k: {"accuracy": 0.7} for k in ("exam", "everyday")}
+    old_pii = {"task": "pii", "cost_200_token_request": {"ratio": 1.0}, "notes": ["old"],
+               "served": served_pii(0.5), "baseline_recognizers_only": served_pii(0.1)}
+    old_category = {"task": "category", "fp32": both, "baseline": both, "teacher_not_served": both,
+                    "served": served_category(0.6), "notes": ["old"]}
+    for name, results in (("pii", old_pii), ("category", old_category)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval_results.json").write_text(json.dumps(results))
+    monkeypatch.setattr(build, "pii_report", lambda d, p: {"served": served_pii(0.9),
+                                                           "baseline_recognizers_only": served_pii(0.1)})
+    monkeypatch.setattr(build, "category_report", lambda *a, **k: {"served": served_category(0.8), "fp32": "re-measured"})
+
+    build.rescore(tmp_path, {})
+
+    pii = json.loads((tmp_path / "pii" / "eval_results.json").read_text())
+    category = json.loads((tmp_path / "category" / "eval_results.json").read_text())
+    assert pii["served"]["presidio_held_out_templates"]["caught"] == 0.9
+    assert pii["cost_200_token_request"] == {"ratio": 1.0} and pii["task"] == "pii"
+    assert pii["notes"][0] == build.BUILT_NOTE and "90.0%" in pii["notes"][1]
+    assert category["served"]["exam"]["accuracy"] == 0.8
+    assert category["fp32"] == both and category["teacher_not_served"] == both  # fp32 weights are not shipped
+    assert "80.0%" in category["notes"][1] and (tmp_path / "category" / "README.md").is_file()

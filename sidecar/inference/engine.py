@@ -27,7 +27,7 @@ from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.errors import InferenceCancelled, ModelLoadError
 from sidecar.inference.backends import Backend, open_backend, ort_cuda_available
 from sidecar.inference.batcher import Batcher, OnBatch, OnShed, WindowResult, summarize
-from sidecar.inference.heads import BioScheme, category_results, decode_bio
+from sidecar.inference.heads import BioScheme, category_results, decode_bio, join_address_parts
 from sidecar.inference.windows import Encoded, TextEncoder, Window, merge_windows, window_length
 from sidecar.results import CategoryResult, PiiResult, Span, StageTimings
 
@@ -445,10 +445,12 @@ class Engine:
 
 def _model_spans(model: _Model, text: str, encoded: Encoded, windows: Sequence[Window],
                  logits: Sequence[np.ndarray]) -> list[Span]:
-    """The model's own spans: window logits merged token by token, then BIO-decoded."""
+    """The model's own spans: window logits merged token by token, BIO-decoded, a town after an address
+    joined to it."""
     if not windows or model.scheme is None:
         return []
-    return decode_bio(merge_windows(len(encoded), windows, logits), encoded.offsets, text, model.scheme)
+    return join_address_parts(text, decode_bio(merge_windows(len(encoded), windows, logits), encoded.offsets, text,
+                                               model.scheme))
 
 
 def _longest_token(model_dir: ModelDir) -> int:
