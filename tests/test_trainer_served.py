@@ -90,8 +90,9 @@ def test_missed_names_wrong_types_and_unlabelled_masks_are_counted(strict_pii_ro
     assert report["type_right"] == 0.5  # the mislabelled one is masked as EMAIL_ADDRESS
     assert report["per_type"] == {"PERSON": {"entities": 2, "caught": 0.5}, "EMAIL_ADDRESS": {"entities": 1, "caught": 1.0}}
     assert report["texts_with_false_mask"] == 0.25
-    masked = len("ana.lopez@example.org") + len("bob@example.com") + len("carol@example.net")
-    assert report["false_mask_char_share"] == round(len("bob@example.com") / masked, 4)
+    letters = lambda value: sum(c.isalnum() for c in value)  # noqa: E731 - punctuation under a mask hides nothing
+    masked = letters("ana.lopez@example.org") + letters("bob@example.com") + letters("carol@example.net")
+    assert report["false_mask_char_share"] == round(letters("bob@example.com") / masked, 4)
 
 
 def test_same_spans_alone_compares_the_inner_sentence_with_its_place_in_the_long_text(strict_pii_router):

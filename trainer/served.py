@@ -8,7 +8,8 @@ can be scored. Shares are rounded to four places; a share of nothing is None.
 
 PII is scored the way a leak is judged, not by tag overlap: an identifying entity (a gold type outside
 ``CONTEXT_ENTITIES``) is caught when every non-space character of it is masked, by a span of any label;
-a mask is false where it covers a non-space character outside every gold span.
+a mask is false where it covers a letter or digit outside every gold span (the comma a mask takes between two
+labelled parts of one address hides nothing).
 """
 
 from __future__ import annotations
@@ -145,9 +146,10 @@ def score_pii(router: DecisionMaker, rows: Sequence[dict]) -> dict[str, Any]:
                 caught[label] += 1
                 first = min(chars)
                 typed += any(s["start"] <= first < s["end"] and s["label"] == label for s in kept)
-        false = masked - gold
+        readable = {i for i in masked if text[i].isalnum()}
+        false = readable - gold
         false_texts += bool(false)
-        masked_chars += len(masked)
+        masked_chars += len(readable)
         false_chars += len(false)
     report = {
         "texts": len(rows),
