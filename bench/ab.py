@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path[0] = str(ROOT)
 
-from bench.common import RESULTS, machine, write_json  # noqa: E402
+from bench.common import DATA, RESULTS, machine, write_json  # noqa: E402
 
 
 def run_in(tree: Path, script: str, args: list[str], out: Path) -> dict:
@@ -37,9 +37,17 @@ def run_in(tree: Path, script: str, args: list[str], out: Path) -> dict:
     return json.loads(out.read_text(encoding="utf-8"))
 
 
+def inputs() -> list[str]:
+    """The texts both sides cut their requests from, as this tree's files: each tree's scripts would
+    otherwise look under their own checkout, and a fresh worktree has no build/ there, so the earlier commit
+    got the built-in prose while this tree got exam questions with PII in half the requests (recognizer
+    hits, masking, rewritten bodies) and looked slower for work it was given, not for its code."""
+    return ["--corpus", str(DATA / "category_val.jsonl"), "--pii-corpus", str(DATA / "synth_val.jsonl")]
+
+
 def measure(tree: Path, scratch: Path, name: str) -> dict:
-    path = run_in(tree, "request_path.py", ["--callgrind"], scratch / f"{name}-path.json")
-    envoy = run_in(tree, "envoy.py", ["--cases", "direct,noop", "--concurrency", "1,32", "--plot", ""],
+    path = run_in(tree, "request_path.py", ["--callgrind", *inputs()], scratch / f"{name}-path.json")
+    envoy = run_in(tree, "envoy.py", ["--cases", "direct,noop", "--concurrency", "1,32", "--plot", "", *inputs()],
                    scratch / f"{name}-envoy.json")
     per = envoy["summary"]["per_concurrency"]
     return {"instructions_per_request": (path.get("callgrind") or {}).get("instructions_per_request"),
@@ -74,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
     result = {"bench": "ab", "machine": machine(), "before": commit, "after": f"{head} (+ working tree)",
+              "inputs": [str(Path(p).relative_to(ROOT)) if Path(p).is_relative_to(ROOT) else p for p in inputs()],
               "runs": runs}
     write_json(args.out, result)
     print(json.dumps(result, indent=2))

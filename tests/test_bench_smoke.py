@@ -229,3 +229,26 @@ def test_interleaved_timing_takes_turns_and_leaves_each_turns_first_call_untimed
     timed = interleaved(fns, min_time_s=0.0, min_reps=6, rounds=3)
     assert calls == (["floor"] * 3 + ["engine"] * 3) * 3  # per turn: one untimed call, then two timed
     assert {name: (t["reps"], t["calls"]) for name, t in timed.items()} == {"floor": (6, 9), "engine": (6, 9)}
+
+
+def test_ab_hands_both_trees_the_same_request_texts_from_this_checkout(tmp_path, monkeypatch):
+    """An earlier commit's worktree has no build/ of its own: left to its defaults it benches other texts."""
+    from bench import ab
+
+    seen: dict[str, list[str]] = {}
+
+    def run_in(tree, script, args, out):
+        seen[f"{tree.name}/{script}"] = args
+        if script == "request_path.py":
+            return {"callgrind": {"instructions_per_request": 1}, "us_per_request": 1.0}
+        per = {"1": {"protocol_overhead_p50_ms": 1.0, "direct_rps": 1.0, "noop_rps": 1.0}}
+        return {"summary": {"per_concurrency": per, "noop_peak_rps": 1.0}, "settings": {}}
+
+    monkeypatch.setattr(ab, "run_in", run_in)
+    for name in ("before", "after"):
+        ab.measure(tmp_path / name, tmp_path, name)
+    corpus = [str(ab.DATA / "category_val.jsonl"), str(ab.DATA / "synth_val.jsonl")]
+    for script in ("request_path.py", "envoy.py"):
+        before, after = seen[f"before/{script}"], seen[f"after/{script}"]
+        assert before == after
+        assert [before[before.index(flag) + 1] for flag in ("--corpus", "--pii-corpus")] == corpus
