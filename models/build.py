@@ -262,7 +262,8 @@ def category_notes(report: dict) -> list[str]:
            f"{report['teacher_not_served']['exam']['accuracy']:.1%} on exam questions, "
            f"{report['teacher_not_served']['everyday']['accuracy']:.1%} on everyday ones. Learning its "
            "predictions as well (`trainer category --teacher`, weight 0.5, temperature 2) scored 76.8% and 69.0% "
-           "(INT8), against 77.9% and 69.8% without, so the shipped model learns from the labels only."]
+           "(INT8), against 77.9% and 69.8% without on the build's host, so the shipped model learns from the "
+           "labels only."]
           if "teacher_not_served" in report else []),
         f"At the shipped confidence threshold the router keeps {at['coverage']:.0%} of everyday questions, "
         f"{at['accuracy']:.1%} of them right; the rest go to the default model (coverage table above).",
@@ -304,7 +305,7 @@ def main() -> None:
     p.add_argument("--synth-val", type=int, default=400)
     p.add_argument("--pretrain-epochs", default="1")
     p.add_argument("--category-epochs", default="1")
-    p.add_argument("--pii-epochs", default="3")
+    p.add_argument("--pii-epochs", default="5")
     p.add_argument("--only", choices=["category", "pii"], help="build one model")
     p.add_argument("--rescore", action="store_true",
                    help="train nothing: score the models in --out again as served and rewrite their reports and cards")

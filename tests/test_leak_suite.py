@@ -824,11 +824,10 @@ def shipped(keeper):
         yield running
 
 
-NAME_MISSES: dict[str, str] = {
-    "chat-name-in-business-prose": "a full name between sentences of business prose is not tagged at all, with "
-                                   "512-, 256- or 128-token windows alike (found by the adversarial review)",
-}
-"""Shapes whose planted name the bundled PII model does not mask (shape id -> what it does): issue 13. Short
+NAME_MISSES: dict[str, str] = {}
+"""Shapes whose planted name the bundled PII model does not mask (shape id -> what it does): issue 13. None
+today: the last one, a full name between sentences of business prose, is caught since the PII model trained
+five epochs instead of three; a model that misses one again goes here, as a strict xfail. Short
 values reach the model after their key ("customer: Edward Jackson", which it tags whole). The
 model's verdict is deterministic for a given text; a case's name, card and IBAN are fixed by its id, its
 email, phone, SSN and IP by its place in SHAPES."""
