@@ -439,18 +439,16 @@ class Engine:
     def _pii_spans(
         self, model: _Model, text: str, encoded: Encoded, windows: Sequence[Window], logits: Sequence[np.ndarray]
     ) -> list[Span]:
-        spans = _model_spans(model, text, encoded, windows, logits)
+        spans = join_address_parts(text, _model_spans(model, text, encoded, windows, logits))
         return reconcile(text, spans) if self.checksums else spans
 
 
 def _model_spans(model: _Model, text: str, encoded: Encoded, windows: Sequence[Window],
                  logits: Sequence[np.ndarray]) -> list[Span]:
-    """The model's own spans: window logits merged token by token, BIO-decoded, a town after an address
-    joined to it."""
+    """The model's own spans: window logits merged token by token, then BIO-decoded."""
     if not windows or model.scheme is None:
         return []
-    return join_address_parts(text, decode_bio(merge_windows(len(encoded), windows, logits), encoded.offsets, text,
-                                               model.scheme))
+    return decode_bio(merge_windows(len(encoded), windows, logits), encoded.offsets, text, model.scheme)
 
 
 def _longest_token(model_dir: ModelDir) -> int:

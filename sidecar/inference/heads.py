@@ -15,6 +15,7 @@ import numpy as np
 
 from sidecar.checksums import merge_overlapping
 from sidecar.errors import ModelLoadError
+from sidecar.recognizers import PHONE_NUMBER
 from sidecar.results import CategoryResult, Span
 
 OUTSIDE, BEGIN, INSIDE = 0, 1, 2
@@ -33,7 +34,7 @@ _IS_WORD = re.compile(_WORD_CHAR)
 _LOOKBACK = 64
 # What may stand between an address and the place that continues it: spacing, commas, semicolons.
 _ADDRESS_GAP = re.compile(r"[\s,;]{0,4}")
-ADDRESS, LOCATION, PHONE_NUMBER = "ADDRESS", "LOCATION", "PHONE_NUMBER"
+ADDRESS, LOCATION = "ADDRESS", "LOCATION"
 _PHONE_DIGITS = 7  # the fewest digits of a phone number (a local number without its area code)
 
 
