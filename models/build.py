@@ -62,10 +62,10 @@ def split_data(data: Path, work: Path, synth_train: int, synth_val: int) -> dict
     for name, count, seed in (("synth_train", synth_train, "1"), ("synth_val", synth_val, "2")):
         if not paths[name].exists():
             run("synth-pii", "--count", str(count), "--seed", seed, "--output", str(paths[name]))
-    category_train, category_dev, category_val = datasets.category_rows(data)
+    category_train, category_dev, category_val, term_questions = datasets.category_rows(data)
     pii = datasets.pii_rows(data, read_jsonl(paths["synth_train"]), read_jsonl(paths["synth_val"]),
                             category_train, category_val)
-    sets = {"category_train": category_train, "category_dev": category_dev, "category_val": category_val,
+    sets = {"category_train": category_train + term_questions, "category_dev": category_dev, "category_val": category_val,
             "everyday_val": read_jsonl(datasets.EVERYDAY_EVAL), **pii}
     sets["corpus"] = [{"text": r["text"]} for r in category_train + pii["wnut_train"] + pii["context_train"]]
     sets["corpus"] += [{"text": r.get("full_text", r.get("text"))} for r in pii["presidio_train"]]

@@ -7,8 +7,10 @@ Held out by source or template, never by a row of a shared shape:
   - PII: whole Presidio templates (`template_id`), a synthetic set drawn with another seed, and 20% of the
     WNUT-17 sentences (real text: no two rows share a template);
   - any position: held-out PII sentences placed at a random offset inside 1-8 KB of held-out prose.
-Derived for training only: chat-style questions cut from the exam rows, PII rows set at random offsets
-inside PII-free prose (so every window offset is seen, as served), and PII-free negatives from real text.
+Derived for training only: chat-style questions cut from the exam rows, short questions around the words
+that mark each subject in them ("what's a titration?"), PII rows set at random offsets inside PII-free prose
+(so every window offset is seen, as served), and PII-free negatives from real text. The held-out sets draw
+their randomness apart from the training sets, so a change to the training rows moves no held-out row.
 """
 
 from __future__ import annotations
@@ -70,9 +72,62 @@ def chat_style(text: str, rng: random.Random) -> str | None:
     return out.lower() if rng.random() < 0.3 else out
 
 
-def category_rows(data: Path) -> tuple[list[dict], list[dict], list[dict]]:
+_WORD = re.compile(r"[a-z][a-z'-]*[a-z]")
+_EXAM_WORDS = frozenset([  # the exam frame, not the subject
+    "following", "statement", "statements", "correct", "incorrect", "true", "false", "answer", "answers",
+    "best", "likely", "question", "questions", "refers", "information", "passage", "choice", "choices",
+    "option", "options", "given", "suppose", "assume", "consider", "described", "describes", "example",
+    "shown", "figure", "table", "approximately", "closest", "nearest", "value", "calculate", "find",
+    "determine", "does", "did", "used", "use", "using", "mr", "ms", "mrs", "dr",
+])
+_NOT_WORDS = re.compile(r"\b(mathrm|circ|sqrt|vec|frac|times|cdot|left|right|text)\b")
+_TERM_FRAMES = ("what is {a}{t}?", "what's {a}{t}", "explain {t} simply", "can you explain {t}?",
+                "how does {t} work?", "why does {t} matter?", "help me understand {t}", "{t} explained briefly",
+                "quick question about {t}", "what should i know about {t}?", "give me a simple example of {t}",
+                "whats the difference between {t} and {u}?", "{t} vs {u}", "eli5 {t}", "summarize {t} for me",
+                "i keep getting confused by {t}, any tips?", "what do people mean by {t}?",
+                "is {t} related to {u}?", "how is {t} used in practice?", "where does {t} come from?")
+
+
+def subject_terms(rows: list[dict], top: int = 150, min_rows: int = 5, purity: float = 0.8) -> dict[str, list[str]]:
+    """Words and word pairs that mark one subject in the exam rows, the `top` most frequent per label: in at
+    least `min_rows` rows (distinct texts: a passage shared by several questions counts once), and in one
+    label's rows for at least `purity` of them. They carry a subject's meaning without the exam's frame."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    seen: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    firsts = {r["text"][:200]: r for r in rows}  # questions on one passage share its opening
+    for r in firsts.values():
+        words = [w for w in _WORD.findall(r["text"].lower()) if w not in ENGLISH_STOP_WORDS and w not in _EXAM_WORDS]
+        terms = {w for w in words if len(w) > 4} | {f"{a} {b}" for a, b in zip(words, words[1:], strict=False)
+                                                    if min(len(a), len(b)) > 3}
+        for t in terms:
+            seen[t][r["label"]] += 1
+    ranked: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for term, counts in seen.items():
+        label, most = max(counts.items(), key=lambda kv: kv[1])
+        if sum(counts.values()) >= min_rows and most >= purity * sum(counts.values()) and not _NOT_WORDS.search(term):
+            ranked[label].append((-most, term))
+    return {label: [t for _, t in sorted(terms)[:top]] for label, terms in sorted(ranked.items())}
+
+
+def term_questions(rows: list[dict], per_label: int, rng: random.Random) -> list[dict]:
+    """Short everyday questions around each subject's marking terms ("what's a polymer", "mean vs median"),
+    the same number per label: how people ask about a subject, which exam rows never show."""
+    out = []
+    for label, terms in sorted(subject_terms(rows).items()):
+        for _ in range(min(per_label, 2 * len(terms))):
+            t, u = rng.choice(terms), rng.choice(terms)
+            a = "" if " " in t or t.endswith("s") else ("an " if t[0] in "aeiou" else "a ")
+            text = rng.choice(_TERM_FRAMES).format(t=t, u=u, a=a)
+            out.append({"text": text[0].upper() + text[1:] if rng.random() < 0.5 else text, "label": label})
+    return out
+
+
+def category_rows(data: Path, term_rows: int = 500) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     """Train (exam rows, their chat-style cuts, our everyday training questions), a development split
-    for early stopping (exam rows), and the held-out exam validation split, scored once at the end."""
+    for early stopping (exam rows), the held-out exam validation split, scored once at the end, and questions
+    around each subject's terms (category training only: the PII sets draw their prose from the first)."""
     train, dev, val = [], [], []
     for name in ("mmlu_pro", "mmlu"):
         rest, va = exam_split(read_jsonl(data / name / "train.jsonl"))
@@ -83,9 +138,10 @@ def category_rows(data: Path) -> tuple[list[dict], list[dict], list[dict]]:
     rng = random.Random(11)
     chat = [{"text": t, "label": r["label"]} for r in train if (t := chat_style(r["text"], rng))]
     held = {_norm(r["text"]) for r in read_jsonl(EVERYDAY_EVAL)}
+    terms = [r for r in term_questions(train, term_rows, random.Random(12)) if _norm(r["text"]) not in held]
     everyday = [{"text": r["text"], "label": r["label"]} for r in read_jsonl(EVERYDAY_TRAIN)
                 if _norm(r["text"]) not in held]  # common questions get written twice; never train on one
-    return [r for r in train + chat if _norm(r["text"]) not in held] + everyday, dev, val
+    return [r for r in train + chat if _norm(r["text"]) not in held] + everyday, dev, val, terms
 
 
 def _norm(text: str) -> str:
@@ -164,13 +220,13 @@ def pii_rows(data: Path, synth_train: list[dict], synth_val: list[dict], exam_tr
     presidio_train, presidio_val = presidio_split(json.loads((data / "presidio" / "generated_large.json").read_text()))
     wnut_train, wnut_val = wnut_split(read_jsonl(data / "wnut17" / "train.jsonl"))
     names = first_names()
-    rng = random.Random(5)
+    rng, val_rng = random.Random(5), random.Random(6)  # apart: a change to the training rows moves no held-out set
     clean_exam_train = [r["text"] for r in exam_train if looks_name_free(r["text"], names)]
     clean_exam_val = [r["text"] for r in exam_val if looks_name_free(r["text"], names)]
     wnut_clean_train = [r["text"] for r in wnut_train if not r["spans"]]
     wnut_clean_val = [r["text"] for r in wnut_val if not r["spans"]]
     rng.shuffle(clean_exam_train)
-    rng.shuffle(clean_exam_val)
+    val_rng.shuffle(clean_exam_val)
 
     train_pool, val_pool = clean_exam_train + wnut_clean_train, clean_exam_val + wnut_clean_val
     positives = [as_spans(r) for r in synth_train + presidio_train if r.get("spans")]
@@ -179,9 +235,9 @@ def pii_rows(data: Path, synth_train: list[dict], synth_val: list[dict], exam_tr
     held = [as_spans(r) for r in presidio_val + synth_val if r.get("spans")]
     any_position = []
     for _ in range(400):
-        total = rng.randint(1024, 8192)
-        before = rng.randint(0, total)
-        any_position.append(in_context(rng.choice(held), val_pool, before, total - before, rng))
+        total = val_rng.randint(1024, 8192)
+        before = val_rng.randint(0, total)
+        any_position.append(in_context(val_rng.choice(held), val_pool, before, total - before, val_rng))
     return {
         "presidio_train": presidio_train, "presidio_val": presidio_val,
         "wnut_train": wnut_train, "wnut_val": wnut_val,

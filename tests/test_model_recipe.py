@@ -8,7 +8,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.datasets import chat_style, in_context, looks_name_free, presidio_split  # noqa: E402
+from models.datasets import (  # noqa: E402
+    chat_style,
+    in_context,
+    looks_name_free,
+    presidio_split,
+    subject_terms,
+    term_questions,
+)
 
 
 def test_presidio_rows_are_held_out_by_whole_template_never_by_row():
@@ -37,6 +44,35 @@ def test_chat_style_cuts_drop_the_answer_frame_and_keep_the_subject():
         cut = chat_style(exam, rng)
         assert cut and "following" not in cut.lower() and "chloroplast" not in cut
         assert "photosynthesis" in cut.lower()
+
+
+def _exam(label: str, words: str, n: int) -> list[dict]:
+    return [{"text": f"Question {i}: which of the following about {words} is correct? ({i})", "label": label}
+            for i in range(n)]
+
+
+def test_subject_terms_keep_words_one_label_owns_and_drop_shared_and_exam_words():
+    rows = _exam("chemistry", "polymer chains", 6) + _exam("math", "median values", 6) + _exam("physics", "chains", 6)
+    terms = subject_terms(rows, min_rows=5, purity=0.8)
+    assert "polymer" in terms["chemistry"] and "median" in terms["math"]
+    assert "chains" not in terms["chemistry"]  # half its rows are physics
+    assert not any(w in t for ts in terms.values() for t in ts for w in ("following", "correct", "question"))
+
+
+def test_a_passage_shared_by_several_questions_counts_as_one_row():
+    passage = "This question refers to the following information. The Magna Carta limited the king. " * 3
+    rows = [{"text": f"{passage} Question {i}?", "label": "history"} for i in range(6)]
+    assert subject_terms(rows, min_rows=2) == {}
+
+
+def test_term_questions_are_short_everyday_asks_with_the_terms_label():
+    rows = _exam("chemistry", "polymer chains", 6) + _exam("math", "median values", 6)
+    out = term_questions(rows, per_label=10, rng=random.Random(0))
+    assert {r["label"] for r in out} == {"chemistry", "math"}
+    for r in out:
+        assert len(r["text"].split()) <= 14 and "following" not in r["text"]
+        own = {"chemistry": ("polymer", "chains"), "math": ("median", "values")}[r["label"]]
+        assert any(w in r["text"].lower() for w in own)
 
 
 def test_exam_questions_that_name_someone_are_not_used_as_pii_free_negatives():
@@ -82,3 +118,24 @@ def test_rescore_replaces_what_it_measures_and_keeps_what_needs_unshipped_files(
     assert category["served"]["exam"]["accuracy"] == 0.8
     assert category["fp32"] == both and category["teacher_not_served"] == both  # fp32 weights are not shipped
     assert "80.0%" in category["notes"][1] and (tmp_path / "category" / "README.md").is_file()
+
+
+def test_more_training_rows_move_no_held_out_pii_set(tmp_path):
+    import json
+
+    from models.datasets import pii_rows
+
+    (tmp_path / "presidio").mkdir()
+    (tmp_path / "wnut17").mkdir()
+    presidio = [{"full_text": f"Call Ann Lee at 555-01{i:02d}.", "template_id": i % 10,
+                 "spans": [{"entity_type": "PERSON", "entity_value": "Ann Lee", "start_position": 5, "end_position": 12}]}
+                for i in range(40)]
+    (tmp_path / "presidio" / "generated_large.json").write_text(json.dumps(presidio))
+    wnut = [{"text": f"sunny day number {i} at the beach", "spans": []} for i in range(30)]
+    (tmp_path / "wnut17" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in wnut))
+    exam = [{"text": f"What is the boiling point of liquid {i} at sea level?", "label": "chemistry"} for i in range(50)]
+    val = [{"text": f"Explain why the sky looks blue on day {i}.", "label": "physics"} for i in range(20)]
+    few, more = (pii_rows(tmp_path, [], [], rows, val) for rows in (exam, exam + exam[:17]))
+    for held in ("presidio_val", "wnut_val", "any_position_val", "clean_val", "wnut_clean_val"):
+        assert few[held] == more[held], held
+    assert few["context_train"] != more["context_train"]
