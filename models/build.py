@@ -182,18 +182,22 @@ def _inner(row: dict) -> dict:
     return {"inner": row["inner"]} if "inner" in row else {}
 
 
-BUILT_NOTE = (
-    "Built by `make models`: a small ModernBERT (4 layers, hidden 256) that takes all-MiniLM-L6-v2's "
-    "tokenizer (30k WordPiece, lower case) and its word embeddings reduced by PCA (`trainer base --size small "
-    "--embeddings-from`), learns that teacher's hidden states on the training texts for one epoch (`trainer "
-    "pretrain --teacher`), then this fine-tuning at the window it is served at (128 tokens). Held out from "
-    "../shared/data: 10% of MMLU-Pro and of MMLU (stratified), whole Presidio templates (15%), 20% of WNUT-17, a "
-    "synthetic set drawn with another seed; plus our own everyday questions (models/data/everyday_eval.jsonl), "
-    "written apart from the training ones. Scores are of the served INT8 model through the sidecar's Engine "
-    "(trainer.served), recognizers and the default policy included (models/datasets.py, models/build.py).")
+def built_note(pretrain_epochs: str) -> str:
+    """How the shipped models were built, first in their notes; `pretrain_epochs` as passed to the build."""
+    count = float(pretrain_epochs)
+    epochs = {1: "one epoch", 2: "two epochs", 3: "three epochs", 4: "four epochs"}.get(count, f"{count:g} epochs")
+    return (
+        "Built by `make models`: a small ModernBERT (4 layers, hidden 256) that takes all-MiniLM-L6-v2's "
+        "tokenizer (30k WordPiece, lower case) and its word embeddings reduced by PCA (`trainer base --size small "
+        f"--embeddings-from`), learns that teacher's hidden states on the training texts for {epochs} (`trainer "
+        "pretrain --teacher`), then this fine-tuning at the window it is served at (128 tokens). Held out from "
+        "../shared/data: 10% of MMLU-Pro and of MMLU (stratified), whole Presidio templates (15%), 20% of WNUT-17, "
+        "a synthetic set drawn with another seed; plus our own everyday questions (models/data/everyday_eval.jsonl), "
+        "written apart from the training ones. Scores are of the served INT8 model through the sidecar's Engine "
+        "(trainer.served), recognizers and the default policy included (models/datasets.py, models/build.py).")
 
 
-def ship(built: Path, target: Path, extra: dict) -> None:
+def ship(built: Path, target: Path, extra: dict, note: str) -> None:
     """Copy what the sidecar serves, with the yardsticks added to the eval report and the card."""
     from trainer.card import write_card
 
@@ -207,7 +211,7 @@ def ship(built: Path, target: Path, extra: dict) -> None:
     if base.is_absolute() and base.resolve().is_relative_to(ROOT):
         results["base_model"] = str(base.resolve().relative_to(ROOT))
     results["recipe"] = "make models (models/build.py)"
-    results.setdefault("notes", []).insert(0, BUILT_NOTE)
+    results.setdefault("notes", []).insert(0, note)
     write_results(built, results)
     write_card(built, results)
     if target.exists():
@@ -231,12 +235,12 @@ def rescore(out: Path, paths: dict[str, Path], only: str | None = None) -> None:
     if only in (None, "pii") and (pii / EVAL_FILE).exists():
         old = read_results(pii)
         report = pii_report(pii, paths) | {k: old[k] for k in ("cost_200_token_request",) if k in old}
-        updates[pii] = old | report | {"notes": [BUILT_NOTE, *pii_notes(report)]}
+        updates[pii] = old | report | {"notes": [*old.get("notes", [])[:1], *pii_notes(report)]}
     if only in (None, "category") and (category / EVAL_FILE).exists():
         old = read_results(category)
         served = category_report(category, paths, pii if pii.exists() else None, fp32=False)["served"]
         report = {k: old[k] for k in ("fp32", "baseline", "teacher_not_served") if k in old} | {"served": served}
-        updates[category] = old | report | {"notes": [BUILT_NOTE, *category_notes(report)]}
+        updates[category] = old | report | {"notes": [*old.get("notes", [])[:1], *category_notes(report)]}
     for directory, results in updates.items():
         write_results(directory, results)
         write_card(directory, results)
@@ -260,10 +264,9 @@ def category_notes(report: dict) -> list[str]:
         f"TF-IDF gets {b_everyday:.1%} ({(everyday - b_everyday) * 100:+.1f} points; the target is +10).",
         *([f"The teacher (all-MiniLM-L6-v2 fine-tuned on the same rows, 22M parameters, PyTorch, not served): "
            f"{report['teacher_not_served']['exam']['accuracy']:.1%} on exam questions, "
-           f"{report['teacher_not_served']['everyday']['accuracy']:.1%} on everyday ones. Learning its "
-           "predictions as well (`trainer category --teacher`, weight 0.5, temperature 2) scored 76.8% and 69.0% "
-           "(INT8), against 77.9% and 69.8% without on the build's host, so the shipped model learns from the "
-           "labels only."]
+           f"{report['teacher_not_served']['everyday']['accuracy']:.1%} on everyday ones. The shipped model learns "
+           "from the labels only: learning the teacher's predictions as well (`trainer category --teacher`) "
+           "scored lower in an earlier build (docs/training.md)."]
           if "teacher_not_served" in report else []),
         f"At the shipped confidence threshold the router keeps {at['coverage']:.0%} of everyday questions, "
         f"{at['accuracy']:.1%} of them right; the rest go to the default model (coverage table above).",
@@ -303,9 +306,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "models", help="where the shipped models go")
     p.add_argument("--synth-train", type=int, default=3000)
     p.add_argument("--synth-val", type=int, default=400)
-    p.add_argument("--pretrain-epochs", default="1")
-    p.add_argument("--category-epochs", default="1")
+    p.add_argument("--pretrain-epochs", default="3")
+    p.add_argument("--category-epochs", default="3")
     p.add_argument("--pii-epochs", default="5")
+    p.add_argument("--teacher-epochs", default="1",
+                   help="the fine-tuned teacher yardstick beside the category model (0: leave it out; it takes "
+                        "five times the student's time)")
     p.add_argument("--only", choices=["category", "pii"], help="build one model")
     p.add_argument("--rescore", action="store_true",
                    help="train nothing: score the models in --out again as served and rewrite their reports and cards")
@@ -329,10 +335,12 @@ def main() -> None:
 
     if args.only in (None, "category"):
         cat, coach = w / "category", w / "teacher-category"
-        if not (coach / "config.json").exists():  # the yardstick: the teacher itself fine-tuned on the same rows
+        if float(args.teacher_epochs) <= 0:
+            coach = None
+        elif not (coach / "config.json").exists():  # the yardstick: the teacher itself fine-tuned on the same rows
             run("category", "--train", str(paths["category_train"]), "--validation", str(paths["category_dev"]),
                 "--base-model", teacher, "--output", str(coach), "--max-length", "128",
-                "--epochs", args.category_epochs, "--batch-size", "32", "--learning-rate", "8e-5",
+                "--epochs", args.teacher_epochs, "--batch-size", "32", "--learning-rate", "8e-5",
                 "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4")
         if not (cat / "model.int8.onnx").exists():
             run("category", "--train", str(paths["category_train"]), "--validation", str(paths["category_dev"]),
@@ -342,7 +350,7 @@ def main() -> None:
                 "--int8")
         pii_dir = w / "pii" if (w / "pii" / "model.int8.onnx").exists() else None
         report = category_report(cat, paths, pii_dir, coach)
-        ship(cat, args.out / "category", {**report, "notes": category_notes(report)})
+        ship(cat, args.out / "category", {**report, "notes": category_notes(report)}, built_note(args.pretrain_epochs))
 
     if args.only in (None, "pii"):
         pii = w / "pii"
@@ -360,7 +368,7 @@ def main() -> None:
         if (old / "pii" / "model.int8.onnx").exists() and (category / "model.int8.onnx").exists():
             # `--only pii` keeps the shipped category model: the pair then differs in its PII model only
             report["cost_200_token_request"] = cost_report((category, pii), (old / "category", old / "pii"))
-        ship(pii, args.out / "pii", {**report, "notes": pii_notes(report)})
+        ship(pii, args.out / "pii", {**report, "notes": pii_notes(report)}, built_note(args.pretrain_epochs))
     print(json.dumps({"built_in_s": round(time.time() - started)}))
 
 

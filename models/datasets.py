@@ -41,11 +41,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # --- category ------------------------------------------------------------------------------------------
 
-def exam_split(rows: list[dict], seed: int = 42) -> tuple[list[dict], list[dict]]:
+def exam_split(rows: list[dict], seed: int = 42, share: float = 0.1) -> tuple[list[dict], list[dict]]:
     from sklearn.model_selection import train_test_split
 
     rows = [{"text": r["text"], "label": r["label"]} for r in rows]
-    return train_test_split(rows, test_size=0.1, random_state=seed, stratify=[r["label"] for r in rows])
+    return train_test_split(rows, test_size=share, random_state=seed, stratify=[r["label"] for r in rows])
 
 
 _DROP = re.compile(r"following|statement \d|best describes|_{2,}|\([ivx]+\)|\b[IV]{1,3}\.\s|^[A-J][).]\s", re.I)
@@ -125,9 +125,10 @@ def term_questions(rows: list[dict], per_label: int, rng: random.Random) -> list
 
 
 def category_rows(data: Path, term_rows: int = 500) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
-    """Train (exam rows, their chat-style cuts, our everyday training questions), a development split
-    for early stopping (exam rows), the held-out exam validation split, scored once at the end, and questions
-    around each subject's terms (category training only: the PII sets draw their prose from the first)."""
+    """Train (exam rows, their chat-style cuts, our everyday training questions), a development split for
+    early stopping (exam rows and 15% of the everyday training questions: the checkpoint kept must do well on
+    both kinds of traffic), the held-out exam validation split, scored once at the end, and questions around
+    each subject's terms (category training only: the PII sets draw their prose from the first)."""
     train, dev, val = [], [], []
     for name in ("mmlu_pro", "mmlu"):
         rest, va = exam_split(read_jsonl(data / name / "train.jsonl"))
@@ -141,6 +142,8 @@ def category_rows(data: Path, term_rows: int = 500) -> tuple[list[dict], list[di
     terms = [r for r in term_questions(train, term_rows, random.Random(12)) if _norm(r["text"]) not in held]
     everyday = [{"text": r["text"], "label": r["label"]} for r in read_jsonl(EVERYDAY_TRAIN)
                 if _norm(r["text"]) not in held]  # common questions get written twice; never train on one
+    everyday, everyday_dev = exam_split(everyday, seed=44, share=0.15)
+    dev += everyday_dev
     return [r for r in train + chat if _norm(r["text"]) not in held] + everyday, dev, val, terms
 
 
