@@ -43,7 +43,9 @@ SAMPLES = (
            "math -> math-expert, nothing to mask"),
     Sample("biology, with a name and an email",
            "I'm Dr. Alice Johnson (alice.johnson@example.org). How does the mitochondrial electron transport "
-           "chain produce ATP?", "biology or health -> science-expert, name and email masked"),
+           "chain produce ATP?",
+           "biology or health -> science-expert, or general when under the 0.5 confidence threshold; name and "
+           "email masked"),
     Sample("law, with a card number",
            "My landlord charged my card 4111 1111 1111 1111 twice for the same month's rent. Is he liable "
            "for breach of contract, and can I sue in small claims court?",
