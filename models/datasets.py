@@ -106,7 +106,8 @@ def subject_terms(rows: list[dict], top: int = 150, min_rows: int = 5, purity: f
     ranked: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for term, counts in seen.items():
         label, most = max(counts.items(), key=lambda kv: kv[1])
-        if sum(counts.values()) >= min_rows and most >= purity * sum(counts.values()) and not _NOT_WORDS.search(term):
+        total = sum(counts.values())
+        if total >= min_rows and most >= purity * total and not _NOT_WORDS.search(term):
             ranked[label].append((-most, term))
     return {label: [t for _, t in sorted(terms)[:top]] for label, terms in sorted(ranked.items())}
 

@@ -628,12 +628,11 @@ def _rows(count: int, seed: int) -> Iterator[dict]:
 
 def _fix_order(fake) -> None:
     """Some Faker providers build a word list from a set (it_IT's `cities`), whose order changes with each
-    process's string hashing, so a seed would draw other cities run to run. Sort every such list in place."""
+    process's string hashing, so a seed would draw other cities run to run. Sort such lists in place."""
     for provider in fake.providers:
-        for name in ("cities",):
-            values = getattr(type(provider), name, None)
-            if isinstance(values, list) and values != sorted(values):
-                values.sort()
+        cities = getattr(type(provider), "cities", None)
+        if isinstance(cities, list):
+            cities.sort()
 
 
 def generate(count: int, seed: int = 42) -> list[dict]:
