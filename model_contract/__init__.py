@@ -16,7 +16,7 @@ file                        what
 ``model.safetensors``       PyTorch weights (may be left out once ONNX files exist)
 ``model.onnx``              fp32 ONNX: inputs ``input_ids``, ``attention_mask`` (int64 ``[batch, sequence]``),
                             output ``logits``
-``model.int8.onnx``         the same, dynamic INT8 (the CPU default)
+``model.int8.onnx``         the same, INT8 (static; the CPU default)
 ``eval_results.json``       metrics, data, settings, time, export parity, served scores: written only through
                             `model_contract.eval_results`
 ``README.md``               the model card, rendered from ``eval_results.json``

@@ -53,3 +53,11 @@ def test_pii_card_puts_the_catch_rate_beside_the_recognizers_alone_and_lists_fal
     assert "| presidio_held_out_templates | 50 | 80 | 97.5% | 40.0% | 99.0% | 4.0% | - |" in card
     assert "| exam_questions_name_free | 400 | 3.0% | 1.0% | 0.0% |" in card
     assert "| PERSON | 40 | 95.0% |" in card
+
+
+def test_card_says_how_the_int8_file_was_quantized_and_on_what_it_was_calibrated():
+    export = {"onnx_max_abs_diff": 1e-6, "int8_quantization": "static", "int8_batch_max_diff": 0.0,
+              "int8_calibration": {"texts": 522, "sources": ["data/train.jsonl", "data/clean.jsonl"]}}
+    card = render_card({"task": "category", "labels": ["math", "law"], "export": export})
+    assert "| int8_quantization | static |" in card and "| int8_batch_max_diff | 0.0 |" in card
+    assert "| int8_calibration | 522 texts from data/train.jsonl, data/clean.jsonl |" in card

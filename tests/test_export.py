@@ -1,4 +1,5 @@
-"""`trainer export`: ONNX files with dynamic axes that reproduce PyTorch, or a loud failure.
+"""`trainer export`: ONNX files with dynamic axes that reproduce PyTorch, or a loud failure; static INT8
+whose result for a text does not depend on its batch.
 
 Two real exports (one per task) are shared by the module; failure tests inject a bad graph in place of
 the exporter's output so they need no export of their own.
@@ -120,8 +121,65 @@ def test_int8_file_is_smaller_and_loads(request, fixture):
     assert (path / "model.int8.onnx").stat().st_size < (path / "model.onnx").stat().st_size / 2
     assert report["int8_bytes"] == (path / "model.int8.onnx").stat().st_size
     ops = {n.op_type for n in onnx.load(path / "model.int8.onnx").graph.node}
-    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "DynamicQuantizeLinear" not in ops
+    assert report["int8_quantization"] == "static"
     assert ModelDir.read(path).onnx_int8_path == path / "model.int8.onnx"
+
+
+def _alone_and_beside(path: Path, short: str, long: str) -> tuple[np.ndarray, np.ndarray]:
+    """INT8 logits of `short` run alone, and of `short` padded in one batch with `long`."""
+    model_dir = ModelDir.read(path)
+    tokenizer = model_dir.load_tokenizer()
+    tokenizer.no_padding()
+    a, b = (np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch([short, long]))
+    ids = np.full((2, len(b)), model_dir.pad_token_id, dtype=np.int64)
+    ids[0, : len(a)], ids[1] = a, b
+    mask = (np.arange(len(b))[None, :] < np.array([[len(a)], [len(b)]])).astype(np.int64)
+    session = _session(path / "model.int8.onnx")
+    (alone,) = session.run(["logits"], {"input_ids": a[None, :], "attention_mask": np.ones((1, len(a)), np.int64)})
+    (batched,) = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
+    return alone[0], batched[0, : len(a)]
+
+
+def test_static_int8_gives_a_text_the_same_logits_whatever_shares_its_batch(exported_pii, tiny_pii_dir, tmp_path):
+    short, long = "Call Jane Roe at 415 555 0100.", "ZQX 999999 ### " * 40 + "€€€ 我的名字 " * 20
+    alone, batched = _alone_and_beside(exported_pii[0], short, long)
+    np.testing.assert_array_equal(alone, batched)
+    assert exported_pii[1]["int8_batch_max_diff"] == 0.0
+    # The property is not free: dynamic INT8 scales activations by the whole batch's range.
+    dynamic = _copy(tiny_pii_dir, tmp_path / "dynamic")
+    report = export_model_dir(dynamic, int8=True, int8_min_agreement=0.0, quantization="dynamic")
+    assert report["int8_quantization"] == "dynamic" and "int8_calibration" not in report
+    alone, batched = _alone_and_beside(dynamic, short, long)
+    assert np.abs(alone - batched).max() > 1e-4 and report["int8_batch_max_diff"] > 1e-4
+
+
+def test_static_int8_calibrates_on_the_training_files_the_directory_records(tiny_pii_dir, tmp_path):
+    path = _copy(tiny_pii_dir, tmp_path / "m")
+    train = tmp_path / "train.jsonl"
+    rows = [{"text": f"Row {i}: Ada Lovelace wrote to ada{i}@example.org", "spans": []} for i in range(700)]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"full_text": "Presidio row", "spans": []}))
+    (path / "eval_results.json").write_text(json.dumps({"data": {"train": [str(train), str(tmp_path / "gone.jsonl")]}}))
+    report = export_model_dir(path, int8=True, int8_min_agreement=0.0)
+    assert report["int8_calibration"] == {"texts": export.CALIBRATION_TEXTS + len(export.PARITY_TEXTS),
+                                          "sources": [str(train)]}
+
+
+def test_static_int8_without_training_files_calibrates_on_the_parity_texts(exported_category):
+    calibration = exported_category[1]["int8_calibration"]
+    assert calibration == {"texts": len(export.PARITY_TEXTS), "sources": ["built-in parity texts"]}
+
+
+def test_named_calibration_data_that_cannot_be_used_is_a_clear_error(tiny_category_dir, tmp_path, reuse_export):
+    path = _copy(tiny_category_dir, tmp_path / "m")
+    with pytest.raises(ExportError, match="calibration data: .*missing.jsonl"):
+        export_model_dir(path, int8=True, calibration=[str(tmp_path / "missing.jsonl")])
+    textless = tmp_path / "textless.jsonl"
+    textless.write_text(json.dumps({"question": "no text column"}) + "\n")
+    with pytest.raises(ExportError, match="textless.jsonl: no row has a non-empty 'text'"):
+        export_model_dir(path, int8=True, calibration=[str(textless)])
+    with pytest.raises(ExportError, match="quantization must be 'static' or 'dynamic'"):
+        export_model_dir(path, int8=True, quantization="float8")
 
 
 def test_parity_numbers_are_merged_into_eval_results(exported_category):
@@ -197,8 +255,8 @@ def test_tampered_graph_fails_loudly(tiny_category_dir, tmp_path, exported_categ
 def test_int8_below_minimum_agreement_fails_but_keeps_fp32(tiny_category_dir, tmp_path, reuse_export, monkeypatch):
     real_quantize = export._quantize
 
-    def broken_quantize(src, dst, workdir):
-        real_quantize(src, dst, workdir)
+    def broken_quantize(src, dst, workdir, calibration):
+        real_quantize(src, dst, workdir, calibration)
         model = onnx.load(dst)
         for init in model.graph.initializer:  # scramble the classifier weights' scale: decisions change
             if "classifier" in init.name and init.data_type == onnx.TensorProto.FLOAT:

@@ -8,8 +8,8 @@ from typing import Any
 from model_contract.tasks import UnknownTask, get_task
 
 CARD_FILE = "README.md"
-_EXPORT_KEYS = ("onnx_max_abs_diff", "onnx_argmax_agreement", "onnx_bytes",
-                "int8_max_abs_diff", "int8_argmax_agreement", "int8_bytes")
+_EXPORT_KEYS = ("onnx_max_abs_diff", "onnx_argmax_agreement", "onnx_bytes", "int8_quantization",
+                "int8_max_abs_diff", "int8_argmax_agreement", "int8_batch_max_diff", "int8_bytes")
 _HARDWARE_SETTINGS = ("mixed_precision", "gradient_checkpointing")  # requests; the card shows what ran
 
 _PURPOSE = {
@@ -126,7 +126,12 @@ def _export(results: dict[str, Any]) -> list[str]:
     parity = [(k, export[k]) for k in _EXPORT_KEYS if k in export]
     if not parity:
         return []
-    return ["## Export", "", "ONNX files checked against the PyTorch logits on fixed texts:", "",
+    calibration = export.get("int8_calibration")
+    if isinstance(calibration, dict):
+        parity.append(("int8_calibration", f"{calibration.get('texts')} texts from "
+                                           f"{', '.join(map(str, calibration.get('sources') or []))}"))
+    return ["## Export", "", "ONNX files checked against the PyTorch logits on fixed texts (int8_batch_max_diff: "
+            "a text's logits alone against the same text in a padded batch):", "",
             "| check | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in parity), ""]
 
 

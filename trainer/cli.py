@@ -42,6 +42,11 @@ def _arg(help: str, **extra: Any) -> dict:
 
 # --- argument dataclasses --------------------------------------------------------------------------
 
+_QUANTIZATION_HELP = ("static: activation ranges fixed at export from calibration texts, so a text's result does "
+                      "not depend on its batch; dynamic: ranges per batch, no calibration")
+_CALIBRATION_HELP = ("files whose 'text' (or 'full_text') values set the static INT8 ranges (default: the "
+                     "training files eval_results.json records)")
+
 
 @dataclass
 class BaseArguments:
@@ -86,6 +91,8 @@ class ModelArguments:
     export: bool = field(default=False, metadata=_arg("export model.onnx right after training"))
     int8: bool = field(default=False, metadata=_arg("also export model.int8.onnx (implies --export)"))
     export_tolerance: float | None = field(default=None, metadata=_arg("largest allowed ONNX-vs-PyTorch logit difference"))
+    int8_quantization: Literal["static", "dynamic"] = field(default="static", metadata=_arg(_QUANTIZATION_HELP))
+    int8_calibration: list[str] | None = field(default=None, metadata=_arg(_CALIBRATION_HELP))
 
 
 @dataclass
@@ -153,8 +160,10 @@ class ExportArguments:
     """Model and export options."""
 
     model_dir: str = field(metadata=_arg("model directory to export into", positional=True))
-    int8: bool = field(default=False, metadata=_arg("also write model.int8.onnx (dynamic INT8 quantization)"))
+    int8: bool = field(default=False, metadata=_arg("also write model.int8.onnx"))
     tolerance: float | None = field(default=None, metadata=_arg("largest allowed ONNX-vs-PyTorch logit difference"))
+    int8_quantization: Literal["static", "dynamic"] = field(default="static", metadata=_arg(_QUANTIZATION_HELP))
+    int8_calibration: list[str] | None = field(default=None, metadata=_arg(_CALIBRATION_HELP))
 
 
 # --- dataclass → argparse --------------------------------------------------------------------------
@@ -262,7 +271,8 @@ def run_training(task: str, ns: argparse.Namespace) -> int:
     results = train(data, settings, options)
     _print_metrics(results)
     if model_args.export or model_args.int8:
-        _export(model_args.output, model_args.int8, model_args.export_tolerance)
+        _export(model_args.output, model_args.int8, model_args.export_tolerance, model_args.int8_quantization,
+                model_args.int8_calibration)
     return 0
 
 
@@ -313,16 +323,18 @@ def run_evaluate(ns: argparse.Namespace) -> int:
 
 def run_export(ns: argparse.Namespace) -> int:
     args = build(ExportArguments, ns)
-    _export(args.model_dir, args.int8, args.tolerance)
+    _export(args.model_dir, args.int8, args.tolerance, args.int8_quantization, args.int8_calibration)
     return 0
 
 
-def _export(model_dir: str, int8: bool, tolerance: float | None) -> None:
+def _export(model_dir: str, int8: bool, tolerance: float | None, quantization: str = "static",
+            calibration: list[str] | None = None) -> None:
     from model_contract.eval_results import read_results
     from trainer.card import write_card
     from trainer.export import export_model_dir
 
-    report = export_model_dir(model_dir, int8=int8, tolerance=tolerance)
+    report = export_model_dir(model_dir, int8=int8, tolerance=tolerance, quantization=quantization,
+                              calibration=calibration)
     results = read_results(Path(model_dir))
     if "metrics" in results:  # a directory this trainer made: its card gains the parity numbers
         write_card(model_dir, results)

@@ -15,8 +15,15 @@ feeds none). A directory trained before the trainer wrote ``cls_token_id``/``sep
 
 A file is only put in place after ONNX Runtime reproduces the PyTorch logits on a fixed set of texts
 (short, long up to the window, non-ASCII; one padded batch and every row alone). fp32 must match
-within ``tolerance``; dynamic INT8 changes logits by design, so it is judged by how often its argmax
-agrees with PyTorch's. The numbers go to ``eval_results.json`` under ``"export"``.
+within ``tolerance``; INT8 changes logits by design, so it is judged by how often its argmax agrees with
+PyTorch's. The numbers go to ``eval_results.json`` under ``"export"``.
+
+INT8 is static by default: the activation ranges are measured once, at export, on calibration texts (the
+training files the directory records, or ``calibration``), so a text's logits do not depend on the other
+texts in its batch. Dynamic INT8 takes one activation scale per tensor across the whole batch: through the
+bundled PII model, 30 of 400 long prompts got other spans alone than in a batch, so a request's masking
+moved with concurrent traffic. ``int8_batch_max_diff`` in the report is the largest logit difference of a
+row alone against the same row in the padded batch.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ import contextlib
 import json
 import math
 import os
+import random
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +53,7 @@ from model_contract.model_dir import (
     resolve,
 )
 from model_contract.tasks import get_task
+from trainer.data import DataError, read_records
 from trainer.run_steps import BaseModelError
 from trainer.train import SPECIAL_TOKEN_IDS, missing_special_token_ids
 
@@ -53,7 +62,7 @@ log = structlog.get_logger(__name__)
 OPSET = 20
 ATTN_IMPLEMENTATION = "eager"
 FP32_TOLERANCE = 1e-3
-# Dynamic INT8 rounding moves logits (0.2-0.5 at most on the tiny test models), so only decisions near
+# INT8 rounding moves logits (0.2-0.5 at most on the tiny test models), so only decisions near
 # a tie flip: briefly trained tiny/small models kept 1.0 (category) and 0.998 (PII tokens) agreement,
 # untrained ones with near-tied logits 0.94. Below 0.9 the quantized model decides differently on more
 # than one input in ten: a broken quantization (saturation, a mis-scaled layer), not rounding noise.
@@ -61,6 +70,12 @@ INT8_MIN_AGREEMENT = 0.9
 # Longest parity sequence: past the sidecar's default 512-token window and ModernBERT's sliding
 # window, yet cheap enough to run in eager PyTorch on a CPU.
 PARITY_MAX_TOKENS = 1024
+# Static INT8: texts whose activations set the ranges, and how many go through one calibration pass. The
+# ranges are a moving average of each pass's min and max, so one outlier text does not coarsen them all.
+CALIBRATION_TEXTS = 512
+CALIBRATION_BATCH = 8
+CALIBRATION_SEED = 0
+QUANTIZED_OPS = ("MatMul", "Gemm", "Gather")
 # protobuf cannot hold a model over 2 GiB; above this the weights go to `model.onnx.data`.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -101,6 +116,16 @@ class Parity:
     argmax_agreement: float
     compared: int
     """Texts (category) or real tokens (pii) compared, padded batch and single rows together."""
+    batch_max_diff: float
+    """Largest logit difference of a row run alone against the same row inside the padded batch."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Texts for static INT8 ranges, and where they came from (files, or the built-in parity texts)."""
+
+    texts: list[str]
+    sources: list[str]
 
 
 def parity_inputs(model_dir: ModelDir, max_tokens: int = PARITY_MAX_TOKENS) -> ParityInputs:
@@ -140,8 +165,10 @@ def check_parity(onnx_path: str | os.PathLike, inputs: ParityInputs, expected: l
     except Exception as e:  # ORT raises its own pybind exception types
         raise ExportError(f"{onnx_path}: ONNX Runtime cannot load it ({_one_line(e)})") from e
 
-    max_diff, agree, compared = 0.0, 0, 0
-    for (ids, mask), want in zip(_runs(inputs), expected, strict=True):
+    token = get_task(task).head == "token"
+    max_diff, batch_diff, agree, compared = 0.0, 0.0, 0, 0
+    batched = None
+    for run, ((ids, mask), want) in enumerate(zip(_runs(inputs), expected, strict=True)):
         try:
             (got,) = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
         except Exception as e:
@@ -149,14 +176,23 @@ def check_parity(onnx_path: str | os.PathLike, inputs: ParityInputs, expected: l
                               f"({_one_line(e)})") from e
         if got.shape != want.shape:
             raise ExportError(f"{onnx_path}: logits have shape {list(got.shape)}, PyTorch gives {list(want.shape)}")
-        if get_task(task).head == "token":  # token logits: padding positions are never read
+        if run == 0:
+            batched = got
+        else:  # row `run - 1` alone against its place in the padded batch
+            inside = batched[run - 1, : ids.shape[1]] if token else batched[run - 1]
+            batch_diff = _nan_max(batch_diff, float(np.abs(inside - got[0]).max()))
+        if token:  # token logits: padding positions are never read
             real = mask.astype(bool)
             want, got = want[real], got[real]
-        diff = float(np.abs(want.astype(np.float64) - got).max())
-        max_diff = diff if math.isnan(diff) or math.isnan(max_diff) else max(max_diff, diff)
+        max_diff = _nan_max(max_diff, float(np.abs(want.astype(np.float64) - got).max()))
         agree += int((want.argmax(-1) == got.argmax(-1)).sum())
         compared += want.shape[0]
-    return Parity(max_abs_diff=max_diff, argmax_agreement=agree / compared, compared=compared)
+    return Parity(max_abs_diff=max_diff, argmax_agreement=agree / compared, compared=compared,
+                  batch_max_diff=batch_diff)
+
+
+def _nan_max(a: float, b: float) -> float:
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def _runs(inputs: ParityInputs) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -171,12 +207,15 @@ def export_model_dir(
     tolerance: float | None = None,
     *,
     int8_min_agreement: float = INT8_MIN_AGREEMENT,
+    quantization: str = "static",
+    calibration: Sequence[str] | None = None,
 ) -> dict:
     """Write ``model.onnx`` (and ``model.int8.onnx``) into the model directory `path`; return the report.
 
-    Raises ``ModelDirError`` for a missing or invalid directory and ``ExportError`` when the export
-    cannot be made or does not reproduce PyTorch. A file that fails its check is not written; a new
-    ``model.onnx`` replaces any older ``model.int8.onnx``, which no longer matches it.
+    `quantization` is ``static`` (ranges from `calibration` files, default the recorded training files)
+    or ``dynamic``. Raises ``ModelDirError`` for a missing or invalid directory and ``ExportError`` when
+    the export cannot be made or does not reproduce PyTorch. A file that fails its check is not written;
+    a new ``model.onnx`` replaces any older ``model.int8.onnx``, which no longer matches it.
     """
     import onnxruntime
     import torch
@@ -186,12 +225,15 @@ def export_model_dir(
         raise ExportError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     if not 0.0 <= int8_min_agreement <= 1.0:
         raise ExportError(f"int8_min_agreement must be between 0 and 1, got {int8_min_agreement!r}")
+    if quantization not in ("static", "dynamic"):
+        raise ExportError(f"quantization must be 'static' or 'dynamic', got {quantization!r}")
 
     fill_special_token_ids(resolve(path))
     model_dir = ModelDir.read(path)
     if not model_dir.has_torch_weights:
         raise ExportError(f"{model_dir.path}: no PyTorch weights (model.safetensors); export needs the trained model")
     _read_results(model_dir.path)  # a corrupt file fails now, not after the export
+    calibrated = calibration_texts(model_dir, calibration) if int8 and quantization == "static" else None
     started = time.perf_counter()
     model = _load_model(model_dir)
     inputs = parity_inputs(model_dir)
@@ -209,7 +251,7 @@ def export_model_dir(
         report |= _export_fp32(model, model_dir, Path(tmp), inputs, expected, tolerance)
         if int8:
             try:
-                report |= _export_int8(model_dir, Path(tmp), inputs, expected, int8_min_agreement)
+                report |= _export_int8(model_dir, Path(tmp), inputs, expected, int8_min_agreement, calibrated)
             except _Int8Failed as failed:
                 report |= failed.report | {"seconds": round(time.perf_counter() - started, 2)}
                 _write_report(model_dir.path, report)
@@ -252,17 +294,24 @@ def _export_fp32(model, model_dir: ModelDir, tmp: Path, inputs: ParityInputs, ex
     return report
 
 
-def _export_int8(model_dir: ModelDir, tmp: Path, inputs: ParityInputs, expected, min_agreement: float) -> dict:
-    """``model.int8.onnx``, installed only when its argmax agrees with PyTorch's often enough."""
+def _export_int8(model_dir: ModelDir, tmp: Path, inputs: ParityInputs, expected, min_agreement: float,
+                 calibration: Calibration | None) -> dict:
+    """``model.int8.onnx`` (static when there is a `calibration`, else dynamic), installed only when its
+    argmax agrees with PyTorch's often enough."""
     quantized = tmp / ONNX_INT8_FILE
-    _quantize(model_dir.path / ONNX_FILE, quantized, tmp)
+    batches = None if calibration is None else calibration_batches(model_dir, calibration.texts)
+    _quantize(model_dir.path / ONNX_FILE, quantized, tmp, batches)
     q = check_parity(quantized, inputs, expected, model_dir.task)
     passed = q.argmax_agreement >= min_agreement and math.isfinite(q.max_abs_diff)
-    report = {"int8_file": ONNX_INT8_FILE, "int8_bytes": _size(quantized), "int8_max_abs_diff": q.max_abs_diff,
-              "int8_argmax_agreement": q.argmax_agreement, "int8_min_agreement": min_agreement,
-              "int8_passed": passed}
+    report = {"int8_file": ONNX_INT8_FILE, "int8_bytes": _size(quantized),
+              "int8_quantization": "dynamic" if calibration is None else "static",
+              "int8_max_abs_diff": q.max_abs_diff, "int8_argmax_agreement": q.argmax_agreement,
+              "int8_batch_max_diff": q.batch_max_diff, "int8_min_agreement": min_agreement, "int8_passed": passed}
+    if calibration is not None:
+        report["int8_calibration"] = {"texts": len(calibration.texts), "sources": calibration.sources}
     log.info("export_int8_checked", model=str(model_dir.path), max_abs_diff=q.max_abs_diff,
-             argmax_agreement=q.argmax_agreement, compared=q.compared, min_agreement=min_agreement)
+             argmax_agreement=q.argmax_agreement, batch_max_diff=q.batch_max_diff, compared=q.compared,
+             min_agreement=min_agreement, quantization=report["int8_quantization"])
     if not passed:
         raise _Int8Failed(
             f"{model_dir.path / ONNX_INT8_FILE}: INT8 argmax agrees with PyTorch on {q.argmax_agreement:.3f} of "
@@ -270,6 +319,58 @@ def _export_int8(model_dir: ModelDir, tmp: Path, inputs: ParityInputs, expected,
             "model.onnx was written, the INT8 file was not", report)
     _install(quantized, model_dir.path)
     return report
+
+
+def calibration_texts(model_dir: ModelDir, sources: Sequence[str] | None = None,
+                      limit: int = CALIBRATION_TEXTS, seed: int = CALIBRATION_SEED) -> Calibration:
+    """A seeded sample of the ``text`` (or Presidio ``full_text``) values of `sources`, plus the parity texts.
+
+    Without `sources`, the training files ``eval_results.json`` records, those still on disk: ranges
+    measured on what the model learnt from. A named source that cannot be read is an error; when no
+    recorded file is left, the parity texts alone set the ranges, and the report says so.
+    """
+    named = sources is not None
+    files = list(sources) if named else [s for s in _recorded_train(model_dir) if Path(s).is_file()]
+    texts: list[str] = []
+    for source in files:
+        found = 0
+        try:
+            for _, record in read_records(source):
+                text = record.get("text", record.get("full_text"))
+                if isinstance(text, str) and text.strip():
+                    texts.append(text)
+                    found += 1
+        except (OSError, DataError) as e:
+            raise ExportError(f"calibration data: {_one_line(e)}") from e
+        if not found and named:
+            raise ExportError(f"calibration data {source}: no row has a non-empty 'text' or 'full_text'")
+    if len(texts) > limit:
+        texts = random.Random(seed).sample(texts, limit)
+    if not texts:
+        log.warning("export_calibration_builtin", model=str(model_dir.path), reason="no training file recorded or left")
+    return Calibration(texts=texts + list(PARITY_TEXTS), sources=files or ["built-in parity texts"])
+
+
+def _recorded_train(model_dir: ModelDir) -> list[str]:
+    train = (model_dir.eval_results().get("data") or {}).get("train") or []
+    return [s for s in train if isinstance(s, str)] if isinstance(train, list) else []
+
+
+def calibration_batches(model_dir: ModelDir, texts: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """`texts` tokenized as served (the trained window, first window of a long text), right-padded in batches."""
+    tokenizer = model_dir.load_tokenizer()
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(min(model_dir.trained_length or 512, model_dir.max_position_embeddings))
+    batches = []
+    for at in range(0, len(texts), CALIBRATION_BATCH):
+        rows = [e.ids for e in tokenizer.encode_batch(list(texts[at : at + CALIBRATION_BATCH]))]
+        ids = np.full((len(rows), max(map(len, rows))), model_dir.pad_token_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
 
 
 def fill_special_token_ids(directory: Path) -> dict[str, int]:
@@ -362,8 +463,9 @@ def _export_onnx(model, out: Path, model_dir: ModelDir) -> None:
         onnx.save_model(proto, out)
 
 
-def _quantize(src: Path, dst: Path, workdir: Path) -> None:
-    """Dynamic INT8 (QInt8 weights) after ONNX Runtime's pre-processing (shape inference, folding)."""
+def _quantize(src: Path, dst: Path, workdir: Path, calibration: list[dict[str, np.ndarray]] | None) -> None:
+    """INT8 after ONNX Runtime's pre-processing (shape inference, folding): static (QDQ, per-channel QInt8
+    weights, QUInt8 activations with MinMax ranges from `calibration`), or dynamic without it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -378,12 +480,36 @@ def _quantize(src: Path, dst: Path, workdir: Path) -> None:
             except Exception as e:
                 # ORT's symbolic shape inference cannot broadcast Min(max_positions, sequence) against
                 # sequence: the slice of a position-id buffer (BERT family). ONNX's own inference is enough
-                # for dynamic quantization, and the parity check judges the result either way.
+                # for quantization, and the parity check judges the result either way.
                 log.info("export_symbolic_shape_inference_skipped", model=str(src), reason=_one_line(e))
                 quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-            quantize_dynamic(prepared, dst, weight_type=QuantType.QInt8)
+            if calibration is None:
+                quantize_dynamic(prepared, dst, weight_type=QuantType.QInt8)
+            else:
+                _quantize_static(prepared, dst, calibration)
     except Exception as e:
         raise ExportError(f"{src}: INT8 quantization failed ({_one_line(e)})") from e
+
+
+def _quantize_static(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, extra_options={"CalibMovingAverage": True})
 
 
 def _install(staged: Path, directory: Path) -> None:
