@@ -32,6 +32,9 @@ _BRANDS: tuple[tuple[str, tuple[tuple[int, int], ...], frozenset[int]], ...] = (
     ("diners", ((300, 305), (36, 36), (38, 39)), frozenset(range(14, 20))),
     ("unionpay", ((62, 62),), frozenset(range(16, 20))),
     ("maestro", ((50, 50), (56, 69)), frozenset(range(13, 20))),
+    # Maestro also issues 12-digit numbers; only its own IINs, since a Luhn-valid 12-digit id is common
+    ("maestro", ((5018, 5018), (5020, 5020), (5038, 5038), (5893, 5893), (6304, 6304), (6759, 6759),
+                    (6761, 6763)), frozenset({12})),
 )
 
 # SWIFT IBAN registry: country code -> total IBAN length.
@@ -47,11 +50,11 @@ IBAN_LENGTHS: dict[str, int] = {
     "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
 }  # fmt: skip
 
-_CARD_DIGITS = (13, 19)
-# A run of ASCII digit groups joined by single spaces or dashes that holds at least 13 digits: the only
+_CARD_DIGITS = (12, 19)
+# A run of ASCII digit groups joined by single spaces or dashes that holds at least 12 digits: the only
 # runs that can contain a card. Tried only from a run's first digit (the lookbehinds), and possessive, so
 # a short run costs one pass over it.
-_LONG_RUN = re.compile(r"[0-9](?<![0-9][0-9])(?<![0-9][ -][0-9])(?:[ -]?[0-9]){12,}+")
+_LONG_RUN = re.compile(r"[0-9](?<![0-9][0-9])(?<![0-9][ -][0-9])(?:[ -]?[0-9]){11,}+")
 _SEPARATOR = re.compile(r"[ -]")
 _JOIN = "|"  # between runs when they are scanned together; neither a digit nor a separator
 _DOUBLED = np.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], dtype=np.int64)  # Luhn: 2d, minus 9 above 9
@@ -186,7 +189,7 @@ def _contains_valid(label: str, fragment: str) -> bool:
 def _find_cards(text: str) -> Iterator[Span]:
     """Within each run of digit groups, the longest whole-group stretches that are valid cards.
 
-    Scanning from the left, the first group that starts a valid card of 13-19 digits takes the longest
+    Scanning from the left, the first group that starts a valid card of 12-19 digits takes the longest
     such stretch, and the scan goes on after it. A group glued to a word (``A4111...``, ``...1111X``) is
     not part of any number. Linear in the text: the runs are found by one regular expression, and all
     their candidate stretches are checked together with numpy, so digit-dense text costs no Python work
@@ -226,7 +229,7 @@ def _cards_in_runs(text: str, runs: list[tuple[int, int]]) -> Iterator[Span]:
     new_run[1:] = chars[at[bounds[1:-1]] - 1] == ord(_JOIN)
     run_of_digit = np.repeat(np.cumsum(new_run) - 1, np.diff(bounds))
 
-    # Candidate starts: groups with room for 13 digits whose first digit can begin a brand's number.
+    # Candidate starts: groups with room for the shortest card whose first digit can begin a brand's number.
     begin = bounds[:-1]
     first = np.flatnonzero((begin + _CARD_DIGITS[0] <= n) & (digits[np.minimum(begin, n - 1)] >= 2)
                            & (digits[np.minimum(begin, n - 1)] <= 6))
@@ -234,13 +237,13 @@ def _cards_in_runs(text: str, runs: list[tuple[int, int]]) -> Iterator[Span]:
         return
     a = begin[first]
     head = digits[a] * 1000 + digits[a + 1] * 100 + digits[a + 2] * 10 + digits[a + 3]
-    brand_of = {}
-    for brand, ranges, _ in _BRANDS:
+    brand_of = []  # per _BRANDS entry: which starts carry one of its prefixes
+    for _, ranges, _ in _BRANDS:
         match = np.zeros(len(first), dtype=bool)
         for low, high in ranges:
             top = head // 10 ** (4 - len(str(low)))
             match |= (top >= low) & (top <= high)
-        brand_of[brand] = match
+        brand_of.append(match)
     # Luhn by prefix sums: a digit is doubled when its distance to the number's last digit is odd, so in
     # numbers ending on an even (odd) digit index the digits at odd (even) indices are doubled.
     odd = np.arange(n) % 2 == 1
@@ -252,9 +255,9 @@ def _cards_in_runs(text: str, runs: list[tuple[int, int]]) -> Iterator[Span]:
     for length in range(_CARD_DIGITS[1], _CARD_DIGITS[0] - 1, -1):  # longest first
         ok = best == 0
         branded = np.zeros(len(first), dtype=bool)
-        for brand, _, lengths in _BRANDS:
+        for match, (_, _, lengths) in zip(brand_of, _BRANDS, strict=True):
             if length in lengths:
-                branded |= brand_of[brand]
+                branded |= match
         ok &= branded
         stop = np.minimum(a + length, n)
         ok &= (a + length <= n) & (group_at[stop] >= 0) & (run_of_digit[stop - 1] == run_of_digit[a])

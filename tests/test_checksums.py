@@ -31,6 +31,7 @@ VALID_CARDS = {
     "30569309025904": "diners",
     "38520000023237": "diners",
     "6200000000000005": "unionpay",
+    "630456538861": "maestro",  # 12 digits: Maestro alone issues them
 }
 
 # Example IBANs from the SWIFT registry and national banks, compact.
@@ -75,6 +76,12 @@ def test_luhn_valid_number_without_a_known_brand_is_not_a_card():
 def test_brand_lengths_are_enforced():
     assert card_brand("4111111111111111111") == "visa"  # 19 digits
     assert card_brand("41111111111111") is None  # Visa never issues 14 digits
+
+
+def test_a_twelve_digit_number_is_a_card_only_with_a_maestro_issuer_prefix():
+    assert find_checksum_spans("paid with 6304 5653 8861 today")[0].end == len("paid with 6304 5653 8861")
+    for number in ("411111111117", "500000000009", "123456789015"):  # Luhn-valid, other prefixes
+        assert luhn_valid(number) and not is_valid_card(number) and not find_checksum_spans(f"id {number}")
 
 
 @pytest.mark.parametrize("iban", VALID_IBANS)
@@ -185,7 +192,7 @@ def _reference_spans(text: str) -> list[tuple[str, int, int]]:
             found = None
             for j in range(i, len(groups)):
                 digits += groups[j][1] - groups[j][0]
-                if 13 <= digits <= 19 and is_valid_card(text[groups[i][0]:groups[j][1]]):
+                if 12 <= digits <= 19 and is_valid_card(text[groups[i][0]:groups[j][1]]):
                     found = j  # the longest stretch wins
             if found is not None:
                 out.append((CREDIT_CARD, groups[i][0], groups[found][1]))
