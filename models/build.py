@@ -57,6 +57,7 @@ def split_data(data: Path, work: Path, synth_train: int, synth_val: int) -> dict
     d = work / "data"
     paths = {name: d / f"{name}.jsonl" for name in SPLITS}
     if all(p.exists() for p in paths.values()):
+        write_jsonl(paths["everyday_val"], read_jsonl(datasets.EVERYDAY_EVAL))  # a checked-in file: never stale
         return paths
     d.mkdir(parents=True, exist_ok=True)
     for name, count, seed in (("synth_train", synth_train, "1"), ("synth_val", synth_val, "2")):
@@ -98,8 +99,8 @@ def category_report(model_dir: Path, paths: dict[str, Path], pii_dir: Path | Non
                     fp32: bool = True) -> dict:
     """The category model as served (INT8 through the Engine) on the held-out exam and everyday sets, fp32
     beside it, the TF-IDF yardstick and the fine-tuned teacher (PyTorch, not served) on the same sets, and
-    whether the PII model masks anything in the everyday questions (it should not: they name books, places
-    and firms, never a private person)."""
+    whether the PII model masks anything in the everyday questions that name no one (it should not: they
+    name books, places and firms at most)."""
     from trainer.served import score_category, score_clean, served_router
 
     sets = {"exam": paths["category_val"], "everyday": paths["everyday_val"]}
@@ -118,8 +119,22 @@ def category_report(model_dir: Path, paths: dict[str, Path], pii_dir: Path | Non
                                         **brief["teacher"]}
     if pii_dir is not None:
         with served_router(pii=pii_dir) as router:
-            report["served"]["everyday_pii_masks"] = score_clean(router, [r["text"] for r in read_jsonl(sets["everyday"])])
+            report["served"]["everyday_pii_masks"] = score_clean(router, everyday_texts(sets["everyday"], person=False))
     return report
+
+
+def everyday_texts(path: Path, person: bool) -> list[str]:
+    """Our everyday questions that name a person (public figures, and eponyms such as Newton's laws), or
+    those that name no one: only the latter are PII-free, since the default policy masks any name."""
+    return [r["text"] for r in read_jsonl(path) if r["person"] is person]
+
+
+def person_masks(router, texts: list[str]) -> dict:
+    """How often a question that names a person gets a person mask: the policy's due, not a false mask."""
+    from trainer.served import decide
+
+    masked = sum(any(s["label"] == "PERSON" for s in d.pii) for d in decide(router, texts))
+    return {"texts": len(texts), "with_person_mask": round(masked / len(texts), 4) if texts else None}
 
 
 def pii_report(model_dir: Path, paths: dict[str, Path]) -> dict:
@@ -129,15 +144,17 @@ def pii_report(model_dir: Path, paths: dict[str, Path]) -> dict:
 
     labelled = {"presidio_held_out_templates": "presidio_val", "synthetic": "synth_val",
                 "any_position_1_8kb": "any_position_val", "wnut17_real_text": "wnut_val"}
-    clean = {"exam_questions_name_free": "clean_val", "wnut17_entity_free": "wnut_clean_val",
-             "everyday_questions": "everyday_val"}
+    clean = {"exam_questions_name_free": [r["text"] for r in read_jsonl(paths["clean_val"])],
+             "wnut17_entity_free": [r["text"] for r in read_jsonl(paths["wnut_clean_val"])],
+             "everyday_questions": everyday_texts(paths["everyday_val"], person=False)}
     report = {}
     for name, model in (("served", model_dir), ("baseline_recognizers_only", None)):
         with served_router(pii=model) as router:
             report[name] = {k: score_pii(router, [datasets.as_spans(r) | _inner(r) for r in read_jsonl(paths[v])])
                             for k, v in labelled.items()}
-            report[name].update({k: score_clean(router, [r["text"] for r in read_jsonl(paths[v])])
-                                 for k, v in clean.items()})
+            report[name].update({k: score_clean(router, texts) for k, texts in clean.items()})
+            report[name]["everyday_questions_naming_a_person"] = person_masks(
+                router, everyday_texts(paths["everyday_val"], person=True))
     return report
 
 
@@ -273,8 +290,9 @@ def category_notes(report: dict) -> list[str]:
     ]
     masks = served.get("everyday_pii_masks")
     if masks:
-        notes.append(f"The PII model masks something in {masks['with_any_mask']:.1%} of the everyday questions "
-                     f"(the target is none); identifying types in {masks['with_person_contact_or_number_mask']:.1%}.")
+        notes.append(f"The PII model masks something in {masks['with_any_mask']:.1%} of the {masks['texts']} "
+                     "everyday questions that name no one (the target is none); identifying types in "
+                     f"{masks['with_person_contact_or_number_mask']:.1%}.")
     return notes
 
 
@@ -296,6 +314,11 @@ def pii_notes(report: dict) -> list[str]:
         share = r["with_person_contact_or_number_mask"]
         notes.append(f"{name}: {share:.1%} of {r['texts']} PII-free texts get a false person, contact or number "
                      f"mask ({'meets' if share <= 0.02 else 'misses'} the 2% target).")
+    named = served.get("everyday_questions_naming_a_person")
+    if named and named.get("texts"):
+        notes.append(f"Everyday questions that name a person (public figures, and eponyms such as Newton's laws; "
+                     f"not counted as PII-free): {named['with_person_mask']:.1%} of {named['texts']} get a person "
+                     "mask, which the default policy asks for any name.")
     return notes
 
 

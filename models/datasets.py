@@ -3,7 +3,8 @@
 Held out by source or template, never by a row of a shared shape:
   - category: 10% of MMLU-Pro and 10% of MMLU (stratified by label, each file on its own), plus our own
     everyday questions (`models/data/everyday_eval.jsonl`), written apart from the training ones and never
-    trained on;
+    trained on (`person`: the question names someone, a public figure or an eponym such as Newton's laws;
+    only those that name no one count as PII-free);
   - PII: whole Presidio templates (`template_id`), a synthetic set drawn with another seed, and 20% of the
     WNUT-17 sentences (real text: no two rows share a template);
   - any position: held-out PII sentences placed at a random offset inside 1-8 KB of held-out prose.

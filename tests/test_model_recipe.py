@@ -8,6 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pytest  # noqa: E402
+
+from models import datasets  # noqa: E402
 from models.datasets import (  # noqa: E402
     chat_style,
     in_context,
@@ -139,3 +142,22 @@ def test_more_training_rows_move_no_held_out_pii_set(tmp_path):
     for held in ("presidio_val", "wnut_val", "any_position_val", "clean_val", "wnut_clean_val"):
         assert few[held] == more[held], held
     assert few["context_train"] != more["context_train"]
+
+
+def test_everyday_questions_that_name_someone_are_not_scored_as_pii_free(tmp_path):
+    import json
+
+    from models.build import everyday_texts
+
+    rows = [json.loads(line) for line in datasets.EVERYDAY_EVAL.read_text(encoding="utf-8").splitlines()]
+    assert all(isinstance(r["person"], bool) for r in rows)  # every row says, so none is counted by default
+    named = {r["text"] for r in rows if r["person"]}
+    assert "who was Napoleon and why is he so famous" in named and "What are Newton's three laws of motion?" in named
+    assert "What is a KPI and how do managers pick them?" not in named
+    path = tmp_path / "everyday.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    free = everyday_texts(path, person=False)
+    assert len(free) + len(everyday_texts(path, person=True)) == len(rows) and not named & set(free)
+    path.write_text(json.dumps({"text": "an old row", "label": "other"}) + "\n")
+    with pytest.raises(KeyError):
+        everyday_texts(path, person=False)
