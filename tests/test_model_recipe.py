@@ -161,3 +161,22 @@ def test_everyday_questions_that_name_someone_are_not_scored_as_pii_free(tmp_pat
     path.write_text(json.dumps({"text": "an old row", "label": "other"}) + "\n")
     with pytest.raises(KeyError):
         everyday_texts(path, person=False)
+
+
+def test_ship_records_checkout_paths_not_this_machines(tmp_path):
+    import json
+
+    from models import build
+
+    inside = str(build.ROOT / "build" / "models" / "data" / "synth_train.jsonl")
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "eval_results.json").write_text(json.dumps({
+        "task": "pii", "base_model": str(build.ROOT / "build" / "models" / "encoder"),
+        "data": {"train": [inside, "/elsewhere/extra.jsonl"], "validation": []},
+        "export": {"int8_calibration": {"texts": 3, "sources": [inside]}}}))
+    build.ship(built, tmp_path / "shipped", {}, "note")
+    results = json.loads((tmp_path / "shipped" / "eval_results.json").read_text())
+    assert results["base_model"] == "build/models/encoder"
+    assert results["data"]["train"] == ["build/models/data/synth_train.jsonl", "/elsewhere/extra.jsonl"]
+    assert results["export"]["int8_calibration"]["sources"] == ["build/models/data/synth_train.jsonl"]
