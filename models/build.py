@@ -240,6 +240,14 @@ def ship(built: Path, target: Path, extra: dict, note: str) -> None:
             shutil.copy2(built / name, target / name)
 
 
+def _built_from(directory: Path, base: Path) -> bool:
+    """Whether `directory` holds a finished, exported model trained from `base` (else: train it again)."""
+    if not (directory / "model.int8.onnx").exists():
+        return False
+    recorded = read_results(directory).get("base_model")
+    return isinstance(recorded, str) and (ROOT / recorded).resolve() == base.resolve()
+
+
 def _in_checkout(path: str) -> str:
     return str(Path(path).resolve().relative_to(ROOT)) if Path(path).is_absolute() and \
         Path(path).resolve().is_relative_to(ROOT) else path
@@ -385,16 +393,16 @@ def main() -> None:
         ship(cat, args.out / "category", {**report, "notes": category_notes(report)}, built_note(args.pretrain_epochs))
 
     if args.only in (None, "pii"):
-        first, pii = w / "pii-first", w / "pii"
+        second = float(args.pii_second_epochs) > 0
+        pii = w / "pii"  # what ships, under the name the bench looks its full build up by
+        first = w / "pii-first" if second else pii
         train = [str(paths[k]) for k in ("synth_train", "presidio_train", "wnut_train", "context_train", "clean_train")]
         common = ["--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16",
                   "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4", "--int8"]
-        if not (first / "model.int8.onnx").exists():
+        if not _built_from(first, encoder):
             run("pii", "--train", *train, "--base-model", str(encoder), "--output", str(first),
                 "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common)
-        if float(args.pii_second_epochs) <= 0:
-            pii = first
-        elif not (pii / "model.int8.onnx").exists():  # from the first pass's weights, at a third of its rate
+        if second and not _built_from(pii, first):  # from the first pass's weights, at a third of its rate
             run("pii", "--train", *train, "--base-model", str(first), "--output", str(pii),
                 "--epochs", args.pii_second_epochs, "--learning-rate", "1e-4", *common)
         report = pii_report(pii, paths)
@@ -404,7 +412,7 @@ def main() -> None:
             # `--only pii` keeps the shipped category model: the pair then differs in its PII model only
             report["cost_200_token_request"] = cost_report((category, pii), (old / "category", old / "pii"))
         note = built_note(args.pretrain_epochs)
-        if pii != first:
+        if second:
             note += (f" The PII model is a second pass ({args.pii_second_epochs} epochs at learning rate 1e-4, early "
                      f"stopping on the synthetic validation set) from the first ({args.pii_epochs} epochs at 3e-4).")
         ship(pii, args.out / "pii", {**report, "notes": pii_notes(report)}, note)

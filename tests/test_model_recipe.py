@@ -180,3 +180,17 @@ def test_ship_records_checkout_paths_not_this_machines(tmp_path):
     assert results["base_model"] == "build/models/encoder"
     assert results["data"]["train"] == ["build/models/data/synth_train.jsonl", "/elsewhere/extra.jsonl"]
     assert results["export"]["int8_calibration"]["sources"] == ["build/models/data/synth_train.jsonl"]
+
+
+def test_a_pii_pass_is_reused_only_when_it_was_trained_from_the_expected_base(tmp_path):
+    import json
+
+    from models import build
+
+    encoder, first, done = tmp_path / "encoder", tmp_path / "pii-first", tmp_path / "pii"
+    done.mkdir()
+    (done / "eval_results.json").write_text(json.dumps({"base_model": str(encoder)}))
+    assert not build._built_from(done, encoder)  # not exported: unfinished
+    (done / "model.int8.onnx").write_bytes(b"onnx")
+    assert build._built_from(done, encoder)
+    assert not build._built_from(done, first)  # a first pass is not the second pass that --pii-second-epochs asks for
