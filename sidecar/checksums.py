@@ -51,6 +51,9 @@ IBAN_LENGTHS: dict[str, int] = {
 }  # fmt: skip
 
 _CARD_DIGITS = (12, 19)
+# A shorter card counts only as a whole run of digit groups: the first 12 digits of a longer number that
+# fails its own check ("6759 0000 0000 2024") are more likely that number than a card.
+_PART_OF_RUN_DIGITS = 13
 # A run of ASCII digit groups joined by single spaces or dashes that holds at least 12 digits: the only
 # runs that can contain a card. Tried only from a run's first digit (the lookbehinds), and possessive, so
 # a short run costs one pass over it.
@@ -261,6 +264,10 @@ def _cards_in_runs(text: str, runs: list[tuple[int, int]]) -> Iterator[Span]:
         ok &= branded
         stop = np.minimum(a + length, n)
         ok &= (a + length <= n) & (group_at[stop] >= 0) & (run_of_digit[stop - 1] == run_of_digit[a])
+        if length < _PART_OF_RUN_DIGITS:  # the whole run or nothing
+            run = run_of_digit[a]
+            ok &= ((a == 0) | (run_of_digit[np.maximum(a - 1, 0)] != run)) & \
+                  ((stop == n) | (run_of_digit[np.minimum(stop, n - 1)] != run))
         (cand,) = np.nonzero(ok)
         if not len(cand):
             continue

@@ -28,15 +28,22 @@ def engine():
         yield router.engine
 
 
+# Float noise between kernel paths stays far below this; dynamic INT8 moved scores by about 1e-3.
+SCORE_TOLERANCE = 1e-5
+
+
 def test_bundled_pii_model_finds_the_same_spans_and_scores_alone_and_batched(engine):
-    alone = engine.detect_pii_many([PROMPT])[0]
-    assert {s.label for s in alone.spans} >= {"PERSON", "EMAIL_ADDRESS"}
+    alone = engine.detect_pii_many([PROMPT])[0].spans
+    assert {s.label for s in alone} >= {"PERSON", "EMAIL_ADDRESS"}
     for at in (0, len(NEIGHBOURS)):
-        batch = NEIGHBOURS[:at] + [PROMPT] + NEIGHBOURS[at:]
-        assert engine.detect_pii_many(batch)[at] == alone
+        batched = engine.detect_pii_many(NEIGHBOURS[:at] + [PROMPT] + NEIGHBOURS[at:])[at].spans
+        assert [(s.label, s.start, s.end) for s in batched] == [(s.label, s.start, s.end) for s in alone]
+        assert [s.score for s in batched] == pytest.approx([s.score for s in alone], abs=SCORE_TOLERANCE)
 
 
 def test_bundled_category_model_gives_the_same_probabilities_alone_and_batched(engine):
     question = "What are the side effects of ibuprofen?"
     alone = engine.classify_many([question])[0]
-    assert engine.classify_many([*NEIGHBOURS, question])[-1] == alone
+    batched = engine.classify_many([*NEIGHBOURS, question])[-1]
+    assert batched.label == alone.label and set(batched.scores) == set(alone.scores)
+    assert batched.scores == pytest.approx(alone.scores, abs=SCORE_TOLERANCE)

@@ -82,6 +82,13 @@ def test_a_twelve_digit_number_is_a_card_only_with_a_maestro_issuer_prefix():
     assert find_checksum_spans("paid with 6304 5653 8861 today")[0].end == len("paid with 6304 5653 8861")
     for number in ("411111111117", "500000000009", "123456789015"):  # Luhn-valid, other prefixes
         assert luhn_valid(number) and not is_valid_card(number) and not find_checksum_spans(f"id {number}")
+    assert not find_checksum_spans("paid with 6304 5653 8862 today")  # a Maestro prefix, Luhn fails
+
+
+def test_twelve_digits_inside_a_longer_number_are_not_a_card():
+    assert luhn_valid("675900000000") and not luhn_valid("6759000000002024")
+    assert not find_checksum_spans("order 6759 0000 0000 2024 shipped")
+    assert not find_checksum_spans("ref 1 6759 0000 0000")  # a lone leading group makes the run longer
 
 
 @pytest.mark.parametrize("iban", VALID_IBANS)
@@ -192,7 +199,8 @@ def _reference_spans(text: str) -> list[tuple[str, int, int]]:
             found = None
             for j in range(i, len(groups)):
                 digits += groups[j][1] - groups[j][0]
-                if 12 <= digits <= 19 and is_valid_card(text[groups[i][0]:groups[j][1]]):
+                whole = i == 0 and j == len(groups) - 1
+                if (13 <= digits <= 19 or digits == 12 and whole) and is_valid_card(text[groups[i][0]:groups[j][1]]):
                     found = j  # the longest stretch wins
             if found is not None:
                 out.append((CREDIT_CARD, groups[i][0], groups[found][1]))

@@ -161,8 +161,29 @@ def test_static_int8_calibrates_on_the_training_files_the_directory_records(tiny
     train.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"full_text": "Presidio row", "spans": []}))
     (path / "eval_results.json").write_text(json.dumps({"data": {"train": [str(train), str(tmp_path / "gone.jsonl")]}}))
     report = export_model_dir(path, int8=True, int8_min_agreement=0.0)
-    assert report["int8_calibration"] == {"texts": export.CALIBRATION_TEXTS + len(export.PARITY_TEXTS),
-                                          "sources": [str(train)]}
+    assert report["int8_calibration"] == {"texts": export.CALIBRATION_TEXTS, "sources": [str(train)]}
+
+
+def test_calibration_finds_checkout_relative_sources_from_any_directory_in_the_trained_column(
+        tiny_category_dir, tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"
+    path = _copy(tiny_category_dir, checkout / "models" / "category")
+    (checkout / "data").mkdir()
+    (checkout / "data" / "train.jsonl").write_text("".join(
+        json.dumps({"question": f"What is {i} + {i}?", "label": "math"}) + "\n" for i in range(40)))
+    (path / "eval_results.json").write_text(json.dumps({"data": {"train": ["data/train.jsonl"], "text_column": "question"}}))
+    monkeypatch.chdir(tmp_path)  # neither the checkout nor the model directory
+    calibration = export.calibration_texts(ModelDir.read(path))
+    assert calibration.sources == [str(checkout / "data" / "train.jsonl")]
+    assert sorted(calibration.texts) == sorted(f"What is {i} + {i}?" for i in range(40))
+    again = export.calibration_texts(ModelDir.read(path), limit=8)
+    assert len(again.texts) == 8 and again == export.calibration_texts(ModelDir.read(path), limit=8)  # seeded
+
+
+def test_calibration_data_without_static_int8_is_a_clear_error(tiny_category_dir, tmp_path):
+    for kwargs in ({"int8": False}, {"int8": True, "quantization": "dynamic"}):
+        with pytest.raises(ExportError, match="calibration data is for static INT8"):
+            export_model_dir(tiny_category_dir, calibration=[str(tmp_path / "train.jsonl")], **kwargs)
 
 
 def test_static_int8_without_training_files_calibrates_on_the_parity_texts(exported_category):

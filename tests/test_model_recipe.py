@@ -194,3 +194,16 @@ def test_a_pii_pass_is_reused_only_when_it_was_trained_from_the_expected_base(tm
     (done / "model.int8.onnx").write_bytes(b"onnx")
     assert build._built_from(done, encoder)
     assert not build._built_from(done, first)  # a first pass is not the second pass that --pii-second-epochs asks for
+
+
+def test_a_pii_pass_recorded_with_a_checkout_relative_base_is_recognised(tmp_path):
+    import json
+
+    from models import build
+
+    done = tmp_path / "pii"
+    done.mkdir()
+    (done / "model.int8.onnx").write_bytes(b"onnx")
+    (done / "eval_results.json").write_text(json.dumps({"base_model": "build/models/encoder"}))  # as ship() writes
+    assert build._built_from(done, build.ROOT / "build" / "models" / "encoder")
+    assert not build._built_from(done, build.ROOT / "build" / "models" / "pii-first")

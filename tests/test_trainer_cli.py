@@ -192,3 +192,11 @@ def test_export_errors_are_one_line(tiny_category_dir, capsys, tmp_path):
     assert code == 2 and err.strip() == "error: tolerance must be a finite number >= 0, got -1.0"
     code, _, err = run_cli(capsys, "export", tmp_path / "missing")
     assert code == 2 and "no such model directory" in err
+
+
+def test_calibration_data_without_int8_is_refused_before_training(capsys, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", category_rows(2))
+    code, _, err = run_cli(capsys, "category", "--train", train, "--output", tmp_path / "out",
+                           "--int8-calibration", train)
+    assert code == 2 and "--int8-calibration sets static INT8 ranges: it needs --int8" in err
+    assert not (tmp_path / "out").exists()

@@ -239,6 +239,10 @@ def run_training(task: str, ns: argparse.Namespace) -> int:
     from trainer.train import RunOptions, check_teacher, train
 
     model_args = build(ModelArguments, ns)
+    if model_args.int8_calibration and not (model_args.int8 and model_args.int8_quantization == "static"):
+        from trainer.settings import UsageError
+
+        raise UsageError("--int8-calibration sets static INT8 ranges: it needs --int8 (and static quantization)")
     data_args = build(_data_arguments(task), ns)
     overrides = build(TrainingOverrides, ns)
     options = RunOptions(

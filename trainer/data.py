@@ -91,6 +91,8 @@ class TaskData:
     """``"file"``, ``"stratified split"`` or ``"random split"``: how the validation set was made."""
     train_sources: list[str]
     validation_sources: list[str]
+    text_column: str = "text"
+    """The column sequence rows were read from (export calibrates on the same one)."""
 
 
 # --- reading records -------------------------------------------------------------------------------
@@ -434,4 +436,5 @@ def load_task_data(
         validation_from=validation_from,
         train_sources=[str(s) for s in train],
         validation_sources=[str(s) for s in validation or []],
+        text_column=text_column,
     )

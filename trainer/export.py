@@ -18,8 +18,8 @@ A file is only put in place after ONNX Runtime reproduces the PyTorch logits on 
 within ``tolerance``; INT8 changes logits by design, so it is judged by how often its argmax agrees with
 PyTorch's. The numbers go to ``eval_results.json`` under ``"export"``.
 
-INT8 is static by default: the activation ranges are measured once, at export, on calibration texts (the
-training files the directory records, or ``calibration``), so a text's logits do not depend on the other
+INT8 is static by default: the activation ranges are measured once, at export, on calibration texts (a
+sample of the training files the directory records, or of ``calibration``), so a text's logits do not depend on the other
 texts in its batch. Dynamic INT8 takes one activation scale per tensor across the whole batch: through the
 bundled PII model, 30 of 400 long prompts got other spans alone than in a batch, so a request's masking
 moved with concurrent traffic. ``int8_batch_max_diff`` in the report is the largest logit difference of a
@@ -70,8 +70,9 @@ INT8_MIN_AGREEMENT = 0.9
 # Longest parity sequence: past the sidecar's default 512-token window and ModernBERT's sliding
 # window, yet cheap enough to run in eager PyTorch on a CPU.
 PARITY_MAX_TOKENS = 1024
-# Static INT8: texts whose activations set the ranges, and how many go through one calibration pass. The
-# ranges are a moving average of each pass's min and max, so one outlier text does not coarsen them all.
+# Static INT8: texts whose activations set the ranges, and how many go through one calibration pass. Each
+# range is the mean of the passes' minima and maxima (ORT's CalibMovingAverage), so one outlier text does not
+# coarsen it for all; values past it saturate, which the parity check then measures.
 CALIBRATION_TEXTS = 512
 CALIBRATION_BATCH = 8
 CALIBRATION_SEED = 0
@@ -233,6 +234,8 @@ def export_model_dir(
     if not model_dir.has_torch_weights:
         raise ExportError(f"{model_dir.path}: no PyTorch weights (model.safetensors); export needs the trained model")
     _read_results(model_dir.path)  # a corrupt file fails now, not after the export
+    if calibration is not None and not (int8 and quantization == "static"):
+        raise ExportError("calibration data is for static INT8: give it with int8 and quantization 'static'")
     calibrated = calibration_texts(model_dir, calibration) if int8 and quantization == "static" else None
     started = time.perf_counter()
     model = _load_model(model_dir)
@@ -323,32 +326,71 @@ def _export_int8(model_dir: ModelDir, tmp: Path, inputs: ParityInputs, expected,
 
 def calibration_texts(model_dir: ModelDir, sources: Sequence[str] | None = None,
                       limit: int = CALIBRATION_TEXTS, seed: int = CALIBRATION_SEED) -> Calibration:
-    """A seeded sample of the ``text`` (or Presidio ``full_text``) values of `sources`, plus the parity texts.
+    """A seeded uniform sample (one pass, `limit` texts held) of the texts in `sources`.
 
-    Without `sources`, the training files ``eval_results.json`` records, those still on disk: ranges
-    measured on what the model learnt from. A named source that cannot be read is an error; when no
-    recorded file is left, the parity texts alone set the ranges, and the report says so.
+    Without `sources`, the training sources ``eval_results.json`` records, each found as written or
+    beside the model directory (a checkout-relative path from any working directory), in the text column
+    the model was trained on (Presidio ``full_text`` too): ranges measured on what the model learnt from.
+    A named source that cannot be read or holds no text is an error; a recorded one is skipped with a
+    warning, and when none is left the fixed parity texts set the ranges, as the report then says.
     """
-    named = sources is not None
-    files = list(sources) if named else [s for s in _recorded_train(model_dir) if Path(s).is_file()]
-    texts: list[str] = []
+    column = (model_dir.eval_results().get("data") or {}).get("text_column", "text")
+    if sources is not None:
+        files, named = list(sources), True
+    else:
+        files, named = [], False
+        for source in _recorded_train(model_dir):
+            found = _locate(source, model_dir.path)
+            if found is None:
+                log.warning("export_calibration_source_missing", model=str(model_dir.path), source=source)
+            else:
+                files.append(found)
+    rng, texts, seen, used = random.Random(seed), [], 0, []
     for source in files:
-        found = 0
+        before = seen
         try:
             for _, record in read_records(source):
-                text = record.get("text", record.get("full_text"))
-                if isinstance(text, str) and text.strip():
+                text = _calibration_text(record, column)
+                if text is None:
+                    continue
+                seen += 1
+                if len(texts) < limit:
                     texts.append(text)
-                    found += 1
+                elif (slot := rng.randrange(seen)) < limit:
+                    texts[slot] = text
         except (OSError, DataError) as e:
             raise ExportError(f"calibration data: {_one_line(e)}") from e
-        if not found and named:
-            raise ExportError(f"calibration data {source}: no row has a non-empty 'text' or 'full_text'")
-    if len(texts) > limit:
-        texts = random.Random(seed).sample(texts, limit)
+        if seen > before:
+            used.append(source)
+        elif named:
+            raise ExportError(f"calibration data {source}: no row has a non-empty '{column}'")
+        else:
+            log.warning("export_calibration_source_without_text", model=str(model_dir.path), source=source,
+                        column=column)
     if not texts:
-        log.warning("export_calibration_builtin", model=str(model_dir.path), reason="no training file recorded or left")
-    return Calibration(texts=texts + list(PARITY_TEXTS), sources=files or ["built-in parity texts"])
+        log.warning("export_calibration_builtin", model=str(model_dir.path), reason="no recorded training text found")
+        return Calibration(texts=list(PARITY_TEXTS), sources=["built-in parity texts"])
+    return Calibration(texts=texts, sources=used)
+
+
+def _calibration_text(record: dict, column: str) -> str | None:
+    for key in (column, "full_text"):
+        value = record.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
+
+
+def _locate(source: str, model_path: Path) -> str | None:
+    """`source` as written if it exists, else the first folder above the model directory that holds it."""
+    path = Path(source)
+    if path.exists():
+        return source
+    if not path.is_absolute():
+        for folder in model_path.resolve().parents:
+            if (folder / path).exists():
+                return str(folder / path)
+    return None
 
 
 def _recorded_train(model_dir: ModelDir) -> list[str]:
@@ -507,13 +549,17 @@ def _quantize_static(src: Path, dst: Path, calibration: list[dict[str, np.ndarra
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)
 
+    products, matmuls = _activation_products(src)
+    if matmuls and len(products) == matmuls:  # every weight would stay fp32: a graph this export does not know
+        raise ExportError(f"{src.name}: no MatMul takes a weight directly; nothing to quantize statically "
+                          "(use dynamic quantization)")
     quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
-                    nodes_to_exclude=_activation_products(src), per_channel=True, activation_type=QuantType.QUInt8,
+                    nodes_to_exclude=products, per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"CalibMovingAverage": True})
 
 
-def _activation_products(path: Path) -> list[str]:
+def _activation_products(path: Path) -> tuple[list[str], int]:
     """MatMuls of two activations (attention's scores and weighted values): left in fp32, as dynamic INT8
     leaves them. Quantizing them costs more than it saves on a sequence-squared tensor (a 512-token batch
     of 32 ran 30% slower than fp32) and changes the attention pattern itself."""
@@ -521,8 +567,8 @@ def _activation_products(path: Path) -> list[str]:
 
     model = onnx.load(str(path), load_external_data=False)
     weights = {init.name for init in model.graph.initializer}
-    return [node.name for node in model.graph.node
-            if node.op_type == "MatMul" and not any(name in weights for name in node.input)]
+    matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
+    return [n.name for n in matmuls if not any(name in weights for name in n.input)], len(matmuls)
 
 
 def _install(staged: Path, directory: Path) -> None:

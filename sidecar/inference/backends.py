@@ -275,7 +275,7 @@ def open_backend(model_dir: ModelDir, model_config: ModelConfig, cpu_share: int 
     """Choose and load the backend that ``runtime``/``device`` ask for.
 
     ``auto`` takes ``model.int8.onnx`` on CPU (``model.onnx`` if there is no INT8 file), ``model.onnx`` on
-    CUDA (ONNX Runtime's INT8 kernels run on the CPU), and PyTorch when the directory has no ONNX file. An
+    CUDA (INT8 gains nothing on ONNX Runtime's CUDA provider), and PyTorch when the directory has no ONNX file. An
     explicit choice that the directory or machine cannot honour is a ModelLoadError naming what is missing.
     `cpu_share`: how many models will share the CPU (see `cpu_threads`).
     """
