@@ -65,7 +65,8 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_length: Annotated[int, Field(ge=16, le=8192)] | None = None
     """Tokens per window, special tokens included. Unset: the window the model was trained at (its
-    ``sidecar_max_length``), else 512; never longer than its position embeddings."""
+    ``sidecar_max_length``), else 512; never longer than its position embeddings. Static INT8 ranges were
+    measured in the trained window: score a longer one as served before raising it (docs/training.md)."""
     stride: Annotated[int, Field(ge=0)] | None = None
     """PII windows overlap by this many tokens so entities on a window edge are seen whole. Unset: 64, at
     most a quarter of the window."""
