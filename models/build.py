@@ -249,8 +249,9 @@ def _built_from(directory: Path, base: Path) -> bool:
 
 
 def _in_checkout(path: str) -> str:
-    return str(Path(path).resolve().relative_to(ROOT)) if Path(path).is_absolute() and \
-        Path(path).resolve().is_relative_to(ROOT) else path
+    """An absolute path inside the checkout as a checkout-relative one; any other path as it is."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if Path(path).is_absolute() and resolved.is_relative_to(ROOT) else path
 
 
 def rescore(out: Path, paths: dict[str, Path], only: str | None = None) -> None:

@@ -266,8 +266,8 @@ def _cards_in_runs(text: str, runs: list[tuple[int, int]]) -> Iterator[Span]:
         ok &= (a + length <= n) & (group_at[stop] >= 0) & (run_of_digit[stop - 1] == run_of_digit[a])
         if length < _PART_OF_RUN_DIGITS:  # the whole run or nothing
             run = run_of_digit[a]
-            ok &= ((a == 0) | (run_of_digit[np.maximum(a - 1, 0)] != run)) & \
-                  ((stop == n) | (run_of_digit[np.minimum(stop, n - 1)] != run))
+            ok &= (a == 0) | (run_of_digit[np.maximum(a - 1, 0)] != run)
+            ok &= (stop == n) | (run_of_digit[np.minimum(stop, n - 1)] != run)
         (cand,) = np.nonzero(ok)
         if not len(cand):
             continue

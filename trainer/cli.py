@@ -44,8 +44,8 @@ def _arg(help: str, **extra: Any) -> dict:
 
 _QUANTIZATION_HELP = ("static: activation ranges fixed at export from calibration texts, so a text's result does "
                       "not depend on its batch; dynamic: ranges per batch, no calibration")
-_CALIBRATION_HELP = ("files whose 'text' (or 'full_text') values set the static INT8 ranges (default: the "
-                     "training files eval_results.json records)")
+_CALIBRATION_HELP = ("files whose texts (in the column the model was trained on, or Presidio 'full_text') set the "
+                     "static INT8 ranges (default: the training files eval_results.json records)")
 
 
 @dataclass

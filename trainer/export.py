@@ -19,8 +19,8 @@ within ``tolerance``; INT8 changes logits by design, so it is judged by how ofte
 PyTorch's. The numbers go to ``eval_results.json`` under ``"export"``.
 
 INT8 is static by default: the activation ranges are measured once, at export, on calibration texts (a
-sample of the training files the directory records, or of ``calibration``), so a text's logits do not depend on the other
-texts in its batch. Dynamic INT8 takes one activation scale per tensor across the whole batch: through the
+sample of the training files the directory records, or of ``calibration``), so a text's logits do not
+depend on the other texts in its batch. Dynamic INT8 takes one activation scale per tensor across the whole batch: through the
 bundled PII model, 30 of 400 long prompts got other spans alone than in a batch, so a request's masking
 moved with concurrent traffic. ``int8_batch_max_diff`` in the report is the largest logit difference of a
 row alone against the same row in the padded batch.
@@ -134,13 +134,18 @@ def parity_inputs(model_dir: ModelDir, max_tokens: int = PARITY_MAX_TOKENS) -> P
     tokenizer.no_padding()
     tokenizer.enable_truncation(min(max_tokens, model_dir.max_position_embeddings))
     rows = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(list(PARITY_TEXTS))]
-    width = max(len(r) for r in rows)
-    input_ids = np.full((len(rows), width), model_dir.pad_token_id, dtype=np.int64)
-    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = row
-        attention_mask[i, : len(row)] = 1
+    input_ids, attention_mask = _right_padded(rows, model_dir.pad_token_id)
     return ParityInputs(input_ids, attention_mask, rows)
+
+
+def _right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token id rows as one batch padded on the right, and its attention mask."""
+    ids = np.full((len(rows), max(map(len, rows))), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 def reference_logits(model, inputs: ParityInputs) -> list[np.ndarray]:
@@ -234,9 +239,10 @@ def export_model_dir(
     if not model_dir.has_torch_weights:
         raise ExportError(f"{model_dir.path}: no PyTorch weights (model.safetensors); export needs the trained model")
     _read_results(model_dir.path)  # a corrupt file fails now, not after the export
-    if calibration is not None and not (int8 and quantization == "static"):
+    static = int8 and quantization == "static"
+    if calibration is not None and not static:
         raise ExportError("calibration data is for static INT8: give it with int8 and quantization 'static'")
-    calibrated = calibration_texts(model_dir, calibration) if int8 and quantization == "static" else None
+    calibrated = calibration_texts(model_dir, calibration) if static else None
     started = time.perf_counter()
     model = _load_model(model_dir)
     inputs = parity_inputs(model_dir)
@@ -334,12 +340,14 @@ def calibration_texts(model_dir: ModelDir, sources: Sequence[str] | None = None,
     A named source that cannot be read or holds no text is an error; a recorded one is skipped with a
     warning, and when none is left the fixed parity texts set the ranges, as the report then says.
     """
-    column = (model_dir.eval_results().get("data") or {}).get("text_column", "text")
+    recorded = model_dir.eval_results().get("data") or {}
+    column = recorded.get("text_column", "text")
     if sources is not None:
         files, named = list(sources), True
     else:
         files, named = [], False
-        for source in _recorded_train(model_dir):
+        train = recorded.get("train")
+        for source in (s for s in train if isinstance(s, str)) if isinstance(train, list) else ():
             found = _locate(source, model_dir.path)
             if found is None:
                 log.warning("export_calibration_source_missing", model=str(model_dir.path), source=source)
@@ -393,11 +401,6 @@ def _locate(source: str, model_path: Path) -> str | None:
     return None
 
 
-def _recorded_train(model_dir: ModelDir) -> list[str]:
-    train = (model_dir.eval_results().get("data") or {}).get("train") or []
-    return [s for s in train if isinstance(s, str)] if isinstance(train, list) else []
-
-
 def calibration_batches(model_dir: ModelDir, texts: Sequence[str]) -> list[dict[str, np.ndarray]]:
     """`texts` tokenized as served (the trained window, first window of a long text), right-padded in batches."""
     tokenizer = model_dir.load_tokenizer()
@@ -406,11 +409,7 @@ def calibration_batches(model_dir: ModelDir, texts: Sequence[str]) -> list[dict[
     batches = []
     for at in range(0, len(texts), CALIBRATION_BATCH):
         rows = [e.ids for e in tokenizer.encode_batch(list(texts[at : at + CALIBRATION_BATCH]))]
-        ids = np.full((len(rows), max(map(len, rows))), model_dir.pad_token_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
+        ids, mask = _right_padded(rows, model_dir.pad_token_id)
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
 
