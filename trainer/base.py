@@ -37,6 +37,9 @@ SIZES: dict[str, BaseSize] = {
     "tiny": BaseSize(2048, 64, 96, 2, 2, 512, 64),
     # Small enough to train on a laptop CPU and ship in git as INT8 ONNX (a few MB).
     "small": BaseSize(8192, 256, 384, 4, 4, 512, 128),
+    # Half as deep again with a wider feed-forward: about 1.7x small's compute per token, for when accuracy
+    # pays for the latency (docs/training.md has the measured trade-off).
+    "medium": BaseSize(8192, 256, 512, 6, 4, 512, 128),
 }
 
 

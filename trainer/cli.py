@@ -52,7 +52,8 @@ _CALIBRATION_HELP = ("files whose texts (in the column the model was trained on,
 class BaseArguments:
     """The model to build."""
 
-    size: Literal["tiny", "small"] = field(metadata=_arg("model size: tiny trains in seconds (tests); small is shippable"))
+    size: Literal["tiny", "small", "medium"] = field(metadata=_arg(
+        "model size: tiny trains in seconds (tests); small is shippable; medium is deeper (about 1.7x the compute)"))
     output: str = field(metadata=_arg("directory for the untrained model and its tokenizer"))
     corpus: list[str] | None = field(default=None, metadata=_arg(
         "text files (a line each) or JSON/JSONL with text/full_text fields, to train the tokenizer on"))
