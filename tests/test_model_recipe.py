@@ -207,3 +207,74 @@ def test_a_pii_pass_recorded_with_a_checkout_relative_base_is_recognised(tmp_pat
     (done / "eval_results.json").write_text(json.dumps({"base_model": "build/models/encoder"}))  # as ship() writes
     assert build._built_from(done, build.ROOT / "build" / "models" / "encoder")
     assert not build._built_from(done, build.ROOT / "build" / "models" / "pii-first")
+
+
+def _dry_build(tmp_path, monkeypatch, *argv: str) -> list[tuple[str, ...]]:
+    """models/build.py's steps as run by main(), with every trainer call and score stubbed: what ran, in order."""
+    import json
+
+    from models import build
+
+    calls: list[tuple[str, ...]] = []
+
+    def run(*args: str) -> None:
+        calls.append(args)
+        out = Path(args[args.index("--output") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        if args[0] == "base":
+            spec = build.SIZES[args[args.index("--size") + 1]]
+            (out / "config.json").write_text(json.dumps({"num_hidden_layers": spec.num_hidden_layers,
+                                                         "hidden_size": spec.hidden_size,
+                                                         "intermediate_size": spec.intermediate_size}))
+        elif args[0] == "pretrain":
+            base = Path(args[args.index("--base-model") + 1])
+            (out / "config.json").write_text((base / "config.json").read_text())
+            (out / "pretrain_results.json").write_text(json.dumps({"settings": {"epochs": 3.0}}))
+        else:
+            (out / "model.int8.onnx").write_bytes(b"onnx")
+            (out / "eval_results.json").write_text(json.dumps({"base_model": args[args.index("--base-model") + 1]}))
+
+    monkeypatch.setattr(build, "run", run)
+    monkeypatch.setattr(build, "split_data", lambda *a: {k: tmp_path / f"{k}.jsonl" for k in build.SPLITS})
+    monkeypatch.setattr(build, "teacher_path", lambda: "teacher")
+    monkeypatch.setattr(build, "category_report", lambda *a, **k: {})
+    monkeypatch.setattr(build, "pii_report", lambda *a, **k: {})
+    monkeypatch.setattr(build, "category_notes", lambda r: [])
+    monkeypatch.setattr(build, "pii_notes", lambda r: [])
+    monkeypatch.setattr(build, "ship", lambda built, target, extra, note: calls.append(("ship", target.name, note)))
+    monkeypatch.setattr(build, "record_cost", lambda replaced, out: calls.append(("cost",)))
+    monkeypatch.setattr(sys, "argv", ["build.py", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out"),
+                                      "--teacher-epochs", "0", *argv])
+    build.main()
+    return calls
+
+
+def _base_model(calls, task: str) -> str:
+    args = next(c for c in calls if c[0] == task)
+    return Path(args[args.index("--base-model") + 1]).name
+
+
+def test_the_build_fine_tunes_each_model_from_its_sizes_encoder_pii_first(tmp_path, monkeypatch):
+    calls = _dry_build(tmp_path, monkeypatch)
+
+    assert sorted(c[2] for c in calls if c[0] == "base") == ["medium", "small"]
+    assert (_base_model(calls, "category"), _base_model(calls, "pii")) == ("encoder-medium", "encoder")
+    shipped = [c for c in calls if c[0] in ("ship", "cost")]
+    assert [c[1] if c[0] == "ship" else "cost" for c in shipped] == ["pii", "category", "cost"]
+    assert "a medium ModernBERT (6 layers" in shipped[1][2] and "a small ModernBERT (4 layers" in shipped[0][2]
+
+
+def test_a_category_model_from_another_sizes_encoder_is_trained_again(tmp_path, monkeypatch):
+    _dry_build(tmp_path, monkeypatch, "--category-size", "small")
+    again = _dry_build(tmp_path, monkeypatch)
+    reused = _dry_build(tmp_path, monkeypatch)
+
+    assert [c[0] for c in again if c[0] in ("base", "category", "pii")] == ["base", "category"]  # PII kept
+    assert not [c for c in reused if c[0] in ("base", "pretrain", "category", "pii")]
+
+
+def test_one_model_builds_only_its_own_encoder(tmp_path, monkeypatch):
+    calls = _dry_build(tmp_path, monkeypatch, "--only", "pii")
+
+    assert [c[2] for c in calls if c[0] == "base"] == ["small"]
+    assert not [c for c in calls if c[0] == "category"]

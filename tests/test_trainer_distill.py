@@ -79,6 +79,12 @@ def test_each_shipped_size_builds_from_a_teacher_with_its_own_shape(teacher, siz
     assert _embeddings(tmp_path / size).shape == (config["vocab_size"], spec.hidden_size)
 
 
+def test_medium_is_deeper_and_wider_than_small_at_the_same_width():
+    small, medium = SIZES["small"], SIZES["medium"]
+    assert medium.hidden_size == small.hidden_size  # the same PCA'd word embeddings fit both
+    assert medium.num_hidden_layers > small.num_hidden_layers and medium.intermediate_size > small.intermediate_size
+
+
 def test_base_needs_a_corpus_or_a_teacher(tmp_path, capsys):
     code, _, stderr = run_cli(capsys, "base", "--size", "tiny", "--output", tmp_path / "out")
 
