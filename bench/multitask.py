@@ -32,8 +32,9 @@ IGNORE = -100
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", type=Path, default=FULL_MODELS / "encoder", help="masked-LM encoder both heads start from (the --single models should be fine-tuned from it too; "
-                        "the bundled category model now starts from build/models/encoder-medium)")
+    p.add_argument("--encoder", type=Path, default=FULL_MODELS / "encoder",
+                   help="masked-LM encoder both heads start from (the --single models should be fine-tuned from "
+                        "it too; the bundled category model now starts from build/models/encoder-medium)")
     p.add_argument("--data", type=Path, default=DATA, help="the splits `make models` wrote")
     p.add_argument("--single", type=Path, default=FULL_MODELS,
                    help="folder with the single-task category/ and pii/ model directories to compare with")

@@ -366,19 +366,17 @@ def build_category(args: argparse.Namespace, paths: dict[str, Path], encoder: Pa
     """Fine-tune the category model from `encoder` (and the teacher yardstick), score it and ship it."""
     w = args.work
     cat, coach = w / "category", w / "teacher-category"
+    common = ["--train", str(paths["category_train"]), "--validation", str(paths["category_dev"]),
+              "--max-length", "128", "--batch-size", "32", "--warmup-ratio", "0.06", "--weight-decay", "0.01",
+              "--eval-steps", "250", "--patience", "4"]
     if float(args.teacher_epochs) <= 0:
         coach = None
     elif not (coach / "config.json").exists():  # the yardstick: the teacher itself fine-tuned on the same rows
-        run("category", "--train", str(paths["category_train"]), "--validation", str(paths["category_dev"]),
-            "--base-model", teacher, "--output", str(coach), "--max-length", "128",
-            "--epochs", args.teacher_epochs, "--batch-size", "32", "--learning-rate", "8e-5",
-            "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4")
+        run("category", *common, "--base-model", teacher, "--output", str(coach),
+            "--epochs", args.teacher_epochs, "--learning-rate", "8e-5")
     if not _built_from(cat, encoder):
-        run("category", "--train", str(paths["category_train"]), "--validation", str(paths["category_dev"]),
-            "--base-model", str(encoder), "--output", str(cat), "--max-length", "128",
-            "--epochs", args.category_epochs, "--batch-size", "32", "--learning-rate", "1.5e-4",
-            "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4",
-            "--int8")
+        run("category", *common, "--base-model", str(encoder), "--output", str(cat),
+            "--epochs", args.category_epochs, "--learning-rate", "1.5e-4", "--int8")
     shipped_pii = args.out / "pii"
     report = category_report(cat, paths, shipped_pii if (shipped_pii / "model.int8.onnx").exists() else None, coach)
     ship(cat, args.out / "category", {**report, "notes": category_notes(report)}, built_note(encoder))

@@ -342,17 +342,8 @@ def calibration_texts(model_dir: ModelDir, sources: Sequence[str] | None = None,
     """
     recorded = model_dir.eval_results().get("data") or {}
     column = recorded.get("text_column", "text")
-    if sources is not None:
-        files, named = list(sources), True
-    else:
-        files, named = [], False
-        train = recorded.get("train")
-        for source in (s for s in train if isinstance(s, str)) if isinstance(train, list) else ():
-            found = _locate(source, model_dir.path)
-            if found is None:
-                log.warning("export_calibration_source_missing", model=str(model_dir.path), source=source)
-            else:
-                files.append(found)
+    named = sources is not None
+    files = list(sources) if named else _recorded_sources(recorded.get("train"), model_dir.path)
     rng, texts, seen, used = random.Random(seed), [], 0, []
     for source in files:
         before = seen
@@ -379,6 +370,18 @@ def calibration_texts(model_dir: ModelDir, sources: Sequence[str] | None = None,
         log.warning("export_calibration_builtin", model=str(model_dir.path), reason="no recorded training text found")
         return Calibration(texts=list(PARITY_TEXTS), sources=["built-in parity texts"])
     return Calibration(texts=texts, sources=used)
+
+
+def _recorded_sources(train: object, model_path: Path) -> list[str]:
+    """The recorded training files that can still be found; a missing one is a warning, not an error."""
+    files = []
+    for source in train if isinstance(train, list) else []:
+        found = _locate(source, model_path) if isinstance(source, str) else None
+        if found is None:
+            log.warning("export_calibration_source_missing", model=str(model_path), source=str(source))
+        else:
+            files.append(found)
+    return files
 
 
 def _calibration_text(record: dict, column: str) -> str | None:
