@@ -9,11 +9,12 @@ import pytest
 from model_contract.model_dir import ModelDir
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.errors import InferenceCancelled, InferenceError, ModelLoadError, Overloaded
-from sidecar.inference.engine import Engine, LoadedModel
+from sidecar.inference.engine import Engine, LoadedModel, add_line_spans
 from sidecar.inference.heads import category_results
-from sidecar.inference.windows import TextEncoder, merge_windows, piece_starts, window_starts
+from sidecar.inference.windows import TextEncoder, line_ranges, merge_windows, piece_starts, window_starts
+from sidecar.results import Span
 from tests.conftest import CATEGORY_LABELS
-from tests.inference_fakes import DigitTagger, Fingerprint, fingerprint_logits, onnx_copy
+from tests.inference_fakes import SCORE, DigitTagger, Fingerprint, fingerprint_logits, onnx_copy
 
 # Words the tiny tokenizer knows and that hold no digits: filler around the numbers the fake tags.
 WORDS = ["the", "court", "held", "that", "the", "contract", "was", "void", "for", "lack", "of", "consideration", "and", "the", "tenant"]
@@ -44,10 +45,11 @@ def engines():
 def fake_pii(tiny_pii_dir, engines):
     """An engine whose PII model is the DigitTagger fake, with small windows."""
 
-    def build(checksums: bool = False, gate: threading.Event | None = None, **batching) -> tuple[Engine, DigitTagger]:
+    def build(checksums: bool = False, gate: threading.Event | None = None, tagger: type[DigitTagger] = DigitTagger,
+              line_windows: bool = True, **batching) -> tuple[Engine, DigitTagger]:
         model_dir = ModelDir.read(tiny_pii_dir)
-        backend = DigitTagger(model_dir, gate)
-        config = ModelConfig(path=str(tiny_pii_dir), max_length=MAX_LENGTH, stride=STRIDE)
+        backend = tagger(model_dir, gate)
+        config = ModelConfig(path=str(tiny_pii_dir), max_length=MAX_LENGTH, stride=STRIDE, line_windows=line_windows)
         engine = Engine(
             pii=LoadedModel(model_dir, config, backend),
             batching=BatchingConfig(**batching),
@@ -245,6 +247,65 @@ async def test_an_entity_straddling_a_window_edge_comes_out_whole(fake_pii, enco
         pytest.fail("no placement put the number across a window edge")
     result = await engine.detect_pii(text)
     assert offsets(result) == [("PHONE_NUMBER", start, start + len(number))]
+
+
+class EarlyDigitTagger(DigitTagger):
+    """Tags digits only among a window's first four text tokens: a model that misses what it reads after
+    unrelated text (as the bundled one misses more names deep in a long prompt than alone)."""
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        out = super().logits(input_ids, attention_mask)
+        out[:, 5:] = 0.0
+        out[:, 5:, self.outside] = SCORE
+        return out
+
+
+@pytest.mark.parametrize("sync", [False, True])
+async def test_a_number_the_whole_text_hides_is_found_in_its_line_read_alone(fake_pii, sync):
+    text = f"{filler(8)}\ncall 4155550100 now"
+    start = text.index("4155550100")
+    for line_windows, expected in ((False, []), (True, [("PHONE_NUMBER", start, start + 10)])):
+        engine, _ = fake_pii(tagger=EarlyDigitTagger, line_windows=line_windows)
+        result = engine.detect_pii_many([text])[0] if sync else await engine.detect_pii(text)
+        assert offsets(result) == expected
+
+
+async def test_a_single_line_text_is_read_once(fake_pii, encoder):
+    engine, backend = fake_pii()
+    text = f"{filler(30)} call 4155550100"
+    await engine.detect_pii(text)
+    assert len(backend.rows_seen()) == len(encoder.windows(encoder.encode(text)))
+
+
+def test_each_line_with_tokens_is_a_part_with_windows_of_its_own(tiny_pii_dir):
+    encoder = TextEncoder.for_model(ModelDir.read(tiny_pii_dir), MAX_LENGTH, STRIDE, line_windows=True)
+    text = f"{filler(3)}\n{filler(40)}\r\nend"
+    enc = encoder.encode(text)
+    whole, *lines = encoder.parts(text, enc)
+    assert (whole.start, whole.end) == (0, len(enc)) and len(whole.windows) == len(encoder.windows(enc))
+    assert [text[enc.offsets[p.start, 0] : enc.offsets[p.end - 1, 1]].strip() for p in lines] == [
+        filler(3), filler(40), "end"]
+    assert [(p.start, p.end) for p in lines] == line_ranges(text, enc.offsets)
+    long_line = lines[1]
+    assert len(long_line.windows) == len(window_starts(long_line.end - long_line.start, 14, STRIDE)) > 1
+    assert long_line.windows[0].ids[1:-1].tolist() == enc.ids[long_line.start : long_line.start + 14].tolist()
+    assert encoder.parts(filler(40), encoder.encode(filler(40)))[1:] == []
+    assert TextEncoder.for_model(ModelDir.read(tiny_pii_dir), MAX_LENGTH, STRIDE).parts(text, enc)[1:] == []
+
+
+def span(label: str, start: int, end: int, score: float = 0.9) -> Span:
+    return Span(label, start, end, score)
+
+
+def test_a_line_adds_what_the_whole_text_missed_and_never_retypes_what_it_found():
+    whole = [span("ADDRESS", 0, 30), span("PERSON", 40, 50)]
+    lines = [[span("PHONE_NUMBER", 0, 2), span("PERSON", 10, 20)],  # inside the address: its type stands
+             [span("PERSON", 38, 45)],  # the same type reaching further widens the name
+             [span("EMAIL_ADDRESS", 60, 70)]]  # over untagged text: added
+    assert add_line_spans(whole, lines) == [span("ADDRESS", 0, 30), span("PERSON", 38, 50),
+                                            span("EMAIL_ADDRESS", 60, 70)]
+    assert add_line_spans(whole, [[], [span("PERSON", 0, 5)]]) == whole
+    assert add_line_spans([], [[span("PERSON", 3, 5)]]) == [span("PERSON", 3, 5)]
 
 
 def test_merged_window_predictions_equal_whole_text_predictions(tiny_pii_dir, encoder):

@@ -15,20 +15,22 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, chain
 
 import numpy as np
 import structlog
 
 from model_contract.model_dir import ModelDir, ModelDirError
-from sidecar.checksums import find_checksum_spans, find_checksum_spans_each, reconcile
+from sidecar.checksums import find_checksum_spans, find_checksum_spans_each, merge_overlapping, reconcile
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.errors import InferenceCancelled, ModelLoadError
 from sidecar.inference.backends import Backend, open_backend, ort_cuda_available
 from sidecar.inference.batcher import Batcher, OnBatch, OnShed, WindowResult, summarize
 from sidecar.inference.heads import BioScheme, category_results, decode_bio, join_address_parts
-from sidecar.inference.windows import Encoded, TextEncoder, Window, merge_windows, window_length
+from sidecar.inference.windows import Encoded, Part, TextEncoder, merge_windows, window_length, windows_of
 from sidecar.results import CategoryResult, PiiResult, Span, StageTimings
 
 log = structlog.get_logger(__name__)
@@ -152,7 +154,8 @@ class _Model:
         try:
             self.scheme = BioScheme.from_labels(self.labels) if loaded.model_dir.spec.head == "token" else None
             stride = loaded.config.stride if self.scheme is not None else 0  # a category model reads one window
-            self.encoder = TextEncoder.for_model(loaded.model_dir, loaded.config.max_length, stride)
+            self.encoder = TextEncoder.for_model(loaded.model_dir, loaded.config.max_length, stride,
+                                                 line_windows=self.scheme is not None and loaded.config.line_windows)
         except ModelLoadError as e:
             raise ModelLoadError(f"models.{name}: {e}") from None
         if self.encoder.max_length < window_length(loaded.model_dir, loaded.config.max_length):
@@ -182,7 +185,8 @@ class _Model:
             "labels": list(self.labels),
         }
         if self.scheme is not None:
-            info.update(stride=self.encoder.stride, entities=list(self.scheme.entity_types))
+            info.update(stride=self.encoder.stride, line_windows=self.encoder.line_windows,
+                        entities=list(self.scheme.entity_types))
         return info
 
 
@@ -349,16 +353,17 @@ class Engine:
             model.batcher.shed_if_late(least, -(-least // model.encoder.body), deadline)
         prepared = await model.tokenize.run(texts)
         tokenized = time.perf_counter()
-        flat = [w.ids for _, windows in prepared for w in windows]
+        windows = [windows_of(parts) for _, parts in prepared]
+        flat = [w.ids for ws in windows for w in ws]
         results = await model.batcher.infer(flat, deadline) if flat else []
         inferred = time.perf_counter()
         per_text: list[list[WindowResult]] = []
         at = 0
-        for _, windows in prepared:
-            per_text.append(results[at : at + len(windows)])
-            at += len(windows)
-        jobs = [(text, encoded, windows, results)
-                for text, (encoded, windows), results in zip(texts, prepared, per_text, strict=True)]
+        for ws in windows:
+            per_text.append(results[at : at + len(ws)])
+            at += len(ws)
+        jobs = [(text, encoded, parts, results)
+                for text, (encoded, parts), results in zip(texts, prepared, per_text, strict=True)]
         spans = await self._pii_decode.run(jobs)
         decoded = time.perf_counter()
         return [PiiResult(s, _timings(r, started, tokenized, inferred, decoded)) for s, r in zip(spans, per_text, strict=True)]
@@ -396,13 +401,14 @@ class Engine:
     def _windowed_many(model: _Model, texts: Sequence[str], decode: Callable[..., list[Span]]) -> list[PiiResult]:
         """Every window of every text sorted and packed together, then decoded text by text."""
         encoded = model.encoder.encode_many(texts)
-        windows = [model.encoder.windows(e) for e in encoded]
-        flat = [w.ids for ws in windows for w in ws]
+        parts = [model.encoder.parts(text, e) for text, e in zip(texts, encoded, strict=True)]
+        flat = [w.ids for p in parts for w in windows_of(p)]
         logits = model.batcher.infer_sync(flat) if flat else []
         out, at = [], 0
-        for text, enc, ws in zip(texts, encoded, windows, strict=True):
-            out.append(PiiResult(decode(model, text, enc, ws, logits[at : at + len(ws)])))
-            at += len(ws)
+        for text, enc, p in zip(texts, encoded, parts, strict=True):
+            n = sum(len(part.windows) for part in p)
+            out.append(PiiResult(decode(model, text, enc, p, logits[at : at + n])))
+            at += n
         return out
 
     def close(self) -> None:
@@ -429,26 +435,62 @@ class Engine:
         if self._step_loop is loop:
             self._step_loop = None
 
-    def _decode_pii(self, jobs: Sequence[tuple[str, Encoded, list[Window], Sequence[WindowResult]]],
+    def _decode_pii(self, jobs: Sequence[tuple[str, Encoded, list[Part], Sequence[WindowResult]]],
                     stop: threading.Event | None = None) -> list[list[Span]]:
-        """Spans of each (text, encoding, windows, window results) job."""
+        """Spans of each (text, encoding, parts, window results) job."""
         model = self._pii
-        return [self._pii_spans(model, text, encoded, windows, [r.logits for r in results])
-                for text, encoded, windows, results in jobs]
+        return [self._pii_spans(model, text, encoded, parts, [r.logits for r in results])
+                for text, encoded, parts, results in jobs]
 
     def _pii_spans(
-        self, model: _Model, text: str, encoded: Encoded, windows: Sequence[Window], logits: Sequence[np.ndarray]
+        self, model: _Model, text: str, encoded: Encoded, parts: Sequence[Part], logits: Sequence[np.ndarray]
     ) -> list[Span]:
-        spans = join_address_parts(text, _model_spans(model, text, encoded, windows, logits))
+        whole, *lines = [join_address_parts(text, spans) for spans in _part_spans(model, text, encoded, parts, logits)]
+        spans = add_line_spans(whole, lines) if lines else whole
         return reconcile(text, spans) if self.checksums else spans
 
 
-def _model_spans(model: _Model, text: str, encoded: Encoded, windows: Sequence[Window],
+def _model_spans(model: _Model, text: str, encoded: Encoded, parts: Sequence[Part],
                  logits: Sequence[np.ndarray]) -> list[Span]:
-    """The model's own spans: window logits merged token by token, then BIO-decoded."""
-    if not windows or model.scheme is None:
-        return []
-    return decode_bio(merge_windows(len(encoded), windows, logits), encoded.offsets, text, model.scheme)
+    """The model's own spans: the whole text's, and what its lines read alone add."""
+    whole, *lines = _part_spans(model, text, encoded, parts, logits)
+    return add_line_spans(whole, lines) if lines else whole
+
+
+def _part_spans(model: _Model, text: str, encoded: Encoded, parts: Sequence[Part],
+                logits: Sequence[np.ndarray]) -> list[list[Span]]:
+    """Each part's spans (the whole text first): its windows' logits merged token by token, BIO-decoded."""
+    out: list[list[Span]] = []
+    at = 0
+    for part in parts:
+        rows = logits[at : at + len(part.windows)]
+        at += len(part.windows)
+        if not part.windows or model.scheme is None:
+            out.append([])
+            continue
+        merged = merge_windows(part.end - part.start, part.windows, rows)
+        out.append(decode_bio(merged, encoded.offsets[part.start : part.end], text, model.scheme))
+    return out
+
+
+def add_line_spans(whole: list[Span], lines: Sequence[list[Span]]) -> list[Span]:
+    """The whole text's spans, and those its lines read alone find where it found nothing of another type.
+
+    A line alone has less context, so where both readings tag a character the whole text's type stands
+    (an address read line by line looks like a name, a phone, a number); a line span of the same type
+    widens it, and one over untagged text is added. Sorted, same-type overlaps merged."""
+    starts = [s.start for s in whole]
+    reach = list(accumulate((s.end for s in whole), max))
+    added = []
+    for span in chain.from_iterable(lines):
+        j = bisect_left(starts, span.end) - 1  # whole spans from j down start before this one ends
+        while j >= 0 and reach[j] > span.start:
+            if whole[j].end > span.start and whole[j].label != span.label:
+                break
+            j -= 1
+        else:
+            added.append(span)
+    return merge_overlapping([*whole, *added]) if added else whole
 
 
 def _longest_token(model_dir: ModelDir) -> int:
@@ -459,8 +501,9 @@ def _longest_token(model_dir: ModelDir) -> int:
 
 
 def _pii_windows(model: _Model, texts: Sequence[str],
-                 stop: threading.Event | None = None) -> list[tuple[Encoded, list[Window]]]:
-    return [(encoded, model.encoder.windows(encoded)) for encoded in model.encoder.encode_all(texts, stop)]
+                 stop: threading.Event | None = None) -> list[tuple[Encoded, list[Part]]]:
+    encoded = model.encoder.encode_all(texts, stop)
+    return [(e, model.encoder.parts(text, e)) for text, e in zip(texts, encoded, strict=True)]
 
 
 def _timings(

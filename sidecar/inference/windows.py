@@ -3,7 +3,9 @@
 Texts are encoded once without special tokens, so offsets index the caller's string (code points).
 Category models see one truncated window; PII models see every token, in windows of ``max_length - 2``
 tokens that overlap by ``stride``, each wrapped in CLS/SEP. Window logits are merged back so that each
-token takes the prediction from the window where it had the most context on both sides.
+token takes the prediction from the window where it had the most context on both sides. With line
+windows on, a text of several lines is also read line by line (a `Part` per line, in windows of its
+own), so what comes before a line cannot hide what is in it.
 """
 
 from __future__ import annotations
@@ -53,10 +55,26 @@ class Window:
         return len(self.ids) - 2
 
 
+@dataclass(frozen=True, slots=True)
+class Part:
+    """Tokens ``[start, end)`` of a text read on their own: the whole text, or one of its lines. Window
+    starts count from `start`."""
+
+    start: int
+    end: int
+    windows: list[Window]
+
+
+def windows_of(parts: Sequence[Part]) -> list[Window]:
+    """Every window of a text's parts, in order (how they go to the batcher and come back)."""
+    return parts[0].windows if len(parts) == 1 else [w for part in parts for w in part.windows]
+
+
 class TextEncoder:
     """One model's tokenizer and window geometry; built once per model, shared by all requests."""
 
-    def __init__(self, tokenizer, cls_id: int, sep_id: int, max_length: int, stride: int):
+    def __init__(self, tokenizer, cls_id: int, sep_id: int, max_length: int, stride: int,
+                 line_windows: bool = False):
         if stride >= max_length - 2:
             raise ModelLoadError(f"stride {stride} must be smaller than max_length - 2 = {max_length - 2}")
         tokenizer.no_padding()
@@ -66,15 +84,18 @@ class TextEncoder:
         self._sep = np.array([sep_id], dtype=np.int64)
         self.max_length = max_length
         self.stride = stride
+        self.line_windows = line_windows
 
     @classmethod
-    def for_model(cls, model_dir: ModelDir, max_length: int | None, stride: int | None) -> TextEncoder:
+    def for_model(cls, model_dir: ModelDir, max_length: int | None, stride: int | None,
+                  line_windows: bool = False) -> TextEncoder:
         """Windows of the configured length, else the length the model was trained at, else 512; never
         longer than the model's position embeddings, whatever the config asks."""
         length = min(window_length(model_dir, max_length), model_dir.max_position_embeddings)
         if stride is None:  # 64 tokens, at most a quarter of a window: a 128-token model reads 200 tokens in
             stride = min(DEFAULT_STRIDE, (length - 2) // 4)  # 2 windows, not 3, and names and emails still fit
-        return cls(model_dir.load_tokenizer(), model_dir.cls_token_id, model_dir.sep_token_id, length, stride)
+        return cls(model_dir.load_tokenizer(), model_dir.cls_token_id, model_dir.sep_token_id, length, stride,
+                   line_windows)
 
     @property
     def body(self) -> int:
@@ -152,10 +173,19 @@ class TextEncoder:
 
     def windows(self, encoded: Encoded) -> list[Window]:
         """Overlapping windows covering every token; none for an empty text."""
-        return [
-            Window(start, self._wrap(encoded.ids[start : start + self.body]))
-            for start in window_starts(len(encoded), self.body, self.stride)
-        ]
+        return self._windows(encoded.ids)
+
+    def parts(self, text: str, encoded: Encoded) -> list[Part]:
+        """How a PII model reads `text`: the whole text in windows, then (line windows on, two lines or
+        more) each line in windows of its own."""
+        parts = [Part(0, len(encoded), self._windows(encoded.ids))]
+        if self.line_windows:
+            parts += [Part(a, b, self._windows(encoded.ids[a:b])) for a, b in line_ranges(text, encoded.offsets)]
+        return parts
+
+    def _windows(self, ids: np.ndarray) -> list[Window]:
+        return [Window(start, self._wrap(ids[start : start + self.body]))
+                for start in window_starts(len(ids), self.body, self.stride)]
 
     def _wrap(self, ids: np.ndarray) -> np.ndarray:
         return np.concatenate((self._cls, ids, self._sep))
@@ -178,6 +208,21 @@ def window_starts(n_tokens: int, body: int, stride: int) -> list[int]:
     starts = list(range(0, last, body - stride))
     starts.append(last)
     return starts
+
+
+def line_ranges(text: str, offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Token ranges ``[a, b)`` of the lines of `text` that hold tokens; none when fewer than two lines do. A
+    token belongs to the line its first character is on, and a line's "\\n" ends it."""
+    if len(offsets) < 2 or "\n" not in text:
+        return []
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)  # offsets count these
+    breaks = np.flatnonzero(points == 10)
+    line = np.searchsorted(breaks, offsets[:, 0], side="left")
+    cuts = np.flatnonzero(line[1:] != line[:-1]) + 1
+    if len(cuts) == 0:
+        return []
+    edges = [0, *cuts.tolist(), len(offsets)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def merge_windows(n_tokens: int, windows: Sequence[Window], logits: Sequence[np.ndarray]) -> np.ndarray:
