@@ -71,6 +71,7 @@ bench: install
 	$(PY) bench/envoy.py
 	$(PY) bench/request_path.py --callgrind
 	$(PY) bench/long_prompts.py
+	$(PY) bench/line_windows.py
 	$(PY) bench/pseudonymize.py
 	$(PY) bench/report.py
 	$(PY) docs/generate.py

@@ -3,9 +3,9 @@
 Three questions, each answered on this machine and written to bench/results/long_prompts.json:
 
 1. Which is the largest prompt read whole at concurrency 1 within Envoy's message_timeout? Prompts of growing
-   size with an email, a phone number and a card at the very end: each must come back 200 with all three
-   masked (or 403 where the routed backend's policy blocks cards: read whole too), or be refused (413/503),
-   never forwarded unmasked.
+   size (prose in paragraphs, each line also read alone) with an email, a phone number and a card at the
+   very end: each must come back 200 with all three masked (or 403 where the routed backend's policy
+   blocks cards: read whole too), or be refused (413/503), never forwarded unmasked.
 2. Does one huge request slow the next small ones? The p50 of small requests before, and right after, a
    1 MiB request (and a 512 KiB one, which is inspected or shed rather than refused for its size).
 3. How much memory does the sidecar hold? Its RSS idle, after the long prompts, and after a burst of
@@ -45,9 +45,14 @@ def post(url: str, body: bytes, timeout: float = 30.0) -> tuple[int, float, byte
         return e.code, time.perf_counter() - started, e.read()
 
 
+# Prose in paragraphs of a sentence each: a multi-line prompt is read whole and line by line
+# (models.pii.line_windows), the dearer of the two shapes to read.
+PARAGRAPHS = FALLBACK_CORPUS.replace(". ", ".\n\n")
+
+
 def prompt(n_bytes: int) -> bytes:
-    tail = f" Contact me at {PLANTED['email']} or {PLANTED['phone']}; card {PLANTED['card']}."
-    filler = (FALLBACK_CORPUS * (n_bytes // len(FALLBACK_CORPUS) + 1))[: max(n_bytes - len(tail), 0)]
+    tail = f"\n\nContact me at {PLANTED['email']} or {PLANTED['phone']}; card {PLANTED['card']}."
+    filler = (PARAGRAPHS * (n_bytes // len(PARAGRAPHS) + 1))[: max(n_bytes - len(tail), 0)]
     return json.dumps({"model": "auto", "messages": [{"role": "user", "content": filler + tail}]}).encode()
 
 

@@ -416,6 +416,18 @@ def long_prompts(lp: dict) -> str:
     return "\n\n".join(out)
 
 
+def line_windows(lw: dict) -> str:
+    out = [report.machine_line([{**lw, "bench": lw.get("bench", "line_windows")}])]
+    rows = lw.get("shapes", [])
+    out.append(table(["text", "tokens", "line parts", "windows: whole / with lines", "PII engine time: off / on",
+                      "on / off"],
+                     [[r["shape"], f"{r['tokens']:,}", f"{r['line_parts']:,}",
+                       f"{r['windows_whole']:,} / {r['windows_with_lines']:,}",
+                       f"{r['off_ms']:,.1f} / {r['on_ms']:,.1f} ms", f"{r['ratio']:.2f}x"] for r in rows]))
+    out.append(f"A line under {lw['line_tokens']} tokens is read with the lines after it. {lw.get('how', '')}.")
+    return "\n\n".join(out)
+
+
 def pseudonymize(ps: dict) -> str:
     out = [report.machine_line([{**ps, "bench": "pseudonymize"}])]
     r = ps.get("restoring", {})
@@ -511,6 +523,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "bench-naive": bench_one("naive", naive_section),
     "bench-inference": bench_one("inference", report.inference_tables),
     "bench-long-prompts": bench_one("long_prompts", long_prompts),
+    "bench-line-windows": bench_one("line_windows", line_windows),
     "bench-pseudonymize": bench_one("pseudonymize", pseudonymize),
     "bench-ab": bench_one("ab", ab),
     "bench-multitask": multitask,

@@ -23,7 +23,7 @@ from tests.inference_fakes import onnx_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["inference", "naive", "envoy", "report", "loadgen", "make_model", "multitask", "request_path",
-           "long_prompts", "pseudonymize"]
+           "long_prompts", "pseudonymize", "line_windows"]
 CATEGORIES = list(yaml.safe_load(ROUTER_CONFIG.read_text(encoding="utf-8"))["routing"]["categories"])
 PII_ROWS = [
     {"text": "Write to john.smith@example.com about the invoice.", "spans": [{"start": 9, "end": 31, "label": "EMAIL_ADDRESS"}]},
@@ -143,6 +143,17 @@ def test_long_prompts_reads_prompts_whole_or_refuses_them_and_nothing_leaks(resu
     assert doc["leaked_anywhere"] is False and doc["largest_read_whole_kib"] >= 1
     assert doc["after_big"][0]["big_status"] == 413 and sum(doc["burst"]["statuses"].values()) == 8
     assert doc["rss_mib"]["idle"] > 0
+
+
+def test_line_windows_times_both_settings_and_counts_the_extra_windows(models, results):
+    run("line_windows", "--model", str(models["pii"]), "--min-time-s", "0.01", "--min-reps", "1",
+        "--out", str(results / "line_windows.json"))
+    doc = json.loads((results / "line_windows.json").read_text())
+    rows = {r["shape"]: r for r in doc["shapes"]}
+    assert rows["one line, 1 KB"]["windows_with_lines"] == rows["one line, 1 KB"]["windows_whole"]
+    many = rows["one-character lines, 16 KB"]
+    assert many["lines"] > 8000 and 0 < many["line_parts"] <= many["tokens"] // doc["line_tokens"] + 1
+    assert many["windows_with_lines"] > many["windows_whole"] and all(r["off_ms"] > 0 < r["on_ms"] for r in rows.values())
 
 
 def test_pseudonymize_restores_every_answer_through_envoy_and_reports_the_cost(results):

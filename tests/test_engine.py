@@ -11,7 +11,14 @@ from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.errors import InferenceCancelled, InferenceError, ModelLoadError, Overloaded
 from sidecar.inference.engine import Engine, LoadedModel, add_line_spans
 from sidecar.inference.heads import category_results
-from sidecar.inference.windows import TextEncoder, line_ranges, merge_windows, piece_starts, window_starts
+from sidecar.inference.windows import (
+    LINE_TOKENS,
+    TextEncoder,
+    line_ranges,
+    merge_windows,
+    piece_starts,
+    window_starts,
+)
 from sidecar.results import Span
 from tests.conftest import CATEGORY_LABELS
 from tests.inference_fakes import SCORE, DigitTagger, Fingerprint, fingerprint_logits, onnx_copy
@@ -262,7 +269,7 @@ class EarlyDigitTagger(DigitTagger):
 
 @pytest.mark.parametrize("sync", [False, True])
 async def test_a_number_the_whole_text_hides_is_found_in_its_line_read_alone(fake_pii, sync):
-    text = f"{filler(8)}\ncall 4155550100 now"
+    text = f"{filler(20)}\ncall 4155550100 now"
     start = text.index("4155550100")
     for line_windows, expected in ((False, []), (True, [("PHONE_NUMBER", start, start + 10)])):
         engine, _ = fake_pii(tagger=EarlyDigitTagger, line_windows=line_windows)
@@ -277,20 +284,31 @@ async def test_a_single_line_text_is_read_once(fake_pii, encoder):
     assert len(backend.rows_seen()) == len(encoder.windows(encoder.encode(text)))
 
 
-def test_each_line_with_tokens_is_a_part_with_windows_of_its_own(tiny_pii_dir):
+def test_each_line_is_a_part_with_windows_of_its_own(tiny_pii_dir):
     encoder = TextEncoder.for_model(ModelDir.read(tiny_pii_dir), MAX_LENGTH, STRIDE, line_windows=True)
-    text = f"{filler(3)}\n{filler(40)}\r\nend"
+    text = f"{filler(20)}\n{filler(40)}\r\nend"
     enc = encoder.encode(text)
     whole, *lines = encoder.parts(text, enc)
     assert (whole.start, whole.end) == (0, len(enc)) and len(whole.windows) == len(encoder.windows(enc))
     assert [text[enc.offsets[p.start, 0] : enc.offsets[p.end - 1, 1]].strip() for p in lines] == [
-        filler(3), filler(40), "end"]
-    assert [(p.start, p.end) for p in lines] == line_ranges(text, enc.offsets)
+        filler(20), filler(40), "end"]
+    assert [(p.start, p.end) for p in lines] == line_ranges(text, enc.offsets, LINE_TOKENS)
     long_line = lines[1]
     assert len(long_line.windows) == len(window_starts(long_line.end - long_line.start, 14, STRIDE)) > 1
     assert long_line.windows[0].ids[1:-1].tolist() == enc.ids[long_line.start : long_line.start + 14].tolist()
     assert encoder.parts(filler(40), encoder.encode(filler(40)))[1:] == []
     assert TextEncoder.for_model(ModelDir.read(tiny_pii_dir), MAX_LENGTH, STRIDE).parts(text, enc)[1:] == []
+
+
+def test_short_lines_are_read_with_the_lines_after_them_so_tiny_lines_cost_few_windows(encoder):
+    text = "".join(f"{i}\n" for i in range(300)) + filler(30)
+    enc = encoder.encode(text)
+    ranges = line_ranges(text, enc.offsets, 16)
+    assert [a for a, _ in ranges[1:]] == [b for _, b in ranges[:-1]] and (ranges[0][0], ranges[-1][1]) == (0, len(enc))
+    assert all(b - a >= 16 for a, b in ranges[:-1]) and len(ranges) <= len(enc) // 16 + 1
+    line_starts = {0} | {i + 1 for i, c in enumerate(text) if c == "\n"}
+    assert all(int(enc.offsets[a, 0]) in line_starts for a, _ in ranges)  # a part begins where a line does
+    assert len(line_ranges(text, enc.offsets, 1)) == 301  # a range per line when every line may stand alone
 
 
 def span(label: str, start: int, end: int, score: float = 0.9) -> Span:

@@ -30,6 +30,9 @@ _CHARS_PER_TOKEN = 8
 # between calls the work can be stopped.
 _PIECE_CHARS = 16384
 _CALL_CHARS = 65536
+# Line windows: a line read alone takes the lines after it until it holds this many tokens, which bounds
+# the extra passes (a text of one-token lines would otherwise be a window per token).
+LINE_TOKENS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +183,7 @@ class TextEncoder:
         more) each line in windows of its own."""
         parts = [Part(0, len(encoded), self._windows(encoded.ids))]
         if self.line_windows:
-            parts += [Part(a, b, self._windows(encoded.ids[a:b])) for a, b in line_ranges(text, encoded.offsets)]
+            parts += [Part(a, b, self._windows(encoded.ids[a:b])) for a, b in line_ranges(text, encoded.offsets, LINE_TOKENS)]
         return parts
 
     def _windows(self, ids: np.ndarray) -> list[Window]:
@@ -210,19 +213,22 @@ def window_starts(n_tokens: int, body: int, stride: int) -> list[int]:
     return starts
 
 
-def line_ranges(text: str, offsets: np.ndarray) -> list[tuple[int, int]]:
-    """Token ranges ``[a, b)`` of the lines of `text` that hold tokens; none when fewer than two lines do. A
-    token belongs to the line its first character is on, and a line's "\\n" ends it."""
+def line_ranges(text: str, offsets: np.ndarray, min_tokens: int = 1) -> list[tuple[int, int]]:
+    """Token ranges ``[a, b)`` of the lines of `text`, none when fewer than two ranges: a token belongs to the
+    line its first character is on (a line's "\\n" ends it), and a range starts at a line's start and takes
+    the lines after it until it holds `min_tokens` tokens, so a text of many tiny lines is not read as that
+    many windows."""
     if len(offsets) < 2 or "\n" not in text:
         return []
     points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)  # offsets count these
-    breaks = np.flatnonzero(points == 10)
-    line = np.searchsorted(breaks, offsets[:, 0], side="left")
-    cuts = np.flatnonzero(line[1:] != line[:-1]) + 1
-    if len(cuts) == 0:
-        return []
-    edges = [0, *cuts.tolist(), len(offsets)]
-    return list(zip(edges[:-1], edges[1:], strict=True))
+    line = np.searchsorted(np.flatnonzero(points == 10), offsets[:, 0], side="left")
+    ends = [*(np.flatnonzero(line[1:] != line[:-1]) + 1).tolist(), len(offsets)]
+    ranges, start = [], 0
+    for end in ends:
+        if end - start >= min_tokens or end == ends[-1]:
+            ranges.append((start, end))
+            start = end
+    return ranges if len(ranges) > 1 else []
 
 
 def merge_windows(n_tokens: int, windows: Sequence[Window], logits: Sequence[np.ndarray]) -> np.ndarray:
