@@ -3,8 +3,8 @@ line windows on against off, on texts of several shapes, timed in turns.
 
 A one-line text is read once either way; a multi-line one is read whole and line by line (a line under
 `LINE_TOKENS` tokens with the lines after it), so its cost grows with its lines. The shapes: ordinary
-prompts (one line, a short chat message, paragraphs of prose) and the worst an attacker can choose (16 KB
-of one-word or one-character lines). The accuracy this buys is in the PII model's card (any position).
+prompts (one line, a short chat message, paragraphs of prose) and the worst a client can choose: 16 KB of
+one-word or one-character lines, and lines one token longer than a window (each needs two windows alone). The accuracy this buys is in the PII model's card (any position).
 
     .venv/bin/python bench/line_windows.py [--model models/pii] [--min-time-s 1.5] [--out FILE]
 """
@@ -18,7 +18,16 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import DATA, DEFAULT_MODELS, RESULTS, corpus_texts, interleaved, machine, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    DATA,
+    DEFAULT_MODELS,
+    RESULTS,
+    corpus_texts,
+    interleaved,
+    machine,
+    texts_of_length,
+    write_json,
+)
 from model_contract.model_dir import ModelDir  # noqa: E402
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig  # noqa: E402
 from sidecar.inference.engine import Engine  # noqa: E402
@@ -36,7 +45,12 @@ def paragraphs(corpus: list[str], chars: int, sep: str) -> str:
     return sep.join(out)[:chars]
 
 
-def shapes(corpus: list[str]) -> dict[str, str]:
+def shapes(corpus: list[str], model: Path, encoder: TextEncoder) -> dict[str, str]:
+    body = encoder.body + 1  # one token over a window: each such line alone needs two
+    tokenizer = ModelDir.read(model).load_tokenizer()
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    prose = [t.replace("\n", " ") for t in corpus]
     return {
         "one line, 1 KB": paragraphs(corpus, 1024, " "),
         "chat message, 3 lines": "Hi, I need help with my order.\nThe parcel never arrived and tracking shows "
@@ -46,6 +60,7 @@ def shapes(corpus: list[str]) -> dict[str, str]:
         "one line, 8 KB": paragraphs(corpus, 8192, " "),
         "one-word lines, 16 KB": "word\n" * (16384 // 5),
         "one-character lines, 16 KB": "a\n" * 8192,
+        f"lines of {body} tokens, 16 KB": "\n".join(texts_of_length(tokenizer, prose, body, 16384 // (6 * body) + 1)),
     }
 
 
@@ -53,9 +68,8 @@ def engine(model: Path, line_windows: bool) -> Engine:
     return Engine.load(ModelsConfig(pii=ModelConfig(path=str(model), line_windows=line_windows)), BatchingConfig())
 
 
-def measure(model: Path, texts: dict[str, str], min_time_s: float, min_reps: int) -> list[dict]:
+def measure(model: Path, encoder: TextEncoder, texts: dict[str, str], min_time_s: float, min_reps: int) -> list[dict]:
     off, on = engine(model, False), engine(model, True)
-    encoder = TextEncoder.for_model(ModelDir.read(model), None, None, line_windows=True)  # as the engine reads
     try:
         rows = []
         for name, text in texts.items():
@@ -90,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "line_windows.json")
     args = p.parse_args(argv)
     corpus = corpus_texts(args.corpus)
+    encoder = TextEncoder.for_model(ModelDir.read(args.model), None, None, line_windows=True)  # as the engine reads
     result = {"machine": machine(), "bench": "line_windows", "model": str(args.model), "line_tokens": LINE_TOKENS,
               "how": "Engine.detect_pii_many on one text (INT8 on this CPU), line_windows off and on in turns",
-              "shapes": measure(args.model, shapes(corpus), args.min_time_s, args.min_reps)}
+              "shapes": measure(args.model, encoder, shapes(corpus, args.model, encoder), args.min_time_s, args.min_reps)}
     print(json.dumps([{k: v for k, v in r.items() if k != "runs"} for r in result["shapes"]], indent=1))
     write_json(args.out, result)
     return 0

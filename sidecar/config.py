@@ -71,10 +71,11 @@ class ModelConfig(_Section):
     """PII windows overlap by this many tokens so entities on a window edge are seen whole. Unset: 64, at
     most a quarter of the window."""
     line_windows: bool = True
-    """PII models: a text of two or more lines is also read line by line, each line (with the lines after it
+    """Token (PII) models: a multi-line text is also read line by line, each line (with the lines after it
     while it has under 16 tokens) in windows of its own, and what a line shows alone is masked too, so text
-    before a line cannot hide a name in it. Costs about one more pass over a multi-line text's tokens;
-    false: the whole text's windows only."""
+    before a line cannot hide a name in it. Costs about one more reading of a multi-line text (at most about
+    2.5x for lines just over a window long; bench/line_windows.py); a request whose line windows the queue
+    cannot take is read whole only. false: the whole text's windows only."""
     threads: Annotated[int, Field(ge=0)] = 0
     """Intra-op threads for ONNX Runtime on CPU (or torch's process-wide count). 0: the runtime's default
     for a model that runs alone; two CPU models get half the usable cores each."""

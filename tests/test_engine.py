@@ -277,6 +277,19 @@ async def test_a_number_the_whole_text_hides_is_found_in_its_line_read_alone(fak
         assert offsets(result) == expected
 
 
+async def test_a_text_whose_lines_the_queue_cannot_take_is_read_whole_not_refused(fake_pii, encoder):
+    text = "\n".join(f"{filler(16, i)} 4155550{i:03d}" for i in range(12))
+    whole = len(encoder.windows(encoder.encode(text)))
+    engine, backend = fake_pii(max_queue=whole)
+    plain, _ = fake_pii(line_windows=False)
+    result = await engine.detect_pii(text)
+    assert offsets(result) == offsets(await plain.detect_pii(text)) and len(result.spans) == 12
+    assert len(backend.rows_seen()) == whole  # the whole text's windows only: the lines would not fit
+    tight, _ = fake_pii(max_queue=whole - 1)
+    with pytest.raises(Overloaded):  # the reading the guarantee rests on is still all or nothing
+        await tight.detect_pii(text)
+
+
 async def test_a_single_line_text_is_read_once(fake_pii, encoder):
     engine, backend = fake_pii()
     text = f"{filler(30)} call 4155550100"
@@ -315,7 +328,7 @@ def span(label: str, start: int, end: int, score: float = 0.9) -> Span:
     return Span(label, start, end, score)
 
 
-def test_a_line_adds_what_the_whole_text_missed_and_never_retypes_what_it_found():
+def test_a_line_adds_what_the_whole_text_missed_and_never_retypes_an_identifying_entity():
     whole = [span("ADDRESS", 0, 30), span("PERSON", 40, 50)]
     lines = [[span("PHONE_NUMBER", 0, 2), span("PERSON", 10, 20)],  # inside the address: its type stands
              [span("PERSON", 38, 45)],  # the same type reaching further widens the name
@@ -323,6 +336,8 @@ def test_a_line_adds_what_the_whole_text_missed_and_never_retypes_what_it_found(
     assert add_line_spans(whole, lines) == [span("ADDRESS", 0, 30), span("PERSON", 38, 50),
                                             span("EMAIL_ADDRESS", 60, 70)]
     assert add_line_spans(whole, [[], [span("PERSON", 0, 5)]]) == whole
+    place = [span("LOCATION", 0, 10)]  # a context type the default policy lets through: a line's name is added
+    assert add_line_spans(place, [[span("PERSON", 0, 10, 0.8)]]) == [span("LOCATION", 0, 10), span("PERSON", 0, 10, 0.8)]
     assert add_line_spans([], [[span("PERSON", 3, 5)]]) == [span("PERSON", 3, 5)]
 
 

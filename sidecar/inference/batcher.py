@@ -262,6 +262,16 @@ class Batcher:
             self._shed("deadline")
             raise error
 
+    def admits(self, windows: Sequence[np.ndarray], deadline: float | None = None) -> bool:
+        """Whether :meth:`infer` would queue `windows` now (room in the queue and, with `deadline`, time),
+        counting no refusal: a caller whose windows are partly optional leaves those out instead."""
+        rows, tokens = len(windows), sum(len(w) for w in windows)
+        left_s = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        with self._cond:
+            if self._queued + rows > self._config.max_queue:
+                return False
+            return left_s is None or self._late(tokens, rows, (tokens, math.inf), left_s) is None
+
     def estimate_s(self, tokens: int, rows: int) -> float:
         """Seconds from now until a new job of `tokens` tokens in `rows` windows would be done: the rest of
         the take under way, the queued work taken before it (jobs no bigger) and its own passes."""

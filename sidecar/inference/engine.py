@@ -25,12 +25,20 @@ import structlog
 
 from model_contract.model_dir import ModelDir, ModelDirError
 from sidecar.checksums import find_checksum_spans, find_checksum_spans_each, merge_overlapping, reconcile
-from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig
+from sidecar.config import CONTEXT_ENTITIES, BatchingConfig, ModelConfig, ModelsConfig
 from sidecar.errors import InferenceCancelled, ModelLoadError
 from sidecar.inference.backends import Backend, open_backend, ort_cuda_available
 from sidecar.inference.batcher import Batcher, OnBatch, OnShed, WindowResult, summarize
 from sidecar.inference.heads import BioScheme, category_results, decode_bio, join_address_parts
-from sidecar.inference.windows import Encoded, Part, TextEncoder, merge_windows, window_length, windows_of
+from sidecar.inference.windows import (
+    Encoded,
+    Part,
+    TextEncoder,
+    Window,
+    merge_windows,
+    window_length,
+    windows_of,
+)
 from sidecar.results import CategoryResult, PiiResult, Span, StageTimings
 
 log = structlog.get_logger(__name__)
@@ -355,6 +363,8 @@ class Engine:
         tokenized = time.perf_counter()
         windows = [windows_of(parts) for _, parts in prepared]
         flat = [w.ids for ws in windows for w in ws]
+        if any(len(parts) > 1 for _, parts in prepared) and not model.batcher.admits(flat, deadline):
+            prepared, windows, flat = _whole_only(model, prepared, len(flat))
         results = await model.batcher.infer(flat, deadline) if flat else []
         inferred = time.perf_counter()
         per_text: list[list[WindowResult]] = []
@@ -450,6 +460,17 @@ class Engine:
         return reconcile(text, spans) if self.checksums else spans
 
 
+def _whole_only(model: _Model, prepared: list[tuple[Encoded, list[Part]]], asked: int
+                ) -> tuple[list[tuple[Encoded, list[Part]]], list[list[Window]], list[np.ndarray]]:
+    """A request whose line windows the queue cannot take now is read through its whole windows alone, as
+    with ``line_windows`` off, rather than refused for an extra reading (refused, if even that cannot run)."""
+    prepared = [(encoded, parts[:1]) for encoded, parts in prepared]
+    windows = [parts[0].windows for _, parts in prepared]
+    flat = [w.ids for ws in windows for w in ws]
+    log.info("line_windows_skipped", model=model.name, windows=len(flat), with_lines=asked)
+    return prepared, windows, flat
+
+
 def _model_spans(model: _Model, text: str, encoded: Encoded, parts: Sequence[Part],
                  logits: Sequence[np.ndarray]) -> list[Span]:
     """The model's own spans: the whole text's, and what its lines read alone add."""
@@ -474,18 +495,20 @@ def _part_spans(model: _Model, text: str, encoded: Encoded, parts: Sequence[Part
 
 
 def add_line_spans(whole: list[Span], lines: Sequence[list[Span]]) -> list[Span]:
-    """The whole text's spans, and those its lines read alone find where it found nothing of another type.
+    """The whole text's spans, and those its lines read alone find where it found no identifying entity
+    of another type.
 
-    A line alone has less context, so where both readings tag a character the whole text's type stands
-    (an address read line by line looks like a name, a phone, a number); a line span of the same type
-    widens it, and one over untagged text is added. Sorted, same-type overlaps merged."""
+    A line alone has less context, so where the whole text found a name, a number or an address, its
+    type stands (an address read line by line looks like names, phones and numbers); a line span of the
+    same type widens it. One over untagged text, or over a context type (a place, a firm: a name the whole
+    text misread as one), is added. Sorted, same-type overlaps merged."""
     starts = [s.start for s in whole]
     reach = list(accumulate((s.end for s in whole), max))
     added = []
     for span in chain.from_iterable(lines):
         j = bisect_left(starts, span.end) - 1  # whole spans from j down start before this one ends
         while j >= 0 and reach[j] > span.start:
-            if whole[j].end > span.start and whole[j].label != span.label:
+            if whole[j].end > span.start and whole[j].label != span.label and whole[j].label not in CONTEXT_ENTITIES:
                 break
             j -= 1
         else:
