@@ -189,7 +189,10 @@ def bench_model(model_dir: Path, args: argparse.Namespace, runtimes: list[str], 
     tokenizer.no_truncation()
     limit = md.max_position_embeddings
     lengths = [n for n in lengths if n <= limit]
-    texts = {n: texts_of_length(tokenizer, corpus, n - 2, max(batches)) for n in lengths}
+    # One-line texts: the floor runs exactly the whole text's windows, and so does the Engine on one line
+    # (a multi-line text is read line by line as well: bench/line_windows.py times that extra reading).
+    one_line = [" ".join(t.split("\n")) for t in corpus]
+    texts = {n: texts_of_length(tokenizer, one_line, n - 2, max(batches)) for n in lengths}
     ids = {n: np.array([[md.cls_token_id, *tokenizer.encode(t, add_special_tokens=False).ids, md.sep_token_id]
                         for t in texts[n]], dtype=np.int64) for n in lengths}
     assert all(a.shape == (max(batches), n) for n, a in ids.items())

@@ -211,7 +211,7 @@ def inference_tables(inf: dict) -> str:
     out.append(f"fp32 ONNX takes {fmt(s['fp32_over_int8_time_median'])}x the time of INT8 (median over the grid). "
                f"An ONNX floor call is one pass of the sidecar's own ONNX Runtime backend on `[batch, tokens]` ids, "
                f"called directly (the same sessions{small_note}); an "
-               f"Engine call is `batch` concurrent requests whose texts tokenize to exactly `tokens` tokens "
+               f"Engine call is `batch` concurrent requests whose one-line texts tokenize to exactly `tokens` tokens "
                f"(tokenization, batching, decoding and checksums included).")
     return "\n".join(out)
 
