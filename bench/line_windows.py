@@ -4,7 +4,8 @@ line windows on against off, on texts of several shapes, timed in turns.
 A one-line text is read once either way; a multi-line one is read whole and line by line (a line under
 `LINE_TOKENS` tokens with the lines after it), so its cost grows with its lines. The shapes: ordinary
 prompts (one line, a short chat message, paragraphs of prose) and the worst a client can choose: 16 KB of
-one-word or one-character lines, and lines one token longer than a window (each needs two windows alone). The accuracy this buys is in the PII model's card (any position).
+one-word or one-character lines, and lines one token longer than a window (each needs two windows alone).
+The accuracy this buys is in the PII model's card (any position).
 
     .venv/bin/python bench/line_windows.py [--model models/pii] [--min-time-s 1.5] [--out FILE]
 """
@@ -31,17 +32,17 @@ from bench.common import (  # noqa: E402
 from model_contract.model_dir import ModelDir  # noqa: E402
 from sidecar.config import BatchingConfig, ModelConfig, ModelsConfig  # noqa: E402
 from sidecar.inference.engine import Engine  # noqa: E402
-from sidecar.inference.windows import LINE_TOKENS, TextEncoder, line_ranges  # noqa: E402
+from sidecar.inference.windows import LINE_TOKENS, TextEncoder  # noqa: E402
 
 
 def paragraphs(corpus: list[str], chars: int, sep: str) -> str:
     """Texts of the corpus (its sentences, when it is one text) joined by `sep` up to `chars` characters."""
     pieces = corpus if len(corpus) > 1 else [s.strip() + "." for s in corpus[0].split(". ") if s.strip()]
     out: list[str] = []
-    i = 0
-    while sum(len(p) + len(sep) for p in out) < chars:
-        out.append(pieces[i % len(pieces)].replace("\n", " "))
-        i += 1
+    size = 0
+    while size < chars:
+        out.append(pieces[len(out) % len(pieces)].replace("\n", " "))
+        size += len(out[-1]) + len(sep)
     return sep.join(out)[:chars]
 
 
@@ -79,11 +80,11 @@ def measure(model: Path, encoder: TextEncoder, texts: dict[str, str], min_time_s
                                  "on": lambda t=text: on.detect_pii_many([t])}, min_time_s, min_reps)
             rows.append({
                 "shape": name, "chars": len(text), "tokens": len(encoded), "lines": text.count("\n") + 1,
-                "line_parts": len(line_ranges(text, encoded.offsets, LINE_TOKENS)),
+                "line_parts": len(parts) - 1,
                 "windows_whole": len(parts[0].windows), "windows_with_lines": sum(len(p.windows) for p in parts),
                 "off_ms": round(times["off"]["median_ms"], 2), "on_ms": round(times["on"]["median_ms"], 2),
                 "ratio": round(times["on"]["median_ms"] / times["off"]["median_ms"], 2),
-                "runs": {k: v for k, v in times.items()},
+                "runs": times,
             })
             print(f"{name:28} {rows[-1]['tokens']:6} tokens  off {rows[-1]['off_ms']:8.2f} ms  "
                   f"on {rows[-1]['on_ms']:8.2f} ms  x{rows[-1]['ratio']:.2f}", flush=True)

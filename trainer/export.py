@@ -375,10 +375,10 @@ def calibration_texts(model_dir: ModelDir, sources: Sequence[str] | None = None,
 def _recorded_sources(train: object, model_path: Path) -> list[str]:
     """The recorded training files that can still be found; a missing one is a warning, not an error."""
     files = []
-    for source in train if isinstance(train, list) else []:
-        found = _locate(source, model_path) if isinstance(source, str) else None
+    for source in (s for s in train if isinstance(s, str)) if isinstance(train, list) else ():
+        found = _locate(source, model_path)
         if found is None:
-            log.warning("export_calibration_source_missing", model=str(model_path), source=str(source))
+            log.warning("export_calibration_source_missing", model=str(model_path), source=source)
         else:
             files.append(found)
     return files

@@ -265,12 +265,10 @@ class Batcher:
     def admits(self, windows: Sequence[np.ndarray], deadline: float | None = None) -> bool:
         """Whether :meth:`infer` would queue `windows` now (room in the queue and, with `deadline`, time),
         counting no refusal: a caller whose windows are partly optional leaves those out instead."""
-        rows, tokens = len(windows), sum(len(w) for w in windows)
+        tokens = sum(len(w) for w in windows)
         left_s = None if deadline is None else deadline - asyncio.get_running_loop().time()
         with self._cond:
-            if self._queued + rows > self._config.max_queue:
-                return False
-            return left_s is None or self._late(tokens, rows, (tokens, math.inf), left_s) is None
+            return self._refusal(len(windows), tokens, (tokens, math.inf), left_s) is None
 
     def estimate_s(self, tokens: int, rows: int) -> float:
         """Seconds from now until a new job of `tokens` tokens in `rows` windows would be done: the rest of
@@ -316,7 +314,7 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise InferenceError(f"{self.name} model is closed")
-            refusal = self._refusal(job, left_s)
+            refusal = self._refusal(len(job.items), job.size, job.key, left_s)
             if refusal is None:
                 bisect.insort(self._jobs, job, key=_key)
                 self._queued += len(windows)
@@ -327,15 +325,17 @@ class Batcher:
             raise refusal[1]
         return job
 
-    def _refusal(self, job: _Job, left_s: float | None) -> tuple[str, Overloaded] | None:
-        """Why `job` cannot be queued now, if it cannot: on_shed's reason and the error. Under the lock."""
-        n, limit = len(job.items), self._config.max_queue
+    def _refusal(self, n: int, tokens: int, key: tuple[int, float], left_s: float | None
+                 ) -> tuple[str, Overloaded] | None:
+        """Why `n` windows of `tokens` tokens, taken in `key`'s turn, cannot be queued now, if they cannot:
+        on_shed's reason and the error. Under the lock."""
+        limit = self._config.max_queue
         if n > limit:
             message = f"{self.name}: text needs {n} windows, more than batching.max_queue ({limit})"
             return "queue_full", Overloaded(message)
         if self._queued + n > limit:
             return "queue_full", Overloaded(f"{self.name} queue is full ({limit} windows)")
-        late = None if left_s is None else self._late(job.size, n, job.key, left_s)
+        late = None if left_s is None else self._late(tokens, n, key, left_s)
         return None if late is None else ("deadline", late)
 
     def _late(self, tokens: int, rows: int, key: tuple[int, float], left_s: float) -> Overloaded | None:

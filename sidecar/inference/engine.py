@@ -220,7 +220,9 @@ class Engine:
         if category:
             self._category = _Model("category", category, batching, on_batch, self._on_loop, on_shed)
         self._pii: _Model | None = None
-        self._pii_decode = StepGroup(self._decode_pii, self._on_loop, size=lambda job: len(job[0]))
+        # A job's size is the characters it decodes: its lines read alone decode the text a second time.
+        self._pii_decode = StepGroup(self._decode_pii, self._on_loop,
+                                     size=lambda job: len(job[0]) * min(len(job[2]), 2))
         try:
             self._pii = _Model("pii", pii, batching, on_batch, self._on_loop, on_shed) if pii else None
             for name, loaded in (others or {}).items():
@@ -455,8 +457,7 @@ class Engine:
     def _pii_spans(
         self, model: _Model, text: str, encoded: Encoded, parts: Sequence[Part], logits: Sequence[np.ndarray]
     ) -> list[Span]:
-        whole, *lines = [join_address_parts(text, spans) for spans in _part_spans(model, text, encoded, parts, logits)]
-        spans = add_line_spans(whole, lines) if lines else whole
+        spans = _model_spans(model, text, encoded, parts, logits, join_address_parts)
         return reconcile(text, spans) if self.checksums else spans
 
 
@@ -471,10 +472,12 @@ def _whole_only(model: _Model, prepared: list[tuple[Encoded, list[Part]]], asked
     return prepared, windows, flat
 
 
-def _model_spans(model: _Model, text: str, encoded: Encoded, parts: Sequence[Part],
-                 logits: Sequence[np.ndarray]) -> list[Span]:
-    """The model's own spans: the whole text's, and what its lines read alone add."""
-    whole, *lines = _part_spans(model, text, encoded, parts, logits)
+def _model_spans(model: _Model, text: str, encoded: Encoded, parts: Sequence[Part], logits: Sequence[np.ndarray],
+                 tidy: Callable[[str, list[Span]], list[Span]] | None = None) -> list[Span]:
+    """The model's own spans: the whole text's, and what its lines read alone add; `tidy` runs on each
+    reading's spans before they are combined (PII: an address's pieces joined)."""
+    readings = _part_spans(model, text, encoded, parts, logits)
+    whole, *lines = [tidy(text, spans) for spans in readings] if tidy else readings
     return add_line_spans(whole, lines) if lines else whole
 
 

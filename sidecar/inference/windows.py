@@ -60,8 +60,8 @@ class Window:
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """Tokens ``[start, end)`` of a text read on their own: the whole text, or one of its lines. Window
-    starts count from `start`."""
+    """Tokens ``[start, end)`` of a text read on their own: the whole text, or a line (with the lines after
+    it, while it is short). Window starts count from `start`."""
 
     start: int
     end: int
@@ -183,7 +183,8 @@ class TextEncoder:
         more) each line in windows of its own."""
         parts = [Part(0, len(encoded), self._windows(encoded.ids))]
         if self.line_windows:
-            parts += [Part(a, b, self._windows(encoded.ids[a:b])) for a, b in line_ranges(text, encoded.offsets, LINE_TOKENS)]
+            ranges = line_ranges(text, encoded.offsets, LINE_TOKENS)
+            parts += [Part(a, b, self._windows(encoded.ids[a:b])) for a, b in ranges]
         return parts
 
     def _windows(self, ids: np.ndarray) -> list[Window]:
