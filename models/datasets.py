@@ -140,17 +140,60 @@ def category_rows(data: Path, term_rows: int = 500) -> tuple[list[dict], list[di
         val += va
     rng = random.Random(11)
     chat = [{"text": t, "label": r["label"]} for r in train if (t := chat_style(r["text"], rng))]
-    held = {_norm(r["text"]) for r in read_jsonl(EVERYDAY_EVAL)}
-    terms = [r for r in term_questions(train, term_rows, random.Random(12)) if _norm(r["text"]) not in held]
+    held = HeldOut([r["text"] for r in read_jsonl(EVERYDAY_EVAL)])
+    terms = [r for r in term_questions(train, term_rows, random.Random(12)) if r["text"] not in held]
     everyday = [{"text": r["text"], "label": r["label"]} for r in read_jsonl(EVERYDAY_TRAIN)
-                if _norm(r["text"]) not in held]  # common questions get written twice; never train on one
+                if r["text"] not in held]  # common questions get written twice; never train on one
     everyday, everyday_dev = exam_split(everyday, seed=44, share=0.15)
-    dev += everyday_dev
-    return [r for r in train + chat if _norm(r["text"]) not in held] + everyday, dev, val, terms
+    dev = [r for r in dev + everyday_dev if r["text"] not in held]
+    return [r for r in train + chat if r["text"] not in held] + everyday, dev, val, terms
 
 
 def _norm(text: str) -> str:
     return "".join(c for c in text.lower() if c.isalnum())
+
+
+_ASK_WORDS = frozenset([  # how a question is asked, not what it asks about
+    "explain", "briefly", "brief", "simple", "simply", "terms", "difference", "quick", "eli5", "summarize", "work",
+    "works", "mean", "means", "actually", "really", "basically", "example", "examples", "tell", "like", "does",
+    "did", "whats", "vs", "just", "pls", "please", "tldr", "way", "ways", "help", "understand", "used", "happen",
+    "happened", "exactly", "words", "plain",
+])
+
+
+def _subject_words(text: str) -> frozenset[str]:
+    """What a question asks about: its words less stop words and asking words, a plural's final s dropped."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    words = (w for w in re.findall(r"[a-z0-9]+", text.lower())
+             if len(w) > 1 and w not in ENGLISH_STOP_WORDS and w not in _ASK_WORDS)
+    return frozenset(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words)
+
+
+class HeldOut:
+    """Held-out questions, and `text in held` for a question that asks the same as one of them: the same
+    letters, or half or more of its subject words shared ("why do cells even need mitochondria" against "why
+    do cells need mitochondria"). People ask common questions in near-identical words, so a training row of
+    that kind would be a held-out question seen in training. Questions on one frame with other subjects ("how
+    does insulin work", "how does DNS work") share no subject word and stay."""
+
+    def __init__(self, texts: list[str], overlap: float = 0.5) -> None:
+        self.exact = {_norm(t) for t in texts}
+        self.words = [_subject_words(t) for t in texts]
+        self.overlap = overlap
+        self.index: dict[str, list[int]] = defaultdict(list)
+        for i, words in enumerate(self.words):
+            for w in words:
+                self.index[w].append(i)
+
+    def __contains__(self, text: object) -> bool:
+        if not isinstance(text, str):
+            return False
+        if _norm(text) in self.exact:
+            return True
+        words = _subject_words(text)
+        candidates = {i for w in words for i in self.index.get(w, ())}
+        return any(len(words & self.words[i]) >= self.overlap * len(words | self.words[i]) for i in candidates)
 
 
 # --- PII -----------------------------------------------------------------------------------------------

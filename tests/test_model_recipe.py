@@ -123,6 +123,41 @@ def test_rescore_replaces_what_it_measures_and_keeps_what_needs_unshipped_files(
     assert "80.0%" in category["notes"][1] and (tmp_path / "category" / "README.md").is_file()
 
 
+def test_a_question_asking_what_a_held_out_one_asks_counts_as_held_out():
+    held = datasets.HeldOut(["why do cells need mitochondria", "What is confirmation bias?", "how does DNS work",
+                             "what is a polymer", "Why did the Tacoma Narrows Bridge collapse in 1940?"])
+    for same in ("why do cells even need mitochondria", "what is confirmation bias", "WHAT IS CONFIRMATION BIAS??",
+                 "why did the tacoma narrows bridge fall down in 1940", "explain confirmation bias simply"):
+        assert same in held, same
+    for other in ("how does insulin work", "what is a prion", "why do cells divide", "what is survivorship bias?",
+                  "", "???", None):
+        assert other not in held, other
+
+
+def test_category_training_and_checkpoint_rows_hold_no_held_out_question(tmp_path, monkeypatch):
+    import json
+
+    labels = ["biology", "physics"]
+    exam = [{"text": f"Which of the following is true of {w} number {i}?", "label": labels[i % 2]}
+            for i, w in enumerate(["cells", "waves"] * 30)]
+    exam += [{"text": "Why do cells need mitochondria?", "label": "biology"}] * 2
+    for name in ("mmlu_pro", "mmlu"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in exam))
+    everyday = [{"text": t, "label": labels[i % 2]} for i, t in enumerate(
+        ["why do cells even need mitochondria", "why is the sky blue?"] + [f"question {i} about waves" for i in range(40)])]
+    evals = [{"text": "Why do cells need mitochondria?", "label": "biology"},
+             {"text": "Why is the sky blue", "label": "physics"}]
+    for path, rows in (("train.jsonl", everyday), ("eval.jsonl", evals)):
+        (tmp_path / path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(datasets, "EVERYDAY_TRAIN", tmp_path / "train.jsonl")
+    monkeypatch.setattr(datasets, "EVERYDAY_EVAL", tmp_path / "eval.jsonl")
+    train, dev, _, terms = datasets.category_rows(tmp_path, term_rows=20)
+    held = datasets.HeldOut([r["text"] for r in evals])
+    assert train and dev and not [r["text"] for r in train + dev + terms if r["text"] in held]
+    assert any(r["text"] == "question 3 about waves" for r in train + dev)
+
+
 def test_more_training_rows_move_no_held_out_pii_set(tmp_path):
     import json
 
