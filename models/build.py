@@ -11,7 +11,8 @@ Offline, from our own `trainer` and the shared data beside the checkout:
      fine-tuned on the category rows as a yardstick;
   4. the yardsticks: TF-IDF + linear SVM on the same category rows and the teacher beside the category model,
      the recognizers alone beside the PII catch rate measured through the sidecar's own engine (an entity is
-     caught when all its characters are masked), and the engine time against the models this build replaces;
+     caught when all its characters are masked), and the engine time against the bundled pair #13 was filed
+     against (`COST_YARDSTICK`, from git);
   5. copy what the sidecar serves (config, tokenizer, INT8 ONNX, eval report, card) into `models/`.
 
 Every step writes under `--work` and is skipped when its output already exists, so an interrupted run
@@ -37,6 +38,9 @@ from models.datasets import SPLITS, read_jsonl, write_jsonl  # noqa: E402
 from trainer.base import SIZES  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
+# The engine-time yardstick: the bundled pair #13 was filed against ("at most 2x today's"), taken from git so
+# that every build, on any machine, measures against the same models.
+COST_YARDSTICK = "cca02bf"
 SHIPPED = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
            "model.int8.onnx", EVAL_FILE, "README.md"]
 
@@ -165,7 +169,8 @@ COST_TEXT = ("Could you help me plan a week of study for my chemistry exam? I ke
              "bonds, and I never know when to use the ideal gas law or how to balance a redox equation. ")
 
 
-def cost_report(new: tuple[Path, Path], before: tuple[Path, Path], rounds: int = 60) -> dict:
+def cost_report(new: tuple[Path, Path], before: tuple[Path, Path], rounds: int = 60,
+                label: str = "the bundled models this build replaces") -> dict:
     """Engine time of one request of about 200 tokens (category + PII, INT8 on this CPU), the new models against
     `before` (category, pii), measured in interleaved rounds so both see the same machine."""
     import contextlib
@@ -192,7 +197,7 @@ def cost_report(new: tuple[Path, Path], before: tuple[Path, Path], rounds: int =
                 times[key].append((time.perf_counter() - started) * 1000)
     new_ms, before_ms = statistics.median(times["new"][5:]), statistics.median(times["before"][5:])
     return {"text_tokens": len(tokenizer.encode(text).ids), "engine_ms_p50_classify_and_pii": round(new_ms, 2),
-            "before_ms_p50": round(before_ms, 2), "before": "the bundled models this build replaces",
+            "before_ms_p50": round(before_ms, 2), "before": label,
             "ratio": round(new_ms / before_ms, 2),
             "how": f"Engine.classify_many + detect_pii_many on one text, {rounds} interleaved rounds (first 5 "
                    "dropped), this CPU"}
@@ -405,16 +410,47 @@ def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoder: Path) -
     ship(pii, args.out / "pii", {**report, "notes": pii_notes(report)}, note)
 
 
+def cost_yardstick(work: Path, out: Path) -> Path:
+    """The pair the cost step measures against, built once: `COST_YARDSTICK`'s bundled models from git, or,
+    outside a git checkout, the models in `out` before this build replaces them (its `FROM` file says which)."""
+    target = work / "replaced"
+    if target.exists():
+        return target
+    staging = work / "replaced.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", COST_YARDSTICK, "models/category", "models/pii"],
+                             capture_output=True)
+    if archive.returncode == 0:
+        subprocess.run(["tar", "-x", "-C", str(staging)], input=archive.stdout, check=True)
+        for task in ("category", "pii"):
+            shutil.move(staging / "models" / task, staging / task)
+        shutil.rmtree(staging / "models")
+        label = f"the bundled models #13 was filed against (commit {COST_YARDSTICK})"
+    elif (out / "pii").exists():
+        shutil.rmtree(staging)
+        shutil.copytree(out, staging, ignore=shutil.ignore_patterns("data"))
+        label = "the bundled models this build replaces"
+    else:
+        shutil.rmtree(staging)
+        return target
+    (staging / "FROM").write_text(label + "\n", encoding="utf-8")
+    staging.rename(target)
+    return target
+
+
 def record_cost(replaced: Path, out: Path) -> None:
-    """The engine time of the pair that now ships against the pair this build replaced, in the PII report
-    (measured after either model ships, so `--only` runs measure the pair the sidecar will serve)."""
+    """The engine time of the pair that now ships against the yardstick pair (`cost_yardstick`), in the PII
+    report (measured after either model ships, so `--only` runs measure the pair the sidecar will serve)."""
     from trainer.card import write_card
 
     new, before = (out / "category", out / "pii"), (replaced / "category", replaced / "pii")
     if not all((d / "model.int8.onnx").exists() for d in (*new, *before)):
         return
+    marker = replaced / "FROM"
+    label = marker.read_text(encoding="utf-8").strip() if marker.exists() else "the bundled models this build replaces"
     results = read_results(out / "pii")
-    results["cost_200_token_request"] = cost_report(new, before)
+    results["cost_200_token_request"] = cost_report(new, before, label=label)
     write_results(out / "pii", results)
     write_card(out / "pii", results)
 
@@ -449,8 +485,7 @@ def main() -> None:
     if args.rescore:
         rescore(args.out, paths, args.only)
         return
-    if not (w / "replaced").exists() and (args.out / "pii").exists():  # the yardstick for the cost step
-        shutil.copytree(args.out, w / "replaced", ignore=shutil.ignore_patterns("data"))
+    replaced = cost_yardstick(w, args.out)  # before anything ships
     teacher = teacher_path()
     sizes = {"category": args.category_size, "pii": args.pii_size}
     encoders = {size: distilled_encoder(w, size, teacher, paths["corpus"], args.pretrain_epochs)
@@ -459,7 +494,7 @@ def main() -> None:
         build_pii(args, paths, encoders[args.pii_size])
     if args.only in (None, "category"):
         build_category(args, paths, encoders[args.category_size], teacher)
-    record_cost(w / "replaced", args.out)
+    record_cost(replaced, args.out)
     print(json.dumps({"built_in_s": round(time.time() - started)}))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -217,6 +218,37 @@ def test_ship_records_checkout_paths_not_this_machines(tmp_path):
     assert results["export"]["int8_calibration"]["sources"] == ["build/models/data/synth_train.jsonl"]
 
 
+def test_the_cost_yardstick_is_a_fixed_pair_from_git_not_whatever_this_machine_shipped_last(tmp_path, monkeypatch):
+    from models import build
+
+    monkeypatch.setattr(build, "COST_YARDSTICK", "HEAD")  # every clone has it; the recipe names #13's pair
+    out = tmp_path / "out"
+    (out / "pii").mkdir(parents=True)
+    (out / "pii" / "model.int8.onnx").write_bytes(b"what this machine built last")
+    replaced = build.cost_yardstick(tmp_path / "w", out)
+    for task in ("category", "pii"):
+        committed = subprocess.run(["git", "-C", str(build.ROOT), "show", f"HEAD:models/{task}/config.json"],
+                                   capture_output=True, text=True, check=True).stdout
+        assert (replaced / task / "config.json").read_text() == committed
+        assert (replaced / task / "model.int8.onnx").stat().st_size > 1_000_000
+    assert "commit HEAD" in (replaced / "FROM").read_text() and not (tmp_path / "w" / "replaced.partial").exists()
+    (out / "pii" / "model.int8.onnx").write_bytes(b"changed")
+    assert build.cost_yardstick(tmp_path / "w", out) == replaced  # built once
+
+
+def test_outside_git_the_cost_yardstick_is_the_pair_the_build_replaces(tmp_path, monkeypatch):
+    from models import build
+
+    monkeypatch.setattr(build, "COST_YARDSTICK", "0" * 40)  # no such commit
+    out = tmp_path / "out"
+    (out / "pii").mkdir(parents=True)
+    (out / "pii" / "model.int8.onnx").write_bytes(b"before")
+    replaced = build.cost_yardstick(tmp_path / "w", out)
+    assert (replaced / "pii" / "model.int8.onnx").read_bytes() == b"before"
+    assert (replaced / "FROM").read_text().strip() == "the bundled models this build replaces"
+    assert not build.cost_yardstick(tmp_path / "w2", tmp_path / "nothing-shipped").exists()
+
+
 def test_a_pii_pass_is_reused_only_when_it_was_trained_from_the_expected_base(tmp_path):
     import json
 
@@ -278,6 +310,7 @@ def _dry_build(tmp_path, monkeypatch, *argv: str) -> list[tuple[str, ...]]:
     monkeypatch.setattr(build, "pii_notes", lambda r: [])
     monkeypatch.setattr(build, "ship", lambda built, target, extra, note: calls.append(("ship", target.name, note)))
     monkeypatch.setattr(build, "record_cost", lambda replaced, out: calls.append(("cost",)))
+    monkeypatch.setattr(build, "cost_yardstick", lambda work, out: work / "replaced")
     monkeypatch.setattr(sys, "argv", ["build.py", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out"),
                                       "--teacher-epochs", "0", *argv])
     build.main()
