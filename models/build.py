@@ -354,11 +354,14 @@ def pii_notes(report: dict) -> list[str]:
         f"Real social-media text (WNUT-17, held-out 20%): {_vs(person['caught'], 0.75, 'name')} of "
         f"{person['entities']} person names caught.",
     ]
-    for name in ("exam_questions_name_free", "wnut17_entity_free", "everyday_questions"):
+    for name in ("exam_questions_name_free", "wnut17_entity_free"):  # #13: real text, at most 2%
         r = served[name]
         share = r["with_person_contact_or_number_mask"]
         notes.append(f"{name}: {share:.1%} of {r['texts']} PII-free texts get a false person, contact or number "
                      f"mask ({'meets' if share <= 0.02 else 'misses'} the 2% target).")
+    everyday = served["everyday_questions"]  # #13: no mask at all on our PII-free everyday questions
+    notes.append(f"everyday_questions: {everyday['with_any_mask']:.1%} of {everyday['texts']} PII-free texts get "
+                 f"any mask ({'meets' if everyday['with_any_mask'] == 0 else 'misses'} the target of none).")
     named = served.get("everyday_questions_naming_a_person")
     if named and named.get("texts"):
         notes.append(f"Everyday questions that name a person (public figures, and eponyms such as Newton's laws; "

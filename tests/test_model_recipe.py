@@ -346,3 +346,19 @@ def test_one_model_builds_only_its_own_encoder(tmp_path, monkeypatch):
 
     assert [c[2] for c in calls if c[0] == "base"] == ["small"]
     assert not [c for c in calls if c[0] == "category"]
+
+
+def test_the_pii_card_holds_everyday_questions_to_no_mask_at_all_and_real_text_to_two_percent():
+    from models import build
+
+    clean = {"texts": 100, "with_any_mask": 0.01, "with_person_contact_or_number_mask": 0.01}
+    report = {"baseline_recognizers_only": {"presidio_held_out_templates": {"caught": 0.1}},
+              "served": {"presidio_held_out_templates": {"caught": 0.95, "type_right": 0.99},
+                         "any_position_1_8kb": {"caught": 0.96}, "wnut17_real_text": {"per_type": {}},
+                         "exam_questions_name_free": clean, "wnut17_entity_free": clean, "everyday_questions": clean}}
+    notes = build.pii_notes(report)
+    assert "exam_questions_name_free: 1.0% of 100 PII-free texts get a false person, contact or number mask " \
+           "(meets the 2% target)." in notes
+    assert "everyday_questions: 1.0% of 100 PII-free texts get any mask (misses the target of none)." in notes
+    report["served"]["everyday_questions"] = clean | {"with_any_mask": 0.0}
+    assert any("(meets the target of none)" in n for n in build.pii_notes(report))
