@@ -52,7 +52,7 @@ def _doc_root(tmp_path: Path, category: dict, pii: dict | None) -> Path:
         (tmp_path / "models" / "pii" / "eval_results.json").write_text(json.dumps(pii))
     (tmp_path / "bench" / "results").mkdir(parents=True)
     (tmp_path / "docs").mkdir()
-    regions = ["models-overview", "models-category", "models-pii", "bench-summary", "bench-envoy",
+    regions = ["models-overview", "models-targets", "models-category", "models-pii", "bench-summary", "bench-envoy",
                "bench-long-prompts", "bench-multitask", "bench-envoy-rerun"]
     (tmp_path / "docs" / "page.md").write_text(
         "# page\n\n" + "".join(f"<!-- generated:{n}:start -->\n<!-- generated:{n}:end -->\n\n" for n in regions))
@@ -88,6 +88,20 @@ def test_a_rebuilt_report_of_another_shape_is_rendered_not_guessed(tmp_path):
     for expected in ("exam / per class", "0.8811", "exam / coverage", "0.9554"):
         assert expected in page, expected
     assert generate("--root", str(root), "--check").returncode == 0
+
+
+def test_the_readme_table_puts_each_held_out_figure_beside_its_baseline_and_skips_what_a_report_lacks(tmp_path):
+    category = {"served": {"exam": {"accuracy": 0.8123}, "everyday": {"accuracy": 0.6551}},
+                "baseline": {"exam": {"accuracy": 0.7912}}}
+    pii = {"served": {"presidio_held_out_templates": {"caught": 0.9434}},
+           "baseline_recognizers_only": {"presidio_held_out_templates": {"caught": 0.0814}}}
+    root = _doc_root(tmp_path, category, pii)
+    assert generate("--root", str(root)).returncode == 0
+    page = (root / "docs" / "page.md").read_text()
+    assert "| category: exam questions | 81.2% | TF-IDF + SVM 79.1% | baseline + 2 points |" in page
+    assert "| category: everyday questions (never trained on) | 65.5% | - | 85% and baseline + 10 points |" in page
+    assert "| PII caught: Presidio text, unseen templates | 94.3% | recognizers alone 8.1% | 97% |" in page
+    assert "any position" not in page and "WNUT-17" not in page
 
 
 def test_a_missing_model_report_says_so(tmp_path):
