@@ -300,31 +300,23 @@ def models_overview(root: Path) -> str:
     return table([""] + [f"`models/{k}`" for k in present], rows, numeric=False)
 
 
-# Held-out figures beside their yardsticks and #13's targets: (measure, report, path to the served figure,
-# path to the baseline's, the baseline's name, the target).
+# Held-out figures beside their yardsticks and #13's targets: (measure, report, path to the figure under
+# "served" and under the report's baseline, target).
 TARGETS = [
-    ("category: exam questions", "category", ("served", "exam", "accuracy"), ("baseline", "exam", "accuracy"),
-     "TF-IDF + SVM", "baseline + 2 points"),
-    ("category: everyday questions (never trained on)", "category", ("served", "everyday", "accuracy"),
-     ("baseline", "everyday", "accuracy"), "TF-IDF + SVM", "85% and baseline + 10 points"),
-    ("PII caught: Presidio text, unseen templates", "pii", ("served", "presidio_held_out_templates", "caught"),
-     ("baseline_recognizers_only", "presidio_held_out_templates", "caught"), "recognizers alone", "97%"),
-    ("PII caught: at any position in 1-8 KB of prose", "pii", ("served", "any_position_1_8kb", "caught"),
-     ("baseline_recognizers_only", "any_position_1_8kb", "caught"), "recognizers alone", "95%"),
-    ("PII caught: person names in WNUT-17 real text", "pii",
-     ("served", "wnut17_real_text", "per_type", "PERSON", "caught"),
-     ("baseline_recognizers_only", "wnut17_real_text", "per_type", "PERSON", "caught"), "recognizers alone", "75%"),
+    ("category: exam questions", "category", ("exam", "accuracy"), "baseline + 2 points"),
+    ("category: everyday questions (never trained on)", "category", ("everyday", "accuracy"),
+     "85% and baseline + 10 points"),
+    ("PII caught: Presidio text, unseen templates", "pii", ("presidio_held_out_templates", "caught"), "97%"),
+    ("PII caught: at any position in 1-8 KB of prose", "pii", ("any_position_1_8kb", "caught"), "95%"),
+    ("PII caught: person names in WNUT-17 real text", "pii", ("wnut17_real_text", "per_type", "PERSON", "caught"),
+     "75%"),
     ("false person, contact or number mask: exam questions naming no one", "pii",
-     ("served", "exam_questions_name_free", "with_person_contact_or_number_mask"),
-     ("baseline_recognizers_only", "exam_questions_name_free", "with_person_contact_or_number_mask"),
-     "recognizers alone", "at most 2%"),
+     ("exam_questions_name_free", "with_person_contact_or_number_mask"), "at most 2%"),
     ("false person, contact or number mask: WNUT-17 sentences with no entity", "pii",
-     ("served", "wnut17_entity_free", "with_person_contact_or_number_mask"),
-     ("baseline_recognizers_only", "wnut17_entity_free", "with_person_contact_or_number_mask"),
-     "recognizers alone", "at most 2%"),
-    ("any mask: our everyday questions naming no one", "pii", ("served", "everyday_questions", "with_any_mask"),
-     ("baseline_recognizers_only", "everyday_questions", "with_any_mask"), "recognizers alone", "none"),
+     ("wnut17_entity_free", "with_person_contact_or_number_mask"), "at most 2%"),
+    ("any mask: our everyday questions naming no one", "pii", ("everyday_questions", "with_any_mask"), "none"),
 ]
+BASELINES = {"category": ("baseline", "TF-IDF + SVM"), "pii": ("baseline_recognizers_only", "recognizers alone")}
 
 
 def models_targets(root: Path) -> str:
@@ -334,12 +326,12 @@ def models_targets(root: Path) -> str:
     if not any(reports.values()):
         return "*No `models/*/eval_results.json`: run `make models`.*"
     rows = []
-    for what, name, served, base, base_name, target in TARGETS:
-        r = reports.get(name)
-        value = dig(r, *served) if r else None
+    for what, name, path, target in TARGETS:
+        value = dig(reports.get(name), "served", *path)
         if value is None:
             continue
-        yardstick = dig(r, *base)
+        key, base_name = BASELINES[name]
+        yardstick = dig(reports[name], key, *path)
         rows.append([what, f"{value:.1%}", f"{base_name} {yardstick:.1%}" if yardstick is not None else "-", target])
     return table(["held out, as served (INT8 through the Engine)", "bundled model", "baseline", "target (#13)"],
                  rows, numeric=False)

@@ -22,10 +22,12 @@ resumes where it stopped. Validation data is never used for pretraining or disti
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -41,6 +43,7 @@ DATA = ROOT.parent / "shared" / "data"
 # The engine-time yardstick: the bundled pair #13 was filed against ("at most 2x today's"), taken from git so
 # that every build, on any machine, measures against the same models.
 COST_YARDSTICK = "cca02bf"
+REPLACED = "the bundled models this build replaces"
 SHIPPED = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
            "model.int8.onnx", EVAL_FILE, "README.md"]
 
@@ -170,7 +173,7 @@ COST_TEXT = ("Could you help me plan a week of study for my chemistry exam? I ke
 
 
 def cost_report(new: tuple[Path, Path], before: tuple[Path, Path], rounds: int = 60,
-                label: str = "the bundled models this build replaces") -> dict:
+                label: str = REPLACED) -> dict:
     """Engine time of one request of about 200 tokens (category + PII, INT8 on this CPU), the new models against
     `before` (category, pii), measured in interleaved rounds so both see the same machine."""
     import contextlib
@@ -422,24 +425,20 @@ def cost_yardstick(work: Path, out: Path) -> Path:
     target = work / "replaced"
     if target.exists():
         return target
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", f"{COST_YARDSTICK}:models", "category", "pii"],
+                             capture_output=True)
+    if archive.returncode != 0 and not (out / "pii").exists():
+        return target
     staging = work / "replaced.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", COST_YARDSTICK, "models/category", "models/pii"],
-                             capture_output=True)
     if archive.returncode == 0:
-        subprocess.run(["tar", "-x", "-C", str(staging)], input=archive.stdout, check=True)
-        for task in ("category", "pii"):
-            shutil.move(staging / "models" / task, staging / task)
-        shutil.rmtree(staging / "models")
+        staging.mkdir(parents=True)
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(staging, filter="data")
         label = f"the bundled models #13 was filed against (commit {COST_YARDSTICK})"
-    elif (out / "pii").exists():
-        shutil.rmtree(staging)
-        shutil.copytree(out, staging, ignore=shutil.ignore_patterns("data"))
-        label = "the bundled models this build replaces"
     else:
-        shutil.rmtree(staging)
-        return target
+        shutil.copytree(out, staging, ignore=shutil.ignore_patterns("data"))
+        label = REPLACED
     (staging / "FROM").write_text(label + "\n", encoding="utf-8")
     staging.rename(target)
     return target
@@ -454,7 +453,7 @@ def record_cost(replaced: Path, out: Path) -> None:
     if not all((d / "model.int8.onnx").exists() for d in (*new, *before)):
         return
     marker = replaced / "FROM"
-    label = marker.read_text(encoding="utf-8").strip() if marker.exists() else "the bundled models this build replaces"
+    label = marker.read_text(encoding="utf-8").strip() if marker.exists() else REPLACED
     results = read_results(out / "pii")
     results["cost_200_token_request"] = cost_report(new, before, label=label)
     write_results(out / "pii", results)
