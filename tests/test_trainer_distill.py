@@ -229,10 +229,88 @@ def test_teacher_with_other_labels_fails_before_training_naming_both(bert_base, 
     assert str(bert_category) in stderr and "biology, law, math" in stderr and "biology, law, physics" in stderr
 
 
-def test_teacher_for_a_token_task_is_refused(tmp_path, capsys):
-    spans = write_jsonl(tmp_path / "spans.jsonl", [{"text": "Call Ann.", "spans": []}] * 4)
+def test_token_distillation_loss_compares_the_teacher_only_on_tokens_that_carry_a_label():
+    import torch
+    from torch.nn import functional as F
 
-    code, _, stderr = run_cli(capsys, "pii", "--train", spans, "--output", tmp_path / "out",
-                              "--teacher", tmp_path / "nowhere", *FAST)
+    from trainer.distill import distillation_trainer
 
-    assert code == 2 and "sequence tasks" in stderr
+    student = torch.tensor([[[2.0, 0.5], [9.0, -9.0], [0.1, 0.3]]])  # token 1 (a sub-word or special token) has no label
+    teacher = torch.tensor([[[0.0, 3.0], [-9.0, 9.0], [1.0, -1.0]]])
+    labels = torch.tensor([[0, -100, 1]])
+    cls = distillation_trainer(0.4, 2.0)
+    trainer = cls.__new__(cls)
+
+    def model(**inputs):
+        ce = F.cross_entropy(student.view(-1, 2), inputs["labels"].view(-1), ignore_index=-100)
+        return _Outputs(student, ce)
+
+    loss = trainer.compute_loss(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long), "labels": labels,
+                                        "teacher_logits": teacher})
+
+    kept_s, kept_t = student[0, [0, 2]], teacher[0, [0, 2]]
+    p = F.softmax(kept_t / 2.0, dim=-1)
+    kl = (p * (p.log() - F.log_softmax(kept_s / 2.0, dim=-1))).sum(dim=-1).mean() * 4.0
+    ce = F.cross_entropy(kept_s, torch.tensor([0, 1]))
+    assert torch.isclose(loss, 0.6 * ce + 0.4 * kl)
+
+
+def test_teacher_padding_pads_each_windows_logits_to_the_batch_length():
+    import torch
+
+    from trainer.distill import TeacherPadding
+
+    def collator(features):
+        return {"input_ids": torch.zeros(len(features), 8, dtype=torch.long)}  # padded to a multiple of 8
+
+    batch = TeacherPadding(collator)([{"input_ids": [1, 2], "teacher_logits": [[1.0, 2.0], [3.0, 4.0]]},
+                                      {"input_ids": [1, 2, 3], "teacher_logits": [[5.0, 6.0]] * 3}])
+
+    assert batch["teacher_logits"].shape == (2, 8, 2)
+    assert batch["teacher_logits"][0, :2].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    assert batch["teacher_logits"][1, 2].tolist() == [5.0, 6.0] and batch["teacher_logits"][0, 2:].abs().sum() == 0
+    assert "teacher_logits" not in TeacherPadding(collator)([{"input_ids": [1, 2]}])  # validation rows have none
+
+
+def _pii_rows() -> list[dict]:
+    return [{"text": "Mail Jane Roe at the office.", "spans": [{"start": 5, "end": 13, "label": "PERSON"}]},
+            {"text": "Which organelle makes ATP?", "spans": []}] * 3
+
+
+@pytest.fixture(scope="module")
+def pii_teacher(teacher, tmp_path_factory) -> Path:
+    """The tiny BERT fine-tuned for two steps as a PII model: it reads with the student's tokenizer."""
+    from trainer.cli import main
+
+    root = tmp_path_factory.mktemp("pii_teacher")
+    train = write_jsonl(root / "train.jsonl", _pii_rows())
+    assert main(["pii", "--train", str(train), "--base-model", str(teacher), "--output", str(root / "model"),
+                 "--max-length", "32", "--stride", "8", *FAST]) == 0
+    return root / "model"
+
+
+@pytest.mark.slow
+def test_pii_learns_a_teacher_that_reads_its_tokens_and_records_it(student, pii_teacher, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", _pii_rows())
+    out = tmp_path / "student"
+
+    code, _, stderr = run_cli(capsys, "pii", "--train", train, "--base-model", student, "--output", out,
+                              "--teacher", pii_teacher, "--max-length", "32", "--stride", "8", *FAST)
+
+    assert code == 0, stderr
+    assert read_json(out / "eval_results.json")["teacher"] == {"model": str(pii_teacher), "weight": 0.5,
+                                                               "temperature": 2.0}
+
+
+@pytest.mark.slow
+def test_pii_teacher_with_another_tokenizer_fails_before_training_naming_the_fix(pii_teacher, tmp_path, capsys):
+    corpus = corpus_file(tmp_path / "corpus.txt")
+    own = tmp_path / "own"
+    assert run_cli(capsys, "base", "--size", "tiny", "--corpus", corpus, "--output", own)[0] == 0
+    train = write_jsonl(tmp_path / "train.jsonl", _pii_rows())
+
+    code, _, stderr = run_cli(capsys, "pii", "--train", train, "--base-model", own, "--output", tmp_path / "out",
+                              "--teacher", pii_teacher, *FAST)
+
+    assert code == 2
+    assert str(pii_teacher) in stderr and f"trainer base --embeddings-from {pii_teacher}" in stderr

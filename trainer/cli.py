@@ -85,8 +85,8 @@ class ModelArguments:
     keep_checkpoints: bool = field(default=False, metadata=_arg("keep <output>/checkpoints after training"))
     logging_dir: str | None = field(default=None, metadata=_arg("TensorBoard log directory (default <output>/runs)"))
     teacher: str | None = field(default=None, metadata=_arg(
-        "sequence tasks: a fine-tuned classifier with the same labels (directory or Hub id, any tokenizer) whose "
-        "predictions the model learns beside the labels (distillation)"))
+        "a fine-tuned model of the same task and labels (directory or Hub id) whose predictions the model learns "
+        "beside the labels (distillation); any tokenizer for category, the student's own for pii"))
     teacher_weight: float = field(default=0.5, metadata=_arg("share of the loss that is the teacher's, in [0, 1]"))
     temperature: float = field(default=2.0, metadata=_arg("softens the teacher's and the model's predictions before they are compared"))
     export: bool = field(default=False, metadata=_arg("export model.onnx right after training"))

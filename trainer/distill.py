@@ -20,10 +20,7 @@ def load_teacher(teacher: str, student_tokenizer):
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = load_pretrained(teacher, AutoTokenizer.from_pretrained)
-    if tokenizer.get_vocab() != student_tokenizer.get_vocab():
-        raise BaseModelError(
-            f"{teacher}: the student's tokenizer differs from the teacher's; build the student with "
-            f"`trainer base --embeddings-from {teacher}` so both read the same tokens")
+    _same_vocabulary(teacher, tokenizer, student_tokenizer)
     model = load_pretrained(teacher, AutoModel.from_pretrained)
     model.eval()
     for p in model.parameters():
@@ -79,13 +76,63 @@ def teacher_logits(teacher: str, texts: list[str], labels: list[str], max_length
 
     tokenizer = load_pretrained(teacher, AutoTokenizer.from_pretrained)
     model = load_pretrained(teacher, AutoModelForSequenceClassification.from_pretrained)
-    theirs = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    order = _label_order(teacher, model.config, labels)
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return [row[order].tolist() for row in batched_logits(model, tokenizer, ids, batch_size)]
+
+
+def token_teacher_logits(teacher: str, student_tokenizer, windows: list[list[int]], labels: list[str],
+                         batch_size: int = 64) -> list[list[list[float]]]:
+    """A fine-tuned token classifier's logits for every token of the student's windows, in the student's label
+    order. Token for token means the same tokens: the teacher must read with the student's tokenizer (a student
+    built by `trainer base --embeddings-from TEACHER`, the teacher fine-tuned by `trainer pii`)."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from trainer.evaluate import batched_logits
+
+    tokenizer = load_pretrained(teacher, AutoTokenizer.from_pretrained)
+    _same_vocabulary(teacher, tokenizer, student_tokenizer)
+    model = load_pretrained(teacher, AutoModelForTokenClassification.from_pretrained)
+    order = _label_order(teacher, model.config, labels)
+    return [row[:, order].tolist() for row in batched_logits(model, student_tokenizer, windows, batch_size)]
+
+
+def _same_vocabulary(teacher: str, theirs, ours) -> None:
+    if theirs.get_vocab() != ours.get_vocab():
+        raise BaseModelError(
+            f"{teacher}: the student's tokenizer differs from the teacher's; build the student with "
+            f"`trainer base --embeddings-from {teacher}` so both read the same tokens")
+
+
+def _label_order(teacher: str, config, labels: list[str]) -> list[int]:
+    """Where each of the student's labels sits in the teacher's output; BaseModelError when the sets differ."""
+    theirs = [config.id2label[i] for i in range(config.num_labels)]
     if sorted(theirs) != sorted(labels):
         raise BaseModelError(f"{teacher}: the teacher's labels ({', '.join(sorted(theirs))}) are not the "
                              f"student's ({', '.join(sorted(labels))})")
-    order = [theirs.index(label) for label in labels]
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    return [row[order].tolist() for row in batched_logits(model, tokenizer, ids, batch_size)]
+    return [theirs.index(label) for label in labels]
+
+
+class TeacherPadding:
+    """Wraps a token task's collator: pads each training window's per-token teacher logits to the batch's length
+    (the padding is never read: the loss only looks where a token has a label); validation rows have none."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        import torch
+
+        logits = [f.pop("teacher_logits", None) for f in features]
+        batch = self.collator(features)
+        if any(rows is None for rows in logits):  # validation rows: labels only
+            return batch
+        length, width = batch["input_ids"].shape[1], len(logits[0][0])
+        padded = torch.zeros(len(logits), length, width)
+        for i, rows in enumerate(logits):
+            padded[i, : len(rows)] = torch.tensor(rows)
+        batch["teacher_logits"] = padded
+        return batch
 
 
 def distillation_trainer(teacher_weight: float, temperature: float):
@@ -100,8 +147,11 @@ def distillation_trainer(teacher_weight: float, temperature: float):
             outputs = model(**inputs)
             loss = outputs.loss
             if target is not None:
-                soft = F.kl_div(F.log_softmax(outputs.logits / temperature, dim=-1),
-                                F.softmax(target.to(outputs.logits.dtype) / temperature, dim=-1),
+                logits, target = outputs.logits, target.to(outputs.logits.dtype)
+                if logits.dim() == 3:  # a token task: compare on the tokens that carry a label
+                    labelled = inputs["labels"] != -100
+                    logits, target = logits[labelled], target[labelled]
+                soft = F.kl_div(F.log_softmax(logits / temperature, dim=-1), F.softmax(target / temperature, dim=-1),
                                 reduction="batchmean") * temperature ** 2
                 loss = (1 - teacher_weight) * loss + teacher_weight * soft
             return (loss, outputs) if return_outputs else loss

@@ -48,7 +48,8 @@ class RunOptions:
     logging_dir: Path | None = None
     """TensorBoard event files; default ``<output>/runs``."""
     teacher: str | None = None
-    """Sequence tasks: a fine-tuned classifier with the same labels whose predictions are learnt too."""
+    """A fine-tuned model of the same task and labels whose predictions are learnt too (token tasks: one that
+    reads with the student's tokenizer)."""
     teacher_weight: float = 0.5
     """Share of the loss that is the teacher's (the rest is the labels' cross-entropy)."""
     temperature: float = 2.0
@@ -183,7 +184,7 @@ def train(data: TaskData, settings: TrainingSettings, options: RunOptions) -> di
     tokenizer, model = load_base(options.base_model, data.task, data.labels)
     max_length = min(options.max_length, model.config.max_position_embeddings)
     inputs = task_inputs(data, tokenizer, max_length, options.stride, pad_multiple=8 if hw.fp16 else None)
-    trainer_class = with_teacher(inputs, data, options, max_length)
+    trainer_class = with_teacher(inputs, data, tokenizer, options, max_length)
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
     logging_dir = Path(options.logging_dir or output / "runs")
@@ -241,22 +242,23 @@ def check_teacher(task: str, options: RunOptions) -> None:
     """Distillation settings that cannot work, refused before any data is read."""
     from trainer.settings import UsageError
 
-    if options.teacher is None:
-        return
-    if get_task(task).head != "sequence":
-        raise UsageError(f"--teacher: distillation is for sequence tasks; {task} is a token task")
-    if not 0 <= options.teacher_weight <= 1 or options.temperature <= 0:
+    if options.teacher is not None and (not 0 <= options.teacher_weight <= 1 or options.temperature <= 0):
         raise UsageError("--teacher-weight must be in [0, 1] and --temperature positive")
 
 
-def with_teacher(inputs: _Inputs, data: TaskData, options: RunOptions, max_length: int) -> type | None:
-    """With a teacher: its logits join the training rows and the Trainer learns from both (trainer.distill)."""
+def with_teacher(inputs: _Inputs, data: TaskData, tokenizer, options: RunOptions, max_length: int) -> type | None:
+    """With a teacher: its logits join the training rows (per text for a sequence task, per token of each window
+    for a token task) and the Trainer learns from both (trainer.distill)."""
     if options.teacher is None:
         return None
-    from trainer.distill import distillation_trainer, teacher_logits
+    from trainer.distill import TeacherPadding, distillation_trainer, teacher_logits, token_teacher_logits
 
     check_teacher(data.task, options)
-    logits = teacher_logits(options.teacher, [e.text for e in data.train], data.labels, max_length)
+    if get_task(data.task).head == "sequence":
+        logits = teacher_logits(options.teacher, [e.text for e in data.train], data.labels, max_length)
+    else:
+        logits = token_teacher_logits(options.teacher, tokenizer, list(inputs.train["input_ids"]), data.labels)
+        inputs.collator = TeacherPadding(inputs.collator)
     inputs.train = inputs.train.add_column("teacher_logits", logits)
     log.info("teacher_logits", teacher=options.teacher, rows=len(logits))
     return distillation_trainer(options.teacher_weight, options.temperature)
