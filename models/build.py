@@ -147,9 +147,9 @@ def person_masks(router, texts: list[str]) -> dict:
     return {"texts": len(texts), "with_person_mask": round(masked / len(texts), 4) if texts else None}
 
 
-def pii_report(model_dir: Path, paths: dict[str, Path]) -> dict:
-    """The PII model as served (INT8, recognizers beside it, the default policy) on every held-out set, and
-    the recognizers alone as the yardstick."""
+def pii_report(model_dir: Path, paths: dict[str, Path], teacher: Path | None = None) -> dict:
+    """The PII model as served (INT8, recognizers beside it, the default policy) on every held-out set, the
+    recognizers alone as the yardstick, and the teacher it learnt from (PyTorch, not served) when there is one."""
     from trainer.served import score_clean, score_pii, served_router
 
     labelled = {"presidio_held_out_templates": "presidio_val", "synthetic": "synth_val",
@@ -158,13 +158,16 @@ def pii_report(model_dir: Path, paths: dict[str, Path]) -> dict:
              "wnut17_entity_free": [r["text"] for r in read_jsonl(paths["wnut_clean_val"])],
              "everyday_questions": everyday_texts(paths["everyday_val"], person=False)}
     report = {}
-    for name, model in (("served", model_dir), ("baseline_recognizers_only", None)):
-        with served_router(pii=model) as router:
+    runs = [("served", model_dir, "auto"), ("baseline_recognizers_only", None, "auto")]
+    for name, model, runtime in runs + ([("teacher_not_served", teacher, "torch")] if teacher else []):
+        with served_router(pii=model, runtime=runtime) as router:
             report[name] = {k: score_pii(router, [datasets.as_spans(r) | _inner(r) for r in read_jsonl(paths[v])])
                             for k, v in labelled.items()}
             report[name].update({k: score_clean(router, texts) for k, texts in clean.items()})
             report[name]["everyday_questions_naming_a_person"] = person_masks(
                 router, everyday_texts(paths["everyday_val"], person=True))
+    if teacher:
+        report["teacher_not_served"]["model"] = "all-MiniLM-L6-v2 fine-tuned on the same rows (PyTorch)"
     return report
 
 
@@ -299,7 +302,7 @@ def rescore(out: Path, paths: dict[str, Path], only: str | None = None) -> None:
     updates = {}
     if only in (None, "pii") and (pii / EVAL_FILE).exists():
         old = read_results(pii)
-        report = pii_report(pii, paths) | {k: old[k] for k in ("cost_200_token_request",) if k in old}
+        report = pii_report(pii, paths) | {k: old[k] for k in ("cost_200_token_request", "teacher_not_served") if k in old}
         updates[pii] = old | report | {"notes": [*old.get("notes", [])[:1], *pii_notes(report)]}
     if only in (None, "category") and (category / EVAL_FILE).exists():
         old = read_results(category)
@@ -365,6 +368,13 @@ def pii_notes(report: dict) -> list[str]:
     everyday = served["everyday_questions"]  # #13: no mask at all on our PII-free everyday questions
     notes.append(f"everyday_questions: {everyday['with_any_mask']:.1%} of {everyday['texts']} PII-free texts get "
                  f"any mask ({'meets' if everyday['with_any_mask'] == 0 else 'misses'} the target of none).")
+    teacher = report.get("teacher_not_served")
+    if teacher:
+        names = teacher["wnut17_real_text"]["per_type"].get("PERSON", {"caught": 0.0})
+        notes.append(f"The teacher it learnt from ({teacher['model']}, 22M parameters, not served): "
+                     f"{teacher['presidio_held_out_templates']['caught']:.1%} on held-out templates, "
+                     f"{teacher['any_position_1_8kb']['caught']:.1%} at any position, {names['caught']:.1%} of WNUT-17 "
+                     "names.")
     named = served.get("everyday_questions_naming_a_person")
     if named and named.get("texts"):
         notes.append(f"Everyday questions that name a person (public figures, and eponyms such as Newton's laws; "
@@ -396,27 +406,53 @@ def build_category(args: argparse.Namespace, paths: dict[str, Path], encoder: Pa
     ship(cat, args.out / "category", {**report, "notes": category_notes(report)}, built_note(encoder))
 
 
-def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoder: Path) -> None:
-    """Fine-tune the PII model from `encoder` (and the optional second pass), score it and ship it."""
+def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoder: Path, teacher: str) -> None:
+    """Fine-tune the PII model from `encoder`, learning the predictions of the teacher fine-tuned on the same
+    rows (and the optional second pass), score it and ship it."""
     w = args.work
     second = float(args.pii_second_epochs) > 0
     pii = w / "pii"  # what ships, under the name the bench looks its full build up by
     first = w / "pii-first" if second else pii
     train = [str(paths[k]) for k in ("synth_train", "presidio_train", "wnut_train", "context_train", "clean_train")]
     common = ["--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16",
-              "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4", "--int8"]
-    if not _built_from(first, encoder):
+              "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4"]
+    coach = pii_teacher(args, train, common, teacher)
+    taught = ["--teacher", str(coach)] if coach else []
+    if not (_built_from(first, encoder) and _taught_by(first, coach)):
         run("pii", "--train", *train, "--base-model", str(encoder), "--output", str(first),
-            "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common)
+            "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common, "--int8", *taught)
     if second and not _built_from(pii, first):  # from the first pass's weights, at a third of its rate
         run("pii", "--train", *train, "--base-model", str(first), "--output", str(pii),
-            "--epochs", args.pii_second_epochs, "--learning-rate", "1e-4", *common)
-    report = pii_report(pii, paths)
+            "--epochs", args.pii_second_epochs, "--learning-rate", "1e-4", *common, "--int8")
+    report = pii_report(pii, paths, coach)
     note = built_note(encoder)
+    if coach:
+        note += (f" It learnt the labels and, token by token, the predictions of all-MiniLM-L6-v2 fine-tuned on the "
+                 f"same rows ({args.pii_teacher_epochs} epochs; `trainer pii --teacher`, share 0.5, temperature 2).")
     if second:
         note += (f" The PII model is a second pass ({args.pii_second_epochs} epochs at learning rate 1e-4, early "
                  f"stopping on the synthetic validation set) from the first ({args.pii_epochs} epochs at 3e-4).")
     ship(pii, args.out / "pii", {**report, "notes": pii_notes(report)}, note)
+
+
+def pii_teacher(args: argparse.Namespace, train: list[str], common: list[str], teacher: str) -> Path | None:
+    """all-MiniLM-L6-v2 fine-tuned on the PII rows (built once; None with --pii-teacher-epochs 0): it reads the
+    student's tokens, so the student can learn its predictions token by token."""
+    if float(args.pii_teacher_epochs) <= 0:
+        return None
+    coach = args.work / "pii-teacher"
+    if not (coach / "config.json").exists():
+        run("pii", "--train", *train, "--base-model", teacher, "--output", str(coach),
+            "--epochs", args.pii_teacher_epochs, "--learning-rate", "8e-5", *common)
+    return coach
+
+
+def _taught_by(directory: Path, teacher: Path | None) -> bool:
+    """Whether `directory` learnt from `teacher` (or from the labels alone, for None)."""
+    recorded = (read_results(directory).get("teacher") or {}).get("model")
+    if teacher is None or recorded is None:
+        return teacher is None and recorded is None
+    return (ROOT / recorded).resolve() == teacher.resolve()
 
 
 def cost_yardstick(work: Path, out: Path) -> Path:
@@ -477,6 +513,9 @@ def main() -> None:
     p.add_argument("--pii-second-epochs", default="0",
                    help="a second PII pass from the first's weights at a third of its learning rate (0: none; "
                         "measured with 3 in docs/training.md, not shipped)")
+    p.add_argument("--pii-teacher-epochs", default="0",
+                   help="epochs of a teacher fine-tuned on the PII rows, whose token predictions the PII student "
+                        "learns beside the labels (0: labels only; measured with 3 in docs/training.md, not shipped)")
     p.add_argument("--teacher-epochs", default="1",
                    help="the fine-tuned teacher yardstick beside the category model (0: leave it out; it takes "
                         "about three times the medium student's time)")
@@ -496,7 +535,7 @@ def main() -> None:
     encoders = {size: distilled_encoder(w, size, teacher, paths["corpus"], args.pretrain_epochs)
                 for task, size in sizes.items() if args.only in (None, task)}
     if args.only in (None, "pii"):  # first: the category report counts the masks of the PII model that ships
-        build_pii(args, paths, encoders[args.pii_size])
+        build_pii(args, paths, encoders[args.pii_size], teacher)
     if args.only in (None, "category"):
         build_category(args, paths, encoders[args.category_size], teacher)
     record_cost(replaced, args.out)

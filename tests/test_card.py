@@ -50,9 +50,23 @@ def test_pii_card_puts_the_catch_rate_beside_the_recognizers_alone_and_lists_fal
                "baseline_recognizers_only": {"presidio_held_out_templates": {**held, "caught": 0.4},
                                              "exam_questions_name_free": {**clean, "with_person_contact_or_number_mask": 0.0}}}
     card = render_card(results)
-    assert "| presidio_held_out_templates | 50 | 80 | 97.5% | 40.0% | 99.0% | 4.0% | - |" in card
-    assert "| exam_questions_name_free | 400 | 3.0% | 1.0% | 0.0% |" in card
+    assert "| presidio_held_out_templates | 50 | 80 | 97.5% | 40.0% | - | 99.0% | 4.0% | - |" in card
+    assert "| exam_questions_name_free | 400 | 3.0% | 1.0% | 0.0% | - |" in card
     assert "| PERSON | 40 | 95.0% |" in card
+
+
+def test_distilled_pii_card_puts_the_teachers_catch_rate_and_false_masks_beside_the_served():
+    held = {"texts": 50, "entities": 80, "caught": 0.95, "per_type": {}}
+    clean = {"texts": 400, "with_any_mask": 0.03, "with_person_contact_or_number_mask": 0.02}
+    results = {"task": "pii", "labels": ["O", "B-PERSON", "I-PERSON"],
+               "served": {"wnut17_real_text": held, "wnut17_entity_free": clean},
+               "teacher_not_served": {"model": "all-MiniLM-L6-v2 fine-tuned",
+                                      "wnut17_real_text": {**held, "caught": 0.79},
+                                      "wnut17_entity_free": {**clean, "with_person_contact_or_number_mask": 0.064}}}
+    card = render_card(results)
+    assert "Teacher (not served): all-MiniLM-L6-v2 fine-tuned." in card
+    assert "| wnut17_real_text | 50 | 80 | 95.0% | - | 79.0% |" in card
+    assert "| wnut17_entity_free | 400 | 3.0% | 2.0% | - | 6.4% |" in card
 
 
 def test_card_says_how_the_int8_file_was_quantized_and_on_what_it_was_calibrated():

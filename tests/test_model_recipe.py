@@ -298,8 +298,11 @@ def _dry_build(tmp_path, monkeypatch, *argv: str) -> list[tuple[str, ...]]:
             (out / "config.json").write_text((base / "config.json").read_text())
             (out / "pretrain_results.json").write_text(json.dumps({"settings": {"epochs": 3.0}}))
         else:
+            (out / "config.json").write_text("{}")
             (out / "model.int8.onnx").write_bytes(b"onnx")
-            (out / "eval_results.json").write_text(json.dumps({"base_model": args[args.index("--base-model") + 1]}))
+            taught = {"teacher": {"model": args[args.index("--teacher") + 1]}} if "--teacher" in args else {}
+            (out / "eval_results.json").write_text(json.dumps({"base_model": args[args.index("--base-model") + 1],
+                                                               **taught}))
 
     monkeypatch.setattr(build, "run", run)
     monkeypatch.setattr(build, "split_data", lambda *a: {k: tmp_path / f"{k}.jsonl" for k in build.SPLITS})
@@ -317,8 +320,13 @@ def _dry_build(tmp_path, monkeypatch, *argv: str) -> list[tuple[str, ...]]:
     return calls
 
 
+def _student(calls, task: str) -> tuple[str, ...]:
+    """The trainer call that builds what ships for `task` (not a teacher)."""
+    return next(c for c in calls if c[0] == task and Path(c[c.index("--output") + 1]).name == task)
+
+
 def _base_model(calls, task: str) -> str:
-    args = next(c for c in calls if c[0] == task)
+    args = _student(calls, task)
     return Path(args[args.index("--base-model") + 1]).name
 
 
@@ -339,6 +347,21 @@ def test_a_category_model_from_another_sizes_encoder_is_trained_again(tmp_path, 
 
     assert [c[0] for c in again if c[0] in ("base", "category", "pii")] == ["base", "category"]  # PII kept
     assert not [c for c in reused if c[0] in ("base", "pretrain", "category", "pii")]
+
+
+def test_the_pii_student_learns_from_the_teacher_fine_tuned_once_on_the_same_rows(tmp_path, monkeypatch):
+    calls = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "3")
+    again = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "3")
+    untaught = _dry_build(tmp_path, monkeypatch, "--only", "pii")
+
+    coach, student = [c for c in calls if c[0] == "pii"]
+    assert coach[coach.index("--base-model") + 1] == "teacher" and coach[coach.index("--epochs") + 1] == "3"
+    assert coach[coach.index("--train") + 1: coach.index("--base-model")] == \
+        student[student.index("--train") + 1: student.index("--base-model")]
+    assert "--int8" not in coach  # never served
+    assert Path(student[student.index("--teacher") + 1]) == Path(coach[coach.index("--output") + 1])
+    assert not [c for c in again if c[0] == "pii"]  # both reused
+    assert [c for c in untaught if c[0] == "pii"] and all("--teacher" not in c for c in untaught)
 
 
 def test_one_model_builds_only_its_own_encoder(tmp_path, monkeypatch):

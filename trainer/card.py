@@ -179,6 +179,7 @@ def _served_category(served: dict[str, Any], results: dict[str, Any]) -> list[st
 
 def _served_pii(served: dict[str, Any], results: dict[str, Any]) -> list[str]:
     base = results.get("baseline_recognizers_only") or {}
+    teacher = results.get("teacher_not_served") or {}
     labelled = {k: v for k, v in served.items() if "entities" in v}
     clean = {k: v for k, v in served.items() if "with_any_mask" in v}
     if not labelled and not clean:
@@ -186,19 +187,21 @@ def _served_pii(served: dict[str, Any], results: dict[str, Any]) -> list[str]:
     lines = ["## Caught as served (INT8, recognizers beside it, the default policy; held-out sets)", "",
              "An identifying entity (not a context type: LOCATION, ORGANIZATION, DATE_TIME, NRP, TITLE, PREFIX, "
              "DOMAIN_NAME) is caught when every non-space character of it is masked. Baseline: the recognizers "
-             "alone (no model).", "",
-             "| held-out set | texts | entities | caught | baseline | type right | texts with a false mask | same spans alone |",
-             "|---|---|---|---|---|---|---|---|"]
+             "alone (no model).", *([f"Teacher (not served): {teacher['model']}."] if teacher.get("model") else []), "",
+             "| held-out set | texts | entities | caught | baseline | teacher | type right | texts with a false mask "
+             "| same spans alone |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in labelled.items():
         lines.append(f"| {name} | {r['texts']} | {r['entities']} | {_pct(r['caught'])} | "
-                     f"{_pct((base.get(name) or {}).get('caught'))} | {_pct(r.get('type_right'))} | "
+                     f"{_pct((base.get(name) or {}).get('caught'))} | {_pct((teacher.get(name) or {}).get('caught'))} "
+                     f"| {_pct(r.get('type_right'))} | "
                      f"{_pct(r.get('texts_with_false_mask'))} | {_pct(r.get('same_spans_alone'))} |")
-    lines += ["", "| PII-free set | texts | any mask | a person, contact or number mask | baseline |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| PII-free set | texts | any mask | a person, contact or number mask | baseline | teacher |",
+              "|---|---|---|---|---|---|"]
     for name, r in clean.items():
-        lines.append(f"| {name} | {r['texts']} | {_pct(r['with_any_mask'])} | "
-                     f"{_pct(r['with_person_contact_or_number_mask'])} | "
-                     f"{_pct((base.get(name) or {}).get('with_person_contact_or_number_mask'))} |")
+        key = "with_person_contact_or_number_mask"
+        lines.append(f"| {name} | {r['texts']} | {_pct(r['with_any_mask'])} | {_pct(r[key])} | "
+                     f"{_pct((base.get(name) or {}).get(key))} | {_pct((teacher.get(name) or {}).get(key))} |")
     lines.append("")
     for name, r in labelled.items():
         lines += [f"Per type ({name}):", "", "| entity type | entities | caught |", "|---|---|---|",
