@@ -250,6 +250,8 @@ def ship(built: Path, target: Path, extra: dict, note: str) -> None:
         calibration["sources"] = [_in_checkout(f) for f in calibration["sources"]]
     if "base_model" in results:
         results["base_model"] = _in_checkout(results["base_model"])
+    if isinstance(results.get("teacher"), dict) and "model" in results["teacher"]:
+        results["teacher"]["model"] = _in_checkout(results["teacher"]["model"])
     results["recipe"] = "make models (models/build.py)"
     results.setdefault("notes", []).insert(0, note)
     write_results(built, results)
@@ -290,10 +292,11 @@ def _in_checkout(path: str) -> str:
     return str(resolved.relative_to(ROOT)) if Path(path).is_absolute() and resolved.is_relative_to(ROOT) else path
 
 
-def rescore(out: Path, paths: dict[str, Path], only: str | None = None) -> None:
+def rescore(out: Path, work: Path, paths: dict[str, Path], only: str | None = None) -> None:
     """Score the shipped models again as served, without training: after a change to the serving code (a
     decoding rule, a recognizer), the reports and cards say what the sidecar now does. Sections measured on
-    files that are not shipped (fp32 weights, the teacher, the cost against the models replaced) are kept.
+    files that are not shipped (fp32 weights, the category teacher, the cost against the models replaced) are
+    kept; the PII teacher is read through the serving code too, so it is scored again from `work`, or dropped.
     INT8 kernels differ between CPUs, so an untouched model can move by a few tenths of a point: rescore only
     what the change touches (`only`)."""
     from trainer.card import write_card
@@ -302,8 +305,11 @@ def rescore(out: Path, paths: dict[str, Path], only: str | None = None) -> None:
     updates = {}
     if only in (None, "pii") and (pii / EVAL_FILE).exists():
         old = read_results(pii)
-        report = pii_report(pii, paths) | {k: old[k] for k in ("cost_200_token_request", "teacher_not_served") if k in old}
-        updates[pii] = old | report | {"notes": [*old.get("notes", [])[:1], *pii_notes(report)]}
+        coach = work / "pii-teacher"  # the teacher is scored through the serving code too: again, or not at all
+        coach = coach if "teacher_not_served" in old and (coach / EVAL_FILE).exists() else None
+        report = pii_report(pii, paths, coach) | {k: old[k] for k in ("cost_200_token_request",) if k in old}
+        kept = {k: v for k, v in old.items() if k != "teacher_not_served"}
+        updates[pii] = kept | report | {"notes": [*old.get("notes", [])[:1], *pii_notes(report)]}
     if only in (None, "category") and (category / EVAL_FILE).exists():
         old = read_results(category)
         served = category_report(category, paths, pii if pii.exists() else None, fp32=False)["served"]
@@ -416,12 +422,13 @@ def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoder: Path, t
     train = [str(paths[k]) for k in ("synth_train", "presidio_train", "wnut_train", "context_train", "clean_train")]
     common = ["--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16",
               "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4"]
-    coach = pii_teacher(args, train, common, teacher)
+    coach, retrain = pii_teacher(args, train, common, teacher)
     taught = ["--teacher", str(coach)] if coach else []
-    if not (_built_from(first, encoder) and _taught_by(first, coach)):
+    if retrain or not (_built_from(first, encoder) and _taught_by(first, coach)):
         run("pii", "--train", *train, "--base-model", str(encoder), "--output", str(first),
             "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common, "--int8", *taught)
-    if second and not _built_from(pii, first):  # from the first pass's weights, at a third of its rate
+        retrain = True
+    if second and (retrain or not _built_from(pii, first)):  # from the first pass's weights, at a third of its rate
         run("pii", "--train", *train, "--base-model", str(first), "--output", str(pii),
             "--epochs", args.pii_second_epochs, "--learning-rate", "1e-4", *common, "--int8")
     report = pii_report(pii, paths, coach)
@@ -435,16 +442,19 @@ def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoder: Path, t
     ship(pii, args.out / "pii", {**report, "notes": pii_notes(report)}, note)
 
 
-def pii_teacher(args: argparse.Namespace, train: list[str], common: list[str], teacher: str) -> Path | None:
-    """all-MiniLM-L6-v2 fine-tuned on the PII rows (built once; None with --pii-teacher-epochs 0): it reads the
-    student's tokens, so the student can learn its predictions token by token."""
+def pii_teacher(args: argparse.Namespace, train: list[str], common: list[str], teacher: str) -> tuple[Path | None, bool]:
+    """all-MiniLM-L6-v2 fine-tuned on the PII rows for --pii-teacher-epochs (None for 0), built again when its
+    recorded epochs differ, and whether it was (built) now: it reads the student's tokens, so the student can
+    learn its predictions token by token."""
     if float(args.pii_teacher_epochs) <= 0:
-        return None
-    coach = args.work / "pii-teacher"
-    if not (coach / "config.json").exists():
-        run("pii", "--train", *train, "--base-model", teacher, "--output", str(coach),
-            "--epochs", args.pii_teacher_epochs, "--learning-rate", "8e-5", *common)
-    return coach
+        return None, False
+    coach = (args.work / "pii-teacher").resolve()
+    built = coach / EVAL_FILE
+    if built.exists() and read_results(coach).get("settings", {}).get("epochs") == float(args.pii_teacher_epochs):
+        return coach, False
+    run("pii", "--train", *train, "--base-model", teacher, "--output", str(coach),
+        "--epochs", args.pii_teacher_epochs, "--learning-rate", "8e-5", *common)
+    return coach, True
 
 
 def _taught_by(directory: Path, teacher: Path | None) -> bool:
@@ -527,7 +537,7 @@ def main() -> None:
     w = args.work
     paths = split_data(args.data, w, args.synth_train, args.synth_val)
     if args.rescore:
-        rescore(args.out, paths, args.only)
+        rescore(args.out, w, paths, args.only)
         return
     replaced = cost_yardstick(w, args.out)  # before anything ships
     teacher = teacher_path()

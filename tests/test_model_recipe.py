@@ -102,22 +102,24 @@ def test_rescore_replaces_what_it_measures_and_keeps_what_needs_unshipped_files(
 
     both = {k: {"accuracy": 0.7} for k in ("exam", "everyday")}
     old_pii = {"task": "pii", "cost_200_token_request": {"ratio": 1.0}, "notes": ["old"],
-               "served": served_pii(0.5), "baseline_recognizers_only": served_pii(0.1)}
+               "served": served_pii(0.5), "baseline_recognizers_only": served_pii(0.1),
+               "teacher_not_served": served_pii(0.95)}  # its teacher is not in the work folder
     old_category = {"task": "category", "fp32": both, "baseline": both, "teacher_not_served": both,
                     "served": served_category(0.6), "notes": ["old"]}
     for name, results in (("pii", old_pii), ("category", old_category)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "eval_results.json").write_text(json.dumps(results))
-    monkeypatch.setattr(build, "pii_report", lambda d, p: {"served": served_pii(0.9),
-                                                           "baseline_recognizers_only": served_pii(0.1)})
+    monkeypatch.setattr(build, "pii_report", lambda d, p, teacher: {"served": served_pii(0.9),
+                                                                    "baseline_recognizers_only": served_pii(0.1)})
     monkeypatch.setattr(build, "category_report", lambda *a, **k: {"served": served_category(0.8), "fp32": "re-measured"})
 
-    build.rescore(tmp_path, {})
+    build.rescore(tmp_path, tmp_path / "work", {})
 
     pii = json.loads((tmp_path / "pii" / "eval_results.json").read_text())
     category = json.loads((tmp_path / "category" / "eval_results.json").read_text())
     assert pii["served"]["presidio_held_out_templates"]["caught"] == 0.9
     assert pii["cost_200_token_request"] == {"ratio": 1.0} and pii["task"] == "pii"
+    assert "teacher_not_served" not in pii  # scored under the old serving code, with nothing to score it again
     assert pii["notes"][0] == "old" and "90.0%" in pii["notes"][1]  # how it was built stays first
     assert category["served"]["exam"]["accuracy"] == 0.8
     assert category["fp32"] == both and category["teacher_not_served"] == both  # fp32 weights are not shipped
@@ -302,6 +304,7 @@ def _dry_build(tmp_path, monkeypatch, *argv: str) -> list[tuple[str, ...]]:
             (out / "model.int8.onnx").write_bytes(b"onnx")
             taught = {"teacher": {"model": args[args.index("--teacher") + 1]}} if "--teacher" in args else {}
             (out / "eval_results.json").write_text(json.dumps({"base_model": args[args.index("--base-model") + 1],
+                                                               "settings": {"epochs": float(args[args.index("--epochs") + 1])},
                                                                **taught}))
 
     monkeypatch.setattr(build, "run", run)
@@ -362,6 +365,16 @@ def test_the_pii_student_learns_from_the_teacher_fine_tuned_once_on_the_same_row
     assert Path(student[student.index("--teacher") + 1]) == Path(coach[coach.index("--output") + 1])
     assert not [c for c in again if c[0] == "pii"]  # both reused
     assert [c for c in untaught if c[0] == "pii"] and all("--teacher" not in c for c in untaught)
+
+
+def test_a_pii_teacher_of_other_epochs_is_built_again_and_so_is_every_pass_after_it(tmp_path, monkeypatch):
+    _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "3", "--pii-second-epochs", "2")
+    longer = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "4", "--pii-second-epochs", "2")
+
+    outputs = [Path(c[c.index("--output") + 1]).name for c in longer if c[0] == "pii"]
+    assert outputs == ["pii-teacher", "pii-first", "pii"]
+    coach = next(c for c in longer if c[0] == "pii")
+    assert coach[coach.index("--epochs") + 1] == "4"
 
 
 def test_one_model_builds_only_its_own_encoder(tmp_path, monkeypatch):

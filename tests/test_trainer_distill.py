@@ -270,6 +270,27 @@ def test_teacher_padding_pads_each_windows_logits_to_the_batch_length():
     assert batch["teacher_logits"][0, :2].tolist() == [[1.0, 2.0], [3.0, 4.0]]
     assert batch["teacher_logits"][1, 2].tolist() == [5.0, 6.0] and batch["teacher_logits"][0, 2:].abs().sum() == 0
     assert "teacher_logits" not in TeacherPadding(collator)([{"input_ids": [1, 2]}])  # validation rows have none
+    left = TeacherPadding(collator, "left")([{"input_ids": [1, 2], "teacher_logits": [[1.0, 2.0], [3.0, 4.0]]}])
+    assert left["teacher_logits"][0, 6:].tolist() == [[1.0, 2.0], [3.0, 4.0]]  # where a left-padding tokenizer puts them
+
+
+@pytest.mark.slow
+def test_token_teacher_logits_follow_the_students_label_order_whatever_the_teachers(pii_teacher):
+    from transformers import AutoTokenizer
+
+    from trainer.distill import token_teacher_logits
+
+    tokenizer = AutoTokenizer.from_pretrained(pii_teacher)
+    labels = read_json(pii_teacher / "config.json")["id2label"]
+    ours = [labels[str(i)] for i in range(len(labels))]
+    windows = [tokenizer("Mail Jane Roe at the office.")["input_ids"], tokenizer("Which organelle?")["input_ids"]]
+
+    straight = token_teacher_logits(str(pii_teacher), tokenizer, windows, ours)
+    flipped = token_teacher_logits(str(pii_teacher), tokenizer, windows, ours[::-1])
+
+    assert [len(w) for w in straight] == [len(w) for w in windows] and len(straight[0][0]) == len(ours)
+    reversed_straight = [x for w in straight for row in w for x in row[::-1]]
+    assert reversed_straight == pytest.approx([x for w in flipped for row in w for x in row], abs=1e-5)
 
 
 def _pii_rows() -> list[dict]:

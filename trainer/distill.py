@@ -117,8 +117,8 @@ class TeacherPadding:
     """Wraps a token task's collator: pads each training window's per-token teacher logits to the batch's length
     (the padding is never read: the loss only looks where a token has a label); validation rows have none."""
 
-    def __init__(self, collator):
-        self.collator = collator
+    def __init__(self, collator, padding_side: str = "right"):
+        self.collator, self.left = collator, padding_side == "left"
 
     def __call__(self, features):
         import torch
@@ -129,8 +129,11 @@ class TeacherPadding:
             return batch
         length, width = batch["input_ids"].shape[1], len(logits[0][0])
         padded = torch.zeros(len(logits), length, width)
-        for i, rows in enumerate(logits):
-            padded[i, : len(rows)] = torch.tensor(rows)
+        for i, rows in enumerate(logits):  # the logits sit where the tokenizer put the window's tokens
+            if self.left:
+                padded[i, length - len(rows):] = torch.tensor(rows)
+            else:
+                padded[i, : len(rows)] = torch.tensor(rows)
         batch["teacher_logits"] = padded
         return batch
 
@@ -142,6 +145,8 @@ def distillation_trainer(teacher_weight: float, temperature: float):
     from transformers import Trainer
 
     class DistillationTrainer(Trainer):
+        loss_is_scaled_for_ga = False  # a mean per batch, whatever the model's forward accepts: the Trainer divides it
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             target = inputs.pop("teacher_logits", None)
             outputs = model(**inputs)

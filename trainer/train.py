@@ -258,7 +258,7 @@ def with_teacher(inputs: _Inputs, data: TaskData, tokenizer, options: RunOptions
         logits = teacher_logits(options.teacher, [e.text for e in data.train], data.labels, max_length)
     else:
         logits = token_teacher_logits(options.teacher, tokenizer, list(inputs.train["input_ids"]), data.labels)
-        inputs.collator = TeacherPadding(inputs.collator)
+        inputs.collator = TeacherPadding(inputs.collator, tokenizer.padding_side)
     inputs.train = inputs.train.add_column("teacher_logits", logits)
     log.info("teacher_logits", teacher=options.teacher, rows=len(logits))
     return distillation_trainer(options.teacher_weight, options.temperature)
