@@ -443,14 +443,13 @@ def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoder: Path, t
 
 
 def pii_teacher(args: argparse.Namespace, train: list[str], common: list[str], teacher: str) -> tuple[Path | None, bool]:
-    """all-MiniLM-L6-v2 fine-tuned on the PII rows for --pii-teacher-epochs (None for 0), built again when its
-    recorded epochs differ, and whether it was (built) now: it reads the student's tokens, so the student can
+    """all-MiniLM-L6-v2 fine-tuned on the PII rows for --pii-teacher-epochs (None for 0; built again when its
+    recorded epochs differ), and whether this call built it. It reads the student's tokens, so the student can
     learn its predictions token by token."""
     if float(args.pii_teacher_epochs) <= 0:
         return None, False
     coach = (args.work / "pii-teacher").resolve()
-    built = coach / EVAL_FILE
-    if built.exists() and read_results(coach).get("settings", {}).get("epochs") == float(args.pii_teacher_epochs):
+    if (coach / EVAL_FILE).exists() and read_results(coach).get("settings", {}).get("epochs") == float(args.pii_teacher_epochs):
         return coach, False
     run("pii", "--train", *train, "--base-model", teacher, "--output", str(coach),
         "--epochs", args.pii_teacher_epochs, "--learning-rate", "8e-5", *common)
@@ -460,9 +459,7 @@ def pii_teacher(args: argparse.Namespace, train: list[str], common: list[str], t
 def _taught_by(directory: Path, teacher: Path | None) -> bool:
     """Whether `directory` learnt from `teacher` (or from the labels alone, for None)."""
     recorded = (read_results(directory).get("teacher") or {}).get("model")
-    if teacher is None or recorded is None:
-        return teacher is None and recorded is None
-    return (ROOT / recorded).resolve() == teacher.resolve()
+    return (recorded and (ROOT / recorded).resolve()) == (teacher and teacher.resolve())
 
 
 def cost_yardstick(work: Path, out: Path) -> Path:

@@ -257,7 +257,7 @@ def run_training(task: str, ns: argparse.Namespace) -> int:
         teacher_weight=model_args.teacher_weight,
         temperature=model_args.temperature,
     )
-    check_teacher(task, options)
+    check_teacher(options)
     seed = overrides.seed if overrides.seed is not None else 42
     data = load_task_data(
         task,

@@ -130,10 +130,8 @@ class TeacherPadding:
         length, width = batch["input_ids"].shape[1], len(logits[0][0])
         padded = torch.zeros(len(logits), length, width)
         for i, rows in enumerate(logits):  # the logits sit where the tokenizer put the window's tokens
-            if self.left:
-                padded[i, length - len(rows):] = torch.tensor(rows)
-            else:
-                padded[i, : len(rows)] = torch.tensor(rows)
+            start = length - len(rows) if self.left else 0
+            padded[i, start : start + len(rows)] = torch.tensor(rows)
         batch["teacher_logits"] = padded
         return batch
 

@@ -238,7 +238,7 @@ def task_inputs(data: TaskData, tokenizer, max_length: int, stride: int, pad_mul
                    lambda p: pii_metrics(*tags_from_ids(p.label_ids, p.predictions, id2label)), sizes)
 
 
-def check_teacher(task: str, options: RunOptions) -> None:
+def check_teacher(options: RunOptions) -> None:
     """Distillation settings that cannot work, refused before any data is read."""
     from trainer.settings import UsageError
 
@@ -253,7 +253,7 @@ def with_teacher(inputs: _Inputs, data: TaskData, tokenizer, options: RunOptions
         return None
     from trainer.distill import TeacherPadding, distillation_trainer, teacher_logits, token_teacher_logits
 
-    check_teacher(data.task, options)
+    check_teacher(options)
     if get_task(data.task).head == "sequence":
         logits = teacher_logits(options.teacher, [e.text for e in data.train], data.labels, max_length)
     else:
