@@ -7,7 +7,6 @@ from sidecar.inference.heads import (
     BioScheme,
     category_results,
     decode_bio,
-    join_address_parts,
     snap_to_text,
     softmax,
 )
@@ -162,49 +161,3 @@ def test_scheme_lists_entity_types_without_prefixes():
 def test_non_bio_label_is_a_load_error():
     with pytest.raises(ModelLoadError, match="'PERSON' is not a BIO tag"):
         BioScheme.from_labels(["O", "PERSON"])
-
-
-# --- a place that continues an address ------------------------------------------------------------------
-
-
-def joined(text: str, parts: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
-    """join_address_parts over spans given as (label, substring, score), in text order."""
-    spans, at = [], 0
-    for label, value, score in parts:
-        start = text.index(value, at)
-        spans.append(Span(label, start, start + len(value), score))
-        at = start + len(value)
-    return [(s.label, text[s.start : s.end], s.score) for s in join_address_parts(text, spans)]
-
-
-def test_towns_country_and_house_number_beside_an_address_make_one_address_with_the_best_score():
-    text = "Ship to 38 73 Rue Ibn Al Khatib, St Catharines,\nGreece today."
-    parts = [("ADDRESS", "38", 0.7), ("PHONE_NUMBER", "73", 0.6), ("ADDRESS", "Rue Ibn Al Khatib", 0.9),
-             ("LOCATION", "St Catharines", 0.5), ("LOCATION", "Greece", 0.4)]
-    assert joined(text, parts) == [("ADDRESS", "38 73 Rue Ibn Al Khatib, St Catharines,\nGreece", 0.9)]
-
-
-def test_a_place_before_an_address_joins_it_too():
-    text = "Reykjavík; Laugarvegur 77"
-    assert joined(text, [("LOCATION", "Reykjavík", 0.7), ("ADDRESS", "Laugarvegur 77", 0.8)]) == [
-        ("ADDRESS", "Reykjavík; Laugarvegur 77", 0.8)]
-
-
-def test_places_numbers_and_phones_apart_from_an_address_keep_their_type():
-    text = "I moved from Paris to 12 Gralla 30 last year, then to Lyon."
-    parts = [("LOCATION", "Paris", 0.9), ("ADDRESS", "12 Gralla 30", 0.9), ("LOCATION", "Lyon", 0.9)]
-    assert joined(text, parts) == parts  # words stand between each place and the address
-    assert joined("Paris, Lyon", [("LOCATION", "Paris", 0.9), ("LOCATION", "Lyon", 0.9)]) == [
-        ("LOCATION", "Paris", 0.9), ("LOCATION", "Lyon", 0.9)]
-    phone = [("ADDRESS", "12 Gralla 30", 0.9), ("PHONE_NUMBER", "555 0142 77", 0.9)]
-    assert joined("12 Gralla 30, 555 0142 77", phone) == phone  # seven digits can be a phone: it stays one
-
-
-def test_the_joined_town_is_masked_under_the_default_policy_that_lets_places_through():
-    from sidecar.config import PiiPolicyConfig
-    from sidecar.policy import kept_spans
-
-    text = "12 Gralla 30, HELSINKI"
-    spans = join_address_parts(text, [Span("ADDRESS", 0, 12, 0.9), Span("LOCATION", 14, 22, 0.45)])
-    assert [(s.label, text[s.start : s.end]) for s in kept_spans(spans, PiiPolicyConfig())] == [
-        ("ADDRESS", "12 Gralla 30, HELSINKI")]

@@ -29,7 +29,8 @@ from sidecar.config import CONTEXT_ENTITIES, BatchingConfig, ModelConfig, Models
 from sidecar.errors import InferenceCancelled, ModelLoadError
 from sidecar.inference.backends import Backend, open_backend, ort_cuda_available
 from sidecar.inference.batcher import Batcher, OnBatch, OnShed, WindowResult, summarize
-from sidecar.inference.heads import BioScheme, category_results, decode_bio, join_address_parts
+from sidecar.inference.heads import BioScheme, category_results, decode_bio
+from sidecar.inference.joins import join_entity_parts
 from sidecar.inference.windows import (
     Encoded,
     Part,
@@ -457,7 +458,7 @@ class Engine:
     def _pii_spans(
         self, model: _Model, text: str, encoded: Encoded, parts: Sequence[Part], logits: Sequence[np.ndarray]
     ) -> list[Span]:
-        spans = _model_spans(model, text, encoded, parts, logits, join_address_parts)
+        spans = _model_spans(model, text, encoded, parts, logits, join_entity_parts)
         return reconcile(text, spans) if self.checksums else spans
 
 
@@ -475,7 +476,7 @@ def _whole_only(model: _Model, prepared: list[tuple[Encoded, list[Part]]], asked
 def _model_spans(model: _Model, text: str, encoded: Encoded, parts: Sequence[Part], logits: Sequence[np.ndarray],
                  tidy: Callable[[str, list[Span]], list[Span]] | None = None) -> list[Span]:
     """The model's own spans: the whole text's, and what its lines read alone add; `tidy` runs on each
-    reading's spans before they are combined (PII: an address's pieces joined)."""
+    reading's spans before they are combined (PII: the pieces of a name, a phone or an address joined)."""
     readings = _part_spans(model, text, encoded, parts, logits)
     whole, *lines = [tidy(text, spans) for spans in readings] if tidy else readings
     return add_line_spans(whole, lines) if lines else whole

@@ -15,7 +15,6 @@ import numpy as np
 
 from sidecar.checksums import merge_overlapping
 from sidecar.errors import ModelLoadError
-from sidecar.recognizers import PHONE_NUMBER
 from sidecar.results import CategoryResult, Span
 
 OUTSIDE, BEGIN, INSIDE = 0, 1, 2
@@ -32,10 +31,6 @@ _WORD_RUN = re.compile(f"{_WORD_CHAR}+")
 _IS_WORD = re.compile(_WORD_CHAR)
 # How far back to look for a word's start in one step (longer words take more steps).
 _LOOKBACK = 64
-# What may stand between an address and the place that continues it: spacing, commas, semicolons.
-_ADDRESS_GAP = re.compile(r"[\s,;]{0,4}")
-ADDRESS, LOCATION = "ADDRESS", "LOCATION"
-_PHONE_DIGITS = 7  # the fewest digits of a phone number (a local number without its area code)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -139,44 +134,6 @@ def decode_bio(logits: np.ndarray, offsets: np.ndarray, text: str, scheme: BioSc
         if edges is not None:
             spans.append(Span(types[label], edges[0], edges[1], score))
     return merge_overlapping(spans) if len(spans) > 1 else spans
-
-
-def join_address_parts(text: str, spans: list[Span]) -> list[Span]:
-    """One address, one span. The model often tags ``"12 Gralla 30 Suite 617, HELSINKI, Barbados"`` as pieces:
-    an address, its house number as a phone number, its town and country as places. A place or a number too
-    short to be a phone (under 7 digits) right beside an address is part of it, and address pieces with only
-    spacing, commas or semicolons between are one ADDRESS, scored as the strongest piece. Otherwise the
-    default policy, which lets places through, would leave the town readable next to the masked street, and
-    the commas would cut one value into five placeholders. `spans` are sorted by start; a place or a number
-    standing alone is left as it is."""
-    if len(spans) < 2 or not any(s.label == ADDRESS for s in spans):
-        return spans
-    out = list(spans)
-    for i in (*range(1, len(out)), *range(len(out) - 2, -1, -1)):  # chains rightwards, then leftwards
-        if out[i].label == ADDRESS or not _address_piece(text, out[i]):
-            continue
-        if any(0 <= k < len(out) and out[k].label == ADDRESS and _adjacent(text, out[min(i, k)], out[max(i, k)])
-               for k in (i - 1, i + 1)):
-            out[i] = Span(ADDRESS, out[i].start, out[i].end, out[i].score, out[i].source)
-    joined: list[Span] = []
-    for span in out:
-        last = joined[-1] if joined else None
-        if last is not None and span.label == ADDRESS == last.label and _adjacent(text, last, span):
-            joined[-1] = Span(ADDRESS, last.start, span.end, max(last.score, span.score), last.source)
-        else:
-            joined.append(span)
-    return joined
-
-
-def _address_piece(text: str, span: Span) -> bool:
-    """A span that continues an address beside it: a place, or a number too short to be a phone's."""
-    if span.label == LOCATION:
-        return True
-    return span.label == PHONE_NUMBER and sum(c.isdigit() for c in text[span.start : span.end]) < _PHONE_DIGITS
-
-
-def _adjacent(text: str, first: Span, last: Span) -> bool:
-    return first.end <= last.start and _ADDRESS_GAP.fullmatch(text, first.end, last.start) is not None
 
 
 def snap_to_text(text: str, start: int, end: int) -> tuple[int, int] | None:

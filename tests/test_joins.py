@@ -1,0 +1,194 @@
+"""One entity, one span: the model's pieces of a name, a phone number or an address joined (sidecar.inference.joins)."""
+
+from sidecar.config import PiiPolicyConfig
+from sidecar.inference.joins import join_entity_parts
+from sidecar.policy import kept_spans
+from sidecar.results import Span
+
+
+def joined(text: str, parts: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+    """join_entity_parts over spans given as (label, substring, score), in text order."""
+    spans, at = [], 0
+    for label, value, score in parts:
+        start = text.index(value, at)
+        spans.append(Span(label, start, start + len(value), score))
+        at = start
+    spans.sort(key=lambda s: (s.start, s.end, s.label))
+    return [(s.label, text[s.start : s.end], s.score) for s in join_entity_parts(text, spans)]
+
+
+def masked_under_default_policy(text: str, parts: list[tuple[str, str, float]]) -> list[str]:
+    spans = [Span(label, text.index(value), text.index(value) + len(value), score) for label, value, score in parts]
+    out = join_entity_parts(text, sorted(spans, key=lambda s: (s.start, s.end)))
+    return [text[s.start : s.end] for s in kept_spans(out, PiiPolicyConfig())]
+
+
+# --- addresses ------------------------------------------------------------------------------------------
+
+
+def test_towns_country_and_house_number_beside_an_address_make_one_address_with_the_best_score():
+    text = "Ship to 38 73 Rue Ibn Al Khatib, St Catharines,\nGreece today."
+    parts = [("ADDRESS", "38", 0.7), ("PHONE_NUMBER", "73", 0.6), ("ADDRESS", "Rue Ibn Al Khatib", 0.9),
+             ("LOCATION", "St Catharines", 0.5), ("LOCATION", "Greece", 0.4)]
+    assert joined(text, parts) == [("ADDRESS", "38 73 Rue Ibn Al Khatib, St Catharines,\nGreece", 0.9)]
+
+
+def test_a_place_before_an_address_joins_it_too():
+    text = "Reykjavík; Laugarvegur 77"
+    assert joined(text, [("LOCATION", "Reykjavík", 0.7), ("ADDRESS", "Laugarvegur 77", 0.8)]) == [
+        ("ADDRESS", "Reykjavík; Laugarvegur 77", 0.8)]
+
+
+def test_places_numbers_and_phones_apart_from_an_address_keep_their_type():
+    text = "I moved from Paris to 12 Gralla 30 last year, then to Lyon."
+    parts = [("LOCATION", "Paris", 0.9), ("ADDRESS", "12 Gralla 30", 0.9), ("LOCATION", "Lyon", 0.9)]
+    assert joined(text, parts) == parts  # words stand between each place and the address
+    assert joined("Paris, Lyon", [("LOCATION", "Paris", 0.9), ("LOCATION", "Lyon", 0.9)]) == [
+        ("LOCATION", "Paris", 0.9), ("LOCATION", "Lyon", 0.9)]
+    phone = [("ADDRESS", "12 Gralla 30", 0.9), ("PHONE_NUMBER", "555 0142 77", 0.9)]
+    assert joined("12 Gralla 30, 555 0142 77", phone) == phone  # seven digits can be a phone: it stays one
+
+
+def test_the_joined_town_is_masked_under_the_default_policy_that_lets_places_through():
+    assert masked_under_default_policy("12 Gralla 30, HELSINKI", [("ADDRESS", "12 Gralla 30", 0.9),
+                                                                  ("LOCATION", "HELSINKI", 0.45)]) == [
+        "12 Gralla 30, HELSINKI"]
+
+
+def test_a_house_number_read_as_two_types_does_not_cut_the_town_off_the_street():
+    # the tokens of "6896" were tagged ADDRESS and PHONE_NUMBER, each widened to the whole word
+    text = "The office is at 37 Parva Domus 6896, Pesconuovo, Latvia"
+    parts = [("ADDRESS", "37 Parva Domus 6896", 0.9), ("PHONE_NUMBER", "6896", 0.6),
+             ("LOCATION", "Pesconuovo", 1.0), ("LOCATION", "Latvia", 1.0)]
+    assert joined(text, parts) == [("ADDRESS", "37 Parva Domus 6896, Pesconuovo, Latvia", 1.0)]
+
+
+def test_a_house_number_read_as_a_date_joins_the_street_after_it():
+    text = "Livraison au 25, chemin Bernard, 68760 Brunet."
+    assert joined(text, [("DATE_TIME", "25", 0.8), ("ADDRESS", ", chemin Bernard, 68760 Brunet", 0.9)]) == [
+        ("ADDRESS", "25, chemin Bernard, 68760 Brunet", 0.9)]
+
+
+def test_region_codes_and_postcodes_after_an_address_are_part_of_it():
+    cases = {
+        "Change my address to 2326 Parkdale Avenue Apt. 676 Hamilton ON for post mail?":
+            ("2326 Parkdale Avenue Apt. 676 Hamilton", "2326 Parkdale Avenue Apt. 676 Hamilton ON"),
+        "It ships to 32608 Luke Neck Suite 686, Port Ashley, HI 37643 on Monday":
+            ("32608 Luke Neck Suite 686, Port Ashley", "32608 Luke Neck Suite 686, Port Ashley, HI 37643"),
+        "Flat 47U, Callum Springs, Coleburgh, N2 2EX and no more":
+            ("Flat 47U, Callum Springs, Coleburgh, N2", "Flat 47U, Callum Springs, Coleburgh, N2 2EX"),
+        "Strada Comisso, 37 07012, Bonorva (SS) on 13 Nov":
+            ("Strada Comisso, 37 07012, Bonorva (", "Strada Comisso, 37 07012, Bonorva (SS)"),
+    }
+    for text, (found, whole) in cases.items():
+        assert joined(text, [("ADDRESS", found, 0.9)]) == [("ADDRESS", whole, 0.9)], text
+
+
+def test_a_region_code_between_two_pieces_of_an_address_joins_them():
+    text = "The office is at 66 137 Sim Street\nSušice 1\n, PL\n Algeria 48354"
+    assert joined(text, [("ADDRESS", "66 137 Sim Street\nSušice 1", 0.9), ("ADDRESS", "Algeria 48354", 0.8)]) == [
+        ("ADDRESS", "66 137 Sim Street\nSušice 1\n, PL\n Algeria 48354", 0.9)]
+
+
+def test_what_follows_an_address_is_not_taken_when_it_is_a_word_or_a_longer_number():
+    text = "I live at 12 Main Street and Oak is nice, 1234 5678 9012 3456 is my card"
+    assert joined(text, [("ADDRESS", "12 Main Street", 0.9)]) == [("ADDRESS", "12 Main Street", 0.9)]
+    text = "12 Main Street 1234 5678"  # a postcode is not followed by another group of digits
+    assert joined(text, [("ADDRESS", "12 Main Street", 0.9)]) == [("ADDRESS", "12 Main Street", 0.9)]
+    text = "12 Main Street, Oklahoma"  # a capitalised word is not a region code
+    assert joined(text, [("ADDRESS", "12 Main Street", 0.9)]) == [("ADDRESS", "12 Main Street", 0.9)]
+
+
+# --- names ----------------------------------------------------------------------------------------------
+
+
+def test_a_name_written_surname_first_or_with_an_initial_is_one_name():
+    assert joined("Weiss, Gilles here.", [("PERSON", "Weiss", 1.0), ("PERSON", "Gilles", 0.9)]) == [
+        ("PERSON", "Weiss, Gilles", 1.0)]
+    assert joined("Who is Rhonda M. Nguyen?", [("PERSON", "Rhonda M", 0.9), ("PERSON", "Nguyen", 0.7)]) == [
+        ("PERSON", "Rhonda M. Nguyen", 0.9)]
+
+
+def test_the_other_half_of_a_hyphenated_name_is_part_of_the_name():
+    assert joined("- CLAIRE SHAW-BOLTON (KING INC)", [("PERSON", "CLAIRE SHAW", 1.0),
+                                                      ("ORGANIZATION", "BOLTON", 0.9)]) == [
+        ("PERSON", "CLAIRE SHAW-BOLTON", 1.0)]
+    assert joined("- Amber Barrett-Harrison (Hewitt)", [("PERSON", "Amber Barrett-", 1.0)]) == [
+        ("PERSON", "Amber Barrett-Harrison", 1.0)]
+    assert joined("ask Jean-Luc Picard", [("PERSON", "Luc Picard", 0.9)]) == [("PERSON", "Jean-Luc Picard", 0.9)]
+
+
+def test_a_first_name_misread_as_a_place_beside_a_surname_is_masked_with_it():
+    text = "the assistant to Stephanie Dolgorukova, and"
+    parts = [("LOCATION", "Stephanie", 0.6), ("PERSON", "Dolgorukova", 0.9)]
+    assert joined(text, parts) == [("PERSON", "Stephanie Dolgorukova", 0.9)]
+    assert masked_under_default_policy(text, parts) == ["Stephanie Dolgorukova"]
+
+
+def test_places_and_firms_apart_from_a_name_keep_their_type():
+    text = "Paris, Anna Weiss and New York Times"
+    parts = [("LOCATION", "Paris", 0.9), ("PERSON", "Anna Weiss", 0.9), ("ORGANIZATION", "New York Times", 0.9)]
+    assert joined(text, parts) == parts  # a comma, or words, stand between
+    text = "Anna Weiss New York Times"  # a firm of several words is not a surname
+    parts = [("PERSON", "Anna Weiss", 0.9), ("ORGANIZATION", "New York Times", 0.9)]
+    assert joined(text, parts) == parts
+
+
+def test_initials_degrees_and_a_tagged_title_are_masked_with_the_name():
+    cases = {
+        "hello, this is mr. chad. who": ("mr", "mr."),
+        "We met Johann Hamann B.A. in Schleiz.": ("Johann Hamann B.A", "Johann Hamann B.A."),
+        "dr. hardy geisel b.a.,lucia": ("dr. hardy geisel b.", "dr. hardy geisel b.a."),
+        "Producer Amanda Sultygov MD explained": ("Amanda Sultygov", "Amanda Sultygov MD"),
+    }
+    for text, (found, whole) in cases.items():
+        assert joined(text, [("PERSON", found, 0.9)]) == [("PERSON", whole, 0.9)], text
+    # a title the model left out says how to address someone, not who: it stays
+    assert joined("this is Mr. Jason Hoover.", [("PERSON", "Jason Hoover", 0.9)]) == [("PERSON", "Jason Hoover", 0.9)]
+    # the full stop that ends a sentence after a surname stays
+    assert joined("That was Nguyen.", [("PERSON", "Nguyen", 0.9)]) == [("PERSON", "Nguyen", 0.9)]
+    # a short word inside a longer one is not an initial
+    assert joined("said Kimjo. Then", [("PERSON", "Kimjo", 0.9)]) == [("PERSON", "Kimjo", 0.9)]
+
+
+# --- phone numbers and the shape of the result ----------------------------------------------------------
+
+
+def test_a_leading_digit_group_read_as_a_date_is_part_of_the_phone_number():
+    text = "Call 6 66 32 17 05."
+    assert joined(text, [("DATE_TIME", "6", 0.8), ("PHONE_NUMBER", "66 32 17 05", 0.9)]) == [
+        ("PHONE_NUMBER", "6 66 32 17 05", 0.9)]
+    text = "On 2024 call 66 32 17 05"  # words between: the date stays a date
+    parts = [("DATE_TIME", "2024", 0.8), ("PHONE_NUMBER", "66 32 17 05", 0.9)]
+    assert joined(text, parts) == parts
+
+
+def test_a_word_tagged_with_two_types_keeps_the_more_confident():
+    text = "to Stephanie Trevisani, and"
+    parts = [("LOCATION", "Stephanie", 0.6), ("ADDRESS", "Trevisani", 0.5), ("PERSON", "Trevisani", 0.9)]
+    assert joined(text, parts) == [("PERSON", "Stephanie Trevisani", 0.9)]
+
+
+def test_a_word_tagged_as_a_name_and_a_place_stays_a_name_however_confident_the_place():
+    text = "ask Trevisani now"
+    parts = [("LOCATION", "Trevisani", 0.9), ("PERSON", "Trevisani", 0.6)]
+    assert joined(text, parts) == [("PERSON", "Trevisani", 0.6)]
+    assert masked_under_default_policy(text, parts) == ["Trevisani"]
+
+
+def test_widening_is_bounded_however_long_the_hyphenated_run():
+    text = "Anna" + "-x" * 10_000
+    assert joined(text, [("PERSON", "Anna", 0.9)]) == [("PERSON", "Anna-x-x-x-x", 0.9)]
+    text = "x-" * 10_000 + "Anna"
+    (label, value, _), = joined(text, [("PERSON", "Anna", 0.9)])
+    assert value == "x-" * 4 + "Anna"
+
+
+def test_no_spans_and_lone_spans_come_back_as_they_were():
+    assert join_entity_parts("nothing", []) == []
+    assert joined("a call to 555 0142", [("PHONE_NUMBER", "555 0142", 0.9)]) == [("PHONE_NUMBER", "555 0142", 0.9)]
+
+
+def test_initials_after_a_name_are_bounded_however_long_the_run():
+    text = "Ann B." + "c." * 10_000
+    assert joined(text, [("PERSON", "Ann B.", 0.9)]) == [("PERSON", "Ann B.c.c.c.c.", 0.9)]
