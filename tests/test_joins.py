@@ -172,7 +172,7 @@ def test_a_word_tagged_with_two_types_keeps_the_more_confident():
 def test_a_word_tagged_as_a_name_and_a_place_stays_a_name_however_confident_the_place():
     text = "ask Trevisani now"
     parts = [("LOCATION", "Trevisani", 0.9), ("PERSON", "Trevisani", 0.6)]
-    assert joined(text, parts) == [("PERSON", "Trevisani", 0.6)]
+    assert joined(text, parts) == [("PERSON", "Trevisani", 0.9)]  # the higher score: a policy masking places masks it
     assert masked_under_default_policy(text, parts) == ["Trevisani"]
 
 
@@ -192,3 +192,31 @@ def test_no_spans_and_lone_spans_come_back_as_they_were():
 def test_initials_after_a_name_are_bounded_however_long_the_run():
     text = "Ann B." + "c." * 10_000
     assert joined(text, [("PERSON", "Ann B.", 0.9)]) == [("PERSON", "Ann B.c.c.c.c.", 0.9)]
+
+
+def test_joining_never_leaves_readable_what_the_pieces_masked():
+    """Joins only widen, relabel a let-through type as an identifying one at the higher score, or merge: under
+    a policy that masks every identifying type (the default, or one that masks places too, at any threshold),
+    every character masked before is masked after."""
+    import random
+
+    rng = random.Random(7)
+    words = ["Anna", "M.", "Weiss,", "12", "Main", "St", "ON", "37643", "-", "Paris", "6", "66 32", "Dr", "(SS)",
+             "b.a.", "and", "Jean-Luc", "\n", ",", "N2", "2EX"]
+    labels = ["PERSON", "ADDRESS", "PHONE_NUMBER", "LOCATION", "ORGANIZATION", "DATE_TIME", "NRP", "US_SSN"]
+    policies = [PiiPolicyConfig(), PiiPolicyConfig(allow_entities=[]), PiiPolicyConfig(score_threshold=0.7),
+                PiiPolicyConfig(allow_entities=[], score_threshold=0.7)]
+    for _ in range(3000):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+        spans = []
+        for _ in range(rng.randint(1, 6)):
+            start = rng.randrange(len(text))
+            end = min(len(text), start + rng.randint(1, 12))
+            if text[start:end].strip():
+                spans.append(Span(rng.choice(labels), start, end, rng.choice([0.4, 0.6, 0.9])))
+        spans.sort(key=lambda s: (s.start, s.end, s.label))
+        joined_spans = join_entity_parts(text, spans)
+        for policy in policies:
+            before = {i for s in kept_spans(spans, policy) for i in range(s.start, s.end)}
+            after = {i for s in kept_spans(joined_spans, policy) for i in range(s.start, s.end)}
+            assert before <= after, (text, spans, policy)

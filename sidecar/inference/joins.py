@@ -70,12 +70,13 @@ def join_entity_parts(text: str, spans: list[Span]) -> list[Span]:
 def _one_label_per_word(spans: list[Span]) -> list[Span]:
     """Of spans over the same characters (a word whose tokens got two types, both widened to the word), one:
     the other would stand between the word and the pieces around it. An identifying type wins over a type the
-    default policy lets through (a name is never dropped for a place), then the more confident."""
+    default policy lets through (a name is never dropped for a place), then the more confident; it takes the
+    higher score of the two, so a policy that masks places masks the word still."""
     out: list[Span] = []
     for span in spans:  # sorted by start, then end
         if out and (out[-1].start, out[-1].end) == (span.start, span.end):
-            if _rank(span) > _rank(out[-1]):
-                out[-1] = span
+            best = span if _rank(span) > _rank(out[-1]) else out[-1]
+            out[-1] = Span(best.label, best.start, best.end, max(span.score, out[-1].score), best.source)
         else:
             out.append(span)
     return out
