@@ -341,6 +341,16 @@ def test_a_line_adds_what_the_whole_text_missed_and_never_retypes_an_identifying
     assert add_line_spans([], [[span("PERSON", 3, 5)]]) == [span("PERSON", 3, 5)]
 
 
+def test_the_part_of_a_line_span_past_an_identifying_entity_of_another_type_is_added():
+    # "Ship to 12 Main St, Hamilton\nJO ANN SMITH": the whole text read the address into "JO ANN"; the line
+    # read "JO ANN SMITH" as a name. The address stands, and "SMITH" is masked too.
+    whole = [span("ADDRESS", 8, 35)]
+    assert add_line_spans(whole, [[span("PERSON", 29, 41)]]) == [span("ADDRESS", 8, 35), span("PERSON", 35, 41)]
+    # a line span around an entity of another type: both sides are added
+    assert add_line_spans([span("PHONE_NUMBER", 10, 20)], [[span("PERSON", 5, 25)]]) == [
+        span("PERSON", 5, 10), span("PHONE_NUMBER", 10, 20), span("PERSON", 20, 25)]
+
+
 def test_merged_window_predictions_equal_whole_text_predictions(tiny_pii_dir, encoder):
     """The fake sees only its left neighbour, so a token first in its window is mis-tagged there; the
     merge must take such tokens from the window where they have context."""

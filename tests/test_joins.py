@@ -1,6 +1,6 @@
 """One entity, one span: the model's pieces of a name, a phone number or an address joined (sidecar.inference.joins)."""
 
-from sidecar.config import PiiPolicyConfig
+from sidecar.config import CONTEXT_ENTITIES, PiiPolicyConfig
 from sidecar.inference.joins import join_entity_parts
 from sidecar.policy import kept_spans
 from sidecar.results import Span
@@ -14,7 +14,16 @@ def joined(text: str, parts: list[tuple[str, str, float]]) -> list[tuple[str, st
         spans.append(Span(label, start, start + len(value), score))
         at = start
     spans.sort(key=lambda s: (s.start, s.end, s.label))
-    return [(s.label, text[s.start : s.end], s.score) for s in join_entity_parts(text, spans)]
+    out = join_entity_parts(text, spans)
+    for span in spans:  # joining only adds: each piece is still there, under a span of its own label
+        assert any(o.label == span.label and o.contains(span) for o in out), (span, out)
+    return [(s.label, text[s.start : s.end], s.score) for s in out if not any(_under(s, o) for o in out)]
+
+
+def _under(span: Span, other: Span) -> bool:
+    """A piece kept under the entity it was joined to (what the tests look past)."""
+    return other.label != span.label and other.contains(span) and (
+        len(other) > len(span) or (span.label in CONTEXT_ENTITIES and other.label not in CONTEXT_ENTITIES))
 
 
 def masked_under_default_policy(text: str, parts: list[tuple[str, str, float]]) -> list[str]:
@@ -178,10 +187,12 @@ def test_a_word_tagged_as_a_name_and_a_place_stays_a_name_however_confident_the_
 
 def test_widening_is_bounded_however_long_the_hyphenated_run():
     text = "Anna" + "-x" * 10_000
-    assert joined(text, [("PERSON", "Anna", 0.9)]) == [("PERSON", "Anna-x-x-x-x", 0.9)]
+    assert joined(text, [("PERSON", "Anna", 0.9)]) == [("PERSON", "Anna-x-x", 0.9)]
     text = "x-" * 10_000 + "Anna"
     (label, value, _), = joined(text, [("PERSON", "Anna", 0.9)])
-    assert value == "x-" * 4 + "Anna"
+    assert value == "x-" * 2 + "Anna"
+    # digits are not part of a name: "Smith-2024-report" keeps its year and report
+    assert joined("Smith-2024-report", [("PERSON", "Smith", 0.9)]) == [("PERSON", "Smith", 0.9)]
 
 
 def test_no_spans_and_lone_spans_come_back_as_they_were():
@@ -191,32 +202,85 @@ def test_no_spans_and_lone_spans_come_back_as_they_were():
 
 def test_initials_after_a_name_are_bounded_however_long_the_run():
     text = "Ann B." + "c." * 10_000
-    assert joined(text, [("PERSON", "Ann B.", 0.9)]) == [("PERSON", "Ann B.c.c.c.c.", 0.9)]
+    assert joined(text, [("PERSON", "Ann B.", 0.9)]) == [("PERSON", "Ann B.c.c.c.", 0.9)]
+    assert joined("Dr Ann B.Yes.No.", [("PERSON", "Dr Ann B.", 0.9)]) == [("PERSON", "Dr Ann B.", 0.9)]
 
 
-def test_joining_never_leaves_readable_what_the_pieces_masked():
-    """Joins only widen, relabel a let-through type as an identifying one at the higher score, or merge: under
-    a policy that masks every identifying type (the default, or one that masks places too, at any threshold),
-    every character masked before is masked after."""
+def test_joining_never_leaves_readable_or_unrefused_what_the_pieces_were():
+    """Joins only widen, relabel a let-through type as an identifying one at the higher score, or merge, and
+    every piece stays under a span of its own type: under a policy that masks every identifying type (the
+    default, or one that masks places too, at any threshold) every character masked before is masked after,
+    and a type a policy refuses is still there. Random texts of words and of odd characters (combining marks,
+    other scripts, zero-width and lone surrogate code points), random spans."""
     import random
 
     rng = random.Random(7)
     words = ["Anna", "M.", "Weiss,", "12", "Main", "St", "ON", "37643", "-", "Paris", "6", "66 32", "Dr", "(SS)",
-             "b.a.", "and", "Jean-Luc", "\n", ",", "N2", "2EX"]
+             "b.a.", "and", "Jean-Luc", "\n", ",", "N2", "2EX", "MD", "x-", "-y", ".", "1234-5678"]
+    chars = [*"aAbZ09 -.,;/\n\t()_", "\u0301", "\u4e2d", "\u05d0", "\u200b", "\ud800", "\u0663", "\u00b2", "\u00df"]
     labels = ["PERSON", "ADDRESS", "PHONE_NUMBER", "LOCATION", "ORGANIZATION", "DATE_TIME", "NRP", "US_SSN"]
     policies = [PiiPolicyConfig(), PiiPolicyConfig(allow_entities=[]), PiiPolicyConfig(score_threshold=0.7),
                 PiiPolicyConfig(allow_entities=[], score_threshold=0.7)]
-    for _ in range(3000):
-        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+    for n in range(4000):
+        if n % 2:
+            text = "".join(rng.choice(chars) for _ in range(rng.randint(1, 30)))
+        else:
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
         spans = []
         for _ in range(rng.randint(1, 6)):
             start = rng.randrange(len(text))
-            end = min(len(text), start + rng.randint(1, 12))
-            if text[start:end].strip():
-                spans.append(Span(rng.choice(labels), start, end, rng.choice([0.4, 0.6, 0.9])))
+            spans.append(Span(rng.choice(labels), start, min(len(text), start + rng.randint(1, 12)),
+                              rng.choice([0.4, 0.6, 0.9])))
         spans.sort(key=lambda s: (s.start, s.end, s.label))
-        joined_spans = join_entity_parts(text, spans)
+        out = join_entity_parts(text, spans)
+        assert all(0 <= s.start < s.end <= len(text) for s in out)
+        for span in spans:
+            assert any(o.label == span.label and o.contains(span) for o in out), (text, spans, span)
         for policy in policies:
             before = {i for s in kept_spans(spans, policy) for i in range(s.start, s.end)}
-            after = {i for s in kept_spans(joined_spans, policy) for i in range(s.start, s.end)}
+            after = {i for s in kept_spans(out, policy) for i in range(s.start, s.end)}
             assert before <= after, (text, spans, policy)
+
+
+def test_a_piece_joins_only_a_few_spans_away_from_the_entity_so_a_run_is_not_swallowed():
+    text = "Thanks Maria Lisbon Porto Madrid Seville"
+    parts = [("PERSON", "Maria", 0.9), ("LOCATION", "Lisbon", 0.9), ("LOCATION", "Porto", 0.9),
+             ("LOCATION", "Madrid", 0.9), ("LOCATION", "Seville", 0.9)]
+    assert joined(text, parts)[:2] == [("PERSON", "Maria Lisbon", 0.9), ("LOCATION", "Porto", 0.9)]
+    text = "Ship to 1 Main St, Boston / Chicago / Denver / Austin / Dallas"
+    parts = [("ADDRESS", "1 Main St", 0.9)] + [("LOCATION", c, 0.9) for c in ("Boston", "Chicago", "Denver",
+                                                                             "Austin", "Dallas")]
+    assert joined(text, parts) == [("ADDRESS", "1 Main St, Boston / Chicago / Denver", 0.9),
+                                   ("LOCATION", "Austin", 0.9), ("LOCATION", "Dallas", 0.9)]
+    text = "call 555 0142 2019 2020 2021"
+    parts = [("PHONE_NUMBER", "555 0142", 0.9), ("DATE_TIME", "2019", 0.9), ("DATE_TIME", "2020", 0.9),
+             ("DATE_TIME", "2021", 0.9)]
+    assert joined(text, parts) == [("PHONE_NUMBER", "555 0142 2019", 0.9), ("DATE_TIME", "2020", 0.9),
+                                   ("DATE_TIME", "2021", 0.9)]
+
+
+def test_an_identifying_piece_keeps_its_own_type_beside_the_entity_so_a_refusing_policy_still_refuses():
+    from sidecar.policy import Action, pii_verdict
+
+    refuse = PiiPolicyConfig(block_entities=["US_SSN"])
+    text = "ssn 123-45-6789"
+    spans = [Span("US_SSN", 4, 10, 0.7), Span("PHONE_NUMBER", 11, 15, 0.8)]
+    out = join_entity_parts(text, spans)
+    assert Span("US_SSN", 4, 10, 0.7) in out
+    assert pii_verdict(out, refuse).action == Action.BLOCK
+    same = [Span("PHONE_NUMBER", 6, 17, 0.9), Span("US_SSN", 6, 17, 0.6)]  # one word, two types
+    assert pii_verdict(join_entity_parts("my id 123-45-6789 ok", same), refuse).action == Action.BLOCK
+
+
+def test_region_codes_need_a_comma_to_follow_an_address_onto_the_next_line():
+    text = "Ship to 12 Main St\nTHE END"
+    assert joined(text, [("ADDRESS", "12 Main St", 0.9)]) == [("ADDRESS", "12 Main St", 0.9)]
+    text = "Sim Street 1\n, PL\n more"
+    assert joined(text, [("ADDRESS", "Sim Street 1", 0.9)]) == [("ADDRESS", "Sim Street 1\n, PL", 0.9)]
+
+
+def test_a_hyphen_before_digits_or_at_the_text_edges_widens_nothing():
+    assert joined("Anna- 2024", [("PERSON", "Anna-", 0.9)]) == [("PERSON", "Anna-", 0.9)]
+    assert joined("Anna-2024", [("PERSON", "Anna", 0.9)]) == [("PERSON", "Anna", 0.9)]
+    assert joined("Anna-", [("PERSON", "Anna-", 0.9)]) == [("PERSON", "Anna-", 0.9)]
+    assert joined("-Anna", [("PERSON", "Anna", 0.9)]) == [("PERSON", "Anna", 0.9)]

@@ -505,19 +505,34 @@ def add_line_spans(whole: list[Span], lines: Sequence[list[Span]]) -> list[Span]
     A line alone has less context, so where the whole text found a name, a number or an address, its
     type stands (an address read line by line looks like names, phones and numbers); a line span of the
     same type widens it. One over untagged text, or over a context type (a place, a firm: a name the whole
-    text misread as one), is added. Sorted, same-type overlaps merged."""
+    text misread as one), is added; so is the part of a line span that reaches past the identifying entities
+    it overlaps (an address the whole text read into the next line's name leaves the rest of the name
+    masked). Sorted, same-type overlaps merged."""
     starts = [s.start for s in whole]
     reach = list(accumulate((s.end for s in whole), max))
     added = []
     for span in chain.from_iterable(lines):
         j = bisect_left(starts, span.end) - 1  # whole spans from j down start before this one ends
+        held: list[Span] = []  # identifying entities of another type that this line span overlaps
         while j >= 0 and reach[j] > span.start:
             if whole[j].end > span.start and whole[j].label != span.label and whole[j].label not in CONTEXT_ENTITIES:
-                break
+                held.append(whole[j])
             j -= 1
-        else:
-            added.append(span)
+        added += _outside(span, held) if held else [span]
     return merge_overlapping([*whole, *added]) if added else whole
+
+
+def _outside(span: Span, held: list[Span]) -> list[Span]:
+    """The parts of `span` that no span in `held` covers (an edge cut through a word is left as cut: what
+    is masked only grows)."""
+    parts, at = [], span.start
+    for other in sorted(held, key=lambda s: s.start):
+        if other.start > at:
+            parts.append(Span(span.label, at, other.start, span.score, span.source))
+        at = max(at, other.end)
+    if at < span.end:
+        parts.append(Span(span.label, at, span.end, span.score, span.source))
+    return parts
 
 
 def _longest_token(model_dir: ModelDir) -> int:
