@@ -76,6 +76,11 @@ class ModelConfig(_Section):
     before a line cannot hide a name in it. Costs about one more reading of a multi-line text (at most about
     2.5x for lines just over a window long; bench/line_windows.py); a request whose line windows the queue
     cannot take is read whole only. false: the whole text's windows only."""
+    entity_bias: dict[str, Annotated[float, Field(ge=-20, le=20)]] = {}
+    """Token (PII) models: added to the model's scores for an entity type's tags before each token's tag is
+    chosen (``{PERSON: 1.5}``): above 0 the type is found more often, caught more and masked falsely more;
+    below 0, less. Types the model lacks are refused at load. Unset: as trained (docs/operations.md has a
+    measured table)."""
     threads: Annotated[int, Field(ge=0)] = 0
     """Intra-op threads for ONNX Runtime on CPU (or torch's process-wide count). 0: the runtime's default
     for a model that runs alone; two CPU models get half the usable cores each."""

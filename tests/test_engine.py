@@ -53,10 +53,11 @@ def fake_pii(tiny_pii_dir, engines):
     """An engine whose PII model is the DigitTagger fake, with small windows."""
 
     def build(checksums: bool = False, gate: threading.Event | None = None, tagger: type[DigitTagger] = DigitTagger,
-              line_windows: bool = True, **batching) -> tuple[Engine, DigitTagger]:
+              line_windows: bool = True, entity_bias: dict | None = None, **batching) -> tuple[Engine, DigitTagger]:
         model_dir = ModelDir.read(tiny_pii_dir)
         backend = tagger(model_dir, gate)
-        config = ModelConfig(path=str(tiny_pii_dir), max_length=MAX_LENGTH, stride=STRIDE, line_windows=line_windows)
+        config = ModelConfig(path=str(tiny_pii_dir), max_length=MAX_LENGTH, stride=STRIDE, line_windows=line_windows,
+                             entity_bias=entity_bias or {})
         engine = Engine(
             pii=LoadedModel(model_dir, config, backend),
             batching=BatchingConfig(**batching),
@@ -564,6 +565,30 @@ async def test_a_closed_engine_refuses_work(fake_pii):
     engine.close()
     with pytest.raises(InferenceError, match="closed"):
         await engine.detect_pii("call 5551234")
+
+
+async def test_entity_bias_moves_a_types_tags_for_or_against_it(fake_pii):
+    text = "call 4155550100 please"
+    start = text.index("4155550100")
+    engine, _ = fake_pii()
+    assert offsets(await engine.detect_pii(text)) == [("PHONE_NUMBER", start, start + 10)]
+    # the fake scores a digit's phone tag 10 and O 0: -10 ties them, and a tie goes to O
+    engine, _ = fake_pii(entity_bias={"PHONE_NUMBER": -10.0})
+    assert offsets(await engine.detect_pii(text)) == []
+    # every token's best tag scores 10: a name's tags at 10.5 win everywhere
+    engine, _ = fake_pii(entity_bias={"PERSON": 10.5})
+    assert offsets(await engine.detect_pii(text)) == [("PERSON", 0, len(text))]
+    assert engine.describe()["pii"]["entity_bias"] == {"PERSON": 10.5}
+
+
+def test_entity_bias_for_a_type_the_model_lacks_or_a_category_model_is_a_load_error(tiny_pii_dir,
+                                                                                   tiny_category_dir):
+    with pytest.raises(ModelLoadError, match="models.pii: entity_bias names PERSONA, which the model does not tag"):
+        Engine.load(ModelsConfig(pii=ModelConfig(path=str(tiny_pii_dir), entity_bias={"PERSONA": 1.0})),
+                    BatchingConfig())
+    with pytest.raises(ModelLoadError, match="models.category: entity_bias is for token"):
+        Engine.load(ModelsConfig(category=ModelConfig(path=str(tiny_category_dir), entity_bias={"PERSON": 1.0})),
+                    BatchingConfig())
 
 
 def test_load_names_the_config_key_of_a_bad_model_directory(tmp_path, tiny_pii_dir):

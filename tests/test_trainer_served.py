@@ -127,6 +127,19 @@ def test_pii_directory_is_evaluated_at_the_window_asked_for_on_span_files(tiny_p
     assert report["per_type"]["EMAIL_ADDRESS"]["caught"] == 1.0  # the email recognizer, in both scripts
 
 
+def test_entity_bias_is_served_as_configured_and_a_bad_one_is_one_error_line(tiny_pii_dir, capsys, tmp_path):
+    data = write_jsonl(tmp_path / "spans.jsonl", SPAN_ROWS)
+    report = evaluate_served(tiny_pii_dir, [str(data)], entity_bias={"PERSON": 20.0})
+    assert report["entity_bias"] == {"PERSON": 20.0}
+    assert report["per_type"]["PERSON"]["caught"] == 1.0  # every token is a name now
+    for bad, says in (("PERSON", "expected TYPE=NUMBER"), ("PERSON=lots", "expected TYPE=NUMBER"),
+                      ("PERSON=99", "less than or equal to 20"), ("PERSONA=1", "PERSONA, which the model does not tag")):
+        capsys.readouterr()
+        code, _, err = run_cli(capsys, "evaluate", tiny_pii_dir, "--data", data, "--entity-bias", bad)
+        last = err.strip().splitlines()[-1]  # before it, at most the model's load logs
+        assert code == 2 and last.startswith("error: ") and says in last, (bad, err)
+
+
 def test_window_settings_the_sidecar_would_refuse_are_a_usage_error(tiny_pii_dir):
     with pytest.raises(UsageError, match="stride must be smaller than max_length - 2"), \
             served_router(pii=tiny_pii_dir, max_length=16, stride=64):

@@ -15,7 +15,7 @@ labelled parts of one address hides nothing).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,14 +48,16 @@ NO_CATEGORY = "(none)"
 @contextmanager
 def served_router(category: str | Path | None = None, pii: str | Path | None = None, runtime: str = "auto",
                   policy: PiiPolicyConfig | None = None, *, max_length: int | None = None,
-                  stride: int | None = None) -> Iterator[DecisionMaker]:
+                  stride: int | None = None, entity_bias: Mapping[str, float] | None = None,
+                  ) -> Iterator[DecisionMaker]:
     """A DecisionMaker over the engine the sidecar would load for these model directories (patterns beside the
     model, checksums on, default routing), closed on the way out. `policy` replaces the default PII policy;
-    `max_length`/`stride` are the ``models.*`` window settings (None: the sidecar's defaults). A category
-    model reads its first window only, so its stride is 0: the default 64 would refuse a window under 67."""
+    `max_length`/`stride`/`entity_bias` are the ``models.*`` settings (None: the sidecar's defaults). A
+    category model reads its first window only, so its stride is 0: the default 64 would refuse a window under
+    67."""
     config = Config(
         models=ModelsConfig(category=_model(category, runtime, max_length, 0),
-                            pii=_model(pii, runtime, max_length, stride)),
+                            pii=_model(pii, runtime, max_length, stride, entity_bias)),
         routing=RoutingConfig(default_model="default"),
         pii=PiiConfig(patterns="always", checksums=True, default_policy=policy or PiiPolicyConfig()),
     )
@@ -66,13 +68,14 @@ def served_router(category: str | Path | None = None, pii: str | Path | None = N
         engine.close()
 
 
-def _model(path: str | Path | None, runtime: str, max_length: int | None, stride: int | None) -> ModelConfig | None:
-    """The ``models.*`` section for `path`; bad window settings are a usage error, as in a config file."""
+def _model(path: str | Path | None, runtime: str, max_length: int | None, stride: int | None,
+           entity_bias: Mapping[str, float] | None = None) -> ModelConfig | None:
+    """The ``models.*`` section for `path`; bad settings are a usage error, as in a config file."""
     if path is None:
         return None
     window = {"max_length": max_length} | ({"stride": stride} if stride is not None else {})
     try:
-        return ModelConfig(path=str(path), runtime=runtime, **window)
+        return ModelConfig(path=str(path), runtime=runtime, entity_bias=dict(entity_bias or {}), **window)
     except ValidationError as e:
         raise UsageError(f"model settings: {e.errors()[0]['msg']}") from None
 
@@ -201,7 +204,8 @@ def _share(part: int, whole: int) -> float | None:
 def evaluate_served(model_dir: str | Path, sources: Sequence[str], runtime: str = "auto", text_column: str = "text",
                     label_column: str = "label", split: str = "train", *, max_length: int | None = None,
                     stride: int | None = None, drop_unknown_labels: bool = False,
-                    policy: PiiPolicyConfig | None = None) -> dict[str, Any]:
+                    policy: PiiPolicyConfig | None = None, entity_bias: Mapping[str, float] | None = None,
+                    ) -> dict[str, Any]:
     """Score a model directory as served on labelled data (category rows, or span rows for PII); the report
     says which runtime and window were served."""
     md = ModelDir.read(model_dir)
@@ -213,10 +217,12 @@ def evaluate_served(model_dir: str | Path, sources: Sequence[str], runtime: str 
         rows = [{"text": e.text, "spans": [{"start": s.start, "end": s.end, "label": s.label} for s in e.spans]}
                 for source in sources for e in load_spans(source, split)]
     paths = (md.path, None) if category else (None, md.path)
-    with served_router(*paths, runtime, policy, max_length=max_length, stride=stride) as router:
+    with served_router(*paths, runtime, policy, max_length=max_length, stride=stride,
+                       entity_bias=entity_bias) as router:
         served = router.engine.describe()[md.task]
         scores = score_category(router, rows) if category else score_pii(router, rows)
-    task = {"dropped_unknown_labels": dropped} if category else {"stride": served["stride"]}
+    task = {"dropped_unknown_labels": dropped} if category else \
+        {"stride": served["stride"], "entity_bias": served["entity_bias"]}
     return {"task": md.task, "model": str(md.path), "data": [str(s) for s in sources], "runtime": served["runtime"],
             "file": Path(served["file"]).name, "max_length": served["max_length"], **task, **scores}
 

@@ -29,7 +29,7 @@ from sidecar.config import CONTEXT_ENTITIES, BatchingConfig, ModelConfig, Models
 from sidecar.errors import InferenceCancelled, ModelLoadError
 from sidecar.inference.backends import Backend, open_backend, ort_cuda_available
 from sidecar.inference.batcher import Batcher, OnBatch, OnShed, WindowResult, summarize
-from sidecar.inference.heads import BioScheme, category_results, decode_bio
+from sidecar.inference.heads import BioScheme, bias_vector, category_results, decode_bio
 from sidecar.inference.joins import join_entity_parts
 from sidecar.inference.windows import (
     Encoded,
@@ -162,6 +162,9 @@ class _Model:
         self.labels = loaded.model_dir.labels
         try:
             self.scheme = BioScheme.from_labels(self.labels) if loaded.model_dir.spec.head == "token" else None
+            if self.scheme is None and loaded.config.entity_bias:
+                raise ModelLoadError("entity_bias is for token (PII) models; this one classifies whole texts")
+            self.bias = bias_vector(self.scheme, self.labels, loaded.config.entity_bias) if self.scheme else None
             stride = loaded.config.stride if self.scheme is not None else 0  # a category model reads one window
             self.encoder = TextEncoder.for_model(loaded.model_dir, loaded.config.max_length, stride,
                                                  line_windows=self.scheme is not None and loaded.config.line_windows)
@@ -195,7 +198,7 @@ class _Model:
         }
         if self.scheme is not None:
             info.update(stride=self.encoder.stride, line_windows=self.encoder.line_windows,
-                        entities=list(self.scheme.entity_types))
+                        entities=list(self.scheme.entity_types), entity_bias=dict(self.config.entity_bias))
         return info
 
 
@@ -494,6 +497,8 @@ def _part_spans(model: _Model, text: str, encoded: Encoded, parts: Sequence[Part
             out.append([])
             continue
         merged = merge_windows(part.end - part.start, part.windows, rows)
+        if model.bias is not None:
+            merged = merged + model.bias
         out.append(decode_bio(merged, encoded.offsets[part.start : part.end], text, model.scheme))
     return out
 

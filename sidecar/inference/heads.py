@@ -8,7 +8,7 @@ spans are touched in Python, to snap their edges to the text.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +76,20 @@ class BioScheme:
             kind[i] = BEGIN if prefix == "B" else INSIDE
             entity[i] = types.index(name)
         return cls(tuple(types), kind, entity)
+
+
+def bias_vector(scheme: BioScheme, labels: Sequence[str], bias: Mapping[str, float]) -> np.ndarray | None:
+    """Per label, what `bias` adds to an entity type's B- and I- scores (``models.pii.entity_bias``); None
+    when nothing is added. A type the model does not tag is a load error, not a silent no-op."""
+    unknown = sorted(set(bias) - set(scheme.entity_types))
+    if unknown:
+        raise ModelLoadError(f"entity_bias names {', '.join(unknown)}, which the model does not tag "
+                             f"(it tags {', '.join(scheme.entity_types)})")
+    vector = np.zeros(len(labels), dtype=np.float32)
+    for i in range(len(labels)):
+        if scheme.kind[i] != OUTSIDE:
+            vector[i] = bias.get(scheme.entity_types[scheme.entity[i]], 0.0)
+    return vector if vector.any() else None
 
 
 def decode_bio(logits: np.ndarray, offsets: np.ndarray, text: str, scheme: BioScheme) -> list[Span]:
