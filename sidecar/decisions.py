@@ -494,8 +494,9 @@ class DecisionMaker:
     def _apply_policy(self, route: Route, texts: list[str], spans: list[list[Span]],
                       policy: PiiPolicyConfig | None = None) -> PolicyOutcome:
         policy = policy or self.config.pii.policy_for(route.model)
-        per_text = [resolve_conflicts(kept_spans(s, policy)) for s in spans]
-        verdict = pii_verdict([s for kept in per_text for s in kept], policy)
+        found = [kept_spans(s, policy) for s in spans]
+        per_text = [resolve_conflicts(kept) for kept in found]
+        verdict = pii_verdict([s for kept in per_text for s in kept], policy, [s for kept in found for s in kept])
         masked: list[str | None] = [None] * len(texts)
         pseudonyms = None
         if verdict.action == Action.MASK:

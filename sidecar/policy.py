@@ -63,13 +63,18 @@ def kept_spans(spans: Iterable[Span], policy: PiiPolicyConfig) -> list[Span]:
     return [s for s in spans if s.score >= policy.score_threshold and s.label not in allowed]
 
 
-def pii_verdict(spans: Iterable[Span], policy: PiiPolicyConfig) -> PiiVerdict:
+def pii_verdict(spans: Iterable[Span], policy: PiiPolicyConfig, found: Iterable[Span] = ()) -> PiiVerdict:
     """allow when nothing is kept; block when a kept type is in ``block_entities``; otherwise the policy's
-    action (an ``allow`` policy still reports types)."""
+    action (an ``allow`` policy still reports types).
+
+    `spans` are what will be masked, overlaps already resolved under one label; `found` are the spans before
+    that resolution. A refused type counts wherever it was found: an SSN the recognizer found under a
+    phone number the model scored higher is masked as the phone, and still refuses the request."""
     kept = tuple(kept_spans(spans, policy))
-    types = tuple(sorted({s.label for s in kept}))
+    refused = {s.label for s in kept_spans(found, policy)} & set(policy.block_entities)
+    types = tuple(sorted({s.label for s in kept} | refused))
     if not kept:
         return PiiVerdict(Action.ALLOW, kept, types)
-    if not set(types).isdisjoint(policy.block_entities):
+    if refused or not set(types).isdisjoint(policy.block_entities):
         return PiiVerdict(Action.BLOCK, kept, types)
     return PiiVerdict(Action(policy.action), kept, types)

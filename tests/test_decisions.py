@@ -98,6 +98,16 @@ async def test_block_names_entity_types_never_values():
     assert "John Smith" not in repr(d) and "john@corp.example" not in repr(d)
 
 
+async def test_a_refused_type_refuses_even_where_a_higher_scored_type_covers_it():
+    # the fake model reads the SSN as a phone number (0.9); the SSN recognizer beside it scores 0.85, so the
+    # masked span is the phone's: the request is refused all the same, naming both types
+    r = router(pii={"default_policy": {"action": "mask", "block_entities": ["US_SSN"]}})
+    d = await r.decide(chat(("user", "My SSN is 536-22-8714, thanks")), "chat")
+    assert (d.action, d.body, d.entity_types) == ("block", None, ("PHONE_NUMBER", "US_SSN"))
+    d = await r.decide(chat(("user", "Call 415 555 0100, thanks")), "chat")
+    assert d.action == "mask" and d.entity_types == ("PHONE_NUMBER",)
+
+
 async def test_allow_list_and_score_threshold_filter_spans():
     # FakeEngine scores: EMAIL 0.99, PHONE 0.9, PERSON 0.85.
     r = router(pii={"default_policy": {"action": "block", "score_threshold": 0.86, "allow_entities": ["EMAIL_ADDRESS"]}})
