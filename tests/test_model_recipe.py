@@ -82,7 +82,10 @@ def test_term_questions_are_short_everyday_asks_with_the_terms_label():
 def test_exam_questions_that_name_someone_are_not_used_as_pii_free_negatives():
     names = {"Zoey", "Max"}
     assert not looks_name_free("A patio is built. Then Zoey is laying bricks for it.", names)
+    assert not looks_name_free("Zoey has 8 buckets.", names)  # a name that starts the text
+    assert not looks_name_free("Testimony:\nMax Weber said", names)  # or a line
     assert looks_name_free("What is the derivative of x squared?", names)
+    assert looks_name_free("Maximum load? Zoeys are not a thing.", names)  # a name inside a longer word is not one
 
 
 def test_rescore_replaces_what_it_measures_and_keeps_what_needs_unshipped_files(tmp_path, monkeypatch):
