@@ -134,6 +134,15 @@ def test_a_first_name_misread_as_a_place_beside_a_surname_is_masked_with_it():
     assert masked_under_default_policy(text, parts) == ["Stephanie Dolgorukova"]
 
 
+def test_a_first_name_misread_as_a_place_before_a_middle_initial_and_a_surname_is_a_name():
+    text = "Please forward this to Rhonda M. Nguyen before Friday."
+    parts = [("LOCATION", "Rhonda", 0.7), ("ORGANIZATION", "Nguyen", 0.55)]
+    assert joined(text, parts) == [("PERSON", "Rhonda M. Nguyen", 0.7)]
+    assert masked_under_default_policy(text, parts) == ["Rhonda M. Nguyen"]
+    # a place followed by an initial and a word in lower case stays a place
+    assert joined("in Paris B. then", [("LOCATION", "Paris", 0.9)]) == [("LOCATION", "Paris", 0.9)]
+
+
 def test_places_and_firms_apart_from_a_name_keep_their_type():
     text = "Paris, Anna Weiss and New York Times"
     parts = [("LOCATION", "Paris", 0.9), ("PERSON", "Anna Weiss", 0.9), ("ORGANIZATION", "New York Times", 0.9)]
@@ -149,9 +158,14 @@ def test_initials_degrees_and_a_tagged_title_are_masked_with_the_name():
         "We met Johann Hamann B.A. in Schleiz.": ("Johann Hamann B.A", "Johann Hamann B.A."),
         "dr. hardy geisel b.a.,lucia": ("dr. hardy geisel b.", "dr. hardy geisel b.a."),
         "Producer Amanda Sultygov MD explained": ("Amanda Sultygov", "Amanda Sultygov MD"),
+        "forward this to Rhonda M. Nguyen before Friday": ("Rhonda", "Rhonda M. Nguyen"),
+        "ask John F. X. O'Brien-Smith now": ("John", "John F. X. O'Brien-Smith"),
+        "ask Élodie B. Durand-Lévy now": ("Élodie", "Élodie B. Durand-Lévy"),
     }
     for text, (found, whole) in cases.items():
         assert joined(text, [("PERSON", found, 0.9)]) == [("PERSON", whole, 0.9)], text
+    # an initial not followed by a capitalised word is not a middle name
+    assert joined("said Anna B. then left", [("PERSON", "Anna", 0.9)]) == [("PERSON", "Anna", 0.9)]
     # a title the model left out says how to address someone, not who: it stays
     assert joined("this is Mr. Jason Hoover.", [("PERSON", "Jason Hoover", 0.9)]) == [("PERSON", "Jason Hoover", 0.9)]
     # the full stop that ends a sentence after a surname stays

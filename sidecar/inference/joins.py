@@ -43,6 +43,9 @@ _HYPHEN_AFTER = re.compile(r"(?:-[^\W\d_]{1,32}){1,2}")  # "Shaw" + "-Bolton", "
 _HYPHEN_BEFORE = re.compile(r"[^\W\d_]{1,32}-\Z")  # "Jean-" + "Luc"
 _HYPHENS = 2  # hyphenated parts taken before a span, at most
 _AFTER_NAME = re.compile(r",?[ \t](?:MD|M\.D\.|PhD|Ph\.D\.|Jr\.?|Sr\.?|III|Esq\.?|B\.A\.|M\.A\.|B\.Sc\.|M\.Sc\.|MBA)(?![^\W_])")
+_SURNAME_AFTER_INITIAL = re.compile(  # "Rhonda" + " M. Nguyen": a middle initial, then a capitalised surname
+    r"[ \t](?:[A-ZÀ-ÖØ-Þ]\.[ \t]?){1,2}[ \t]?[A-ZÀ-ÖØ-Þ](?:['’][A-ZÀ-ÖØ-Þ])?[^\W\d_]{1,32}"
+    r"(?:-[A-ZÀ-ÖØ-Þ][^\W\d_]{1,32})?(?![^\W_])")
 _INITIALS_AFTER = re.compile(r"(?:[^\W\d_]\.){1,3}")  # "geisel b." + "a."
 _SHORT_LAST_WORD = re.compile(r"(?<![^\W\d_])[^\W\d_]{1,2}\Z")  # "Rhonda M", "Mr", "B.A"
 
@@ -89,6 +92,9 @@ def _rank(span: Span) -> tuple[bool, float]:
 
 
 def _widen(text: str, span: Span) -> Span:
+    if _name_piece(text, span) and text[span.start].isupper() and \
+            (surname := _SURNAME_AFTER_INITIAL.match(text, span.end)):  # "Rhonda" read as a place + " M. Nguyen"
+        return Span(PERSON, span.start, surname.end(), span.score, span.source)
     if span.label == PERSON:
         start, end = _name_edges(text, span.start, span.end)
     elif span.label == ADDRESS:
@@ -107,9 +113,11 @@ def _address_tail(text: str, span: Span) -> Span:
 
 
 def _name_edges(text: str, start: int, end: int) -> tuple[int, int]:
-    """A name's span widened over its other hyphenated parts, and the full stops and degrees after its
-    initials (and after a title the model tagged: "Mr" + ".")."""
+    """A name's span widened over its other hyphenated parts, a middle initial and the surname after it,
+    and the full stops and degrees after its initials (and after a title the model tagged: "Mr" + ".")."""
     start, end = _hyphenated(text, start, end)
+    if surname := _SURNAME_AFTER_INITIAL.match(text, end):
+        end = surname.end()
     if text[end - 1] == "." and (initials := _INITIALS_AFTER.match(text, end)):
         end = initials.end()
     if end < len(text) and text[end] == "." and _SHORT_LAST_WORD.search(text, max(start, end - 3), end):
