@@ -597,20 +597,7 @@ def _unshift(spans: list[Span], shift: int) -> list[Span]:
 def _outside(spans: list[Span], ranges: list[tuple[int, int]]) -> list[Span]:
     """The spans less what lies inside `ranges` (placeholders: the request's own values, not new ones); a span
     that runs into a placeholder keeps its parts on either side, which are masked."""
-    if not ranges:
-        return spans
-    out = []
-    for s in spans:
-        start = s.start
-        for a, b in ranges:  # in text order, as Pseudonyms.ranges finds them
-            if b <= start or a >= s.end:
-                continue
-            if a > start:
-                out.append(Span(s.label, start, a, s.score, s.source))
-            start = max(start, b)
-        if start < s.end:
-            out.append(Span(s.label, start, s.end, s.score, s.source))
-    return out
+    return [part for s in spans for part in s.outside(ranges)] if ranges else spans
 
 
 def _retrieve(task: asyncio.Future) -> None:

@@ -6,6 +6,7 @@ Offsets are Python string indices (Unicode code points) into the text that was a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -31,6 +32,20 @@ class Span:
 
     def contains(self, other: Span) -> bool:
         return self.start <= other.start and other.end <= self.end
+
+    def outside(self, ranges: Iterable[tuple[int, int]]) -> list[Span]:
+        """The parts of this span that no ``[start, end)`` in `ranges` (in text order) covers: a span that runs
+        into a range keeps its parts on either side."""
+        out, start = [], self.start
+        for a, b in ranges:
+            if b <= start or a >= self.end:
+                continue
+            if a > start:
+                out.append(Span(self.label, start, a, self.score, self.source))
+            start = max(start, b)
+        if start < self.end:
+            out.append(Span(self.label, start, self.end, self.score, self.source))
+        return out
 
     def shifted(self, offset: int) -> Span:
         return Span(self.label, self.start + offset, self.end + offset, self.score, self.source)

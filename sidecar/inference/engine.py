@@ -523,21 +523,8 @@ def add_line_spans(whole: list[Span], lines: Sequence[list[Span]]) -> list[Span]
             if whole[j].end > span.start and whole[j].label != span.label and whole[j].label not in CONTEXT_ENTITIES:
                 held.append(whole[j])
             j -= 1
-        added += _outside(span, held) if held else [span]
+        added += span.outside(sorted((h.start, h.end) for h in held)) if held else [span]
     return merge_overlapping([*whole, *added]) if added else whole
-
-
-def _outside(span: Span, held: list[Span]) -> list[Span]:
-    """The parts of `span` that no span in `held` covers (an edge cut through a word is left as cut: what
-    is masked only grows)."""
-    parts, at = [], span.start
-    for other in sorted(held, key=lambda s: s.start):
-        if other.start > at:
-            parts.append(Span(span.label, at, other.start, span.score, span.source))
-        at = max(at, other.end)
-    if at < span.end:
-        parts.append(Span(span.label, at, span.end, span.score, span.source))
-    return parts
 
 
 def _longest_token(model_dir: ModelDir) -> int:
