@@ -58,7 +58,8 @@ def _purpose(task: str) -> str:
 
 def render_card(results: dict[str, Any]) -> str:
     task = results.get("task", "category")
-    lines = [*_front(results, task), *_training(results), *_metrics(results, task), *_export(results),
+    body = _ensemble(results) if "ensemble" in results else [*_training(results), *_metrics(results, task)]
+    lines = [*_front(results, task), *body, *_export(results),
              *_yardsticks(results), "## Intended use", "",
              "Serving inside semantic-sidecar from this directory (`config.json` carries the labels and "
              "`sidecar_task`; `model.onnx`/`model.int8.onnx` when exported). Not for decisions about people.", "",
@@ -74,9 +75,10 @@ def _front(results: dict[str, Any], task: str) -> list[str]:
         f"pipeline_tag: {'text-classification' if _head(task) == 'sequence' else 'token-classification'}",
         f"base_model: {results.get('base_model', 'unknown')}", "tags: [modernbert, semantic-sidecar]", "---", "",
         f"# semantic-sidecar {task} model", "", _purpose(task), "", "## Data", "",
-        f"- Training data: {', '.join(data.get('train', [])) or 'unknown'} "
-        f"({data.get('train_examples', '?')} examples{windows})",
-        f"- Validation data: {_validation(data)} ({data.get('validation_examples', '?')} examples)",
+        *([] if "ensemble" in results else [  # an ensemble's members each have their own
+            f"- Training data: {', '.join(data.get('train', [])) or 'unknown'} "
+            f"({data.get('train_examples', '?')} examples{windows})",
+            f"- Validation data: {_validation(data)} ({data.get('validation_examples', '?')} examples)"]),
         f"- Labels ({len(results.get('labels', []))}): {', '.join(results.get('labels', []))}", "",
     ]
 
@@ -95,6 +97,32 @@ def _training(results: dict[str, Any]) -> list[str]:
         f"| steps run | {training.get('steps', '?')} (stopped early: {training.get('stopped_early', '?')}) |",
         f"| time | {results.get('time', {}).get('total_seconds', '?')} s |", "",
     ]
+
+
+def _ensemble(results: dict[str, Any]) -> list[str]:
+    """An ensemble's card lists its members (each one's own card says how it was trained)."""
+    ensemble = results["ensemble"]
+    lines = ["## Ensemble", "", "One ONNX graph that runs each member on the same tokens and sums their logits, "
+             "weighted (`trainer ensemble`). How each member was trained, from its own report:", "",
+             "| member | weight | fine-tuned from | teacher | training data | epochs | validation f1 |",
+             "|---|---|---|---|---|---|---|"]
+    for m in ensemble.get("members", []):
+        own = m.get("results") or {}
+        f1 = (own.get("metrics") or {}).get("f1")
+        data = own.get("data") or {}
+        lines.append(f"| `{m.get('path')}` | {m.get('weight')} | {own.get('base_model') or '-'} | "
+                     f"{(own.get('teacher') or {}).get('model') or '-'} | "
+                     f"{', '.join(data.get('train', [])) or '-'} ({data.get('train_examples', '?')} examples) | "
+                     f"{(own.get('settings') or {}).get('epochs', '-')} | "
+                     f"{f'{f1:.4f}' if isinstance(f1, float) else '-'} |")
+    if ensemble.get("entity_bias"):
+        lines += ["", "Added to the mean's logits inside the graph (per entity type, B- and I-): "
+                  + ", ".join(f"{k} {v:+g}" for k, v in ensemble["entity_bias"].items())
+                  + (f". {ensemble['entity_bias_how']}" if ensemble.get("entity_bias_how") else ".")]
+    lines += ["", "| file | largest difference from the members' weighted mean | argmax agreement |", "|---|---|---|",
+              *(f"| {name} | {p.get('max_abs_diff'):.1e} | {p.get('argmax_agreement')} |"
+                for name, p in (ensemble.get("parity") or {}).items()), ""]
+    return lines
 
 
 def _teacher(results: dict[str, Any]) -> list[str]:

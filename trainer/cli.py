@@ -7,6 +7,7 @@
     trainer synth-pii --count 5000 --output synth.jsonl
     trainer evaluate category/ --data test.jsonl --output report.json [--runtime onnx-int8]
     trainer export category/ --int8
+    trainer ensemble pii-a/ pii-b/ --output pii/
 
 ``evaluate`` scores a model directory as the sidecar serves it (trainer.served): INT8 ONNX on CPU by
 default, its windows, the pattern recognizers and the default PII policy.
@@ -168,6 +169,21 @@ class ExportArguments:
     tolerance: float | None = field(default=None, metadata=_arg("largest allowed ONNX-vs-PyTorch logit difference"))
     int8_quantization: Literal["static", "dynamic"] = field(default="static", metadata=_arg(_QUANTIZATION_HELP))
     int8_calibration: list[str] | None = field(default=None, metadata=_arg(_CALIBRATION_HELP))
+
+
+@dataclass
+class EnsembleArguments:
+    """The members and where the ensemble goes."""
+
+    members: list[str] = field(metadata=_arg(
+        "model directories of one task that read text the same way (tokenizer, labels, window), each exported "
+        "to ONNX", positional=True))
+    output: str = field(metadata=_arg("directory for the ensemble (replaced if it exists)"))
+    weights: list[float] | None = field(default=None, metadata=_arg(
+        "each member's share of the logits, in the members' order (default: equal)"))
+    entity_bias: list[str] | None = field(default=None, metadata=_arg(
+        "pii: TYPE=VALUE added to that type's logits after the mean, inside the graph (models.pii.entity_bias "
+        "still adds on top when serving)"))
 
 
 # --- dataclass → argparse --------------------------------------------------------------------------
@@ -351,6 +367,17 @@ def run_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def run_ensemble(ns: argparse.Namespace) -> int:
+    from trainer.ensemble import build_ensemble
+
+    args = build(EnsembleArguments, ns)
+    report = build_ensemble(args.members, args.output, args.weights, parse_entity_bias(args.entity_bias or []))
+    parity = report["ensemble"]["parity"]
+    print(f"wrote {', '.join(parity)} to {args.output}: {len(args.members)} members, largest difference from their "
+          f"mean {max(p['max_abs_diff'] for p in parity.values()):.1e}")
+    return 0
+
+
 def _export(model_dir: str, int8: bool, tolerance: float | None, quantization: str = "static",
             calibration: list[str] | None = None) -> None:
     from model_contract.eval_results import read_results
@@ -382,6 +409,8 @@ COMMANDS: dict[str, tuple[str, list[type], Callable[[argparse.Namespace], int]]]
     "evaluate": ("metrics of a model directory as the sidecar serves it (runtime, windows, recognizers, PII policy) "
                  "on a labelled file", [EvaluateArguments], run_evaluate),
     "export": ("write model.onnx (+ model.int8.onnx) and check parity with PyTorch", [ExportArguments], run_export),
+    "ensemble": ("serve several exported model directories of one task as one: their ONNX graphs joined, "
+                 "logits averaged", [EnsembleArguments], run_ensemble),
 }
 
 
@@ -423,6 +452,9 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from trainer.settings import UsageError
 
     errors: list[type[BaseException]] = [DataError, CorpusError, UsageError, BaseModelError, ModelDirError]
+    from trainer.ensemble import EnsembleError
+
+    errors.append(EnsembleError)
     try:
         from trainer.export import ExportError
 

@@ -1,0 +1,219 @@
+"""`trainer ensemble`: several model directories of one task served as one, their logits averaged.
+
+Students fine-tuned apart (another seed, encoder or teacher) make different mistakes; the mean of their
+logits keeps what they agree on. The members' ONNX graphs are joined into one graph with the same inputs
+and a ``logits`` output, so the result is an ordinary model directory: the sidecar, `trainer evaluate` and
+the bench read it without knowing. The members must read text the same way (the same tokenizer, labels, task
+and window), since the sidecar tokenizes a window once for the whole graph. Each keeps its own weights and,
+for INT8, its own calibrated ranges; the engine time is about the members' times added up.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from model_contract.eval_results import read_results, write_results
+from model_contract.model_dir import ModelDir, ModelDirError
+
+ONNX_FILES = ("model.onnx", "model.int8.onnx")
+COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json")
+_SAME_CONFIG = ("sidecar_task", "id2label", "sidecar_max_length", "cls_token_id", "sep_token_id", "pad_token_id")
+PARITY_TOLERANCE = 1e-3
+MEMBER_RESULTS = ("base_model", "teacher", "data", "settings", "training", "hardware", "time", "metrics", "per_type",
+                  "per_class", "export", "created")
+"""What the trainer wrote about how a member was made; what a build recipe added (scores, notes) stays there."""
+MEMBER_CONFIG = ("architectures", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
+
+
+class EnsembleError(ValueError):
+    """Members that cannot be served as one (another tokenizer, labels or task), or a graph that fails its check."""
+
+
+def build_ensemble(members: Sequence[str | Path], output: str | Path, weights: Sequence[float] | None = None,
+                   entity_bias: Mapping[str, float] | None = None) -> dict:
+    """Write `output`: the members' ONNX files (each kind every member has) joined into one graph averaging
+    their logits (by `weights`, normalised), their shared config and tokenizer, a report and a card.
+
+    `entity_bias` (token models) adds a number to an entity type's B- and I- logits after the mean, as
+    ``models.pii.entity_bias`` would when serving: the mean of members that disagree is less sure than either,
+    and a build can calibrate that back into the artifact (models/build.py does, on development texts)."""
+    dirs = [Path(m) for m in members]
+    if len(dirs) < 2:
+        raise EnsembleError("an ensemble needs at least two member directories")
+    w = _weights(weights, len(dirs))
+    configs = [_config(d) for d in dirs]
+    _check_alike(dirs, configs)
+    bias = _bias(configs[0], entity_bias or {})
+    kinds = [f for f in ONNX_FILES if all((d / f).exists() for d in dirs)]
+    if not kinds:
+        raise EnsembleError(f"no ONNX file that every member has ({' or '.join(ONNX_FILES)}): run `trainer export` "
+                            "on each first")
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".ensemble-", dir=out.parent))
+    try:
+        for name in COPIED:
+            if (dirs[0] / name).exists():
+                shutil.copy2(dirs[0] / name, staging / name)
+        parity = {}
+        for name in kinds:
+            merge_graphs([d / name for d in dirs], staging / name, w, bias)
+            parity[name] = _check(staging, [d / name for d in dirs], staging / name, w, bias,
+                                  configs[0]["sidecar_task"])
+        report = _report(dirs, configs[0], w, kinds, parity)
+        if entity_bias:
+            report["ensemble"]["entity_bias"] = {k: float(v) for k, v in entity_bias.items() if v}
+        write_results(staging, report)
+        from trainer.card import write_card
+
+        write_card(staging, report)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def merge_graphs(paths: Sequence[Path], out: Path, weights: Sequence[float], bias: np.ndarray | None = None) -> None:
+    """One ONNX graph: each member's nodes under its own name prefix, all reading the shared inputs, and
+    ``logits`` = the weighted sum of their logits (+ `bias`, one number per label)."""
+    import onnx
+    from onnx import compose, helper, numpy_helper
+
+    models = [onnx.load(str(p)) for p in paths]
+    nodes, initializers, value_info, scaled = [], [], [], []
+    for i, (model, weight) in enumerate(zip(models, weights, strict=True)):
+        names = {o.name for o in model.graph.output}
+        if "logits" not in names or {i.name for i in model.graph.input} != {"input_ids", "attention_mask"}:
+            raise EnsembleError(f"{paths[i]}: not a sidecar model graph (inputs input_ids, attention_mask; "
+                                "output logits)")
+        prefixed = compose.add_prefix(model, prefix=f"member{i}/", rename_inputs=False, rename_outputs=True)
+        graph = prefixed.graph
+        nodes += graph.node
+        initializers += graph.initializer
+        value_info += graph.value_info
+        initializers.append(numpy_helper.from_array(np.array(weight, dtype=np.float32), f"member{i}/weight"))
+        nodes.append(helper.make_node("Mul", [f"member{i}/logits", f"member{i}/weight"], [f"member{i}/scaled"]))
+        scaled.append(f"member{i}/scaled")
+    if bias is None:
+        nodes.append(helper.make_node("Sum", scaled, ["logits"]))
+    else:
+        initializers.append(numpy_helper.from_array(bias.astype(np.float32), "ensemble/bias"))
+        nodes += [helper.make_node("Sum", scaled, ["ensemble/mean"]),
+                  helper.make_node("Add", ["ensemble/mean", "ensemble/bias"], ["logits"])]
+    first = models[0].graph
+    graph = helper.make_graph(nodes, "ensemble", list(first.input), [o for o in first.output if o.name == "logits"],
+                              initializers, value_info=value_info)
+    opsets: dict[str, int] = {}
+    for model in models:
+        for entry in model.opset_import:
+            opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
+    merged = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                               ir_version=max(m.ir_version for m in models), producer_name="semantic-sidecar ensemble")
+    onnx.save(merged, str(out))
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    if len(weights) != n:
+        raise EnsembleError(f"{len(weights)} weights for {n} members")
+    if any(not np.isfinite(x) or x <= 0 for x in weights):
+        raise EnsembleError("weights must be positive numbers")
+    total = float(sum(weights))
+    return [float(x) / total for x in weights]
+
+
+def _bias(config: dict, entity_bias: Mapping[str, float]) -> np.ndarray | None:
+    """Per label, what `entity_bias` adds (B- and I- of a type); None when nothing is added."""
+    if not any(entity_bias.values()):
+        return None
+    labels = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
+    types = {label.split("-", 1)[1] for label in labels if label[:2] in ("B-", "I-")}
+    if not types:
+        raise EnsembleError("entity_bias is for token (PII) models; these members classify sequences")
+    if any(not -20 <= v <= 20 for v in entity_bias.values()):
+        raise EnsembleError("entity_bias values must lie in [-20, 20], as models.pii.entity_bias's do")
+    unknown = sorted(set(entity_bias) - types)
+    if unknown:
+        raise EnsembleError(f"entity_bias names {', '.join(unknown)}, which the members do not tag "
+                            f"(they tag {', '.join(sorted(types))})")
+    return np.array([entity_bias.get(label[2:], 0.0) if label[:2] in ("B-", "I-") else 0.0 for label in labels],
+                    dtype=np.float32)
+
+
+def _config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.exists():
+        raise EnsembleError(f"{directory}: no config.json (not a model directory)")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if "sidecar_task" not in config:
+        raise EnsembleError(f"{directory}: config.json has no sidecar_task (not built by trainer)")
+    return config
+
+
+def _check_alike(dirs: Sequence[Path], configs: Sequence[dict]) -> None:
+    """The members must read a text identically and name their outputs the same."""
+    for d, config in zip(dirs[1:], configs[1:], strict=True):
+        for key in _SAME_CONFIG:
+            if config.get(key) != configs[0].get(key):
+                raise EnsembleError(f"{d}: {key} differs from {dirs[0]}'s ({config.get(key)!r} against "
+                                    f"{configs[0].get(key)!r}); members must share it")
+        if (d / "tokenizer.json").read_bytes() != (dirs[0] / "tokenizer.json").read_bytes():
+            raise EnsembleError(f"{d}: its tokenizer.json is not {dirs[0]}'s; members must read text the same way")
+
+
+def _check(staging: Path, members: Sequence[Path], merged: Path, weights: Sequence[float], bias: np.ndarray | None,
+           task: str) -> dict:
+    """The joined graph against the weighted mean of the members' own logits (+ bias) on the export's fixed
+    texts."""
+    from trainer.export import check_parity, parity_inputs
+
+    try:
+        inputs = parity_inputs(ModelDir.read(staging))
+    except ModelDirError as e:
+        raise EnsembleError(str(e)) from e
+    per_member = [_run(path, inputs) for path in members]
+    expected = [sum(w * runs[i] for w, runs in zip(weights, per_member, strict=True)) + (0 if bias is None else bias)
+                for i in range(len(per_member[0]))]
+    parity = check_parity(merged, inputs, expected, task)
+    if not parity.max_abs_diff <= PARITY_TOLERANCE:
+        raise EnsembleError(f"{merged}: logits differ from the members' mean by {parity.max_abs_diff:.2e}")
+    return {"max_abs_diff": parity.max_abs_diff, "argmax_agreement": parity.argmax_agreement,
+            "compared": parity.compared}
+
+
+def _run(path: Path, inputs) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    from trainer.export import _runs
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return [session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float64)
+            for ids, mask in _runs(inputs)]
+
+
+def _report(dirs: Sequence[Path], config: dict, weights: Sequence[float], kinds: Sequence[str],
+            parity: dict) -> dict:
+    """The labels and task, and per member its weight, architecture and own report (how it was trained)."""
+    members = []
+    for d, weight in zip(dirs, weights, strict=True):
+        results = read_results(d) if (d / "eval_results.json").exists() else {}
+        member_config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        members.append({"path": str(d), "weight": round(weight, 6),
+                        "config": {k: member_config[k] for k in MEMBER_CONFIG if k in member_config},
+                        "results": {k: results[k] for k in MEMBER_RESULTS if k in results}})
+    labels = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
+    return {"task": config["sidecar_task"], "labels": labels,
+            "base_model": "ensemble of " + ", ".join(str(d) for d in dirs),
+            "ensemble": {"members": members, "files": list(kinds), "parity": parity,
+                         "how": "one ONNX graph: the members' logits, weighted, summed"}}
