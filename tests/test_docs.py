@@ -104,6 +104,28 @@ def test_the_readme_table_puts_each_held_out_figure_beside_its_baseline_and_skip
     assert "any position" not in page and "WNUT-17" not in page
 
 
+def test_an_ensembles_overview_describes_each_member_and_its_own_labels(tmp_path):
+    def member(layers: int, epochs: int) -> dict:
+        return {"path": f"build/models/pii-{layers}", "weight": 0.5,
+                "config": {"num_hidden_layers": layers, "hidden_size": 256},
+                "results": {"settings": {"epochs": epochs, "batch_size": 16},
+                            "base_model": f"build/models/encoder-{layers}"}}
+
+    pii = {"task": "pii", "labels": ["O", "B-PERSON", "I-PERSON"], "created": "2026-12-05",
+           "ensemble": {"members": [member(4, 5), member(6, 3)], "entity_bias": {"PERSON": 0.5}}}
+    root = _doc_root(tmp_path, {"task": "category", "labels": ["law"]}, pii)
+    assert generate("--root", str(root)).returncode == 0
+    page = (root / "docs" / "page.md").read_text()
+    assert "2 members, logits averaged (`trainer ensemble`): `build/models/pii-4`, `build/models/pii-6`" in page
+    assert "| layers, hidden size | - | 4, 256 + 6, 256 |" in page
+    assert "| epochs | - | 5 + 3 |" in page
+    assert "| batch size | - | 16 |" in page  # the members agree: said once
+    assert "| output labels | 1 | 3 |" in page  # the ensemble's own
+    assert "| `build/models/pii-6` | 0.5000 | 6, 256 | build/models/encoder-6 |" in page
+    assert "Added to the mean's logits inside the graph: PERSON +0.5." in page
+    assert generate("--root", str(root), "--check").returncode == 0
+
+
 def test_a_missing_model_report_says_so(tmp_path):
     root = _doc_root(tmp_path, {"task": "category"}, None)
     result = generate("--root", str(root))

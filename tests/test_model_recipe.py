@@ -298,6 +298,10 @@ def _dry_build(tmp_path, monkeypatch, *argv: str) -> list[tuple[str, ...]]:
             (out / "config.json").write_text(json.dumps({"num_hidden_layers": spec.num_hidden_layers,
                                                          "hidden_size": spec.hidden_size,
                                                          "intermediate_size": spec.intermediate_size}))
+        elif args[0] == "ensemble":
+            (out / "model.int8.onnx").write_bytes(b"onnx")
+            members = args[1:args.index("--output")]
+            (out / "eval_results.json").write_text(json.dumps({"ensemble": {"members": [{"path": m} for m in members]}}))
         elif args[0] == "pretrain":
             base = Path(args[args.index("--base-model") + 1])
             (out / "config.json").write_text((base / "config.json").read_text())
@@ -317,6 +321,7 @@ def _dry_build(tmp_path, monkeypatch, *argv: str) -> list[tuple[str, ...]]:
     monkeypatch.setattr(build, "pii_report", lambda *a, **k: {})
     monkeypatch.setattr(build, "category_notes", lambda r: [])
     monkeypatch.setattr(build, "pii_notes", lambda r: [])
+    monkeypatch.setattr(build, "person_bias", lambda paths, members: (1.25, "how"))
     monkeypatch.setattr(build, "ship", lambda built, target, extra, note: calls.append(("ship", target.name, note)))
     monkeypatch.setattr(build, "record_cost", lambda replaced, out: calls.append(("cost",)))
     monkeypatch.setattr(build, "cost_yardstick", lambda work, out: work / "replaced")
@@ -337,7 +342,7 @@ def _base_model(calls, task: str) -> str:
 
 
 def test_the_build_fine_tunes_each_model_from_its_sizes_encoder_pii_first(tmp_path, monkeypatch):
-    calls = _dry_build(tmp_path, monkeypatch)
+    calls = _dry_build(tmp_path, monkeypatch, "--no-pii-ensemble")
 
     assert sorted(c[2] for c in calls if c[0] == "base") == ["medium", "small"]
     assert (_base_model(calls, "category"), _base_model(calls, "pii")) == ("encoder-medium", "encoder")
@@ -347,18 +352,18 @@ def test_the_build_fine_tunes_each_model_from_its_sizes_encoder_pii_first(tmp_pa
 
 
 def test_a_category_model_from_another_sizes_encoder_is_trained_again(tmp_path, monkeypatch):
-    _dry_build(tmp_path, monkeypatch, "--category-size", "small")
-    again = _dry_build(tmp_path, monkeypatch)
-    reused = _dry_build(tmp_path, monkeypatch)
+    _dry_build(tmp_path, monkeypatch, "--category-size", "small", "--no-pii-ensemble")
+    again = _dry_build(tmp_path, monkeypatch, "--no-pii-ensemble")
+    reused = _dry_build(tmp_path, monkeypatch, "--no-pii-ensemble")
 
     assert [c[0] for c in again if c[0] in ("base", "category", "pii")] == ["base", "category"]  # PII kept
     assert not [c for c in reused if c[0] in ("base", "pretrain", "category", "pii")]
 
 
 def test_the_pii_student_learns_from_the_teacher_fine_tuned_once_on_the_same_rows(tmp_path, monkeypatch):
-    calls = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "3")
-    again = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "3")
-    untaught = _dry_build(tmp_path, monkeypatch, "--only", "pii")
+    calls = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "3", "--no-pii-ensemble")
+    again = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "3", "--no-pii-ensemble")
+    untaught = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--no-pii-ensemble")
 
     coach, student = [c for c in calls if c[0] == "pii"]
     assert coach[coach.index("--base-model") + 1] == "teacher" and coach[coach.index("--epochs") + 1] == "3"
@@ -371,8 +376,9 @@ def test_the_pii_student_learns_from_the_teacher_fine_tuned_once_on_the_same_row
 
 
 def test_a_pii_teacher_of_other_epochs_is_built_again_and_so_is_every_pass_after_it(tmp_path, monkeypatch):
-    _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "3", "--pii-second-epochs", "2")
-    longer = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "4", "--pii-second-epochs", "2")
+    single = ("--no-pii-ensemble", "--pii-second-epochs", "2")
+    _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "3", *single)
+    longer = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "4", *single)
 
     outputs = [Path(c[c.index("--output") + 1]).name for c in longer if c[0] == "pii"]
     assert outputs == ["pii-teacher", "pii-first", "pii"]
@@ -381,10 +387,45 @@ def test_a_pii_teacher_of_other_epochs_is_built_again_and_so_is_every_pass_after
 
 
 def test_one_model_builds_only_its_own_encoder(tmp_path, monkeypatch):
-    calls = _dry_build(tmp_path, monkeypatch, "--only", "pii")
+    calls = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--no-pii-ensemble")
 
     assert [c[2] for c in calls if c[0] == "base"] == ["small"]
     assert not [c for c in calls if c[0] == "category"]
+
+
+def _output(call: tuple[str, ...]) -> str:
+    return Path(call[call.index("--output") + 1]).name
+
+
+def test_the_pii_model_that_ships_joins_a_labels_student_and_a_teacher_taught_medium_one(tmp_path, monkeypatch):
+    calls = _dry_build(tmp_path, monkeypatch, "--only", "pii")
+    again = _dry_build(tmp_path, monkeypatch, "--only", "pii")
+
+    assert sorted(c[2] for c in calls if c[0] == "base") == ["medium", "small"]
+    coach, labels, taught = [c for c in calls if c[0] == "pii"]
+    assert [_output(c) for c in (coach, labels, taught)] == ["pii-teacher", "pii-labels", "pii-taught"]
+    assert coach[coach.index("--epochs") + 1] == "3"  # the taught member needs a teacher: 3 epochs by default
+    assert Path(labels[labels.index("--base-model") + 1]).name == "encoder" and "--teacher" not in labels
+    assert Path(taught[taught.index("--base-model") + 1]).name == "encoder-medium"
+    assert Path(taught[taught.index("--teacher") + 1]).name == "pii-teacher"
+    (join,) = [c for c in calls if c[0] == "ensemble"]
+    assert [Path(m).name for m in join[1:join.index("--output")]] == ["pii-labels", "pii-taught"]
+    assert _output(join) == "pii" and join[join.index("--entity-bias") + 1] == "PERSON=1.25"
+    assert ("ship", "pii") == next(c for c in calls if c[0] == "ship")[:2]
+    assert not [c for c in again if c[0] in ("pii", "ensemble")]  # members and the join reused
+
+
+def test_a_new_teacher_retrains_only_the_taught_member_and_joins_again(tmp_path, monkeypatch):
+    _dry_build(tmp_path, monkeypatch, "--only", "pii")
+    longer = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "4")
+
+    assert [_output(c) for c in longer if c[0] in ("pii", "ensemble")] == ["pii-teacher", "pii-taught", "pii"]
+
+
+@pytest.mark.parametrize("flags", [("--pii-teacher-epochs", "0"), ("--pii-second-epochs", "2")])
+def test_the_ensemble_refuses_options_it_cannot_honour(tmp_path, monkeypatch, flags):
+    with pytest.raises(SystemExit):
+        _dry_build(tmp_path, monkeypatch, "--only", "pii", *flags)
 
 
 def test_the_pii_card_holds_everyday_questions_to_no_mask_at_all_and_real_text_to_two_percent():
