@@ -411,7 +411,7 @@ def test_the_pii_model_that_ships_joins_a_labels_student_and_a_teacher_taught_me
     (join,) = [c for c in calls if c[0] == "ensemble"]
     assert [Path(m).name for m in join[1:join.index("--output")]] == ["pii-labels", "pii-taught"]
     assert _output(join) == "pii" and join[join.index("--entity-bias") + 1] == "PERSON=1.25"
-    assert ("ship", "pii") == next(c for c in calls if c[0] == "ship")[:2]
+    assert next(c for c in calls if c[0] == "ship")[:2] == ("ship", "pii")
     assert not [c for c in again if c[0] in ("pii", "ensemble")]  # members and the join reused
 
 
