@@ -48,7 +48,7 @@ lint: install
 proto: install
 	$(PY) -m sidecar.api.generate
 
-# Rebuild the bundled default models from ../shared/data (about two hours on 2 quiet CPU cores; resumable),
+# Rebuild the bundled default models from ../shared/data (about three hours on 2 quiet CPU cores; resumable),
 # then docs/models.md's tables from their new eval_results.json.
 models: install
 	$(PIP) install -q -e ".[dev,teacher]"
