@@ -90,6 +90,18 @@ def test_entity_bias_for_a_type_the_members_do_not_tag_or_out_of_range_is_refuse
         build_ensemble(list(members), tmp_path / "ens", entity_bias=bias)
 
 
+def test_members_past_protobufs_limit_are_joined_with_their_weights_in_an_external_file(members, batch, tmp_path,
+                                                                                        monkeypatch):
+    from trainer import export
+
+    a, b = members
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    build_ensemble([a, b], tmp_path / "ens")
+    assert (tmp_path / "ens" / "model.onnx.data").stat().st_size > (tmp_path / "ens" / "model.onnx").stat().st_size
+    want = (_logits(a / "model.onnx", *batch) + _logits(b / "model.onnx", *batch)) / 2
+    np.testing.assert_allclose(_logits(tmp_path / "ens" / "model.onnx", *batch), want, atol=1e-4)
+
+
 def test_ensemble_directory_is_served_by_the_sidecar_as_is(members, tmp_path):
     from trainer.served import decide, served_router
 

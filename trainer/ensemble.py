@@ -87,6 +87,8 @@ def merge_graphs(paths: Sequence[Path], out: Path, weights: Sequence[float], bia
     import onnx
     from onnx import compose, helper, numpy_helper
 
+    from trainer import export
+
     models = [onnx.load(str(p)) for p in paths]
     nodes, initializers, value_info, scaled = [], [], [], []
     for i, (model, weight) in enumerate(zip(models, weights, strict=True)):
@@ -117,7 +119,11 @@ def merge_graphs(paths: Sequence[Path], out: Path, weights: Sequence[float], bia
             opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
     merged = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
                                ir_version=max(m.ir_version for m in models), producer_name="semantic-sidecar ensemble")
-    onnx.save(merged, str(out))
+    if sum(p.stat().st_size for p in paths) > export.EXTERNAL_DATA_BYTES:  # protobuf's 2 GB limit, as `trainer export`
+        onnx.save_model(merged, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data")
+    else:
+        onnx.save_model(merged, str(out))
 
 
 def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
