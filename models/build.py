@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -490,16 +491,15 @@ def build_pii_ensemble(args: argparse.Namespace, paths: dict[str, Path], encoder
     train = [str(paths[k]) for k in PII_TRAIN]
     common = ["--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16",
               "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4"]
-    coach, fresh = pii_teacher(args, train, common, teacher)
+    coach, new_teacher = pii_teacher(args, train, common, teacher)
     labels, taught, joined = w / "pii-labels", w / "pii-taught", w / "pii"
     plan = ((labels, encoders[args.pii_size], None), (taught, encoders["medium"], coach))
     for member, encoder, coach_of in plan:
-        if (coach_of and fresh) or not (_built_from(member, encoder) and _taught_by(member, coach_of)):
+        if (coach_of and new_teacher) or not (_built_from(member, encoder) and _taught_by(member, coach_of)):
             run("pii", "--train", *train, "--base-model", str(encoder), "--output", str(member),
                 "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common, "--int8",
                 *(["--teacher", str(coach_of)] if coach_of else []))
-            fresh = True
-    if fresh or not _joins(joined, [labels, taught]):
+    if not _joins(joined, [labels, taught]):  # also after a run stopped between a member's training and the join
         bias, how = person_bias(paths, [labels, taught])
         run("ensemble", str(labels), str(taught), "--output", str(joined), "--entity-bias", f"PERSON={bias:g}")
         results = read_results(joined)
@@ -511,11 +511,18 @@ def build_pii_ensemble(args: argparse.Namespace, paths: dict[str, Path], encoder
 
 
 def _joins(directory: Path, members: list[Path]) -> bool:
-    """Whether `directory` is the ensemble of exactly `members` (else: join them again)."""
+    """Whether `directory` is the ensemble of exactly `members` as they are now (the same INT8 files it joined;
+    else: join them again)."""
+    from trainer.ensemble import file_digest
+
     if not (directory / "model.int8.onnx").exists():
         return False
-    recorded = [(ROOT / m["path"]).resolve() for m in (read_results(directory).get("ensemble") or {}).get("members", [])]
-    return recorded == [m.resolve() for m in members]
+    recorded = (read_results(directory).get("ensemble") or {}).get("members", [])
+    if [(ROOT / m["path"]).resolve() for m in recorded] != [m.resolve() for m in members]:
+        return False
+    return all((m / "model.int8.onnx").exists() and
+               (r.get("sha256") or {}).get("model.int8.onnx") == file_digest(m / "model.int8.onnx")
+               for m, r in zip(members, recorded, strict=True))
 
 
 BIAS_GRID = tuple(i / 4 for i in range(13))  # 0, 0.25, ..., 3
@@ -543,17 +550,24 @@ def person_bias(paths: dict[str, Path], members: list[Path]) -> tuple[float, str
     with tempfile.TemporaryDirectory() as tmp:
         mean = Path(tmp) / "mean"
         build_ensemble(members, mean)
-        counts = {}
-        for bias in BIAS_GRID:
-            counts[bias] = names(mean, bias)
-            if counts[bias] >= target:
-                break
-    chosen = bias
+        chosen, counts = smallest_bias(lambda bias: names(mean, bias), target)
+    reached = "" if counts[chosen] >= target else f" No value on the grid reached it, so the largest, {chosen:g}, was taken."
     how = (f"Chosen with no label read: the smallest of 0, 0.25, ... 3 at which the ensemble tags at least as many "
            f"names on {len(texts):,} development texts (synthetic validation, category development questions) as its "
            f"members do alone on average ({' and '.join(map(str, alone))}; the ensemble: "
-           f"{', '.join(f'{counts[b]} at {b:g}' for b in counts)}).")
+           f"{', '.join(f'{counts[b]} at {b:g}' for b in counts)}).{reached}")
     return chosen, how
+
+
+def smallest_bias(count_at: Callable[[float], int], target: float) -> tuple[float, dict[float, int]]:
+    """The first bias on `BIAS_GRID` whose count reaches `target` (the last one when none does), and the counts
+    measured on the way."""
+    counts: dict[float, int] = {}
+    for bias in BIAS_GRID:
+        counts[bias] = count_at(bias)
+        if counts[bias] >= target:
+            break
+    return bias, counts
 
 
 def pii_teacher(args: argparse.Namespace, train: list[str], common: list[str], teacher: str) -> tuple[Path | None, bool]:

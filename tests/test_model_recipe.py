@@ -299,16 +299,19 @@ def _dry_build(tmp_path, monkeypatch, *argv: str) -> list[tuple[str, ...]]:
                                                          "hidden_size": spec.hidden_size,
                                                          "intermediate_size": spec.intermediate_size}))
         elif args[0] == "ensemble":
+            from trainer.ensemble import file_digest
+
             (out / "model.int8.onnx").write_bytes(b"onnx")
-            members = args[1:args.index("--output")]
-            (out / "eval_results.json").write_text(json.dumps({"ensemble": {"members": [{"path": m} for m in members]}}))
+            members = [{"path": m, "sha256": {"model.int8.onnx": file_digest(Path(m) / "model.int8.onnx")}}
+                       for m in args[1:args.index("--output")]]
+            (out / "eval_results.json").write_text(json.dumps({"ensemble": {"members": members}}))
         elif args[0] == "pretrain":
             base = Path(args[args.index("--base-model") + 1])
             (out / "config.json").write_text((base / "config.json").read_text())
             (out / "pretrain_results.json").write_text(json.dumps({"settings": {"epochs": 3.0}}))
         else:
             (out / "config.json").write_text("{}")
-            (out / "model.int8.onnx").write_bytes(b"onnx")
+            (out / "model.int8.onnx").write_bytes(f"onnx {len(calls)} {out}".encode())  # a new file per training
             taught = {"teacher": {"model": args[args.index("--teacher") + 1]}} if "--teacher" in args else {}
             (out / "eval_results.json").write_text(json.dumps({"base_model": args[args.index("--base-model") + 1],
                                                                "settings": {"epochs": float(args[args.index("--epochs") + 1])},
@@ -420,6 +423,30 @@ def test_a_new_teacher_retrains_only_the_taught_member_and_joins_again(tmp_path,
     longer = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-teacher-epochs", "4")
 
     assert [_output(c) for c in longer if c[0] in ("pii", "ensemble")] == ["pii-teacher", "pii-taught", "pii"]
+
+
+def test_a_member_changed_after_the_join_is_joined_again_without_retraining(tmp_path, monkeypatch):
+    _dry_build(tmp_path, monkeypatch, "--only", "pii")
+    (tmp_path / "w" / "pii-labels" / "model.int8.onnx").write_bytes(b"retrained, then the run stopped")
+    resumed = _dry_build(tmp_path, monkeypatch, "--only", "pii")
+
+    assert [(c[0], _output(c)) for c in resumed if c[0] in ("pii", "ensemble")] == [("ensemble", "pii")]
+
+
+def test_another_size_for_the_labels_member_leaves_the_taught_member_alone(tmp_path, monkeypatch):
+    _dry_build(tmp_path, monkeypatch, "--only", "pii")
+    resized = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--pii-size", "medium")
+
+    assert [_output(c) for c in resized if c[0] in ("pii", "ensemble")] == ["pii-labels", "pii"]
+
+
+def test_the_bias_is_the_first_on_the_grid_to_reach_the_members_average_or_the_last_one():
+    from models import build
+
+    chosen, counts = build.smallest_bias(lambda bias: int(100 + 20 * bias), 111)
+    assert chosen == 0.75 and list(counts) == [0.0, 0.25, 0.5, 0.75]
+    chosen, counts = build.smallest_bias(lambda bias: 100, 111)
+    assert chosen == build.BIAS_GRID[-1] and len(counts) == len(build.BIAS_GRID)
 
 
 @pytest.mark.parametrize("flags", [("--pii-teacher-epochs", "0"), ("--pii-second-epochs", "2")])

@@ -95,21 +95,70 @@ def test_members_past_protobufs_limit_are_joined_with_their_weights_in_an_extern
     from trainer import export
 
     a, b = members
-    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
-    build_ensemble([a, b], tmp_path / "ens")
+    external = shutil.copytree(a, tmp_path / "external")  # as `trainer export` writes a large model
+    onnx.save(onnx.load(a / "model.onnx"), external / "model.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data")
+    graphs = (external / "model.onnx").stat().st_size + (b / "model.onnx").stat().st_size
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", graphs + 1)  # only the weights file puts it past the limit
+    build_ensemble([external, b], tmp_path / "ens")
     assert (tmp_path / "ens" / "model.onnx.data").stat().st_size > (tmp_path / "ens" / "model.onnx").stat().st_size
     want = (_logits(a / "model.onnx", *batch) + _logits(b / "model.onnx", *batch)) / 2
     np.testing.assert_allclose(_logits(tmp_path / "ens" / "model.onnx", *batch), want, atol=1e-4)
 
 
 def test_ensemble_directory_is_served_by_the_sidecar_as_is(members, tmp_path):
-    from trainer.served import decide, served_router
+    from trainer.served import served_router
 
     a, b = members
-    build_ensemble([a, b], tmp_path / "ens")
-    with served_router(pii=tmp_path / "ens", runtime="onnx") as router:
-        (decision,) = decide(router, ["Call Maria Garcia on +1 415 555 0100."])
-    assert any(s["label"] == "PHONE_NUMBER" for s in decision.pii)  # the pattern recognizers still run beside it
+    twin = shutil.copytree(a, tmp_path / "twin")  # a mean of a model and its copy is that model
+    build_ensemble([a, twin], tmp_path / "ens")
+    texts = ["Call Maria Garcia on +1 415 555 0100.", "Nothing personal in this sentence at all, really."]
+    found = {}
+    for name, directory in (("alone", a), ("joined", tmp_path / "ens")):
+        with served_router(pii=directory, runtime="onnx") as router:
+            found[name] = [[(s.label, s.start, s.end, round(s.score, 4)) for s in r.spans]
+                           for r in router.engine.predict_many("pii", texts)]
+    assert any(found["alone"]) and found["joined"] == found["alone"]  # the untrained model tags something
+
+
+def test_the_bias_vector_follows_label_ids_past_ten_labels():
+    from trainer.ensemble import _bias
+
+    labels = ["O"] + [f"{p}-{t}" for t in ("A", "B", "C", "D", "E", "PERSON") for p in ("B", "I")]
+    config = {"id2label": {str(i): label for i, label in enumerate(labels)}}  # "10" sorts before "2" as text
+    vector = _bias(config, {"PERSON": 2.0})
+    assert [labels[i] for i in np.flatnonzero(vector)] == ["B-PERSON", "I-PERSON"]
+
+
+def test_a_member_named_twice_or_an_output_over_a_member_is_refused(members, tmp_path):
+    a, b = members
+    with pytest.raises(EnsembleError, match="twice"):
+        build_ensemble([a, a], tmp_path / "ens")
+    with pytest.raises(EnsembleError, match="would replace member"):
+        build_ensemble([a, b], b)
+    with pytest.raises(EnsembleError, match="would replace member"):
+        build_ensemble([a, b], b.parent)
+    assert (b / "model.onnx").exists() and (b / "config.json").exists()
+
+
+def test_members_of_different_opsets_are_refused(members, tmp_path):
+    a, b = members
+    other = shutil.copytree(b, tmp_path / "other")
+    model = onnx.load(other / "model.onnx")
+    for entry in model.opset_import:
+        if entry.domain == "":
+            entry.version -= 1
+    onnx.save(model, other / "model.onnx")
+    with pytest.raises(EnsembleError, match="opsets"):
+        build_ensemble([a, other], tmp_path / "ens")
+
+
+def test_a_member_without_a_tokenizer_is_a_clear_error(members, tmp_path, capsys):
+    a, b = members
+    other = shutil.copytree(b, tmp_path / "other")
+    (other / "tokenizer.json").unlink()
+    code, _, err = run_cli(capsys, "ensemble", a, other, "--output", tmp_path / "ens")
+    assert code == 2 and "no tokenizer.json" in err and "Traceback" not in err
 
 
 def test_report_and_card_name_the_members_and_the_parity_check(members, tmp_path):

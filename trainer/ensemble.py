@@ -10,10 +10,12 @@ for INT8, its own calibrated ranges; the engine time is about the members' times
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ def build_ensemble(members: Sequence[str | Path], output: str | Path, weights: S
     if len(dirs) < 2:
         raise EnsembleError("an ensemble needs at least two member directories")
     w = _weights(weights, len(dirs))
+    _check_dirs(dirs, Path(output))
     configs = [_config(d) for d in dirs]
     _check_alike(dirs, configs)
     bias = _bias(configs[0], entity_bias or {})
@@ -90,20 +93,17 @@ def merge_graphs(paths: Sequence[Path], out: Path, weights: Sequence[float], bia
     from trainer import export
 
     models = [onnx.load(str(p)) for p in paths]
+    _check_graphs(paths, models)
     nodes, initializers, value_info, scaled = [], [], [], []
     for i, (model, weight) in enumerate(zip(models, weights, strict=True)):
-        names = {o.name for o in model.graph.output}
-        if "logits" not in names or {i.name for i in model.graph.input} != {"input_ids", "attention_mask"}:
-            raise EnsembleError(f"{paths[i]}: not a sidecar model graph (inputs input_ids, attention_mask; "
-                                "output logits)")
-        prefixed = compose.add_prefix(model, prefix=f"member{i}/", rename_inputs=False, rename_outputs=True)
-        graph = prefixed.graph
+        graph = compose.add_prefix(model, prefix=f"member{i}/", rename_inputs=False, rename_outputs=True).graph
         nodes += graph.node
         initializers += graph.initializer
         value_info += graph.value_info
-        initializers.append(numpy_helper.from_array(np.array(weight, dtype=np.float32), f"member{i}/weight"))
-        nodes.append(helper.make_node("Mul", [f"member{i}/logits", f"member{i}/weight"], [f"member{i}/scaled"]))
-        scaled.append(f"member{i}/scaled")
+        # every member name now starts with "member<i>/", so the "ensemble/" names added here cannot clash
+        initializers.append(numpy_helper.from_array(np.array(weight, dtype=np.float32), f"ensemble/weight{i}"))
+        nodes.append(helper.make_node("Mul", [f"member{i}/logits", f"ensemble/weight{i}"], [f"ensemble/scaled{i}"]))
+        scaled.append(f"ensemble/scaled{i}")
     if bias is None:
         nodes.append(helper.make_node("Sum", scaled, ["logits"]))
     else:
@@ -119,7 +119,8 @@ def merge_graphs(paths: Sequence[Path], out: Path, weights: Sequence[float], bia
             opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
     merged = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
                                ir_version=max(m.ir_version for m in models), producer_name="semantic-sidecar ensemble")
-    if sum(p.stat().st_size for p in paths) > export.EXTERNAL_DATA_BYTES:  # protobuf's 2 GB limit, as `trainer export`
+    weight_bytes = sum(f.stat().st_size for p in paths for f in (p, p.with_name(p.name + ".data")) if f.exists())
+    if weight_bytes > export.EXTERNAL_DATA_BYTES:  # protobuf's 2 GB limit, as `trainer export`
         onnx.save_model(merged, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=out.name + ".data")
     else:
@@ -165,8 +166,38 @@ def _config(directory: Path) -> dict:
     return config
 
 
+def _check_graphs(paths: Sequence[Path], models: Sequence) -> None:
+    """Graphs this joiner can put side by side: the sidecar's inputs and output, one opset (a node is read
+    under its graph's opset, and ops change meaning between them), no local functions or sparse weights."""
+    opsets = {tuple(sorted((e.domain, e.version) for e in m.opset_import if e.domain in ("", "ai.onnx")))
+              for m in models}
+    if len(opsets) > 1:
+        raise EnsembleError(f"the members use different ONNX opsets ({sorted(opsets)}); export them with one "
+                            "trainer version")
+    for path, model in zip(paths, models, strict=True):
+        if {o.name for o in model.graph.output} != {"logits"} or \
+                {x.name for x in model.graph.input} != {"input_ids", "attention_mask"}:
+            raise EnsembleError(f"{path}: not a sidecar model graph (inputs input_ids, attention_mask; output logits)")
+        if model.functions or model.graph.sparse_initializer:
+            raise EnsembleError(f"{path}: a graph with local functions or sparse weights cannot be joined")
+
+
+def _check_dirs(dirs: Sequence[Path], out: Path) -> None:
+    """Each member once, and the output apart from every member (replacing it would delete one)."""
+    resolved = [d.resolve() for d in dirs]
+    if len(set(resolved)) < len(resolved):
+        raise EnsembleError("a member is named twice: its logits would count twice (use --weights)")
+    target = out.resolve()
+    for d, r in zip(dirs, resolved, strict=True):
+        if target == r or target in r.parents:
+            raise EnsembleError(f"--output {out} would replace member {d}; write the ensemble elsewhere")
+
+
 def _check_alike(dirs: Sequence[Path], configs: Sequence[dict]) -> None:
     """The members must read a text identically and name their outputs the same."""
+    for d in dirs:
+        if not (d / "tokenizer.json").exists():
+            raise EnsembleError(f"{d}: no tokenizer.json (not a model directory the sidecar can serve)")
     for d, config in zip(dirs[1:], configs[1:], strict=True):
         for key in _SAME_CONFIG:
             if config.get(key) != configs[0].get(key):
@@ -208,6 +239,15 @@ def _run(path: Path, inputs) -> list[np.ndarray]:
             for ids, mask in _runs(inputs)]
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a member's graph, recorded so a build can tell whether the member changed since the join."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _report(dirs: Sequence[Path], config: dict, weights: Sequence[float], kinds: Sequence[str],
             parity: dict) -> dict:
     """The labels and task, and per member its weight, architecture and own report (how it was trained)."""
@@ -216,10 +256,11 @@ def _report(dirs: Sequence[Path], config: dict, weights: Sequence[float], kinds:
         results = read_results(d) if (d / "eval_results.json").exists() else {}
         member_config = json.loads((d / "config.json").read_text(encoding="utf-8"))
         members.append({"path": str(d), "weight": round(weight, 6),
+                        "sha256": {name: file_digest(d / name) for name in kinds},
                         "config": {k: member_config[k] for k in MEMBER_CONFIG if k in member_config},
                         "results": {k: results[k] for k in MEMBER_RESULTS if k in results}})
     labels = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
-    return {"task": config["sidecar_task"], "labels": labels,
+    return {"task": config["sidecar_task"], "labels": labels, "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "base_model": "ensemble of " + ", ".join(str(d) for d in dirs),
             "ensemble": {"members": members, "files": list(kinds), "parity": parity,
                          "how": "one ONNX graph: the members' logits, weighted, summed"}}
