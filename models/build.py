@@ -443,6 +443,16 @@ def build_category(args: argparse.Namespace, paths: dict[str, Path], encoder: Pa
     ship(cat, args.out / "category", {**report, "notes": category_notes(report)}, built_note(encoder))
 
 
+PII_TRAIN = ("synth_train", "presidio_train", "wnut_train", "context_train", "clean_train")
+
+
+def pii_rows(paths: dict[str, Path]) -> tuple[list[str], list[str]]:
+    """The training files of every PII fine-tune (teacher, students) and the settings they share."""
+    return [str(paths[k]) for k in PII_TRAIN], [
+        "--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16", "--warmup-ratio",
+        "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4"]
+
+
 def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoders: dict[str, Path], teacher: str) -> None:
     """The PII model: the ensemble of two students (`build_pii_ensemble`), or with --no-pii-ensemble one student
     fine-tuned from its size's encoder (learning the predictions of the teacher fine-tuned on the same rows when
@@ -455,9 +465,7 @@ def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoders: dict[s
     second = float(args.pii_second_epochs) > 0
     pii = w / "pii"  # what ships, under the name the bench looks its full build up by
     first = w / "pii-first" if second else pii
-    train = [str(paths[k]) for k in PII_TRAIN]
-    common = ["--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16",
-              "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4"]
+    train, common = pii_rows(paths)
     coach, retrain = pii_teacher(args, train, common, teacher)
     taught = ["--teacher", str(coach)] if coach else []
     if retrain or not (_built_from(first, encoder) and _taught_by(first, coach)):
@@ -478,9 +486,6 @@ def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoders: dict[s
     ship(pii, args.out / "pii", {**report, "notes": pii_notes(report)}, note)
 
 
-PII_TRAIN = ("synth_train", "presidio_train", "wnut_train", "context_train", "clean_train")
-
-
 def build_pii_ensemble(args: argparse.Namespace, paths: dict[str, Path], encoders: dict[str, Path],
                        teacher: str) -> None:
     """Two students that fail differently, joined by `trainer ensemble`: one at --pii-size learns the labels
@@ -488,9 +493,7 @@ def build_pii_ensemble(args: argparse.Namespace, paths: dict[str, Path], encoder
     same rows (`pii-taught`; it learnt the teacher's caution, not its names: docs/training.md). Their mean's
     PERSON scores are lifted by `person_bias`, chosen without reading a label."""
     w = args.work
-    train = [str(paths[k]) for k in PII_TRAIN]
-    common = ["--validation", str(paths["synth_val"]), "--max-length", "128", "--batch-size", "16",
-              "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--eval-steps", "250", "--patience", "4"]
+    train, common = pii_rows(paths)
     coach, new_teacher = pii_teacher(args, train, common, teacher)
     labels, taught, joined = w / "pii-labels", w / "pii-taught", w / "pii"
     plan = ((labels, encoders[args.pii_size], None), (taught, encoders["medium"], coach))

@@ -139,21 +139,30 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
 
 
 def _bias(config: dict, entity_bias: Mapping[str, float]) -> np.ndarray | None:
-    """Per label, what `entity_bias` adds (B- and I- of a type); None when nothing is added."""
+    """Per label, what `entity_bias` adds (B- and I- of a type: the sidecar's own `bias_vector`); None when
+    nothing is added."""
+    from sidecar.errors import ModelLoadError
+    from sidecar.inference.heads import BioScheme, bias_vector
+
     if not any(entity_bias.values()):
         return None
-    labels = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
-    types = {label.split("-", 1)[1] for label in labels if label[:2] in ("B-", "I-")}
-    if not types:
-        raise EnsembleError("entity_bias is for token (PII) models; these members classify sequences")
+    labels = _labels(config)
+    try:
+        scheme = BioScheme.from_labels(labels)
+    except ModelLoadError:
+        raise EnsembleError("entity_bias is for token (PII) models; these members classify sequences") from None
     if any(not -20 <= v <= 20 for v in entity_bias.values()):
         raise EnsembleError("entity_bias values must lie in [-20, 20], as models.pii.entity_bias's do")
-    unknown = sorted(set(entity_bias) - types)
+    unknown = sorted(set(entity_bias) - set(scheme.entity_types))
     if unknown:
         raise EnsembleError(f"entity_bias names {', '.join(unknown)}, which the members do not tag "
-                            f"(they tag {', '.join(sorted(types))})")
-    return np.array([entity_bias.get(label[2:], 0.0) if label[:2] in ("B-", "I-") else 0.0 for label in labels],
-                    dtype=np.float32)
+                            f"(they tag {', '.join(sorted(scheme.entity_types))})")
+    return bias_vector(scheme, labels, entity_bias)
+
+
+def _labels(config: dict) -> list[str]:
+    """The label names in id order ("10" after "9": the ids are numbers written as strings)."""
+    return [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
 
 
 def _config(directory: Path) -> dict:
@@ -259,8 +268,8 @@ def _report(dirs: Sequence[Path], config: dict, weights: Sequence[float], kinds:
                         "sha256": {name: file_digest(d / name) for name in kinds},
                         "config": {k: member_config[k] for k in MEMBER_CONFIG if k in member_config},
                         "results": {k: results[k] for k in MEMBER_RESULTS if k in results}})
-    labels = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
-    return {"task": config["sidecar_task"], "labels": labels, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    return {"task": config["sidecar_task"], "labels": _labels(config),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "base_model": "ensemble of " + ", ".join(str(d) for d in dirs),
             "ensemble": {"members": members, "files": list(kinds), "parity": parity,
                          "how": "one ONNX graph: the members' logits, weighted, summed"}}
