@@ -6,7 +6,10 @@ requests/s, latency, and the ratio ours/naive.
 
 The naive peer runs the PyTorch weights (fp32 on CPU), the Engine what the sidecar itself picks (INT8
 ONNX on CPU). Shipped model directories hold no PyTorch weights; they are looked up in the full build of
-the same name (``--full-models``, default ``build/models``).
+the same name (``--full-models``, default ``build/models``). A PII model joined by ``trainer ensemble`` is one
+graph with no PyTorch weights of its own: the naive peer runs one token-classification pipeline per member
+(the directories its ``eval_results.json`` names), one after the other, as many passes as the joined graph
+makes in one.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +36,7 @@ from bench.common import (
     RESULTS,
     busy_processes,
     corpus_texts,
+    ensemble_members,
     full_build_matches,
     full_model_file,
     log,
@@ -127,17 +132,37 @@ def _summary(latencies: list[float], seconds: float) -> dict:
 
 
 class Naive:
-    """Two pipelines, called one after the other for each request."""
+    """A classification pipeline and the PII pipelines (one, or one per ensemble member), called one after the
+    other for each request."""
 
-    def __init__(self, category: Path, pii: Path, device: str):
+    def __init__(self, category: Path, pii: Sequence[Path], device: str):
         from transformers import pipeline
 
         dev = 0 if device == "cuda" else -1
         self.classifier = pipeline("text-classification", model=str(category), device=dev)
-        self.tagger = pipeline("token-classification", model=str(pii), aggregation_strategy="simple", device=dev)
+        self.taggers = [pipeline("token-classification", model=str(d), aggregation_strategy="simple", device=dev)
+                        for d in pii]
 
     def serve(self, text: str) -> tuple:
-        return self.classifier(text, truncation=True)[0], self.tagger(text)
+        return self.classifier(text, truncation=True)[0], [tag(text) for tag in self.taggers]
+
+
+def pytorch_dirs(model_dir: Path, full_root: Path | None) -> list[Path] | None:
+    """Where the naive peer finds `model_dir`'s PyTorch weights: its own (here or in the full build), or for an
+    ensemble each member's; None when any is missing."""
+    members = ensemble_members(model_dir)
+    if members is None:
+        weights = full_model_file(model_dir, "model.safetensors", full_root)
+        return None if weights is None else [weights.parent]
+    dirs = [m["dir"] for m in members]
+    return dirs if all((d / "model.safetensors").is_file() for d in dirs) else None
+
+
+def is_shipped(model_dir: Path, full_root: Path | None) -> bool | None:
+    """Whether the PyTorch weights timed are the shipped model's: for an ensemble, whether every member's INT8
+    file is still the one joined (retrained members are another build of the same recipe)."""
+    members = ensemble_members(model_dir)
+    return full_build_matches(model_dir, full_root) if members is None else all(m["joined"] for m in members)
 
 
 class Ours:
@@ -202,17 +227,19 @@ def plot(results: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     concurrency = [int(x) for x in args.concurrency.split(",")]
-    weights = {name: full_model_file(path, "model.safetensors", args.full_models)
-               for name, path in (("category", args.category), ("pii", args.pii))}
+    weights = {name: pytorch_dirs(path, args.full_models) for name, path in (("category", args.category), ("pii", args.pii))}
     missing = [name for name, w in weights.items() if w is None]
-    if missing:  # a fresh checkout ships INT8 ONNX only: say so in the results rather than fail `make bench`
-        reason = f"no PyTorch weights for {', '.join(missing)} (model.safetensors here or in --full-models; `make models`)"
+    reason = (f"no PyTorch weights for {', '.join(missing)} (model.safetensors here, in --full-models or in each "
+              f"ensemble member; `make models`)" if missing else
+              "the category model is an ensemble; the naive peer classifies with one pipeline"
+              if len(weights["category"]) > 1 else None)
+    if reason:  # a fresh checkout ships INT8 ONNX only: say so in the results rather than fail `make bench`
         log(f"skipped: {reason}")
         write_json(args.out, {"bench": "naive", "machine": machine(args.device), "skipped": reason})
         return 0
     texts = request_texts(args.texts, corpus_texts(args.corpus), corpus_texts(args.pii_corpus, fallback=False))
     log("loading the naive pipelines and the engine")
-    naive = Naive(weights["category"].parent, weights["pii"].parent, args.device)
+    naive = Naive(weights["category"][0], weights["pii"], args.device)
     ours = Ours(args.category, args.pii, args.device)
     try:
         for text in texts[:4]:  # warm both up
@@ -234,11 +261,13 @@ def main(argv: list[str] | None = None) -> int:
         "contended": busy_processes(),
         "settings": {"concurrency": concurrency, "min_time_s": args.min_time, "texts": len(texts),
                      "mean_chars": round(statistics.mean(len(t) for t in texts), 1),
-                     "naive": {"category": str(weights["category"].parent), "pii": str(weights["pii"].parent),
+                     "naive": {"category": str(weights["category"][0]), "pii": [str(d) for d in weights["pii"]],
                                "how": "transformers.pipeline text-classification (truncation=True) + "
-                                      "token-classification (aggregation_strategy=simple), PyTorch, thread pool"},
+                                      "token-classification (aggregation_strategy=simple)"
+                                      + (f", one per member of the PII ensemble ({len(weights['pii'])}), in turn"
+                                         if len(weights["pii"]) > 1 else "") + ", PyTorch, thread pool"},
                      "ours": {k: {"runtime": v["runtime"], "file": v["file"]} for k, v in ours.describe.items() if v},
-                     "full_build_is_shipped": {name: full_build_matches(path, args.full_models)
+                     "full_build_is_shipped": {name: is_shipped(path, args.full_models)
                                                for name, path in (("category", args.category), ("pii", args.pii))}},
         "check": check,
         "rows": rows,

@@ -107,6 +107,29 @@ def test_naive_compares_pipelines_with_the_engine(models, results):
     assert doc["check"]["passes_per_request"] == {"category": 1.0, "pii": 1.0}
 
 
+def test_naive_runs_one_pipeline_per_member_of_an_ensemble(models, results, tmp_path):
+    from trainer.ensemble import build_ensemble
+
+    members = [shutil.copytree(models["pii"], tmp_path / name) for name in ("a", "b")]
+    ensemble = tmp_path / "pii"
+    build_ensemble(members, ensemble)
+    out = results / "naive-ensemble.json"
+    args = ["--category", str(models["category"]), "--pii", str(ensemble), "--concurrency", "1", "--min-time", "0.1",
+            "--texts", "2", "--corpus", "--pii-corpus", "--out", str(out), "--plot", ""]
+    run("naive", *args)
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["naive"]["pii"] == [str(m) for m in members]
+    assert "one per member of the PII ensemble (2)" in doc["settings"]["naive"]["how"]
+    assert doc["settings"]["full_build_is_shipped"]["pii"] is True
+    assert doc["check"]["passes_per_request"]["pii"] == 1.0  # the joined graph: both members in one pass
+    (members[1] / "model.int8.onnx").write_bytes((members[0] / "model.onnx").read_bytes())  # retrained after the join
+    run("naive", *args)
+    assert json.loads(out.read_text())["settings"]["full_build_is_shipped"]["pii"] is False
+    (members[1] / "model.safetensors").unlink()
+    run("naive", *args)
+    assert "no PyTorch weights for pii" in json.loads(out.read_text())["skipped"]
+
+
 @pytest.mark.envoy
 def test_envoy_runs_all_three_cases_through_the_real_envoy(models, results):
     run("envoy", "--category", str(models["category"]), "--pii", str(models["pii"]), "--concurrency", "2",
