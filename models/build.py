@@ -469,8 +469,9 @@ def build_pii(args: argparse.Namespace, paths: dict[str, Path], encoders: dict[s
     coach, retrain = pii_teacher(args, train, common, teacher)
     taught = ["--teacher", str(coach)] if coach else []
     if retrain or not (_built_from(first, encoder) and _taught_by(first, coach)):
-        run("pii", "--train", *train, "--base-model", str(encoder), "--output", str(first),
-            "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common, "--int8", *taught)
+        if retrain or not _copy_built(first, [w / "pii-labels"], encoder, coach):
+            run("pii", "--train", *train, "--base-model", str(encoder), "--output", str(first),
+                "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common, "--int8", *taught)
         retrain = True
     if second and (retrain or not _built_from(pii, first)):  # from the first pass's weights, at a third of its rate
         run("pii", "--train", *train, "--base-model", str(first), "--output", str(pii),
@@ -499,6 +500,8 @@ def build_pii_ensemble(args: argparse.Namespace, paths: dict[str, Path], encoder
     plan = ((labels, encoders[args.pii_size], None), (taught, encoders["medium"], coach))
     for member, encoder, coach_of in plan:
         if (coach_of and new_teacher) or not (_built_from(member, encoder) and _taught_by(member, coach_of)):
+            if not coach_of and _copy_built(member, [w / "pii", w / "pii-first"], encoder, None):
+                continue
             run("pii", "--train", *train, "--base-model", str(encoder), "--output", str(member),
                 "--epochs", args.pii_epochs, "--learning-rate", "3e-4", *common, "--int8",
                 *(["--teacher", str(coach_of)] if coach_of else []))
@@ -511,6 +514,17 @@ def build_pii_ensemble(args: argparse.Namespace, paths: dict[str, Path], encoder
     report = pii_report(joined, paths, coach)
     note = ensemble_note(encoders[args.pii_size], encoders["medium"], args.pii_teacher_epochs)
     ship(joined, args.out / "pii", {**report, "notes": pii_notes(report)}, note)
+
+
+def _copy_built(target: Path, sources: list[Path], base: Path, teacher: Path | None) -> bool:
+    """Copy to `target` the first of `sources` trained from `base` by `teacher` (the same fine-tune, built by the
+    other PII flow under its own name: the single student is the ensemble's labels member); whether one was."""
+    for source in sources:
+        if source.resolve() != target.resolve() and _built_from(source, base) and _taught_by(source, teacher):
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+            return True
+    return False
 
 
 def _joins(directory: Path, members: list[Path]) -> bool:

@@ -440,6 +440,32 @@ def test_another_size_for_the_labels_member_leaves_the_taught_member_alone(tmp_p
     assert [_output(c) for c in resized if c[0] in ("pii", "ensemble")] == ["pii-labels", "pii"]
 
 
+def test_the_single_student_after_an_ensemble_build_is_its_labels_member_copied_not_retrained(tmp_path, monkeypatch):
+    _dry_build(tmp_path, monkeypatch, "--only", "pii")
+    single = _dry_build(tmp_path, monkeypatch, "--only", "pii", "--no-pii-ensemble")
+    w = tmp_path / "w"
+
+    assert not [c for c in single if c[0] in ("pii", "ensemble")]
+    assert (w / "pii" / "model.int8.onnx").read_bytes() == (w / "pii-labels" / "model.int8.onnx").read_bytes()
+    assert [c[1] for c in single if c[0] == "ship"] == ["pii"]
+
+
+def test_the_labels_member_after_a_single_student_build_is_that_student_copied_not_retrained(tmp_path, monkeypatch):
+    _dry_build(tmp_path, monkeypatch, "--only", "pii", "--no-pii-ensemble")
+    single = (tmp_path / "w" / "pii" / "model.int8.onnx").read_bytes()
+    pair = _dry_build(tmp_path, monkeypatch, "--only", "pii")
+
+    assert [_output(c) for c in pair if c[0] in ("pii", "ensemble")] == ["pii-teacher", "pii-taught", "pii"]
+    assert (tmp_path / "w" / "pii-labels" / "model.int8.onnx").read_bytes() == single
+
+
+def test_a_taught_single_student_is_never_copied_as_the_labels_member(tmp_path, monkeypatch):
+    _dry_build(tmp_path, monkeypatch, "--only", "pii", "--no-pii-ensemble", "--pii-teacher-epochs", "3")
+    pair = _dry_build(tmp_path, monkeypatch, "--only", "pii")
+
+    assert [_output(c) for c in pair if c[0] in ("pii", "ensemble")] == ["pii-labels", "pii-taught", "pii"]
+
+
 def test_the_bias_is_the_first_on_the_grid_to_reach_the_members_average_or_the_last_one():
     from models import build
 
