@@ -14,6 +14,7 @@ from itertools import accumulate
 
 import numpy as np
 
+from sidecar.folding import fold
 from sidecar.results import Span
 
 CREDIT_CARD = "CREDIT_CARD"
@@ -127,8 +128,10 @@ def is_valid_iban(value: str) -> bool:
 
 
 def find_checksum_spans(text: str) -> list[Span]:
-    """Every well-formed card number and IBAN in `text` whose checksum holds, sorted by start."""
-    spans = list(_find_cards(text)) + list(_find_ibans(text))
+    """Every well-formed card number and IBAN in `text` whose checksum holds, sorted by start (look-alike
+    digits, dashes and spaces read as ASCII: `fold`)."""
+    text = fold(text)
+    spans = list(_find_cards(_apart(text))) + list(_find_ibans(text))
     spans.sort(key=lambda s: (s.start, s.end))
     return spans
 
@@ -185,8 +188,20 @@ def merge_overlapping(spans: Iterable[Span]) -> list[Span]:
 
 
 def _contains_valid(label: str, fragment: str) -> bool:
-    finder = _find_cards if label == CREDIT_CARD else _find_ibans
-    return any(True for _ in finder(fragment))
+    fragment = fold(fragment)
+    found = _find_cards(_apart(fragment)) if label == CREDIT_CARD else _find_ibans(fragment)
+    return any(True for _ in found)
+
+
+_BETWEEN_DIGITS = re.compile(r"[.,;:/|*#~'+_](?<=[0-9].)(?=[0-9])")
+"""One punctuation mark between two digits: inside a card number a reader takes it for a space
+("4111.1111.1111.1111", "4111+1111+1111+1111"), so the card scan does too. Not a line break: texts
+scanned together are joined by one (`find_checksum_spans_each`)."""
+
+
+def _apart(text: str) -> str:
+    """`text` with `_BETWEEN_DIGITS` as spaces, character for character (offsets stay)."""
+    return _BETWEEN_DIGITS.sub(" ", text)
 
 
 def _find_cards(text: str) -> Iterator[Span]:

@@ -54,6 +54,13 @@ class NoText(RequestError):
     reason = "no_text"
 
 
+class TokenIds(RequestError):
+    """A prompt or input given as token ids (completions, embeddings): text the sidecar cannot read, since only
+    the backend's own tokenizer turns them back into words."""
+
+    reason = "token_ids"
+
+
 class DuplicateKey(RequestError):
     """A JSON object names one key twice: parsers disagree on which copy counts, so the body is refused."""
 

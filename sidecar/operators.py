@@ -41,7 +41,8 @@ class Redact(_Operator):
 
 class Mask(_Operator):
     """Characters of the value become `masking_char`: all, `chars_to_mask` of them, or all but
-    `chars_to_keep` (at the end; at the start with `from_end`), whatever the value's length."""
+    `chars_to_keep` (at the end; at the start with `from_end`). A value no longer than twice `chars_to_keep`
+    is masked whole: kept, its last four would be half of it or all (a group of a card tagged alone)."""
 
     type: Literal["mask"] = "mask"
     masking_char: Annotated[str, Field(min_length=1, max_length=1)] = "*"
@@ -58,7 +59,7 @@ class Mask(_Operator):
 
     def apply(self, value: str, entity_type: str) -> str:
         if self.chars_to_keep is not None:
-            n = max(len(value) - self.chars_to_keep, 0)
+            n = len(value) if len(value) <= 2 * self.chars_to_keep else len(value) - self.chars_to_keep
         else:
             n = len(value) if self.chars_to_mask is None else min(self.chars_to_mask, len(value))
         if self.from_end:

@@ -29,6 +29,7 @@ from itertools import accumulate
 from typing import Protocol, runtime_checkable
 
 from sidecar.checksums import CREDIT_CARD, IBAN_CODE, _find_cards, _find_ibans
+from sidecar.folding import fold
 from sidecar.results import Span
 
 EMAIL_ADDRESS = "EMAIL_ADDRESS"
@@ -417,6 +418,7 @@ def find_all(text: str, recognizers: Iterable[Recognizer] | None = None) -> list
     them is the masking step's job, as with model spans.
     """
     recognizers = _ALL if recognizers is None else recognizers
+    text = fold(text)  # "415—555—0132", fullwidth digits: found as their ASCII forms, at the same offsets
     spans = [span for recognizer in recognizers for span in recognizer.find(text)]
     spans.sort(key=_span_key)
     return spans
@@ -426,6 +428,7 @@ def find_each(texts: Sequence[str], recognizers: Iterable[Recognizer] | None = N
     """:func:`find_all` of each text, scanned together as one string joined by newlines (no entity spans a
     newline, and a newline counts as a text's edge), so thousands of short texts cost one scan each."""
     recognizers = _ALL if recognizers is None else tuple(recognizers)
+    texts = [fold(t) for t in texts]
     out: list[list[Span]] = [[] for _ in texts]
     chosen = [i for i, t in enumerate(texts) if _CANDIDATE.search(t)]  # the rest cannot hold an entity
     if len(chosen) <= 1:

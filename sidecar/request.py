@@ -21,6 +21,7 @@ escapes and unknown keys reach the backend exactly as the client sent them.
 
 from __future__ import annotations
 
+import binascii
 import json
 import re
 from dataclasses import dataclass, replace
@@ -28,7 +29,16 @@ from json.decoder import scanstring
 from typing import Any, Literal
 
 from sidecar.body import BodyText, decode_text
-from sidecar.errors import DuplicateKey, EmptyBody, InvalidModel, NoText, NotJson, NotObject, TooDeep
+from sidecar.errors import (
+    DuplicateKey,
+    EmptyBody,
+    InvalidModel,
+    NoText,
+    NotJson,
+    NotObject,
+    TokenIds,
+    TooDeep,
+)
 from sidecar.vocabulary import Kind
 
 ROUTED_KINDS = frozenset({Kind.CHAT, Kind.COMPLETIONS, Kind.RESPONSES, Kind.MESSAGES})
@@ -81,31 +91,39 @@ _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][-+]?[0-9]++)?|-
 _LITERAL = re.compile(r"true|false|null")
 _DIGITS = re.compile(r"[0-9]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_MEDIA_DATA_URL = re.compile(r"data:(?:image/(?!svg)|audio/|video/)[A-Za-z0-9.+-]{1,64};base64,[A-Za-z0-9+/=\r\n]*\Z")
-"""Base64 media (images, audio) carry no text a model could read as such: not scanned (SVG is text)."""
-BASE64_BLOB_CHARS = 256
-_BASE64 = re.compile(r"[A-Za-z0-9+/=\r\n]++")
-"""A string of at least BASE64_BLOB_CHARS base64 characters (no space), mostly letters (`is_blob`), is an
-attachment, not prose: the model would tag pieces of it and destroy it, so it is not scanned."""
-_DIGIT = re.compile(r"[0-9]")
-_DIGIT_RUN = re.compile(r"[0-9]{9}")
-"""Nine digits in a row: a card, phone or account number written without separators. Random base64 has one
-in about 20 MB, so a blob with one is scanned, not skipped (a list of numbers one per line is no attachment)."""
-_BASE64_NON_LETTERS = "0123456789+/=\r\n"
+_MEDIA_DATA_URL = re.compile(r"data:(?:image/(?!svg)|audio/|video/)[A-Za-z0-9.+-]{1,64};base64,")
+_LINE_BREAKS = re.compile(r"[\r\n]+")
 
 
-def is_blob(text: str) -> bool:
-    """Base64 data, not text a model could read: long, only base64 characters, mostly letters (random base64
-    is 81% letters) and no run of nine digits."""
-    return (len(text) >= BASE64_BLOB_CHARS and _BASE64.fullmatch(text) is not None
-            and _DIGIT.search(text) is not None and 2 * _non_letters(text) <= len(text)
-            and _DIGIT_RUN.search(text) is None)
+def is_media(key: str, text: str, parent: str | None, kind: str | None) -> bool:
+    """Whether a string is base64 media a backend decodes, not text it reads: only where an API puts media
+    (an image URL, input audio, a base64 ``source``, a file's data), and only valid base64 there, an image,
+    audio or video data URL (SVG is text) or bare. Anywhere else a long base64-looking string is text: words
+    joined by ``+``, ``/`` or line breaks are base64 characters too, and a model reads them."""
+    if (key == "url" and parent == "image_url") or (key == "image_url" and kind == "input_image"):
+        return _MEDIA_DATA_URL.match(text) is not None and _is_base64(text, text.index(",") + 1)
+    if key == "data" and (parent == "input_audio" or (parent == "source" and kind == "base64")):
+        return _is_base64(text, 0)
+    if key == "file_data" and (parent == "file" or kind == "input_file"):
+        media = _MEDIA_DATA_URL.match(text)
+        return _is_base64(text, text.index(",") + 1 if media else 0)
+    return False
 
 
-def _non_letters(base64_text: str) -> int:
-    """Characters of a base64 string that are not letters, counted in C (a 1 MB attachment in 12 ms; a regex
-    findall of its letters took 110)."""
-    return sum(map(base64_text.count, _BASE64_NON_LETTERS))
+def _is_base64(text: str, start: int) -> bool:
+    """`text[start:]` is standard base64 (padded; line breaks allowed, as in MIME)."""
+    payload = text[start:] if start else text
+    if "\n" in payload or "\r" in payload:
+        payload = _LINE_BREAKS.sub("", payload)
+    try:
+        binascii.a2b_base64(payload, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+MEDIA_KEYS = frozenset({"url", "image_url", "data", "file_data"})
+"""Keys under which an API carries base64 media (`is_media`); decided once their object is read whole."""
 _IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_.$-]{0,63}")
 """Object keys of this shape are field names."""
 _MODEL_CHARS = re.compile(r"[\x20-\x7e]{1,256}\Z")
@@ -181,6 +199,9 @@ def parse_body(body: bytes, kind: Kind) -> ParsedRequest:
         raise NotJson(f"request body is not valid JSON ({type(e).__name__})") from None
     if not isinstance(document, dict):
         raise NotObject(f"request body is a JSON {_json_type(document)}, not an object")
+    for key in TOKEN_ID_KEYS:
+        if _holds_token_ids(document.get(key)):
+            raise TokenIds(f"'{key}' holds token ids, which only the backend's tokenizer can read; send it as text")
     walk = _Walk()
     walk.doc(source)
     start = _WS.match(source).end()
@@ -251,6 +272,16 @@ def _splice(source: str, edits: list[tuple[int, int, str]]) -> str:
     return "".join(out)
 
 
+TOKEN_ID_KEYS = ("prompt", "input")
+"""Where the completions and embeddings APIs (OpenAI's, vLLM's) take token ids instead of text."""
+
+
+def _holds_token_ids(value: object) -> bool:
+    """An integer in a list, or in a list of lists: a prompt as token ids, whatever strings sit beside it."""
+    return isinstance(value, list) and any(
+        (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, list) and _holds_token_ids(v)) for v in value)
+
+
 def _check_model(model: object) -> None:
     """The client's model name becomes a header, a log field and a metric label: printable ASCII, capped."""
     if isinstance(model, str) and not _MODEL_CHARS.match(model):
@@ -312,7 +343,7 @@ class _Walk:
         if s[pos] == "}":
             return pos + 1
         seen: set[str] = set()
-        name_field = kind = None
+        name_field = kind = media = None
         while True:
             key, key_end = scanstring(s, pos + 1)
             if key in seen:
@@ -332,6 +363,8 @@ class _Walk:
                 end = self._value(s, pos, doc, key, depth)
             if key == "name" and len(self.fields) == before + 1:
                 name_field = before
+            elif key in MEDIA_KEYS and doc == 0 and len(self.fields) == before + 1:
+                media = (before, key)
             elif key == "type" and s[pos] == '"':
                 kind = s[pos + 1 : end - 1]
             after = _NEXT.match(s, end)
@@ -339,6 +372,8 @@ class _Walk:
                 if name_field is not None and (parent in TOOL_PARENTS or kind in TOOL_TYPES):
                     self.dropped.add(name_field)
                     self.structural.append(self.fields[name_field].text)
+                if media is not None and is_media(media[1], self.fields[media[0]].text, parent, kind):
+                    self.dropped.add(media[0])  # media are decoded, not read: nothing for the models
                 return after.start(1) + 1
             pos = after.end()
 
@@ -362,8 +397,6 @@ class _Walk:
             self.structural.append(text)
             return
         if text.lstrip()[:1] in ("{", "[") and self._inner(text, span, doc):
-            return
-        if (text.startswith("data:") and _MEDIA_DATA_URL.match(text)) or is_blob(text):
             return
         self._add(doc, text, span, key=key)
 

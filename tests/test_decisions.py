@@ -189,6 +189,20 @@ async def test_personal_data_in_a_structural_field_is_refused(field):
     assert "example.com" not in str(info.value) and "4111" not in str(info.value)
 
 
+@pytest.mark.parametrize("key", ["ssn_078-05-1120", "cc_4111_1111_1111_1111", "tel_415_555_0132", "acct_078_05_1120"])
+async def test_a_field_name_with_a_number_glued_by_underscores_is_refused(key):
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {key: {}}}}}]})
+    with pytest.raises(PiiInField):
+        await router().decide(body.encode(), "chat")
+
+
+async def test_field_names_with_underscores_and_short_numbers_are_not_refused():
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}],
+                       "metadata": {"customer_id_2024": 1, "page_size_50": 2, "v_1_2_3": 3}})
+    assert (await router().decide(body.encode(), "chat")).body is not None
+
+
 async def test_a_body_on_another_api_is_scanned_but_not_routed():
     d = await router().decide(b'{"model": "embed", "input": ["mail js@x.org"]}', "generic")
     assert (d.model, d.route_reason, d.rewrite_model) == (None, "unrouted", False)
@@ -276,10 +290,10 @@ async def test_without_user_text_the_classifier_is_skipped():
 
 
 async def test_completions_prompts_are_routed_and_masked():
-    body = b'{"model": "auto", "prompt": ["Solve for Bob", 5, "sum of primes"], "max_tokens": 7}'
+    body = b'{"model": "auto", "prompt": ["Solve for Bob", "sum of primes"], "max_tokens": 7}'
     d = await router().decide(body, "completions")
     assert d.model == "math-llm"
-    assert d.body == b'{"model": "math-llm", "prompt": ["Solve for [PERSON]", 5, "sum of primes"], "max_tokens": 7}'
+    assert d.body == b'{"model": "math-llm", "prompt": ["Solve for [PERSON]", "sum of primes"], "max_tokens": 7}'
 
 
 async def test_unreadable_body_raises_request_error():
@@ -537,3 +551,14 @@ def test_the_decision_deadline_grows_per_kib_up_to_its_cap_which_must_cover_the_
     assert (failure.timeout_s(0), failure.timeout_s(10 * 1024), failure.timeout_s(10 << 20)) == (0.1, 0.2, 0.3)
     with pytest.raises(ConfigError, match="max_timeout_ms must be at least timeout_ms"):
         make_config(failure={"timeout_ms": 5000})
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions?ref=4111.1111.1111.1111", "/v1/chat/completions?ref=4111,1111,1111,1111",
+                                  "/v1/files/4111/1111/1111/1111", "/v1/x?id=cc_4111_1111_1111_1111"])
+def test_a_card_in_a_url_is_found_whatever_punctuation_separates_its_groups(path):
+    assert "CREDIT_CARD" in router().url_pii(path)
+
+
+@pytest.mark.parametrize("path", ["/v1/models/v1.2.3?limit=10", "/v1/x?date=2024/01/15", "/v1/x?ip_v=10.0.0.1&t=12:30:45"])
+def test_versions_dates_and_times_in_a_url_are_not_cards(path):
+    assert "CREDIT_CARD" not in router().url_pii(path)

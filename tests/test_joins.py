@@ -1,5 +1,7 @@
 """One entity, one span: the model's pieces of a name, a phone number or an address joined (sidecar.inference.joins)."""
 
+import pytest
+
 from sidecar.config import CONTEXT_ENTITIES, PiiPolicyConfig
 from sidecar.inference.joins import join_entity_parts
 from sidecar.policy import kept_spans
@@ -298,3 +300,25 @@ def test_a_hyphen_before_digits_or_at_the_text_edges_widens_nothing():
     assert joined("Anna-2024", [("PERSON", "Anna", 0.9)]) == [("PERSON", "Anna", 0.9)]
     assert joined("Anna-", [("PERSON", "Anna-", 0.9)]) == [("PERSON", "Anna-", 0.9)]
     assert joined("-Anna", [("PERSON", "Anna", 0.9)]) == [("PERSON", "Anna", 0.9)]
+
+
+@pytest.mark.parametrize("sep", [",", ", ", ";", "|", " | ", "*", "#", "'", "·", "_", "~", ",\n"])
+def test_the_groups_of_a_card_tagged_one_by_one_are_one_card_whatever_separates_them(sep):
+    from sidecar.operators import Mask
+
+    groups = ["4111", "1111", "1111", "1111"]
+    text = f"My card is {sep.join(groups)} thanks"
+    spans, at = [], text.index("4111")
+    for _group in groups:
+        spans.append(Span("CREDIT_CARD", at, at + 4, 0.9))
+        at += 4 + len(sep)
+    out = [s for s in join_entity_parts(text, spans) if (s.start, s.end) not in {(p.start, p.end) for p in spans}]
+    assert [(s.label, text[s.start : s.end]) for s in out] == [("CREDIT_CARD", sep.join(groups))]
+    masked = Mask(chars_to_keep=4).apply(text[out[0].start : out[0].end], "CREDIT_CARD")
+    assert sum(c.isdigit() for c in masked) == 4
+
+
+def test_two_numbers_with_words_between_stay_two():
+    text = "card 4111 and then 1111"
+    parts = [("CREDIT_CARD", "4111", 0.9), ("CREDIT_CARD", "1111", 0.9)]
+    assert joined(text, parts) == parts

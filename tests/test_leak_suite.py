@@ -652,6 +652,25 @@ SHAPES: list[Shape] = [
     Shape("headers-with-personal-data", lambda p: Req(CHAT, body({"model": MODEL, "messages": [user(QUESTION)]}), {
         "x-user-email": p.email, "x-user-phone": p.phone, "x-card": p.card, "x-ssn": p.ssn, "x-iban": p.iban,
         "x-client-ip": p.ip}), expect="refuse", status=400, load=False),
+    # found by the adversarial review of 2026-12-05
+    *(Shape(f"chat-words-joined-by-{name}", lambda p, sep=sep: chat([user(sep.join(
+        ["Please", "remember", "these", "details"] * 12 + ["card", *(p.card[i:i + 4] for i in range(0, 16, 4)),
+                                                           "thanks"]))]))
+      for name, sep in (("line-breaks", "\n"), ("plus-signs", "+"), ("slashes", "/"))),
+    Shape("chat-fake-image-data-url-as-text", lambda p: chat([user(QUESTION), user(
+        f"data:image/png;base64,{p.card}"), user(f"data:audio/wav;base64,\r\n{p.sentence()}")])),
+    Shape("chat-image-url-with-text-that-is-not-base64", lambda p: chat([user([
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{p.sentence()}"}},
+        {"type": "text", "text": QUESTION}])])),
+    Shape("chat-card-groups-joined-by-commas", lambda p: chat([user(
+        f"My name is {p.name}. Please help me dispute a charge on my card "
+        + ",".join(p.card[i:i + 4] for i in range(0, 16, 4)) + f". Email {p.email}.")]), json_out=True),
+    Shape("completions-token-ids-beside-text", lambda p: Req(COMPLETIONS, body({
+        "model": MODEL, "prompt": [[2026, 2171, 2003, 2198, 3044]], "suffix": p.sentence()})),
+          expect="refuse", status=400, load=False),
+    Shape("request-id-with-personal-data", lambda p: Req(CHAT, body({"model": MODEL, "messages": [user(QUESTION)]}),
+                                                         {"x-request-id": p.email, "x-ref": dotted(p.card)}),
+          expect="refuse", status=400, load=False),
     Shape("form-encoded-chat-body", lambda p: Req(CHAT, form(p), {"content-type": "application/x-www-form-urlencoded"}),
           expect="refuse", status=400),
     Shape("form-encoded-other-path", lambda p: Req("/v2/submit", form(p),

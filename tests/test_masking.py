@@ -124,7 +124,12 @@ def test_chars_to_keep_leaves_only_the_last_four_digits_of_any_card(card):
     assert sum(c.isdigit() for c in masked) == 4
     kept_first = Mask(chars_to_keep=4, from_end=True).apply(card, "CREDIT_CARD")
     assert kept_first == card[:4] + "*" * (len(card) - 4)
-    assert Mask(chars_to_keep=4).apply("12", "X") == "12"
+
+
+@pytest.mark.parametrize(("value", "masked"), [("12", "**"), ("4111", "****"), ("4111,111", "********"),
+                                               ("078-05-1120", "*******1120")])
+def test_chars_to_keep_masks_a_value_no_longer_than_twice_what_it_keeps_whole(value, masked):
+    assert Mask(chars_to_keep=4).apply(value, "CREDIT_CARD") == masked
 
 
 def test_chars_to_mask_and_chars_to_keep_exclude_each_other():

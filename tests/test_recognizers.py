@@ -293,7 +293,7 @@ def test_texts_scanned_together_get_the_spans_each_gets_alone_in_random_text():
 def test_lone_surrogates_and_other_unicode_do_not_break_the_scan():
     text = "\ud800 john@example.com \udfff 555-123-4567 ٣٣٣-٤٥-٦٧٨٩ 🙂 10.0.0.1 \U0010ffff"
     spans = find_all(text)
-    assert [text[s.start : s.end] for s in spans] == ["john@example.com", "555-123-4567", "10.0.0.1"]
+    assert [text[s.start : s.end] for s in spans] == ["john@example.com", "555-123-4567", "٣٣٣-٤٥-٦٧٨٩", "10.0.0.1"]
 
 
 # --- linear time: the sidecar scans attacker-controlled bodies of several MiB ------------------------------
@@ -329,3 +329,18 @@ def test_a_megabyte_of_hostile_text_is_scanned_in_linear_time(name):
 def test_a_megabyte_of_real_entities_is_scanned_in_linear_time():
     text = ("a@b.co 555-123-4567 123-45-6789 10.0.0.1 ::1 x://u:p@h.io " * 20_000)[: 1 << 20]
     assert len(find_all(text)) >= 6 * 17_000
+
+
+@pytest.mark.parametrize(("text", "label", "value"), [
+    ("Please call me back at 415\u2014555\u20140132 tonight", "PHONE_NUMBER", "415\u2014555\u20140132"),
+    ("Please call me back at 415\u2212555\u22120132 tonight", "PHONE_NUMBER", "415\u2212555\u22120132"),
+    ("SSN \uff10\uff17\uff18-\uff10\uff15-\uff11\uff11\uff12\uff10 on file", "US_SSN", "\uff10\uff17\uff18-\uff10\uff15-\uff11\uff11\uff12\uff10"),
+    ("card \u0664\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661 ok",
+     "CREDIT_CARD", "\u0664\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661"),
+    ("mail jo\uff20example.com now", "EMAIL_ADDRESS", "jo\uff20example.com"),
+])
+def test_look_alike_digits_dashes_spaces_and_at_signs_are_found_at_their_own_offsets(text, label, value):
+    from sidecar.recognizers import find_each
+
+    for spans in (find_all(text), find_each([text, "a second text 4155550132"])[0]):
+        assert (label, value) in {(s.label, text[s.start : s.end]) for s in spans}

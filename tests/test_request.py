@@ -131,8 +131,8 @@ def test_content_parts_every_string_is_scanned_and_only_text_parts_are_the_categ
         "not an object",
     ]}]}).encode()
     parsed = parse_body(body, "chat")
-    assert parsed.texts() == ["https://x/y.png", "first part", "AAAA", "not a text part", "second part",
-                              "not an object"]
+    assert parsed.texts() == ["https://x/y.png", "first part", "not a text part", "second part",
+                              "not an object"]  # input audio ("AAAA") is decoded by the backend, not read
     assert parsed.category_text() == "first part\nsecond part"
     out = json.loads(rewrite(body, parsed, None, {field(parsed, "second part").index: "2nd"}))
     parts = out["messages"][0]["content"]
@@ -191,6 +191,50 @@ def test_base64_attachments_are_not_scanned_but_svg_images_are():
         {"type": "file", "file": {"file_data": blob}}, {"type": "image_url", "image_url": {"url": svg}},
         {"type": "text", "text": "read it"}]}]}).encode()
     assert parse_body(body, "chat").texts() == [svg, "read it"]
+
+
+WORDS = ["Please", "note", "my", "card", "4111", "1111", "1111", "1111", "and", "SSN", "078", "05", "1120"] * 8
+
+
+@pytest.mark.parametrize("sep", ["\n", "\r\n", "+", "/", ""])
+def test_words_in_base64_characters_are_text_wherever_no_api_puts_media(sep):
+    words = sep.join(WORDS)
+    fake_image = "data:image/png;base64," + "".join(WORDS)[:64]
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": words}, {"type": "text", "text": fake_image}]}],
+        "metadata": {"data": words, "url": fake_image}}).encode()
+    assert parse_body(body, "chat").texts() == [words, fake_image, words, fake_image]
+
+
+def test_base64_media_is_not_read_only_where_an_api_decodes_it():
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    body = json.dumps({"model": "auto", "messages": [
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}},
+            {"type": "input_audio", "input_audio": {"data": png, "format": "wav"}},
+            {"type": "file", "file": {"file_data": png, "filename": "a.pdf"}},
+            {"type": "text", "text": "what is in these?"}]},
+        {"role": "tool", "tool_call_id": "c", "content": json.dumps({"image_url": {"url": "data:image/png;base64," + png}})},
+    ]}).encode()
+    assert parse_body(body, "chat").texts() == ["a.pdf", "what is in these?", "data:image/png;base64," + png]  # tool output: text
+    anthropic = json.dumps({"model": "auto", "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "+".join(WORDS)}},
+        {"type": "text", "text": "compare them"}]}]}).encode()
+    assert parse_body(anthropic, "messages").texts() == ["+".join(WORDS), "compare them"]  # a text document is read
+    responses = json.dumps({"model": "auto", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "data:image/png;base64," + png},
+        {"type": "input_text", "text": "describe"}]}]}).encode()
+    assert parse_body(responses, "responses").texts() == ["describe"]
+
+
+@pytest.mark.parametrize("url", ["data:image/png;base64,Please note my card 4111 1111 1111 1111",
+                                 "data:image/png;base64,4111111111111111x", "data:image/svg+xml;base64,PHN2Zz4=",
+                                 "data:text/plain;base64,TXkgY2FyZA=="])
+def test_an_image_url_that_is_not_valid_base64_media_is_read(url):
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]}).encode()
+    assert parse_body(body, "chat").texts() == [url, "hi"]
 
 
 @pytest.mark.parametrize("numbers", [
@@ -259,11 +303,11 @@ def test_every_role_is_scanned_and_the_user_role_is_found_whatever_its_case():
 def test_completions_prompt_string_and_list():
     single = parse_body(b'{"model": "auto", "prompt": "Once upon"}', "completions")
     assert single.texts() == ["Once upon"]
-    many = parse_body(b'{"prompt": ["a", 7, "b"], "max_tokens": 5}', "completions")
+    many = parse_body(b'{"prompt": ["a", "b"], "max_tokens": 5}', "completions")
     assert many.texts() == ["a", "b"]
     assert many.category_text() == "a\nb"
-    out = rewrite(b'{"prompt": ["a", 7, "b"], "max_tokens": 5}', many, "m", {1: "B"})
-    assert out == b'{"model":"m","prompt": ["a", 7, "B"], "max_tokens": 5}'
+    out = rewrite(b'{"prompt": ["a", "b"], "max_tokens": 5}', many, "m", {1: "B"})
+    assert out == b'{"model":"m","prompt": ["a", "B"], "max_tokens": 5}'
 
 
 def test_responses_api_input_and_instructions_are_scanned_and_the_latest_user_input_is_classified():
@@ -348,8 +392,7 @@ def test_unreadable_chat_bodies_raise_the_matching_request_error(body, error, re
     assert SECRET not in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("body", [b'{"prompt": [1, 2, 3]}', b'{"prompt": [[1, 2], [3]]}', b'{"prompt": ""}',
-                                  b'{"model": "auto", "temperature": 0.5}'])
+@pytest.mark.parametrize("body", [b'{"prompt": ""}', b'{"prompt": []}', b'{"model": "auto", "temperature": 0.5}'])
 def test_completions_without_any_text_have_no_text(body):
     with pytest.raises(NoText):
         parse_body(body, "completions")
@@ -493,3 +536,22 @@ def _inner_parsed(value: object, key: str | None = None, top: bool = True) -> ob
         inner = _inner_json(value)
         return _inner_parsed(inner, None, False) if inner is not None else value
     return value
+
+
+@pytest.mark.parametrize(("path", "doc"), [
+    ("completions", {"model": "auto", "prompt": [[2026, 2171, 2003, 2198, 3044]], "suffix": "\n"}),
+    ("completions", {"model": "auto", "prompt": ["a text", [2026, 2171]]}),
+    ("completions", {"model": "auto", "prompt": [2026, 2171, 2003]}),
+    ("generic", {"model": "text-embedding-3-small", "input": [[2026, 2171, 2003]], "user": "someone"}),
+])
+def test_a_prompt_given_as_token_ids_is_refused_whatever_text_sits_beside_it(path, doc):
+    from sidecar.errors import TokenIds
+
+    with pytest.raises(TokenIds):
+        parse_body(json.dumps(doc).encode(), path)
+
+
+def test_numbers_elsewhere_and_nested_input_items_are_not_token_ids():
+    body = {"model": "auto", "input": [{"role": "user", "content": "hi"}], "metadata": {"ids": [1, 2]},
+            "max_output_tokens": 5}
+    assert parse_body(json.dumps(body).encode(), "responses").texts() == ["hi"]

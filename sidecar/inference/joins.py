@@ -36,6 +36,10 @@ _ADDRESS_GAP = re.compile(r"[\s,;/.]{0,4}")  # "Victor Hugo u. 97." + "Sečovlje
 _NAME_GAP = re.compile(r"[ \t]{0,2}|\.[ \t]{0,2}|,[ \t]{1,2}|-")  # "M. Nguyen", "Weiss, Gilles", "Barrett-Harrison"
 _NAME_PIECE_GAP = re.compile(r"[ \t]|-")  # a word misread as a place or firm joins a name only this close
 _PHONE_GAP = re.compile(r"[ .\-]")
+_NUMBER_GAP = re.compile(r"[\W_]{1,3}")  # "4111,1111,1111,1111", "4111 | 1111", "078_05_1120"
+_NUMBER_LABELS = ("CREDIT_CARD", "IBAN_CODE", "US_SSN")
+"""Numbers whose groups the model may tag one by one: each group masked on its own would keep its last digits
+(a card's mask shows four), so groups with only separators between them are one span."""
 _DIGITS = re.compile(r"\+?[\d \-]+")
 
 # Edges of a name: hyphenated parts, initials' full stops and letters after a degree.
@@ -65,6 +69,8 @@ def join_entity_parts(text: str, spans: list[Span]) -> list[Span]:
         joined = _one_label_per_word(merge_overlapping(joined))
         joined = _join(text, joined, PERSON, _name_piece, _NAME_PIECE_GAP, _NAME_GAP, reach=1)
         joined = _join(text, joined, PHONE_NUMBER, _number_piece, _PHONE_GAP, _PHONE_GAP, reach=1)
+        for label in _NUMBER_LABELS:
+            joined = _join(text, joined, label, _number_piece, _NUMBER_GAP, _NUMBER_GAP, reach=0)
         if any(s.label == ADDRESS for s in joined):  # a town joined to a street may end in its region code,
             joined = _join(text, joined, ADDRESS, _address_piece, _ADDRESS_GAP, _ADDRESS_GAP, reach=3)
             joined = _join(text, [_address_tail(text, s) for s in joined], ADDRESS, _address_piece,  # which may
