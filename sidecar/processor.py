@@ -48,6 +48,7 @@ PATH_HEADER = ":path"
 LOG_MODEL_CHARS = 64
 """A client's model name is logged at most this long."""
 PATH_ATTRIBUTE = "request.path"
+WITHHELD_PATH = "(withheld: personal data in the URL)"
 
 
 def header_value(headers: HttpHeaders, key: str) -> str | None:
@@ -141,6 +142,7 @@ class Processor:
         self.content_encoding: str | None = None
         self.header_values: list[str] = []
         self._request_id: str | None = None
+        self.url_refused = False
         self.started = time.perf_counter()
         self.finished = False
         """An outcome (decision, skip, error answer) has been recorded; later phases just continue."""
@@ -154,8 +156,11 @@ class Processor:
 
     @property
     def log_path(self) -> str | None:
-        """The path without its query string, which may carry keys or user data."""
-        return self.path.split("?", 1)[0] if self.path else None
+        """The path without its query string or fragment, which may carry keys or user data; withheld whole
+        when the URL was refused for personal data (in a path segment, which is why it was refused)."""
+        if self.url_refused:
+            return WITHHELD_PATH
+        return self.path.split("?", 1)[0].split("#", 1)[0] if self.path else None
 
     def see_headers(self, headers: HttpHeaders) -> bool:
         """Remember path, request id and content encoding; True when the client sent any header the sidecar
@@ -164,6 +169,8 @@ class Processor:
         self.path = path or self.path
         self.content_encoding = encoding
         self._request_id = request_id or self._request_id
+        if request_id:  # a client may set it: checked like any header value, and logged only when clean
+            self.header_values.append(request_id)
         return spoofed
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
@@ -174,6 +181,8 @@ class Processor:
         """A 400 when the URL (path segments, query values) carries personal data the recognizers find, or
         free text, or a non-protocol header carries personal data: neither can be masked."""
         if self.header_values and (types := self.app.decider.recognized_types(self.header_values)):
+            if self._request_id and self.app.decider.recognized_types([self._request_id]):
+                self._request_id = None  # log a fresh id, not the personal data sent as one
             self.record(action=Action.REJECTED, reason="pii_in_header")
             message = (f"A request header contains personal data ({', '.join(types)}). Send it in the body, "
                        f"where it can be masked, or leave it out.")
@@ -183,6 +192,7 @@ class Processor:
         types = self.app.decider.url_pii(self.path)
         if not types:
             return None
+        self.url_refused = True
         self.record(action=Action.REJECTED, reason="pii_in_url")
         message = (f"The request URL contains personal data or free text ({', '.join(types)}). Send it in "
                    f"the body, where it can be masked, or leave it out.")

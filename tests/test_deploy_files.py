@@ -278,6 +278,15 @@ def test_the_access_log_records_the_sidecars_decision():
     assert fields["reason"] == "%REQ(X-ROUTER-REASON)%"
 
 
+def test_requests_refused_for_personal_data_in_the_url_or_a_header_are_logged_without_path_or_request_id():
+    normal, withheld = hcm()["access_log"]
+    expressions = [log["filter"]["extension_filter"]["typed_config"]["expression"] for log in (normal, withheld)]
+    assert expressions[0] == f"!({expressions[1]})" and "pii_in_url" in expressions[1] and "pii_in_header" in expressions[1]
+    fields = withheld["typed_config"]["log_format"]["json_format"]
+    assert fields.keys() == normal["typed_config"]["log_format"]["json_format"].keys()
+    assert not any(":PATH" in v or "X-REQUEST-ID" in v for v in fields.values())
+
+
 def test_pods_run_as_non_root_on_a_read_only_root_filesystem_without_capabilities_or_a_token():
     for manifests, name in ((SIDECAR_K8S, "sidecar"), (ENVOY_K8S, "envoy")):
         pod = manifests[("Deployment", name)]["spec"]["template"]["spec"]

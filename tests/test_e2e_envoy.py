@@ -349,6 +349,23 @@ def test_an_answer_later_than_message_timeout_is_refused_by_envoy_and_logged_una
         gateway.reload_sidecar()
 
 
+def test_a_request_refused_for_personal_data_in_its_url_or_a_header_leaves_it_in_neither_log(gateway):
+    email = "wilhelmina.zorn@example.org"
+    status, headers, _ = call(gateway, f"/v1/files/{email}")
+    assert (status, headers["x-router-reason"]) == (400, "pii_in_url")
+    status, headers, _ = call(gateway, CHAT, chat("Solve 2+2."), headers={"x-request-id": email})
+    assert (status, headers["x-router-reason"]) == (400, "pii_in_header")
+    assert gateway.received() == []
+    deadline = time.monotonic() + 30
+    while len(withheld := [e for e in gateway.access_log() if e.get("request_id") == "(withheld)"]) < 2:
+        assert time.monotonic() < deadline, "Envoy never logged the refused requests"
+        time.sleep(0.1)
+    assert {e["status"] for e in withheld} == {400} and all(e["path"].startswith("(withheld") for e in withheld)
+    assert sorted(e["reason"] for e in withheld[-2:]) == ["pii_in_header", "pii_in_url"]
+    for name, log in gateway.logs().items():
+        assert "wilhelmina.zorn" not in log.read_text(encoding="utf-8", errors="replace"), name
+
+
 def sidecar_events(log: Path) -> list[dict]:
     return json_lines(log)
 

@@ -186,6 +186,7 @@ BAD_BODIES = [
     (b'{"model": "a\\u0000", "messages": [{"role": "user", "content": "hi"}]}', "invalid_model"),
     (b'["a", "list"]', "not_object"),
     (b'{"model": "auto", "messages": []}', "no_text"),
+    (b'{"model": "auto", "prompt": [[1, 2]], "messages": [{"role": "user", "content": "hi"}]}', "token_ids"),
     (b"   ", "empty_body"),
 ]
 
@@ -516,7 +517,8 @@ async def test_a_url_whose_query_carries_personal_data_is_refused(start, path):
 
 async def test_personal_data_in_a_non_protocol_header_is_refused_and_protocol_headers_are_not_read(start):
     sc = await start()
-    for extra in ({"x-user-email": "robert.johnson@example.com"}, {"x-card": "4111 1111 1111 1111"}):
+    for extra in ({"x-user-email": "robert.johnson@example.com"}, {"x-card": "4111 1111 1111 1111"},
+                  {"x-request-id": "robert.johnson@example.com"}, {"x-customer-card": "4111_1111_1111_1111"}):
         [resp] = await run_stream(sc.ext_proc, [headers_msg(extra=extra)])
         status, error = immediate(resp)
         assert status == 400 and error["error"]["code"] == "pii_in_header" and "example.com" not in error["error"]["message"]
