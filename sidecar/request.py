@@ -336,7 +336,8 @@ class _Walk:
 
     def _object(self, s: str, pos: int, doc: int, parent: str | None, depth: int) -> int:
         """An object under key `parent`; a tool's or function's ``name`` in it is structural (an identifier
-        the backend resolves: masking it would break the call)."""
+        the backend resolves: masking it would break the call), but never a message's (one with a ``role``:
+        its ``name`` is a participant's, whatever ``type`` says)."""
         if depth > MAX_DEPTH:
             raise TooDeep(f"request body nests JSON deeper than {MAX_DEPTH} levels")
         pos = _WS.match(s, pos + 1).end()
@@ -369,7 +370,7 @@ class _Walk:
                 kind = s[pos + 1 : end - 1]
             after = _NEXT.match(s, end)
             if after.group(1) == "}":
-                if name_field is not None and (parent in TOOL_PARENTS or kind in TOOL_TYPES):
+                if name_field is not None and "role" not in seen and (parent in TOOL_PARENTS or kind in TOOL_TYPES):
                     self.dropped.add(name_field)
                     self.structural.append(self.fields[name_field].text)
                 if media is not None and is_media(media[1], self.fields[media[0]].text, parent, kind):

@@ -515,6 +515,8 @@ SHAPES: list[Shape] = [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
         {"type": "text", "text": p.sentence()}])])),
     Shape("chat-name-field", lambda p: chat([{"role": "user", "name": v, "content": QUESTION} for v in p.values])),
+    Shape("chat-name-field-of-a-message-claiming-a-tool-type", lambda p: chat([
+        {"role": "user", "name": v, "type": "function", "content": QUESTION} for v in p.values])),
     Shape("chat-assistant-tool-call-arguments",
           lambda p: chat([user(QUESTION), tool_call(json.dumps({"customer": {
               "name": p.name, **p.structured}, "note": p.sentence()}))]), check=arguments_still_json),

@@ -555,3 +555,10 @@ def test_numbers_elsewhere_and_nested_input_items_are_not_token_ids():
     body = {"model": "auto", "input": [{"role": "user", "content": "hi"}], "metadata": {"ids": [1, 2]},
             "max_output_tokens": 5}
     assert parse_body(json.dumps(body).encode(), "responses").texts() == ["hi"]
+
+
+def test_a_messages_name_is_text_even_when_the_message_claims_a_tool_type():
+    body = json.dumps({"model": "auto", "messages": [
+        {"role": "user", "name": "John Smith", "type": "function", "content": "hi"}]}).encode()
+    parsed = parse_body(body, "chat")
+    assert "John Smith" in parsed.texts() and "John Smith" not in parsed.structural
