@@ -38,6 +38,7 @@ from sidecar.errors import BodyTooLarge, EmptyBody, InferenceError, NotBuffered,
 from sidecar.logs import exception_fields, get_logger
 from sidecar.metrics import Metrics
 from sidecar.pseudonyms import Pseudonyms
+from sidecar.recognizers import context_spans
 from sidecar.vocabulary import Action, Kind, Phase
 
 log = get_logger("sidecar.processor")
@@ -79,13 +80,13 @@ with Envoy if backends must not see them). Every other header value reaches the 
 masked, so the recognizers check it."""
 
 
-def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | None, bool, list[str]]:
-    """``(:path, x-request-id, content-encoding, spoofed, other values)`` in one pass; spoofed: the client
-    sent a header the sidecar owns; other values: those of headers that are not protocol headers. Repeated
-    content-encoding headers are joined, as HTTP lists are."""
+def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | None, bool, list[tuple[str, str]]]:
+    """``(:path, x-request-id, content-encoding, spoofed, other headers)`` in one pass; spoofed: the client
+    sent a header the sidecar owns; other headers: (name, value) of those that are not protocol headers.
+    Repeated content-encoding headers are joined, as HTTP lists are."""
     path = request_id = encoding = None
     spoofed = False
-    other: list[str] = []
+    other: list[tuple[str, str]] = []
     for h in headers.headers.headers:
         key = h.key.lower()
         if key == PATH_HEADER:
@@ -97,8 +98,14 @@ def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | No
         elif key in _OWNED:
             spoofed = True
         elif key not in PROTOCOL_HEADERS and not key.startswith(PROTOCOL_PREFIXES):
-            other.append(_value(h))
+            other.append((key, _value(h)))
     return path, request_id, encoding, spoofed, other
+
+
+def header_context_types(headers: list[tuple[str, str]]) -> tuple[str, ...]:
+    """Types a header's name says its value is (``x-customer-ssn: 078051120``: nine bare digits are an SSN only
+    in context, and the name is that context), as a URL query key is for its value."""
+    return tuple(sorted({s.label for name, value in headers for s in context_spans(name, value)}))
 
 
 ACCEPT_ENCODING = "accept-encoding"
@@ -140,6 +147,7 @@ class Processor:
         self.response_body_mode = response_body_mode
         self.path: str | None = None
         self.content_encoding: str | None = None
+        self.headers_read: list[tuple[str, str]] = []
         self.header_values: list[str] = []
         self._request_id: str | None = None
         self.url_refused = False
@@ -165,7 +173,8 @@ class Processor:
     def see_headers(self, headers: HttpHeaders) -> bool:
         """Remember path, request id and content encoding; True when the client sent any header the sidecar
         owns."""
-        path, request_id, encoding, spoofed, self.header_values = read_headers(headers)
+        path, request_id, encoding, spoofed, self.headers_read = read_headers(headers)
+        self.header_values = [value for _, value in self.headers_read]
         self.path = path or self.path
         self.content_encoding = encoding
         self._request_id = request_id or self._request_id
@@ -180,7 +189,8 @@ class Processor:
     def refuse_unmaskable(self) -> ProcessingResponse | None:
         """A 400 when the URL (path segments, query values) carries personal data the recognizers find, or
         free text, or a non-protocol header carries personal data: neither can be masked."""
-        if self.header_values and (types := self.app.decider.recognized_types(self.header_values)):
+        if self.header_values and (types := self.app.decider.recognized_types(self.header_values)
+                                   + header_context_types(self.headers_read)):
             if self._request_id and self.app.decider.recognized_types([self._request_id]):
                 self._request_id = None  # log a fresh id, not the personal data sent as one
             self.record(action=Action.REJECTED, reason="pii_in_header")

@@ -518,11 +518,13 @@ async def test_a_url_whose_query_carries_personal_data_is_refused(start, path):
 async def test_personal_data_in_a_non_protocol_header_is_refused_and_protocol_headers_are_not_read(start):
     sc = await start()
     for extra in ({"x-user-email": "robert.johnson@example.com"}, {"x-card": "4111 1111 1111 1111"},
-                  {"x-request-id": "robert.johnson@example.com"}, {"x-customer-card": "4111_1111_1111_1111"}):
+                  {"x-request-id": "robert.johnson@example.com"}, {"x-customer-card": "4111_1111_1111_1111"},
+                  {"x-customer-ssn": "078051120"}, {"x-user-phone": "4155550132"}):
         [resp] = await run_stream(sc.ext_proc, [headers_msg(extra=extra)])
         status, error = immediate(resp)
         assert status == 400 and error["error"]["code"] == "pii_in_header" and "example.com" not in error["error"]["message"]
-    fine = {"x-forwarded-for": "10.1.2.3", "user-agent": "Mozilla/5.0 Chrome/120.0.0.0", "x-title": "My App 2"}
+    fine = {"x-forwarded-for": "10.1.2.3", "user-agent": "Mozilla/5.0 Chrome/120.0.0.0", "x-title": "My App 2",
+            "x-trace-start": "1700000000123", "x-customer-tier": "2"}
     [ok] = await run_stream(sc.ext_proc, [headers_msg("/v1/models", extra=fine, end_of_stream=True)])
     assert ok.WhichOneof("response") == "request_headers"
 
