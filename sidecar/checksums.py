@@ -194,13 +194,42 @@ def _contains_valid(label: str, fragment: str) -> bool:
 
 
 _BETWEEN_DIGITS = re.compile(r"[.,;:/|*#~'+_](?<=[0-9].)(?=[0-9])")
-"""One punctuation mark between two digits: inside a card number a reader takes it for a space
-("4111.1111.1111.1111", "4111+1111+1111+1111"), so the card scan does too. Not a line break: texts
-scanned together are joined by one (`find_checksum_spans_each`)."""
+"""One punctuation mark between two digits: a reader takes it for a space ("4111.1111.1111.1111",
+"4111+1111+1111+1111"). Not a line break: texts scanned together are joined by one
+(`find_checksum_spans_each`)."""
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+_TWELVE_DIGITS = re.compile(r"[0-9]{12}")
+_WORD_CHARS = 64
+"""How far `_word` looks either side of a digit: longer words are ids or data, not a card with a prefix."""
+
+
+def glued_number(word: str) -> bool:
+    """Whether `word`, letters touching a number, is a number glued to a word ("No4111111111111111",
+    "4111111111111111exp": still a card to whoever reads it, so it is scanned as one) rather than an id:
+    a hexadecimal word (a UUID's group, a hash) is an id unless it is short and holds twelve digits in a row
+    ("cc4111111111111111"). An order number that passes Luhn and a brand's prefix is masked too: a false mask
+    beats a leak."""
+    if len(word) > 2 * _WORD_CHARS:
+        return False
+    if not _HEX.fullmatch(word):
+        return True
+    return len(word) <= 24 and _TWELVE_DIGITS.search(word) is not None
+
+
+def _word(text: str, at: int) -> str:
+    """The letters and digits around ``text[at]`` (at most `_WORD_CHARS` either side, and one more to tell)."""
+    lo, hi = max(0, at - _WORD_CHARS - 1), min(len(text), at + _WORD_CHARS + 2)
+    start = at
+    while start > lo and text[start - 1].isalnum():
+        start -= 1
+    end = at
+    while end < hi and text[end].isalnum():
+        end += 1
+    return text[start:end]
 
 
 def _apart(text: str) -> str:
-    """`text` with `_BETWEEN_DIGITS` as spaces, character for character (offsets stay)."""
+    """The card scan's view of `text`: `_BETWEEN_DIGITS` as spaces, character for character (offsets stay)."""
     return _BETWEEN_DIGITS.sub(" ", text)
 
 
@@ -216,12 +245,12 @@ def _find_cards(text: str) -> Iterator[Span]:
     runs: list[tuple[int, int]] = []
     for m in _LONG_RUN.finditer(text):
         start, end = m.span()
-        if start and text[start - 1].isalnum():  # its first group belongs to the word before it
+        if start and text[start - 1].isalnum() and not glued_number(_word(text, start)):  # an id's digits
             sep = _SEPARATOR.search(text, start, end)
             if sep is None:
                 continue
             start = sep.end()
-        if end < len(text) and text[end].isalnum():  # its last group belongs to the word after it
+        if end < len(text) and text[end].isalnum() and not glued_number(_word(text, end - 1)):
             end = max(text.rfind(" ", start, end), text.rfind("-", start, end))
             if end < start:
                 continue

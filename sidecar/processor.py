@@ -16,6 +16,7 @@ become responses, and an error on one stream is answered on that stream only.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -50,6 +51,11 @@ LOG_MODEL_CHARS = 64
 """A client's model name is logged at most this long."""
 PATH_ATTRIBUTE = "request.path"
 WITHHELD_PATH = "(withheld: personal data in the URL)"
+UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+"""Envoy's x-request-id: its digit groups, joined by dashes, now and then pass Luhn, and it carries nothing else."""
+LOGGED_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""An ``x-request-id`` is logged as sent only in this shape and with a digit in it (Envoy's UUIDs, ULIDs,
+hex): a client controls it, and a name or a sentence sent as one is not logged (a fresh id is)."""
 
 
 def header_value(headers: HttpHeaders, key: str) -> str | None:
@@ -177,9 +183,10 @@ class Processor:
         self.header_values = [value for _, value in self.headers_read]
         self.path = path or self.path
         self.content_encoding = encoding
-        self._request_id = request_id or self._request_id
-        if request_id:  # a client may set it: checked like any header value, and logged only when clean
-            self.header_values.append(request_id)
+        if request_id and not UUID.fullmatch(request_id):  # Envoy's own (or a client's in its shape): an id
+            self.header_values.append(request_id)  # a client's: checked like any header value
+        if request_id and LOGGED_REQUEST_ID.fullmatch(request_id) and any(c.isdigit() for c in request_id):
+            self._request_id = request_id  # logged only when it is id-shaped
         return spoofed
 
     async def request_headers(self, msg: HttpHeaders) -> ProcessingResponse:

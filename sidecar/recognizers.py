@@ -28,7 +28,7 @@ from functools import lru_cache
 from itertools import accumulate
 from typing import Protocol, runtime_checkable
 
-from sidecar.checksums import CREDIT_CARD, IBAN_CODE, _find_cards, _find_ibans
+from sidecar.checksums import CREDIT_CARD, IBAN_CODE, _apart, _find_cards, _find_ibans
 from sidecar.folding import fold
 from sidecar.results import Span
 
@@ -83,7 +83,7 @@ class CreditCardRecognizer:
     entities = frozenset({CREDIT_CARD})
 
     def find(self, text: str) -> list[Span]:
-        return sorted(_find_cards(text), key=_span_key)
+        return sorted(_find_cards(_apart(fold(text))), key=_span_key)
 
 
 class IbanRecognizer:
@@ -93,7 +93,7 @@ class IbanRecognizer:
     entities = frozenset({IBAN_CODE})
 
     def find(self, text: str) -> list[Span]:
-        return sorted(_find_ibans(text), key=_span_key)
+        return sorted(_find_ibans(fold(text)), key=_span_key)
 
 
 # --- email ---------------------------------------------------------------------------------------------

@@ -92,34 +92,47 @@ _LITERAL = re.compile(r"true|false|null")
 _DIGITS = re.compile(r"[0-9]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _MEDIA_DATA_URL = re.compile(r"data:(?:image/(?!svg)|audio/|video/)[A-Za-z0-9.+-]{1,64};base64,")
+_FILE_DATA_URL = re.compile(r"data:(?!text/|image/svg)[A-Za-z0-9.+-]{1,64}/[A-Za-z0-9.+-]{1,64};base64,")
 _LINE_BREAKS = re.compile(r"[\r\n]+")
+_MEDIA_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF",
+                b"ID3", b"fLaC", b"OggS", b"\x1aE\xdf\xa3", b"\x00\x00\x01\x00")
+"""How image, audio and video files begin (PNG, JPEG, GIF, BMP, TIFF, WAV/WebP/AVI, MP3, FLAC, Ogg, WebM, ICO;
+MP4, HEIC, AVIF and M4A by `ftyp` at byte 4, MPEG audio by its frame sync)."""
+_DOCUMENT_MAGIC = (b"%PDF-", b"PK\x03\x04", b"\xd0\xcf\x11\xe0")
+"""PDF, Office Open XML (zip) and legacy Office files: a backend reads their text, the sidecar cannot."""
 
 
 def is_media(key: str, text: str, parent: str | None, kind: str | None) -> bool:
     """Whether a string is base64 media a backend decodes, not text it reads: only where an API puts media
-    (an image URL, input audio, a base64 ``source``, a file's data), and only valid base64 there, an image,
-    audio or video data URL (SVG is text) or bare. Anywhere else a long base64-looking string is text: words
-    joined by ``+``, ``/`` or line breaks are base64 characters too, and a model reads them."""
+    (an image URL, input audio, a base64 ``source``, a file's data), and only valid base64 there that decodes
+    to a file of the kind that place takes (an image, audio, a document for a source or a file). Anywhere
+    else a long base64-looking string is text: words joined by ``+``, ``/`` or line breaks are base64
+    characters too, and a model reads them."""
     if (key == "url" and parent == "image_url") or (key == "image_url" and kind == "input_image"):
-        return _MEDIA_DATA_URL.match(text) is not None and _is_base64(text, text.index(",") + 1)
-    if key == "data" and (parent == "input_audio" or (parent == "source" and kind == "base64")):
-        return _is_base64(text, 0)
+        return _MEDIA_DATA_URL.match(text) is not None and _decodes_to(text, text.index(",") + 1, documents=False)
+    if key == "data" and parent == "input_audio":
+        return _decodes_to(text, 0, documents=False)
+    if key == "data" and parent == "source" and kind == "base64":
+        return _decodes_to(text, 0, documents=True)
     if key == "file_data" and (parent == "file" or kind == "input_file"):
-        media = _MEDIA_DATA_URL.match(text)
-        return _is_base64(text, text.index(",") + 1 if media else 0)
+        url = _FILE_DATA_URL.match(text)
+        return _decodes_to(text, url.end() if url else 0, documents=True)
     return False
 
 
-def _is_base64(text: str, start: int) -> bool:
-    """`text[start:]` is standard base64 (padded; line breaks allowed, as in MIME)."""
+def _decodes_to(text: str, start: int, documents: bool) -> bool:
+    """`text[start:]` is standard base64 (padded; MIME line breaks allowed) of a media file, or of a document
+    when `documents`."""
     payload = text[start:] if start else text
     if "\n" in payload or "\r" in payload:
         payload = _LINE_BREAKS.sub("", payload)
     try:
-        binascii.a2b_base64(payload, strict_mode=True)
+        head = binascii.a2b_base64(payload, strict_mode=True)[:12]
     except (binascii.Error, ValueError):
         return False
-    return True
+    if head.startswith(_MEDIA_MAGIC) or head[4:8] == b"ftyp" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return True
+    return documents and head.startswith(_DOCUMENT_MAGIC)
 
 
 MEDIA_KEYS = frozenset({"url", "image_url", "data", "file_data"})
@@ -272,14 +285,17 @@ def _splice(source: str, edits: list[tuple[int, int, str]]) -> str:
     return "".join(out)
 
 
-TOKEN_ID_KEYS = ("prompt", "input")
-"""Where the completions and embeddings APIs (OpenAI's, vLLM's) take token ids instead of text."""
+TOKEN_ID_KEYS = ("prompt", "input", "input_ids", "prompt_token_ids")
+"""Top-level keys where the completions and embeddings APIs (OpenAI's, vLLM's) and other servers (SGLang's
+``/generate``) take token ids instead of text."""
 
 
 def _holds_token_ids(value: object) -> bool:
-    """An integer in a list, or in a list of lists: a prompt as token ids, whatever strings sit beside it."""
+    """A number in a list, or in a list of lists: a prompt as token ids, whatever strings sit beside it. A float
+    counts (``2026.0`` passes a lax validator as the id 2026)."""
     return isinstance(value, list) and any(
-        (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, list) and _holds_token_ids(v)) for v in value)
+        (isinstance(v, (int, float)) and not isinstance(v, bool)) or (isinstance(v, list) and _holds_token_ids(v))
+        for v in value)
 
 
 def _check_model(model: object) -> None:

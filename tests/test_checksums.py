@@ -127,9 +127,17 @@ def test_finds_cards_and_ibans_with_exact_offsets():
     assert all(s.score == 1.0 and s.source == "checksum" for s in spans)
 
 
-def test_invalid_numbers_and_digits_glued_to_words_are_not_found():
-    text = "order 4111 1111 1111 1112, ref A4111111111111111, id 4111111111111111X, GB82 WEST 1234 5698 7654 33"
+def test_invalid_numbers_are_not_found():
+    text = "order 4111 1111 1111 1112, ref A4111111111111112, GB82 WEST 1234 5698 7654 33"
     assert find_checksum_spans(text) == []
+
+
+@pytest.mark.parametrize("glued", ["No4111111111111111", "A4111111111111111", "4111111111111111X",
+                                   "4111111111111111exp", "MC4111111111111111", "No4111 1111 1111 1111", "cc_4111111111111111"])
+def test_a_valid_card_glued_to_a_word_is_still_a_card(glued):
+    text = f"Duplicate charge on {glued} yesterday."
+    [span] = find_checksum_spans(text)
+    assert "".join(c for c in text[span.start : span.end] if c.isdigit()) == "4111111111111111"
 
 
 def test_card_is_found_after_an_unrelated_leading_number_group():
@@ -193,9 +201,15 @@ def _reference_spans(text: str, apart: bool = False) -> list[tuple[str, int, int
     import re
 
     out = []
+    from sidecar.checksums import _word, glued_number
+
     cards = re.sub(r"(?<=[0-9])[.,;:/|*#~'+_](?=[0-9])", " ", text) if apart else text
-    for run in re.finditer(r"(?<![^\W_])[0-9]+(?:[ -][0-9]+)*(?![^\W_])", cards):
+    for run in re.finditer(r"(?<![0-9])[0-9]+(?:[ -][0-9]+)*(?![0-9])", cards):
         groups = [(m.start() + run.start(), m.end() + run.start()) for m in re.finditer(r"[0-9]+", run.group())]
+        if run.start() and cards[run.start() - 1].isalnum() and not glued_number(_word(cards, run.start())):
+            groups = groups[1:]  # the first group is part of an id before it
+        if run.end() < len(cards) and cards[run.end()].isalnum() and not glued_number(_word(cards, run.end() - 1)):
+            groups = groups[:-1]
         i = 0
         while i < len(groups):
             digits = 0
@@ -232,7 +246,7 @@ def test_texts_scanned_together_get_the_spans_each_gets_alone():
     texts = ["4111 1111", "1111 1111 ok", "GB82 WEST 1234 5698 7654 32", "", "x", "card 4111-1111-1111-1111",
              "DE89370400440532013000", "4111111111111111x", "é4111111111111111"]
     assert find_checksum_spans_each(texts) == [find_checksum_spans(t) for t in texts]
-    assert [len(s) for s in find_checksum_spans_each(texts)] == [0, 0, 1, 0, 0, 1, 1, 0, 0]
+    assert [len(s) for s in find_checksum_spans_each(texts)] == [0, 0, 1, 0, 0, 1, 1, 1, 1]  # glued: still cards
     assert find_checksum_spans_each([]) == [] and find_checksum_spans_each(["4111111111111111"])[0][0].end == 16
 
 

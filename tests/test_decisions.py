@@ -189,7 +189,8 @@ async def test_personal_data_in_a_structural_field_is_refused(field):
     assert "example.com" not in str(info.value) and "4111" not in str(info.value)
 
 
-@pytest.mark.parametrize("key", ["ssn_078-05-1120", "cc_4111_1111_1111_1111", "tel_415_555_0132", "acct_078_05_1120"])
+@pytest.mark.parametrize("key", ["ssn_078-05-1120", "cc_4111_1111_1111_1111", "tel_415_555_0132", "acct_078_05_1120",
+                                 "cc4111111111111111", "ssn078051120", "refund_card4111111111111111"])
 async def test_a_field_name_with_a_number_glued_by_underscores_is_refused(key):
     body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}], "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {key: {}}}}}]})
@@ -554,7 +555,8 @@ def test_the_decision_deadline_grows_per_kib_up_to_its_cap_which_must_cover_the_
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions?ref=4111.1111.1111.1111", "/v1/chat/completions?ref=4111,1111,1111,1111",
-                                  "/v1/files/4111/1111/1111/1111", "/v1/x?id=cc_4111_1111_1111_1111"])
+                                  "/v1/files/4111/1111/1111/1111", "/v1/x?id=cc_4111_1111_1111_1111",
+                                  "/v1/x?ref=card4111111111111111"])
 def test_a_card_in_a_url_is_found_whatever_punctuation_separates_its_groups(path):
     assert "CREDIT_CARD" in router().url_pii(path)
 

@@ -336,10 +336,10 @@ def test_an_answer_later_than_message_timeout_is_refused_by_envoy_and_logged_una
                             "batching": {"max_wait_ms": 1000, "max_batch_size": 1024}})
     try:
         body = chat("The court held that the contract was void. " * 25_000, model=MASKING[0])
-        status, _, _ = call(gateway, CHAT, body, headers={"x-request-id": "too-late"})
+        status, _, _ = call(gateway, CHAT, body, headers={"x-request-id": "too-late-1"})
         assert status >= 500 and gateway.received() == []  # Envoy gave up on the answer and forwarded nothing
         deadline = time.monotonic() + 30
-        while not (events := [e for e in sidecar_events(sidecar_log) if e.get("request_id") == "too-late"]):
+        while not (events := [e for e in sidecar_events(sidecar_log) if e.get("request_id") == "too-late-1"]):
             assert time.monotonic() < deadline, "the sidecar never logged the request"
             time.sleep(0.1)
         [event] = events

@@ -322,3 +322,10 @@ def test_two_numbers_with_words_between_stay_two():
     text = "card 4111 and then 1111"
     parts = [("CREDIT_CARD", "4111", 0.9), ("CREDIT_CARD", "1111", 0.9)]
     assert joined(text, parts) == parts
+
+
+def test_a_card_and_the_ssn_after_it_stay_two_numbers():
+    text = "pay with 4111 1111 1111 1111 078-05-1120 today"
+    card, ssn = text.index("4111"), text.index("078")
+    spans = [Span("CREDIT_CARD", card, card + 19, 0.9), Span("CREDIT_CARD", ssn, ssn + 11, 0.8)]
+    assert [(s.start, s.end) for s in join_entity_parts(text, spans)] == [(card, card + 19), (ssn, ssn + 11)]

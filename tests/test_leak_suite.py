@@ -673,6 +673,23 @@ SHAPES: list[Shape] = [
     Shape("request-id-with-personal-data", lambda p: Req(CHAT, body({"model": MODEL, "messages": [user(QUESTION)]}),
                                                          {"x-request-id": p.email, "x-ref": dotted(p.card)}),
           expect="refuse", status=400, load=False),
+    # found by the second adversarial review of 2026-12-05
+    Shape("chat-card-glued-to-words", lambda p: chat([user(
+        f"Duplicate charge on No{p.card} yesterday, and on MC{p.card[:4]} {p.card[4:8]} {p.card[8:12]} {p.card[12:]}exp, "
+        f"please reverse both. Email {p.email}.")])),
+    Shape("chat-phone-with-bullets", lambda p: chat([user(
+        "Please call me back at " + re.sub(r"\D", "", p.phone)[1:4] + "\u2022" + re.sub(r"\D", "", p.phone)[4:7]
+        + "\u2022" + re.sub(r"\D", "", p.phone)[7:] + " when you get a chance. " + f"My email is {p.email}.")])),
+    Shape("chat-tool-schema-keys-glued-to-numbers", lambda p: chat([user(QUESTION)], tools=[{"type": "function", "function": {
+        "name": f"refund_card{p.card}", "parameters": {"type": "object", "properties": {
+            f"cc{p.card}": {"type": "string"}, f"ssn{p.ssn.replace('-', '')}": {"type": "string"}}}}}]),
+          expect="refuse", status=400),
+    Shape("completions-float-token-ids", lambda p: Req(COMPLETIONS, body({
+        "model": MODEL, "prompt": [2026.0, 2171.0, 2003.0], "suffix": p.sentence()})), expect="refuse", status=400, load=False),
+    Shape("chat-readable-text-in-media-places", lambda p: chat([user([
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + f"card/{p.card}/abcdef"}},
+        {"type": "input_audio", "input_audio": {"data": f"card/{p.card}/abcdef", "format": "wav"}},
+        {"type": "text", "text": QUESTION}])])),
     Shape("form-encoded-chat-body", lambda p: Req(CHAT, form(p), {"content-type": "application/x-www-form-urlencoded"}),
           expect="refuse", status=400),
     Shape("form-encoded-other-path", lambda p: Req("/v2/submit", form(p),

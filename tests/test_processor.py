@@ -374,22 +374,34 @@ async def test_a_stream_that_ends_before_its_answer_is_logged_unanswered_not_no_
     sc = await start(make_config(failure={"timeout_ms": 60_000, "max_timeout_ms": 60_000}),
                      engine=FakeEngine(delay_s=60), metrics=metrics)
     late = Exchange(sc.ext_proc)
-    await late.send(headers_msg(request_id="late"))
+    await late.send(headers_msg(request_id="late-1"))
     await late.call.write(body_msg(chat_body("Solve the integral.")))
     await until(lambda: sc.engine.calls["detect_pii"] == 1)
     late.call.cancel()
-    await until(lambda: logged(stream, "late"))
-    [event] = logged(stream, "late")
+    await until(lambda: logged(stream, "late-1"))
+    [event] = logged(stream, "late-1")
     assert (event["action"], event["reason"], event["level"]) == ("unanswered", "stream_closed", "warning")
     assert event["body_bytes"] == len(chat_body("Solve the integral."))
     assert metrics.registry.get_sample_value("sidecar_request_errors_total", {"reason": "stream_closed"}) == 1
     assert sc.engine.calls["cancelled:detect_pii"] == 1
     headers_only = Exchange(sc.ext_proc)  # no body ever came: still skipped/no_body
-    await headers_only.send(headers_msg(request_id="nobody"))
+    await headers_only.send(headers_msg(request_id="nobody-1"))
     headers_only.call.cancel()
-    await until(lambda: logged(stream, "nobody"))
-    [event] = logged(stream, "nobody")
+    await until(lambda: logged(stream, "nobody-1"))
+    [event] = logged(stream, "nobody-1")
     assert (event["action"], event["reason"]) == ("skipped", "no_body")
+
+
+async def test_a_request_id_that_is_not_id_shaped_is_not_logged(start):
+    stream = io.StringIO()
+    configure_logging(LoggingConfig(level="info"), stream)
+    sc = await start()
+    for request_id in ("John Smith", "JohnSmith", "a" * 200):
+        await chat_request(sc.ext_proc, chat_body("Solve the integral."), request_id=request_id)
+    await chat_request(sc.ext_proc, chat_body("Solve the integral."), request_id="0f8fad5b-d9cb-469f-a165-70867728950e")
+    await until(lambda: logged(stream, "0f8fad5b-d9cb-469f-a165-70867728950e"))
+    text = stream.getvalue()
+    assert "John" not in text and "a" * 200 not in text
 
 
 def logged(stream: io.StringIO, request_id: str) -> list[dict]:
@@ -420,7 +432,7 @@ async def test_unexpected_error_is_answered_on_its_stream_only(start, policy):
     metrics = Metrics()
     sc = await start(make_config(failure={"inference": policy}), engine=ExplodingEngine(delay_s=0.05), metrics=metrics)
     broken, healthy = await asyncio.gather(
-        chat_request(sc.ext_proc, chat_body("please explode"), request_id="broken"),
+        chat_request(sc.ext_proc, chat_body("please explode"), request_id="broken-1"),
         chat_request(sc.ext_proc, chat_body("Solve the integral, mail bob@example.com"), request_id="ok"),
     )
     # A body the sidecar failed on was not inspected: refused in either failure mode, never forwarded.
@@ -437,7 +449,7 @@ async def test_a_cancelled_stream_does_not_disturb_a_concurrent_one(start):
     engine = FakeEngine(delay_s=0.1)
     sc = await start(engine=engine)
     doomed = Exchange(sc.ext_proc)
-    await doomed.send(headers_msg(request_id="doomed"))
+    await doomed.send(headers_msg(request_id="doomed-1"))
     await doomed.call.write(body_msg(chat_body("Solve the integral.")))
     await asyncio.wait_for(engine.called.wait(), 5)  # the doomed stream is in the engine when it is cancelled
     healthy = asyncio.ensure_future(chat_request(sc.ext_proc, chat_body("The court ruled."), request_id="ok"))

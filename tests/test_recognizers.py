@@ -338,6 +338,10 @@ def test_a_megabyte_of_real_entities_is_scanned_in_linear_time():
     ("card \u0664\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661 ok",
      "CREDIT_CARD", "\u0664\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661\u00a0\u0661\u0661\u0661\u0661"),
     ("mail jo\uff20example.com now", "EMAIL_ADDRESS", "jo\uff20example.com"),
+    ("call me back at 415\u2022555\u20220132 soon", "PHONE_NUMBER", "415\u2022555\u20220132"),
+    ("call me back at 415\u2219555\u22190132 soon", "PHONE_NUMBER", "415\u2219555\u22190132"),
+    ("My card is \u2074\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9", "CREDIT_CARD",
+     "\u2074\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9"),
 ])
 def test_look_alike_digits_dashes_spaces_and_at_signs_are_found_at_their_own_offsets(text, label, value):
     from sidecar.recognizers import find_each

@@ -21,6 +21,9 @@ from sidecar.request import encode_string, parse_body, rewrite
 
 SECRET = "hunter2-secret"
 
+WAV = "UklGRiQAAABXQVZFZm10IA=="  # how a WAV file begins
+PDF = "JVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MKJVBERi0xLjQKJeLjz9MK"
+
 MANY_FIELDS = (
     b'{\n  "stream" :true,"n":2,\t"model":  "auto",\r\n'
     b'  "messages": [\n'
@@ -125,14 +128,14 @@ def test_content_parts_every_string_is_scanned_and_only_text_parts_are_the_categ
     body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
         {"type": "text", "text": "first part"},
-        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}, "text": "not a text part"},
+        {"type": "input_audio", "input_audio": {"data": WAV, "format": "wav"}, "text": "not a text part"},
         {"type": "input_text", "text": "second part"},
         {"type": "text", "text": 42},
         "not an object",
     ]}]}).encode()
     parsed = parse_body(body, "chat")
     assert parsed.texts() == ["https://x/y.png", "first part", "not a text part", "second part",
-                              "not an object"]  # input audio ("AAAA") is decoded by the backend, not read
+                              "not an object"]  # input audio is decoded by the backend, not read
     assert parsed.category_text() == "first part\nsecond part"
     out = json.loads(rewrite(body, parsed, None, {field(parsed, "second part").index: "2nd"}))
     parts = out["messages"][0]["content"]
@@ -185,7 +188,7 @@ def test_inside_a_tools_json_structural_keys_hold_data_and_are_scanned():
 
 
 def test_base64_attachments_are_not_scanned_but_svg_images_are():
-    blob = "QUJD0123" * 50
+    blob = PDF
     svg = "data:image/svg+xml;base64," + "PHN2Zz4=" * 4
     body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": [
         {"type": "file", "file": {"file_data": blob}}, {"type": "image_url", "image_url": {"url": svg}},
@@ -543,6 +546,10 @@ def _inner_parsed(value: object, key: str | None = None, top: bool = True) -> ob
     ("completions", {"model": "auto", "prompt": ["a text", [2026, 2171]]}),
     ("completions", {"model": "auto", "prompt": [2026, 2171, 2003]}),
     ("generic", {"model": "text-embedding-3-small", "input": [[2026, 2171, 2003]], "user": "someone"}),
+    ("completions", {"model": "auto", "prompt": [2026.0, 2171.0, 2003.0], "stop": ["\n"]}),
+    ("completions", {"model": "auto", "prompt": [[2026e0, 2171e0]], "suffix": "x"}),
+    ("generic", {"input_ids": [2026, 2171], "text": "hi"}),
+    ("generic", {"prompt_token_ids": [[2026, 2171]], "prompt": "hi"}),
 ])
 def test_a_prompt_given_as_token_ids_is_refused_whatever_text_sits_beside_it(path, doc):
     from sidecar.errors import TokenIds
@@ -562,3 +569,24 @@ def test_a_messages_name_is_text_even_when_the_message_claims_a_tool_type():
         {"role": "user", "name": "John Smith", "type": "function", "content": "hi"}]}).encode()
     parsed = parse_body(body, "chat")
     assert "John Smith" in parsed.texts() and "John Smith" not in parsed.structural
+
+
+def test_text_in_a_media_place_that_decodes_to_no_media_file_is_read():
+    words = "JohnSmith/card/4111111111111111/SSN/078051120+callme"  # valid base64, decodes to no file
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + words}},
+        {"type": "input_audio", "input_audio": {"data": words, "format": "wav"}},
+        {"type": "file", "file": {"file_data": words}},
+        {"type": "text", "text": "hi"}]}]}).encode()
+    assert parse_body(body, "chat").texts() == ["data:image/png;base64," + words, words, words, "hi"]
+    anthropic = json.dumps({"model": "auto", "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"data": words, "media_type": "text/plain", "type": "base64"}},
+        {"type": "text", "text": "hi"}]}]}).encode()
+    assert parse_body(anthropic, "messages").texts() == [words, "hi"]
+
+
+def test_a_pdf_sent_as_a_data_url_in_file_data_is_a_document_not_text():
+    body = json.dumps({"model": "auto", "input": [{"role": "user", "content": [
+        {"type": "input_file", "filename": "a.pdf", "file_data": "data:application/pdf;base64," + PDF},
+        {"type": "input_text", "text": "summarise"}]}]}).encode()
+    assert parse_body(body, "responses").texts() == ["a.pdf", "summarise"]

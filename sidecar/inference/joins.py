@@ -37,9 +37,11 @@ _NAME_GAP = re.compile(r"[ \t]{0,2}|\.[ \t]{0,2}|,[ \t]{1,2}|-")  # "M. Nguyen",
 _NAME_PIECE_GAP = re.compile(r"[ \t]|-")  # a word misread as a place or firm joins a name only this close
 _PHONE_GAP = re.compile(r"[ .\-]")
 _NUMBER_GAP = re.compile(r"[\W_]{1,3}")  # "4111,1111,1111,1111", "4111 | 1111", "078_05_1120"
-_NUMBER_LABELS = ("CREDIT_CARD", "IBAN_CODE", "US_SSN")
-"""Numbers whose groups the model may tag one by one: each group masked on its own would keep its last digits
-(a card's mask shows four), so groups with only separators between them are one span."""
+_NUMBER_LABELS = {"CREDIT_CARD": 19, "IBAN_CODE": 34, "US_SSN": 9}
+"""Numbers whose groups the model may tag one by one, and the most letters and digits one holds: each group
+masked on its own would keep its last digits (a card's mask shows four), so groups with only separators
+between them are one span, up to that length (a card and the SSN after it stay two: joined, the card's mask
+would show the SSN's last four)."""
 _DIGITS = re.compile(r"\+?[\d \-]+")
 
 # Edges of a name: hyphenated parts, initials' full stops and letters after a degree.
@@ -69,8 +71,8 @@ def join_entity_parts(text: str, spans: list[Span]) -> list[Span]:
         joined = _one_label_per_word(merge_overlapping(joined))
         joined = _join(text, joined, PERSON, _name_piece, _NAME_PIECE_GAP, _NAME_GAP, reach=1)
         joined = _join(text, joined, PHONE_NUMBER, _number_piece, _PHONE_GAP, _PHONE_GAP, reach=1)
-        for label in _NUMBER_LABELS:
-            joined = _join(text, joined, label, _number_piece, _NUMBER_GAP, _NUMBER_GAP, reach=0)
+        for label, longest in _NUMBER_LABELS.items():
+            joined = _join_groups(text, joined, label, longest)
         if any(s.label == ADDRESS for s in joined):  # a town joined to a street may end in its region code,
             joined = _join(text, joined, ADDRESS, _address_piece, _ADDRESS_GAP, _ADDRESS_GAP, reach=3)
             joined = _join(text, [_address_tail(text, s) for s in joined], ADDRESS, _address_piece,  # which may
@@ -196,6 +198,26 @@ def _join(text: str, spans: list[Span], label: str, piece: Callable[[str, Span],
         if span.label == label:
             last = len(joined) - 1
     return joined
+
+
+def _join_groups(text: str, spans: list[Span], label: str, longest: int) -> list[Span]:
+    """`label` spans with only `_NUMBER_GAP` between them made one, while it holds at most `longest` letters
+    and digits, scored as the strongest."""
+    if sum(s.label == label for s in spans) < 2:
+        return spans
+    out: list[Span] = []
+    last = -1  # index in `out` of the last `label` span
+    for span in spans:
+        if span.label == label and last >= 0 and _beside(text, out[last], span, _NUMBER_GAP):
+            prev = out[last]
+            end = max(prev.end, span.end)
+            if sum(c.isalnum() for c in text[prev.start : end]) <= longest:
+                out[last] = Span(label, prev.start, end, max(prev.score, span.score), prev.source)
+                continue
+        out.append(span)
+        if span.label == label:
+            last = len(out) - 1
+    return out
 
 
 def _beside(text: str, first: Span, second: Span, gap: re.Pattern) -> bool:
