@@ -193,27 +193,36 @@ def _contains_valid(label: str, fragment: str) -> bool:
     return any(True for _ in found)
 
 
-_BETWEEN_DIGITS = re.compile(r"[.,;:/|*#~'+_](?<=[0-9].)(?=[0-9])")
-"""One punctuation mark between two digits: a reader takes it for a space ("4111.1111.1111.1111",
-"4111+1111+1111+1111"). Not a line break: texts scanned together are joined by one
-(`find_checksum_spans_each`)."""
+_PUNCTUATED_CARD = re.compile(
+    r"(?<![0-9])[0-9]{4}([.,;/|#~'_])(?:[0-9]{4}\1[0-9]{4}\1[0-9]{1,7}|[0-9]{6}\1[0-9]{4,5})(?![0-9])")
+"""A card written in its groups (4-4-4-x, or Amex's 4-6-5) with one punctuation mark, the same each time,
+between them ("4111.1111.1111.1111", "4111,1111,1111,1111"): a reader takes the mark for a space. Only
+in that shape, and not with an arithmetic sign or a colon: any punctuation between digits would make
+coordinates, decimals, grouped thousands, times and sums ("47.3625296,7.3354620", "36,218,604,712,139",
+"5839+1131+6676+3992") into cards."""
 _HEX = re.compile(r"[0-9A-Fa-f]+")
-_TWELVE_DIGITS = re.compile(r"[0-9]{12}")
 _WORD_CHARS = 64
 """How far `_word` looks either side of a digit: longer words are ids or data, not a card with a prefix."""
 
 
-def glued_number(word: str) -> bool:
+def glued_number(word: str, grouped: bool = False) -> bool:
     """Whether `word`, letters touching a number, is a number glued to a word ("No4111111111111111",
-    "4111111111111111exp": still a card to whoever reads it, so it is scanned as one) rather than an id:
-    a hexadecimal word (a UUID's group, a hash) is an id unless it is short and holds twelve digits in a row
-    ("cc4111111111111111"). An order number that passes Luhn and a brand's prefix is masked too: a false mask
-    beats a leak."""
+    "4111111111111111exp": still a card to whoever reads it, so it is scanned as one) rather than an id: a
+    hexadecimal word (a UUID's group, a trace id, a hash, a Mongo ObjectId) is an id, unless it is a short
+    word at the edge of a number written in groups (`grouped`: "Ace4111 1111 1111 1111", "…1111 1111a"). An
+    order number that passes Luhn and a brand's prefix is masked too: a false mask beats a leak."""
     if len(word) > 2 * _WORD_CHARS:
         return False
-    if not _HEX.fullmatch(word):
-        return True
-    return len(word) <= 24 and _TWELVE_DIGITS.search(word) is not None
+    return not _HEX.fullmatch(word) or (grouped and len(word) <= 8)
+
+
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+
+
+def _in_uuid(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` lies inside a UUID (whose all-digit groups now and then pass Luhn)."""
+    lo = max(0, start - 36)
+    return any(m.start() <= start and end <= m.end() for m in _UUID.finditer(text, lo, min(len(text), end + 36)))
 
 
 def _word(text: str, at: int) -> str:
@@ -229,8 +238,11 @@ def _word(text: str, at: int) -> str:
 
 
 def _apart(text: str) -> str:
-    """The card scan's view of `text`: `_BETWEEN_DIGITS` as spaces, character for character (offsets stay)."""
-    return _BETWEEN_DIGITS.sub(" ", text)
+    """The card scan's view of `text`: a `_PUNCTUATED_CARD`'s marks as spaces, character for character
+    (offsets stay)."""
+    if not _PUNCTUATED_CARD.search(text):
+        return text
+    return _PUNCTUATED_CARD.sub(lambda m: m.group().replace(m.group(1), " "), text)
 
 
 def _find_cards(text: str) -> Iterator[Span]:
@@ -245,12 +257,15 @@ def _find_cards(text: str) -> Iterator[Span]:
     runs: list[tuple[int, int]] = []
     for m in _LONG_RUN.finditer(text):
         start, end = m.span()
-        if start and text[start - 1].isalnum() and not glued_number(_word(text, start)):  # an id's digits
+        grouped = _SEPARATOR.search(text, start, end) is not None
+        if grouped and "-" in text[start:end] and _in_uuid(text, start, end):
+            continue  # a UUID's digit groups, joined by its dashes
+        if start and text[start - 1].isalnum() and not glued_number(_word(text, start), grouped):  # an id's digits
             sep = _SEPARATOR.search(text, start, end)
             if sep is None:
                 continue
             start = sep.end()
-        if end < len(text) and text[end].isalnum() and not glued_number(_word(text, end - 1)):
+        if end < len(text) and text[end].isalnum() and not glued_number(_word(text, end - 1), grouped):
             end = max(text.rfind(" ", start, end), text.rfind("-", start, end))
             if end < start:
                 continue

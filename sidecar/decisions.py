@@ -65,15 +65,15 @@ _OFF_LOOP_BYTES = 64 * 1024
 # so a degraded answer is still ready in time.
 _FALLBACK_S = 0.002
 _FALLBACK_S_PER_MIB = 0.06
-_READ_APART = re.compile(r"_|(?<=[0-9])[.,;:/|*#~'+](?=[0-9])")
+_READ_APART = re.compile(r"_")
 _WORD = re.compile(r"[^\W_]+")
 _LETTER_DIGIT = re.compile(r"(?<=[^\W\d_])(?=[0-9])|(?<=[0-9])(?=[^\W\d_])")
 
 
 def read_apart(value: str) -> str:
-    """A value that cannot be masked as `_found_types` also reads it: spaces for underscores, for one
-    punctuation mark between digits, and between the letters and digits of a word glued to a number
-    ("ssn078051120", "card4111111111111111"; not a hexadecimal id: `glued_number`)."""
+    """A value that cannot be masked as `_found_types` also reads it: spaces for underscores and between the
+    letters and digits of a word glued to a number ("ssn078051120", "card4111111111111111"; not a
+    hexadecimal id: `glued_number`)."""
     value = _READ_APART.sub(" ", value)
     return _WORD.sub(lambda m: _LETTER_DIGIT.sub(" ", m.group()) if glued_number(m.group()) else m.group(), value)
 
@@ -228,10 +228,9 @@ class DecisionMaker:
 
     def _found_types(self, texts: Sequence[str]) -> set[str]:
         """The entity types every recognizer finds in `texts`: for what can be refused but never masked. Each
-        value is also read with spaces where `read_apart` says: the recognizers skip a number glued to a word
-        and take only spaces and dashes inside most numbers, but ``cc_4111_1111_1111_1111``,
-        ``ssn078051120`` or ``4111.1111.1111.1111`` in a header or a field name is personal data to whoever
-        reads it."""
+        value is also read with spaces where `read_apart` says: the recognizers skip an SSN glued to a word
+        and take only spaces and dashes inside it, but ``cc_078_05_1120`` or ``ssn078051120`` in a header or a
+        field name is personal data to whoever reads it."""
         spaced = [apart for t in texts if (apart := read_apart(t)) != t]
         return {s.label for spans in find_each([*texts, *spaced], self._recognizers) for s in spans}
 

@@ -11,11 +11,12 @@ import re
 import sys
 import unicodedata
 
-_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d\u2022\u2219\u00b7\u30fb\u2027\u22c5"
+_DASHES = ("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d\u2022\u2219\u00b7\u30fb\u2027\u22c5"
+           "\u02d7\u2796\u23af\u2500\u2501\u2574\u2576\u2e3a\u2e3b\u30fc\u301c\uff5e")
 """Dashes, minus signs and the bullets and middle dots some write between the groups of a number."""
 _SPACES = "\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000"
-_OTHERS = {"\uff20": "@", "\ufe6b": "@", "\uff0e": ".", "\uff0f": "/", "\uff0b": "+", "\uff08": "(",
-           "\uff09": ")"}
+_OTHERS = {"\uff20": "@", "\ufe6b": "@", "\uff0e": ".", "\u3002": ".", "\uff61": ".", "\uff0c": ",", "\u3001": ",",
+           "\uff0f": "/", "\uff0b": "+", "\uff08": "(", "\uff09": ")"}
 
 
 def _table() -> dict[int, str]:

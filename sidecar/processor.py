@@ -39,7 +39,6 @@ from sidecar.errors import BodyTooLarge, EmptyBody, InferenceError, NotBuffered,
 from sidecar.logs import exception_fields, get_logger
 from sidecar.metrics import Metrics
 from sidecar.pseudonyms import Pseudonyms
-from sidecar.recognizers import context_spans
 from sidecar.vocabulary import Action, Kind, Phase
 
 log = get_logger("sidecar.processor")
@@ -106,12 +105,6 @@ def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | No
         elif key not in PROTOCOL_HEADERS and not key.startswith(PROTOCOL_PREFIXES):
             other.append((key, _value(h)))
     return path, request_id, encoding, spoofed, other
-
-
-def header_context_types(headers: list[tuple[str, str]]) -> tuple[str, ...]:
-    """Types a header's name says its value is (``x-customer-ssn: 078051120``: nine bare digits are an SSN only
-    in context, and the name is that context), as a URL query key is for its value."""
-    return tuple(sorted({s.label for name, value in headers for s in context_spans(name, value)}))
 
 
 ACCEPT_ENCODING = "accept-encoding"
@@ -196,8 +189,7 @@ class Processor:
     def refuse_unmaskable(self) -> ProcessingResponse | None:
         """A 400 when the URL (path segments, query values) carries personal data the recognizers find, or
         free text, or a non-protocol header carries personal data: neither can be masked."""
-        if self.header_values and (types := self.app.decider.recognized_types(self.header_values)
-                                   + header_context_types(self.headers_read)):
+        if self.header_values and (types := self.app.decider.recognized_types(self.header_values)):
             if self._request_id and self.app.decider.recognized_types([self._request_id]):
                 self._request_id = None  # log a fresh id, not the personal data sent as one
             self.record(action=Action.REJECTED, reason="pii_in_header")

@@ -108,10 +108,10 @@ def is_media(key: str, text: str, parent: str | None, kind: str | None) -> bool:
     to a file of the kind that place takes (an image, audio, a document for a source or a file). Anywhere
     else a long base64-looking string is text: words joined by ``+``, ``/`` or line breaks are base64
     characters too, and a model reads them."""
-    if (key == "url" and parent == "image_url") or (key == "image_url" and kind == "input_image"):
+    if (key == "url" and parent in MEDIA_URL_PARENTS) or (key == "image_url" and kind == "input_image"):
         return _MEDIA_DATA_URL.match(text) is not None and _decodes_to(text, text.index(",") + 1, documents=False)
-    if key == "data" and parent == "input_audio":
-        return _decodes_to(text, 0, documents=False)
+    if key == "data" and parent in ("input_audio", "inline_data", "inlineData"):
+        return _decodes_to(text, 0, documents=parent != "input_audio")
     if key == "data" and parent == "source" and kind == "base64":
         return _decodes_to(text, 0, documents=True)
     if key == "file_data" and (parent == "file" or kind == "input_file"):
@@ -135,6 +135,10 @@ def _decodes_to(text: str, start: int, documents: bool) -> bool:
     return documents and head.startswith(_DOCUMENT_MAGIC)
 
 
+MEDIA_URL_PARENTS = frozenset({"image_url", "audio_url", "video_url"})
+"""Objects whose ``url`` may be a media data URL (OpenAI's images; vLLM's audio and video)."""
+MEDIA_ARRAY_KEYS = frozenset({"images"})
+"""Arrays of bare base64 images (Ollama's messages)."""
 MEDIA_KEYS = frozenset({"url", "image_url", "data", "file_data"})
 """Keys under which an API carries base64 media (`is_media`); decided once their object is read whole."""
 _IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_.$-]{0,63}")
@@ -400,8 +404,13 @@ class _Walk:
         pos = _WS.match(s, pos + 1).end()
         if s[pos] == "]":
             return pos + 1
+        images = key in MEDIA_ARRAY_KEYS and doc == 0
         while True:
+            before = len(self.fields)
             end = self._value(s, pos, doc, key, depth)
+            if images and len(self.fields) == before + 1 and s[pos] == '"' and \
+                    _decodes_to(self.fields[before].text, 0, documents=False):
+                self.dropped.add(before)  # an image the backend decodes
             after = _NEXT.match(s, end)
             if after.group(1) == "]":
                 return after.start(1) + 1

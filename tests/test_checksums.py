@@ -132,12 +132,14 @@ def test_invalid_numbers_are_not_found():
     assert find_checksum_spans(text) == []
 
 
-@pytest.mark.parametrize("glued", ["No4111111111111111", "A4111111111111111", "4111111111111111X",
-                                   "4111111111111111exp", "MC4111111111111111", "No4111 1111 1111 1111", "cc_4111111111111111"])
+@pytest.mark.parametrize("glued", ["No4111111111111111", "x4111111111111111", "4111111111111111X",
+                                   "4111111111111111exp", "MC4111111111111111", "No4111 1111 1111 1111", "cc_4111111111111111",
+                                   "Ace4111 1111 1111 1111", "4111 1111 1111 1111a", "4111 1111 1111 1111Dec",
+                                   "4111.1111.1111.1111", "4111,1111,1111,1111", "3782,822463,10005"])
 def test_a_valid_card_glued_to_a_word_is_still_a_card(glued):
     text = f"Duplicate charge on {glued} yesterday."
     [span] = find_checksum_spans(text)
-    assert "".join(c for c in text[span.start : span.end] if c.isdigit()) == "4111111111111111"
+    assert "".join(c for c in text[span.start : span.end] if c.isdigit()) in ("4111111111111111", "378282246310005")
 
 
 def test_card_is_found_after_an_unrelated_leading_number_group():
@@ -201,14 +203,17 @@ def _reference_spans(text: str, apart: bool = False) -> list[tuple[str, int, int
     import re
 
     out = []
-    from sidecar.checksums import _word, glued_number
+    from sidecar.checksums import _apart, _in_uuid, _word, glued_number
 
-    cards = re.sub(r"(?<=[0-9])[.,;:/|*#~'+_](?=[0-9])", " ", text) if apart else text
+    cards = _apart(text) if apart else text
     for run in re.finditer(r"(?<![0-9])[0-9]+(?:[ -][0-9]+)*(?![0-9])", cards):
         groups = [(m.start() + run.start(), m.end() + run.start()) for m in re.finditer(r"[0-9]+", run.group())]
-        if run.start() and cards[run.start() - 1].isalnum() and not glued_number(_word(cards, run.start())):
+        grouped = len(groups) > 1
+        if grouped and "-" in run.group() and _in_uuid(cards, run.start(), run.end()):
+            continue
+        if run.start() and cards[run.start() - 1].isalnum() and not glued_number(_word(cards, run.start()), grouped):
             groups = groups[1:]  # the first group is part of an id before it
-        if run.end() < len(cards) and cards[run.end()].isalnum() and not glued_number(_word(cards, run.end() - 1)):
+        if run.end() < len(cards) and cards[run.end()].isalnum() and not glued_number(_word(cards, run.end() - 1), grouped):
             groups = groups[:-1]
         i = 0
         while i < len(groups):
@@ -286,3 +291,12 @@ def test_a_two_megabyte_text_is_scanned_in_well_under_a_second_per_megabyte(unit
     assert time.perf_counter() - started < 4.0
     if unit.startswith("Pay"):
         assert len(spans) == 2 * (2_000_000 // len(unit))
+
+
+@pytest.mark.parametrize("text", ["https://www.google.com/maps/@47.3625296,7.3354620,15z", "near 6.5693176,93.7203126",
+                                  "$36,218,604,712,139", "332,652,660,483,263,575,838,637", "2.718281828459045",
+                                  "150.43.180.129:57942", "6.727,5.652,4.431,9.915", "5839+1131+6676+3992", "req_97c38876421419943872f09e",
+                                  "38921470418701d41fab461a", "00-75010a09252c427b9dc589e906ac7a1f-66462903209479f2-01",
+                                  "40936093-7735-2800-1334-16d45f1e820d", "58288258-8661-0913-a65e-0abfeac6907d"])
+def test_coordinates_grouped_numbers_decimals_and_hex_ids_are_not_cards(text):
+    assert find_checksum_spans(text) == []

@@ -190,7 +190,7 @@ async def test_personal_data_in_a_structural_field_is_refused(field):
 
 
 @pytest.mark.parametrize("key", ["ssn_078-05-1120", "cc_4111_1111_1111_1111", "tel_415_555_0132", "acct_078_05_1120",
-                                 "cc4111111111111111", "ssn078051120", "refund_card4111111111111111"])
+                                 "visa4111111111111111", "ssn078051120", "refund_card4111111111111111"])
 async def test_a_field_name_with_a_number_glued_by_underscores_is_refused(key):
     body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}], "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {key: {}}}}}]})

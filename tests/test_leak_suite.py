@@ -676,7 +676,7 @@ SHAPES: list[Shape] = [
     # found by the second adversarial review of 2026-12-05
     Shape("chat-card-glued-to-words", lambda p: chat([user(
         f"Duplicate charge on No{p.card} yesterday, and on MC{p.card[:4]} {p.card[4:8]} {p.card[8:12]} {p.card[12:]}exp, "
-        f"please reverse both. Email {p.email}.")])),
+        f"please reverse both, and the one on {p.card[:4]} {p.card[4:8]} {p.card[8:12]} {p.card[12:]}a. Email {p.email}.")])),
     Shape("chat-phone-with-bullets", lambda p: chat([user(
         "Please call me back at " + re.sub(r"\D", "", p.phone)[1:4] + "\u2022" + re.sub(r"\D", "", p.phone)[4:7]
         + "\u2022" + re.sub(r"\D", "", p.phone)[7:] + " when you get a chance. " + f"My email is {p.email}.")])),

@@ -340,6 +340,8 @@ def test_a_megabyte_of_real_entities_is_scanned_in_linear_time():
     ("mail jo\uff20example.com now", "EMAIL_ADDRESS", "jo\uff20example.com"),
     ("call me back at 415\u2022555\u20220132 soon", "PHONE_NUMBER", "415\u2022555\u20220132"),
     ("call me back at 415\u2219555\u22190132 soon", "PHONE_NUMBER", "415\u2219555\u22190132"),
+    ("card 4111\u02d71111\u02d71111\u02d71111 ok", "CREDIT_CARD", "4111\u02d71111\u02d71111\u02d71111"),
+    ("card 4111\u30021111\u30021111\u30021111 ok", "CREDIT_CARD", "4111\u30021111\u30021111\u30021111"),
     ("My card is \u2074\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9", "CREDIT_CARD",
      "\u2074\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9 \u00b9\u00b9\u00b9\u00b9"),
 ])

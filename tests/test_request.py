@@ -590,3 +590,18 @@ def test_a_pdf_sent_as_a_data_url_in_file_data_is_a_document_not_text():
         {"type": "input_file", "filename": "a.pdf", "file_data": "data:application/pdf;base64," + PDF},
         {"type": "input_text", "text": "summarise"}]}]}).encode()
     assert parse_body(body, "responses").texts() == ["a.pdf", "summarise"]
+
+
+def test_images_audio_and_video_other_apis_carry_are_not_read_when_they_decode_to_media():
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    text_as_base64 = "Sm9obiBTbWl0aA=="  # "John Smith": valid base64, no image
+    ollama = {"model": "llava", "messages": [{"role": "user", "content": "what is this", "images": [png, text_as_base64]}]}
+    assert parse_body(json.dumps(ollama).encode(), "chat").texts() == ["what is this", text_as_base64]
+    gemini = {"contents": [{"parts": [{"inline_data": {"mime_type": "image/png", "data": png}},
+                                      {"inlineData": {"data": text_as_base64}}, {"text": "describe"}]}]}
+    assert parse_body(json.dumps(gemini).encode(), "generic").texts() == ["image/png", text_as_base64, "describe"]
+    vllm = {"model": "auto", "messages": [{"role": "user", "content": [
+        {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + WAV}},
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + text_as_base64}},
+        {"type": "text", "text": "transcribe"}]}]}
+    assert parse_body(json.dumps(vllm).encode(), "chat").texts() == ["data:video/mp4;base64," + text_as_base64, "transcribe"]
