@@ -68,14 +68,22 @@ _FALLBACK_S_PER_MIB = 0.06
 _READ_APART = re.compile(r"_")
 _WORD = re.compile(r"[^\W_]+")
 _LETTER_DIGIT = re.compile(r"(?<=[^\W\d_])(?=[0-9])|(?<=[0-9])(?=[^\W\d_])")
+_SPACED_GROUPS = re.compile(r"(?<![0-9])[0-9]{3,4}(?:[\s,;.|/~'-]{1,3}[0-9]{2,4}){2,4}(?![0-9])")
+_GROUP_GAP = re.compile(r"[\s,;.|/~'-]{1,3}")
+_IBAN_INSIDE = re.compile(r"[A-Z]{2}[0-9]{2}(?:-?[A-Z0-9]){11,30}")
 
 
-def read_apart(value: str) -> str:
-    """A value that cannot be masked as `_found_types` also reads it: spaces for underscores and between the
-    letters and digits of a word glued to a number ("ssn078051120", "card4111111111111111"; not a
-    hexadecimal id: `glued_number`)."""
-    value = _READ_APART.sub(" ", value)
-    return _WORD.sub(lambda m: _LETTER_DIGIT.sub(" ", m.group()) if glued_number(m.group()) else m.group(), value)
+def read_apart(value: str) -> tuple[str, ...]:
+    """How `_found_types` also reads a value that cannot be masked: with spaces for underscores and between
+    the letters and digits of a word glued to a number ("ssn078051120", "card4111111111111111"; not a
+    hexadecimal id: `glued_number`); with the groups of a number written with wider separators joined by
+    dashes ("4111, 1111, 1111, 1111", "078 - 05 - 1120", a tab); and with an IBAN glued to a word or
+    written with dashes set apart ("accGB82WEST…", "GB82-WEST-…")."""
+    spaced = _READ_APART.sub(" ", value)
+    spaced = _WORD.sub(lambda m: _LETTER_DIGIT.sub(" ", m.group()) if glued_number(m.group()) else m.group(), spaced)
+    grouped = _SPACED_GROUPS.sub(lambda m: _GROUP_GAP.sub("-", m.group()), value)
+    iban = _IBAN_INSIDE.sub(lambda m: " " + m.group().replace("-", "") + " ", value)
+    return tuple(v for v in {spaced, grouped, iban} if v != value)
 
 
 @dataclass(frozen=True)
@@ -231,7 +239,7 @@ class DecisionMaker:
         value is also read with spaces where `read_apart` says: the recognizers skip an SSN glued to a word
         and take only spaces and dashes inside it, but ``cc_078_05_1120`` or ``ssn078051120`` in a header or a
         field name is personal data to whoever reads it."""
-        spaced = [apart for t in texts if (apart := read_apart(t)) != t]
+        spaced = [apart for t in texts for apart in read_apart(t)]
         return {s.label for spans in find_each([*texts, *spaced], self._recognizers) for s in spans}
 
     def _read(self, body: bytes, kind: Kind) -> ParsedRequest:

@@ -77,7 +77,7 @@ PROTOCOL_HEADERS = frozenset({
     "content-length", "user-agent", "authorization", "proxy-authorization", "cookie", "connection", "te",
     "expect", "via", "forwarded", "traceparent", "tracestate", "baggage", "openai-organization",
     "openai-project", "openai-beta", "anthropic-version", "anthropic-beta", "x-api-key", "api-key", "referer",
-    "origin", "cache-control", "pragma", "keep-alive", "upgrade", "transfer-encoding",
+    "origin", "cache-control", "pragma", "keep-alive", "upgrade", "transfer-encoding", "range", "if-range",
 })
 PROTOCOL_PREFIXES = ("x-forwarded-", "x-envoy-", "x-stainless-", "x-b3-", "sec-", "x-amzn-", "x-datadog-")
 """Headers of the protocol, the proxies and the SDKs, and credentials (secrets, not personal data: strip them

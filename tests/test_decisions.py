@@ -564,3 +564,17 @@ def test_a_card_in_a_url_is_found_whatever_punctuation_separates_its_groups(path
 @pytest.mark.parametrize("path", ["/v1/models/v1.2.3?limit=10", "/v1/x?date=2024/01/15", "/v1/x?ip_v=10.0.0.1&t=12:30:45"])
 def test_versions_dates_and_times_in_a_url_are_not_cards(path):
     assert "CREDIT_CARD" not in router().url_pii(path)
+
+
+@pytest.mark.parametrize(("value", "found"), [
+    ("4111, 1111, 1111, 1111", "CREDIT_CARD"), ("4111\t1111\t1111\t1111", "CREDIT_CARD"), ("078 - 05 - 1120", "US_SSN"),
+    ("415 - 555 - 0132", "PHONE_NUMBER"), ("GB82-WEST-1234-5698-7654-32", "IBAN_CODE"), ("accGB82WEST12345698765432", "IBAN_CODE"),
+])
+def test_a_value_that_cannot_be_masked_is_read_with_wider_separators_and_glued_ibans(value, found):
+    assert found in router().recognized_types([value])
+
+
+@pytest.mark.parametrize("value", ["1000 - 2000 - 3000 - 4000", "47.360000, 7.330000", "2024-12-05T10:30:00Z", "v1.22.333",
+                                   "36, 218, 604, 712, 139", "0f8fad5b-d9cb-469f-a165-70867728950e"])
+def test_ordinary_header_values_are_not_personal_data(value):
+    assert router().recognized_types([value]) == ()
