@@ -194,7 +194,7 @@ def _contains_valid(label: str, fragment: str) -> bool:
 
 
 _PUNCTUATED_CARD = re.compile(
-    r"(?<![0-9])[0-9]{4}([.,;/|#~'_])(?:[0-9]{4}\1[0-9]{4}\1[0-9]{1,7}|[0-9]{6}\1[0-9]{4,5})(?![0-9])")
+    r"(?<![0-9])[0-9]{4}([.,;/|#~'_$])(?:[0-9]{4}\1[0-9]{4}\1[0-9]{1,7}|[0-9]{6}\1[0-9]{4,5})(?![0-9])")
 """A card written in its groups (4-4-4-x, or Amex's 4-6-5) with one punctuation mark, the same each time,
 between them ("4111.1111.1111.1111", "4111,1111,1111,1111"): a reader takes the mark for a space. Only
 in that shape, and not with an arithmetic sign or a colon: any punctuation between digits would make

@@ -300,3 +300,9 @@ def test_a_two_megabyte_text_is_scanned_in_well_under_a_second_per_megabyte(unit
                                   "40936093-7735-2800-1334-16d45f1e820d", "58288258-8661-0913-a65e-0abfeac6907d"])
 def test_coordinates_grouped_numbers_decimals_and_hex_ids_are_not_cards(text):
     assert find_checksum_spans(text) == []
+
+
+def test_a_card_with_dollar_signs_between_its_groups_is_a_card():
+    text = "pay 4111$1111$1111$1111 now"
+    [span] = find_checksum_spans(text)
+    assert text[span.start : span.end] == "4111$1111$1111$1111"
