@@ -50,7 +50,7 @@ TEXT_PART_TYPES = frozenset({"text", "input_text"})
 STRUCTURAL_KEYS = frozenset({
     "model", "role", "type", "id", "object", "tool_call_id", "call_id", "tool_use_id", "previous_response_id",
     "status", "finish_reason", "stop_reason", "tool_choice", "reasoning_effort", "effort", "service_tier",
-    "truncation", "media_type", "detail", "format", "encoding_format", "modalities", "voice", "include",
+    "truncation", "media_type", "detail", "format", "encoding_format", "modalities", "voice", "include", "enum",
 })
 """Keys whose string values are identifiers or enum values, never free text: not scanned. ``model`` is
 validated on its own (`MAX_MODEL_CHARS`)."""
@@ -83,6 +83,10 @@ MAX_INNER_DEPTH = 3
 MAX_MODEL_CHARS = 256
 LONG_NUMBER_DIGITS = 9
 """Number tokens with at least this many digits are scanned (SSNs, phones and cards sent as numbers)."""
+NAMED_NUMBER_DIGITS = 6
+_NUMBER_KEY = re.compile(r"(?i)ssn|social.?security|tax.?id|phone|mobile|card|iban|account|passport|licen[cs]e")
+"""Under a key that names an identifying number, a number token of `NAMED_NUMBER_DIGITS` or more is scanned
+too: a JSON number drops an SSN's leading zero ("ssn": 78051120 is 078-05-1120)."""
 
 _WS = re.compile(r"[ \t\n\r]*")
 _COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")
@@ -348,8 +352,10 @@ class _Walk:
             return end
         m = _NUMBER.match(s, pos)
         if m is not None:
-            digits = len(_DIGITS.findall(m.group())) if m.end() - pos >= LONG_NUMBER_DIGITS else 0
-            if digits >= LONG_NUMBER_DIGITS:  # whatever its key: "id": 4111111111111111 is still a card
+            named = key is not None and _NUMBER_KEY.search(key) is not None
+            shortest = NAMED_NUMBER_DIGITS if named else LONG_NUMBER_DIGITS
+            digits = len(_DIGITS.findall(m.group())) if m.end() - pos >= shortest else 0
+            if digits >= shortest:  # whatever its key: "id": 4111111111111111 is still a card
                 self._add(doc, m.group(), (pos, m.end()), number=True, key=key)
             return m.end()
         return _LITERAL.match(s, pos).end()

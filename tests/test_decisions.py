@@ -578,3 +578,10 @@ def test_a_value_that_cannot_be_masked_is_read_with_wider_separators_and_glued_i
                                    "36, 218, 604, 712, 139", "0f8fad5b-d9cb-469f-a165-70867728950e"])
 def test_ordinary_header_values_are_not_personal_data(value):
     assert router().recognized_types([value]) == ()
+
+
+async def test_an_ssn_sent_as_a_json_number_that_lost_its_leading_zero_is_masked():
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "update my record"}],
+                       "metadata": {"ssn": 78051120, "count": 12345678}}).encode()
+    d = await router(FakeEngine(pii_scores={"PERSON": 0.1})).decide(body, "chat")
+    assert json.loads(d.body)["metadata"] == {"ssn": "[US_SSN]", "count": 12345678}

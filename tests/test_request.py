@@ -605,3 +605,10 @@ def test_images_audio_and_video_other_apis_carry_are_not_read_when_they_decode_t
         {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + text_as_base64}},
         {"type": "text", "text": "transcribe"}]}]}
     assert parse_body(json.dumps(vllm).encode(), "chat").texts() == ["data:video/mp4;base64," + text_as_base64, "transcribe"]
+
+
+def test_tool_schema_enum_values_are_identifiers_not_text():
+    body = {"model": "auto", "messages": [{"role": "user", "content": "weather?"}], "tools": [{"type": "function", "function": {
+        "name": "w", "parameters": {"type": "object", "properties": {"unit": {"type": "string", "enum": ["celsius", "kelvin"]}}}}}]}
+    parsed = parse_body(json.dumps(body).encode(), "chat")
+    assert "kelvin" not in parsed.texts() and "kelvin" in parsed.structural
