@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
-import hashlib
 import json
 import os
 import platform
@@ -250,6 +249,8 @@ def ensemble_members(model_dir: Path) -> list[dict] | None:
     """The members of a `trainer ensemble` directory as its eval_results.json names them, each with ``dir``
     (a relative path is from the checkout's root, where `make models` runs) and ``joined`` (whether the
     member's INT8 file is still the one the ensemble joined); None when `model_dir` is not an ensemble."""
+    from trainer.ensemble import file_digest  # what the ensemble recorded its members with
+
     report = model_dir / "eval_results.json"
     if not report.is_file():
         return None
@@ -260,17 +261,9 @@ def ensemble_members(model_dir: Path) -> list[dict] | None:
     for m in members:
         d = Path(m["path"]) if Path(m["path"]).is_absolute() else ROOT / m["path"]
         int8, want = d / "model.int8.onnx", m.get("sha256", {}).get("model.int8.onnx")
-        joined = int8.is_file() and want is not None and _sha256(int8) == want
+        joined = int8.is_file() and want is not None and file_digest(int8) == want
         out.append({"dir": d, "weight": m.get("weight"), "joined": joined})
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def log(*parts: object) -> None:

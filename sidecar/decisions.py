@@ -65,7 +65,6 @@ _OFF_LOOP_BYTES = 64 * 1024
 # so a degraded answer is still ready in time.
 _FALLBACK_S = 0.002
 _FALLBACK_S_PER_MIB = 0.06
-_READ_APART = re.compile(r"_")
 _WORD = re.compile(r"[^\W_]+")
 _LETTER_DIGIT = re.compile(r"(?<=[^\W\d_])(?=[0-9])|(?<=[0-9])(?=[^\W\d_])")
 _SPACED_GROUPS = re.compile(r"(?<![0-9])[0-9]{3,4}(?:[\s,;.|/~'-]{1,3}[0-9]{2,4}){2,4}(?![0-9])")
@@ -79,7 +78,7 @@ def read_apart(value: str) -> tuple[str, ...]:
     hexadecimal id: `glued_number`); with the groups of a number written with wider separators joined by
     dashes ("4111, 1111, 1111, 1111", "078 - 05 - 1120", a tab); and with an IBAN glued to a word or
     written with dashes set apart ("accGB82WEST…", "GB82-WEST-…")."""
-    spaced = _READ_APART.sub(" ", value)
+    spaced = value.replace("_", " ")
     spaced = _WORD.sub(lambda m: _LETTER_DIGIT.sub(" ", m.group()) if glued_number(m.group()) else m.group(), spaced)
     grouped = _SPACED_GROUPS.sub(lambda m: _GROUP_GAP.sub("-", m.group()), value)
     iban = _IBAN_INSIDE.sub(lambda m: " " + m.group().replace("-", "") + " ", value)

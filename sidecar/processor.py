@@ -85,13 +85,13 @@ with Envoy if backends must not see them). Every other header value reaches the 
 masked, so the recognizers check it."""
 
 
-def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | None, bool, list[tuple[str, str]]]:
-    """``(:path, x-request-id, content-encoding, spoofed, other headers)`` in one pass; spoofed: the client
-    sent a header the sidecar owns; other headers: (name, value) of those that are not protocol headers.
-    Repeated content-encoding headers are joined, as HTTP lists are."""
+def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | None, bool, list[str]]:
+    """``(:path, x-request-id, content-encoding, spoofed, other values)`` in one pass; spoofed: the client
+    sent a header the sidecar owns; other values: those of headers that are not protocol headers. Repeated
+    content-encoding headers are joined, as HTTP lists are."""
     path = request_id = encoding = None
     spoofed = False
-    other: list[tuple[str, str]] = []
+    other: list[str] = []
     for h in headers.headers.headers:
         key = h.key.lower()
         if key == PATH_HEADER:
@@ -103,7 +103,7 @@ def read_headers(headers: HttpHeaders) -> tuple[str | None, str | None, str | No
         elif key in _OWNED:
             spoofed = True
         elif key not in PROTOCOL_HEADERS and not key.startswith(PROTOCOL_PREFIXES):
-            other.append((key, _value(h)))
+            other.append(_value(h))
     return path, request_id, encoding, spoofed, other
 
 
@@ -146,7 +146,6 @@ class Processor:
         self.response_body_mode = response_body_mode
         self.path: str | None = None
         self.content_encoding: str | None = None
-        self.headers_read: list[tuple[str, str]] = []
         self.header_values: list[str] = []
         self._request_id: str | None = None
         self.url_refused = False
@@ -172,8 +171,7 @@ class Processor:
     def see_headers(self, headers: HttpHeaders) -> bool:
         """Remember path, request id and content encoding; True when the client sent any header the sidecar
         owns."""
-        path, request_id, encoding, spoofed, self.headers_read = read_headers(headers)
-        self.header_values = [value for _, value in self.headers_read]
+        path, request_id, encoding, spoofed, self.header_values = read_headers(headers)
         self.path = path or self.path
         self.content_encoding = encoding
         if request_id and not UUID.fullmatch(request_id):  # Envoy's own (or a client's in its shape): an id

@@ -250,11 +250,8 @@ def _run(path: Path, inputs) -> list[np.ndarray]:
 
 def file_digest(path: Path) -> str:
     """SHA-256 of a member's graph, recorded so a build can tell whether the member changed since the join."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _report(dirs: Sequence[Path], config: dict, weights: Sequence[float], kinds: Sequence[str],
