@@ -418,7 +418,11 @@ def find_all(text: str, recognizers: Iterable[Recognizer] | None = None) -> list
     them is the masking step's job, as with model spans.
     """
     recognizers = _ALL if recognizers is None else recognizers
-    text = fold(text)  # "415—555—0132", fullwidth digits: found as their ASCII forms, at the same offsets
+    return _find_folded(fold(text), recognizers)  # "415—555—0132", fullwidth digits: as ASCII, same offsets
+
+
+def _find_folded(text: str, recognizers: Iterable[Recognizer]) -> list[Span]:
+    """`find_all` of a text already folded (`find_each` folds each text once)."""
     spans = [span for recognizer in recognizers for span in recognizer.find(text)]
     spans.sort(key=_span_key)
     return spans
@@ -433,11 +437,11 @@ def find_each(texts: Sequence[str], recognizers: Iterable[Recognizer] | None = N
     chosen = [i for i, t in enumerate(texts) if _CANDIDATE.search(t)]  # the rest cannot hold an entity
     if len(chosen) <= 1:
         for i in chosen:
-            out[i] = find_all(texts[i], recognizers)
+            out[i] = _find_folded(texts[i], recognizers)
         return out
     scanned = [texts[i] for i in chosen]
     starts = list(accumulate((len(t) + 1 for t in scanned[:-1]), initial=0))
-    for span in find_all("\n".join(scanned), recognizers):
+    for span in _find_folded("\n".join(scanned), recognizers):
         at = bisect_right(starts, span.start) - 1
         out[chosen[at]].append(span.shifted(-starts[at]))
     return out
